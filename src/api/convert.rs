@@ -1,0 +1,251 @@
+//! Proto messages ⇄ domain values. Parsing collects every field violation so a caller fixes
+//! a request in one round trip; no violation ever contains the value it rejects.
+
+use time::{Duration, OffsetDateTime};
+
+use crate::{
+    card::{Brand, Card, CardInput, FieldViolation, Token, TokenFormat},
+    pb::v1 as pb,
+    vault::{CardView, Metadata, TokenizeCommand},
+};
+
+/// Longest token lifetime accepted: far beyond any card's validity, short of nonsense.
+const MAX_TOKEN_LIFETIME: Duration = Duration::days(366 * 100);
+
+fn violation(field: &'static str, description: &str) -> FieldViolation {
+    FieldViolation {
+        field,
+        description: description.to_owned(),
+    }
+}
+
+/// Parses a `TokenizeRequest` into a command for the vault.
+pub fn tokenize_command(
+    request: pb::TokenizeRequest,
+    now: OffsetDateTime,
+) -> Result<TokenizeCommand, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+
+    let card = match &request.card {
+        None => {
+            violations.push(violation("card", "card is required"));
+            None
+        }
+        Some(input) => {
+            let input = CardInput {
+                number: &input.number,
+                exp_month: input.exp_month,
+                exp_year: input.exp_year,
+                cardholder_name: &input.cardholder_name,
+            };
+            match Card::parse(&input, now.date()) {
+                Ok(card) => Some(card),
+                Err(invalid) => {
+                    violations.extend(invalid.violations);
+                    None
+                }
+            }
+        }
+    };
+
+    if !request.cvc.is_empty() {
+        violations.push(violation(
+            "cvc",
+            "this vault does not accept a CVC yet: it is never stored with the card; omit it",
+        ));
+    }
+
+    let format = match pb::TokenFormat::try_from(request.token_format) {
+        Ok(pb::TokenFormat::Unspecified | pb::TokenFormat::Opaque) => Some(TokenFormat::Opaque),
+        Ok(pb::TokenFormat::PanShaped) => Some(TokenFormat::PanShaped),
+        Err(_) => {
+            violations.push(violation("token_format", "unknown token format"));
+            None
+        }
+    };
+
+    let metadata = match Metadata::parse(request.metadata) {
+        Ok(m) => Some(m),
+        Err(v) => {
+            violations.extend(v);
+            None
+        }
+    };
+
+    let expires_at = match request.expiration {
+        None => Ok(None),
+        Some(pb::tokenize_request::Expiration::ExpiresAt(ts)) => timestamp(&ts)
+            .filter(|at| *at > now && *at - now <= MAX_TOKEN_LIFETIME)
+            .map(Some)
+            .ok_or_else(|| {
+                violation(
+                    "expires_at",
+                    "expires_at must be in the future and at most 100 years away",
+                )
+            }),
+        Some(pb::tokenize_request::Expiration::Ttl(ttl)) => {
+            let ttl = Duration::new(ttl.seconds, ttl.nanos);
+            if ttl.is_positive() && ttl <= MAX_TOKEN_LIFETIME {
+                Ok(Some(now + ttl))
+            } else {
+                Err(violation(
+                    "ttl",
+                    "ttl must be positive and at most 100 years",
+                ))
+            }
+        }
+    };
+    let expires_at = expires_at.map_err(|v| violations.push(v)).ok().flatten();
+
+    match (card, format, metadata) {
+        (Some(card), Some(format), Some(metadata)) if violations.is_empty() => {
+            Ok(TokenizeCommand {
+                card,
+                format,
+                reuse_existing: request.reuse_existing,
+                metadata,
+                expires_at,
+            })
+        }
+        _ => Err(violations),
+    }
+}
+
+/// Parses the `token` field of get/reveal/delete requests.
+pub fn token(text: &str) -> Result<Token, Vec<FieldViolation>> {
+    Token::parse(text).map_err(|_| {
+        vec![violation(
+            "token",
+            "not a cardvault token (tok_… or a PAN-shaped token that fails the Luhn check)",
+        )]
+    })
+}
+
+fn timestamp(ts: &prost_types::Timestamp) -> Option<OffsetDateTime> {
+    let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+fn to_timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.unix_timestamp(),
+        // Always 0..1e9, which fits an i32.
+        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
+    }
+}
+
+fn brand(brand: Brand) -> pb::CardBrand {
+    match brand {
+        Brand::Visa => pb::CardBrand::Visa,
+        Brand::Mastercard => pb::CardBrand::Mastercard,
+        Brand::Amex => pb::CardBrand::Amex,
+        Brand::Discover => pb::CardBrand::Discover,
+        Brand::Jcb => pb::CardBrand::Jcb,
+        Brand::DinersClub => pb::CardBrand::DinersClub,
+        Brand::UnionPay => pb::CardBrand::Unionpay,
+        Brand::Maestro => pb::CardBrand::Maestro,
+        Brand::Unknown => pb::CardBrand::Unknown,
+    }
+}
+
+/// The public view of a card as a proto message.
+pub fn card(view: CardView) -> pb::Card {
+    let token_format = match view.token.format() {
+        TokenFormat::Opaque => pb::TokenFormat::Opaque,
+        TokenFormat::PanShaped => pb::TokenFormat::PanShaped,
+    };
+    pb::Card {
+        token: view.token.as_str().to_owned(),
+        brand: brand(view.brand).into(),
+        last4: view.last4,
+        bin: view.bin,
+        exp_month: u32::from(view.exp_month),
+        exp_year: u32::from(view.exp_year),
+        fingerprint: view.fingerprint.to_hex(),
+        created_at: Some(to_timestamp(view.created_at)),
+        metadata: view.metadata.into_iter().collect(),
+        token_format: token_format.into(),
+        expires_at: view.expires_at.map(to_timestamp),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-25 12:00 UTC);
+
+    fn request(number: &str) -> pb::TokenizeRequest {
+        pb::TokenizeRequest {
+            card: Some(pb::CardInput {
+                number: number.to_owned(),
+                exp_month: 12,
+                exp_year: 2030,
+                cardholder_name: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn fields(v: &[FieldViolation]) -> Vec<&'static str> {
+        v.iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn a_valid_request_parses_with_opaque_as_the_default_format() {
+        let cmd = tokenize_command(request("4242 4242 4242 4242"), NOW).expect("valid");
+        assert_eq!(cmd.format, TokenFormat::Opaque);
+        assert!(cmd.expires_at.is_none());
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let mut req = request("4242424242424241");
+        req.cvc = "123".to_owned();
+        req.token_format = 42;
+        req.expiration = Some(pb::tokenize_request::Expiration::Ttl(
+            prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            },
+        ));
+        let v = tokenize_command(req, NOW).expect_err("invalid");
+        assert_eq!(fields(&v), ["card.number", "cvc", "token_format", "ttl"]);
+        assert!(!format!("{v:?}").contains("4242424242424241"));
+    }
+
+    #[test]
+    fn a_missing_card_is_reported() {
+        let v = tokenize_command(pb::TokenizeRequest::default(), NOW).expect_err("no card");
+        assert_eq!(fields(&v), ["card"]);
+    }
+
+    #[test]
+    fn ttl_and_expires_at_become_an_absolute_expiry() {
+        let mut req = request("4242424242424242");
+        req.expiration = Some(pb::tokenize_request::Expiration::Ttl(
+            prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            },
+        ));
+        let cmd = tokenize_command(req, NOW).expect("valid");
+        assert_eq!(cmd.expires_at, Some(NOW + Duration::seconds(60)));
+
+        let mut req = request("4242424242424242");
+        req.expiration = Some(pb::tokenize_request::Expiration::ExpiresAt(to_timestamp(
+            NOW - Duration::seconds(1),
+        )));
+        let v = tokenize_command(req, NOW).expect_err("past");
+        assert_eq!(fields(&v), ["expires_at"]);
+    }
+
+    #[test]
+    fn a_card_number_sent_as_a_token_is_refused_without_echo() {
+        let v = token("4242424242424242").expect_err("a PAN is not a token");
+        assert_eq!(fields(&v), ["token"]);
+        assert!(!format!("{v:?}").contains("4242424242424242"));
+    }
+}

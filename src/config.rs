@@ -1,0 +1,440 @@
+//! Typed configuration: one TOML file, every key overridable by an environment variable
+//! `CARDVAULT_<SECTION>_<KEY>` (e.g. `CARDVAULT_DATABASE_URL`, `CARDVAULT_GRPC_ADDR`).
+//! Unknown keys — in the file or in `CARDVAULT_*` variables — are an error, so a typo never
+//! silently leaves a default in place.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Everything `serve`, `migrate` and `keys` read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The gRPC listener.
+    pub grpc: GrpcSettings,
+    /// The HTTP admin listener (health probes).
+    pub admin: AdminSettings,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// Local state (embedded SQLite file, local keyring).
+    pub data: DataSettings,
+    /// Key provider and caches.
+    pub keys: KeySettings,
+    /// Token lifetime housekeeping.
+    pub tokens: TokenSettings,
+    /// Who callers are.
+    pub auth: AuthSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Set by `serve --dev` only (never from the file): development mode.
+    #[serde(skip)]
+    pub dev: bool,
+}
+
+/// `[grpc]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSettings {
+    /// Listen address; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Largest accepted request message, in bytes.
+    pub max_message_bytes: usize,
+    /// Per-request deadline, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Concurrent requests per connection before callers queue.
+    pub concurrency_per_connection: usize,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Listen address of `/healthz` and `/readyz`; port 0 picks a free port.
+    pub addr: SocketAddr,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://…` or `sqlite://…`. Unset means `sqlite://<data.dir>/cardvault.db`.
+    /// Secret: may carry a password.
+    pub url: Option<SecretString>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before failing with `UNAVAILABLE`.
+    pub acquire_timeout_ms: u64,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+/// `[data]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSettings {
+    /// Directory for the embedded SQLite database and the dev keyring.
+    pub dir: PathBuf,
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Key provider: `local` (a keyring file).
+    pub provider: KeyProviderKind,
+    /// Keyring file of the `local` provider; unset means `<data.dir>/keyring.toml`.
+    pub keyring: Option<PathBuf>,
+    /// How many unwrapped data keys to keep in memory.
+    pub dek_cache_size: usize,
+}
+
+/// Which [`crate::crypto::KeyProvider`] holds the KEKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyProviderKind {
+    /// A keyring file (mode 0600) of versioned 256-bit KEKs.
+    Local,
+}
+
+/// `[tokens]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// Seconds between sweeps of expired tokens.
+    pub sweep_interval_secs: u64,
+    /// Largest number of expired cards deleted per statement, so a sweep never holds long
+    /// locks or bloats one transaction.
+    pub sweep_batch: u32,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Tenant of callers that present no credentials, holding every permission. Allowed only
+    /// when the gRPC listener is on a loopback address; `serve --dev` sets it to `dev`.
+    pub unauthenticated_tenant: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` (structured, the default) or `pretty` (for a terminal).
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info` or `cardvault=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable, for terminals.
+    Pretty,
+}
+
+/// Defaults, as a serializable tree figment merges the file and environment onto.
+#[derive(Serialize)]
+struct Defaults {
+    grpc: GrpcSettings,
+    admin: AdminSettings,
+    database: DatabaseDefaults,
+    data: DataSettings,
+    keys: KeySettings,
+    tokens: TokenSettings,
+    auth: AuthSettings,
+    log: LogSettings,
+}
+
+#[derive(Serialize)]
+struct DatabaseDefaults {
+    max_connections: u32,
+    acquire_timeout_ms: u64,
+    migrate_on_start: bool,
+}
+
+fn defaults() -> Defaults {
+    Defaults {
+        grpc: GrpcSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+            concurrency_per_connection: 256,
+        },
+        admin: AdminSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        },
+        database: DatabaseDefaults {
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+            migrate_on_start: true,
+        },
+        data: DataSettings {
+            dir: PathBuf::from("./cardvault-data"),
+        },
+        keys: KeySettings {
+            provider: KeyProviderKind::Local,
+            keyring: None,
+            dek_cache_size: 1024,
+        },
+        tokens: TokenSettings {
+            sweep_interval_secs: 60,
+            sweep_batch: 500,
+        },
+        auth: AuthSettings::default(),
+        log: LogSettings {
+            format: LogFormat::Json,
+            level: "info".to_owned(),
+        },
+    }
+}
+
+/// Configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable is malformed or has an unknown key.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// The configuration file does not exist.
+    #[error("configuration file {0} not found")]
+    Missing(PathBuf),
+    /// The values are well-formed but not allowed together.
+    #[error("invalid configuration: {0}")]
+    Rejected(String),
+}
+
+impl Settings {
+    /// Loads defaults, then the TOML file (if given), then `CARDVAULT_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, Env::prefixed("CARDVAULT_"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(defaults()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // `CARDVAULT_DATABASE_MAX_CONNECTIONS` → `database.max_connections`: the first
+        // segment is the section and the rest the key, so keys keep their underscores.
+        let env = env.map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            match key.split_once('_') {
+                Some((section, rest)) => format!("{section}.{rest}").into(),
+                None => key.into(),
+            }
+        });
+        let settings: Settings = figment.merge(env).extract().map_err(Box::new)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Turns these settings into `serve --dev` settings: SQLite and keyring in `data.dir`,
+    /// every caller is tenant `dev`, plain-text logs. Refuses a non-loopback listener.
+    pub fn into_dev(mut self) -> Result<Settings, ConfigError> {
+        self.dev = true;
+        self.auth.unauthenticated_tenant = Some("dev".to_owned());
+        if !self.grpc.addr.ip().is_loopback() || !self.admin.addr.ip().is_loopback() {
+            return Err(ConfigError::Rejected(
+                "--dev serves without TLS or authentication and binds loopback addresses only"
+                    .to_owned(),
+            ));
+        }
+        self.database.migrate_on_start = true;
+        Ok(self)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.auth.unauthenticated_tenant.is_some() && !self.grpc.addr.ip().is_loopback() {
+            return Err(ConfigError::Rejected(format!(
+                "auth.unauthenticated_tenant lets callers in without credentials and is only \
+                 allowed on a loopback grpc.addr, not {}",
+                self.grpc.addr
+            )));
+        }
+        if self.tokens.sweep_batch == 0 || self.tokens.sweep_interval_secs == 0 {
+            return Err(ConfigError::Rejected(
+                "tokens.sweep_batch and tokens.sweep_interval_secs must be positive".to_owned(),
+            ));
+        }
+        if self.keys.dek_cache_size == 0 {
+            return Err(ConfigError::Rejected(
+                "keys.dek_cache_size must be positive".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to the embedded SQLite file in `data.dir`.
+    pub fn database_url(&self) -> SecretString {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => SecretString::from(format!(
+                "sqlite://{}",
+                self.data.dir.join("cardvault.db").display()
+            )),
+        }
+    }
+
+    /// The local keyring path, defaulting to `data.dir/keyring.toml`.
+    pub fn keyring_path(&self) -> PathBuf {
+        self.keys
+            .keyring
+            .clone()
+            .unwrap_or_else(|| self.data.dir.join("keyring.toml"))
+    }
+
+    /// Per-request deadline.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.grpc.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+// `Jail::expect_with` fixes its closure's error type to `figment::Error`, which is large.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use figment::Jail;
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    // `Jail` gives each test its own working directory and environment and runs them one at a
+    // time, so environment overrides can be tested without racing other tests.
+    fn load_in(jail: &mut Jail, toml: &str) -> Result<Settings, ConfigError> {
+        jail.create_file("cardvault.toml", toml)
+            .expect("write config file");
+        Settings::load(Some(Path::new("cardvault.toml")))
+    }
+
+    #[test]
+    fn defaults_load_without_a_file() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.addr.port(), 50051);
+            assert!(s.database_url().expose_secret().starts_with("sqlite://"));
+            assert_eq!(
+                s.keyring_path(),
+                PathBuf::from("./cardvault-data/keyring.toml")
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, "[database]\nulr = \"postgres://x\"\n").expect_err("typo");
+            assert!(err.to_string().contains("ulr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_section_is_rejected() {
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, "[databse]\nurl = \"x\"\n").expect_err("typo");
+            assert!(err.to_string().contains("databse"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_environment_variable_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_DATABASE_MAX_CONECTIONS", "3");
+            let err = Settings::load(None).expect_err("typo");
+            assert!(err.to_string().contains("max_conections"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_keeps_underscores_in_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_DATABASE_MAX_CONNECTIONS", "7");
+            jail.set_env("CARDVAULT_GRPC_ADDR", "127.0.0.1:7001");
+            jail.set_env("CARDVAULT_DATABASE_URL", "postgres://u@127.0.0.1/db");
+            jail.set_env("CARDVAULT_DATA_DIR", "/var/lib/cv");
+            let s =
+                load_in(jail, "[database]\nmax_connections = 3\n").map_err(|e| e.to_string())?;
+            assert_eq!(s.database.max_connections, 7);
+            assert_eq!(s.grpc.addr.port(), 7001);
+            assert_eq!(
+                s.database_url().expose_secret(),
+                "postgres://u@127.0.0.1/db"
+            );
+            assert_eq!(s.data.dir, PathBuf::from("/var/lib/cv"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        Jail::expect_with(|jail| {
+            let s =
+                load_in(jail, "[grpc]\naddr = \"127.0.0.1:7000\"\n").map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.addr.port(), 7000);
+            assert_eq!(s.grpc.max_message_bytes, 64 * 1024);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        Jail::expect_with(|_| {
+            let err = Settings::load(Some(Path::new("nope.toml"))).expect_err("missing");
+            assert!(err.to_string().contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unauthenticated_tenant_on_a_public_address_is_refused() {
+        Jail::expect_with(|jail| {
+            let toml =
+                "[grpc]\naddr = \"0.0.0.0:50051\"\n[auth]\nunauthenticated_tenant = \"dev\"\n";
+            let err = load_in(jail, toml).expect_err("refused");
+            assert!(err.to_string().contains("loopback"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dev_mode_refuses_a_non_loopback_address() {
+        Jail::expect_with(|jail| {
+            let s =
+                load_in(jail, "[grpc]\naddr = \"0.0.0.0:50051\"\n").map_err(|e| e.to_string())?;
+            assert!(s.into_dev().is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_database_url_is_not_printed_by_debug() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "CARDVAULT_DATABASE_URL",
+                "postgres://u:hunter2@127.0.0.1/db",
+            );
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert!(!format!("{s:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,29 @@
+//! cardvault: a payment-card tokenization vault.
+//!
+//! Checkout services send card data over gRPC; the vault validates it, encrypts it under
+//! envelope keys with AES-256-GCM, stores only ciphertext and returns an opaque token.
+//!
+//! # Layout
+//!
+//! Dependencies point one way, top to bottom (DESIGN §2):
+//!
+//! - [`api`] — tonic services: proto ⇄ domain conversion, caller identity, errors → `Status`.
+//! - [`vault`] — tokenize / get / reveal / delete orchestration; no gRPC, no SQL.
+//! - [`card`] — the domain: [`card::Pan`], Luhn, brands, expiry, token formats. No I/O.
+//! - [`crypto`] — key providers, data-key cache, AEAD records, fingerprints. Knows no cards.
+//! - [`store`] — one trait, PostgreSQL and SQLite backends.
+//! - [`config`], [`telemetry`], [`server`] — wiring.
+//!
+//! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod card;
+pub mod config;
+pub mod crypto;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod vault;

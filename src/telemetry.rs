@@ -1,0 +1,59 @@
+//! Logging, composed once. Spans use `skip_all`, and request messages are never recorded,
+//! so card data cannot become a log field by accident.
+
+use tracing::Subscriber;
+use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
+
+use crate::config::LogFormat;
+
+/// A subscriber writing `format` lines to `writer`, filtered by `RUST_LOG` when set, else by
+/// `level`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    level: &str,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync + 'static>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            ),
+        ),
+        LogFormat::Pretty => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_writer(writer),
+            ),
+        ),
+    }
+}
+
+/// Installs `subscriber` as the global default.
+pub fn init(subscriber: Box<dyn Subscriber + Send + Sync + 'static>) {
+    // Fails only if a subscriber is already set (tests), which is fine to keep.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// Replaces the default panic message with one that omits the payload: a panic message is
+/// built from whatever values the panicking code had at hand, and those must never reach a
+/// log. The location is enough to find the bug.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown location".to_owned());
+        tracing::error!(%location, "panic (message withheld: it may contain request data)");
+        eprintln!("cardvault panicked at {location} (message withheld)");
+    }));
+}
