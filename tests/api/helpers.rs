@@ -1,0 +1,297 @@
+//! `spawn_app()`: a real vault on a random loopback port, over a fresh database of the chosen
+//! backend, with a generated gRPC client. Logs of every app in this binary are captured (at
+//! debug level) for the canary test; set `TEST_LOG=1` to also see them.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use cardvault::{
+    config::{LogFormat, Settings},
+    crypto::LocalKeyring,
+    pb::v1::{self as pb, card_vault_client::CardVaultClient},
+    server, telemetry,
+};
+use secrecy::SecretString;
+use sqlx::Connection;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+use crate::postgres::PgServer;
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named `async fn(Backend)` once per backend, as `<name>::sqlite` and
+/// `<name>::postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::helpers::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        telemetry::init(telemetry::subscriber(LogFormat::Json, "debug", move || {
+            writer.clone()
+        }));
+        capture
+    })
+}
+
+/// Everything every app in this test binary has logged so far.
+pub fn captured_logs() -> Vec<u8> {
+    capture()
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Where a test app keeps its state, so it can be restarted on the same data.
+pub struct AppState {
+    pub backend: Backend,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    /// The PostgreSQL database name, for dumps.
+    pub pg_database: Option<String>,
+}
+
+impl AppState {
+    /// A fresh keyring and a fresh, empty database.
+    pub async fn new(backend: Backend) -> AppState {
+        let dir = tempfile::tempdir().expect("temp dir");
+        LocalKeyring::init(&dir.path().join("keyring.toml")).expect("keyring");
+        let (database_url, pg_database) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}", dir.path().join("cardvault.db").display()),
+                None,
+            ),
+            Backend::Postgres => {
+                let name = format!("cardvault_test_{}", uuid::Uuid::new_v4().simple());
+                create_pg_database(&name).await;
+                (PgServer::get().url_for(&name), Some(name))
+            }
+        };
+        AppState {
+            backend,
+            dir,
+            database_url,
+            pg_database,
+        }
+    }
+
+    /// Settings of an app on this state acting for `tenant`.
+    pub fn settings(&self, tenant: &str) -> Settings {
+        let mut s = Settings::load(None).expect("default settings");
+        s.grpc.addr = "127.0.0.1:0".parse().expect("addr");
+        s.admin.addr = "127.0.0.1:0".parse().expect("addr");
+        s.data.dir = self.dir.path().to_owned();
+        s.database.url = Some(SecretString::from(self.database_url.clone()));
+        s.database.max_connections = 4;
+        s.keys.keyring = Some(self.dir.path().join("keyring.toml"));
+        s.auth.unauthenticated_tenant = Some(tenant.to_owned());
+        s
+    }
+
+    /// Files of the SQLite database (main file, WAL, shared memory).
+    pub fn sqlite_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path())
+            .expect("read dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("cardvault.db"))
+            })
+            .collect()
+    }
+}
+
+async fn create_pg_database(name: &str) {
+    let admin = &PgServer::get().admin_url;
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to PostgreSQL at {admin}: {e}. Start PostgreSQL on 127.0.0.1:5432, \
+             or set DATABASE_URL, or install it (apt-get install postgresql) so the tests can \
+             start their own"
+            )
+        });
+    // The name is ours (a fixed prefix and a UUID), never input.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+}
+
+/// A running vault and a client connected to it.
+pub struct TestApp {
+    pub client: CardVaultClient<Channel>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub tenant: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A vault on a fresh database of `backend`, tenant `dev`.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let state = Arc::new(AppState::new(backend).await);
+    spawn_on(state, "dev").await
+}
+
+/// A vault on existing state, acting for `tenant`.
+pub async fn spawn_on(state: Arc<AppState>, tenant: &str) -> TestApp {
+    spawn_with(state.clone(), tenant, state.settings(tenant)).await
+}
+
+/// A vault with explicit settings.
+pub async fn spawn_with(state: Arc<AppState>, tenant: &str, settings: Settings) -> TestApp {
+    capture();
+    let app = server::build(settings).await.expect("vault builds");
+    let grpc_addr = app.grpc_addr();
+    let admin_addr = app.admin_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("vault serves");
+    });
+    let client = CardVaultClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .expect("client connects");
+    TestApp {
+        client,
+        grpc_addr,
+        admin_addr,
+        state,
+        tenant: tenant.to_owned(),
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// Stops the server and waits until it has drained.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    /// Stops this server and starts a new one on the same database and keyring.
+    pub async fn restart(mut self) -> TestApp {
+        self.stop().await;
+        spawn_on(self.state.clone(), &self.tenant).await
+    }
+
+    /// Tokenizes a card with default options.
+    pub async fn tokenize(&mut self, number: &str) -> pb::TokenizeResponse {
+        self.client
+            .tokenize(tokenize_request(number))
+            .await
+            .expect("tokenize")
+            .into_inner()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A tokenize request for a card expiring in December 2030.
+pub fn tokenize_request(number: &str) -> pb::TokenizeRequest {
+    pb::TokenizeRequest {
+        card: Some(pb::CardInput {
+            number: number.to_owned(),
+            exp_month: 12,
+            exp_year: 2030,
+            cardholder_name: "Ada Lovelace".to_owned(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A random, valid, 16-digit Visa-range PAN no other test uses.
+pub fn unique_pan() -> String {
+    let mut digits: Vec<u8> = vec![4];
+    let id = uuid::Uuid::new_v4();
+    digits.extend(id.as_bytes().iter().take(14).map(|b| b % 10));
+    // Luhn check digit.
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    digits.push(((10 - sum % 10) % 10) as u8);
+    digits.iter().map(|d| char::from(b'0' + d)).collect()
+}
+
+/// The field names of a status's `google.rpc.BadRequest` violations.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|br| br.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
