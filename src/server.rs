@@ -89,6 +89,17 @@ pub fn key_provider(settings: &Settings) -> Result<Arc<dyn KeyProvider>, Startup
         KeyProviderKind::Local => {
             let path = settings.keyring_path();
             if settings.dev && !path.exists() {
+                // A new KEK cannot open cards sealed under a lost one: only generate it for
+                // a data directory that has no cards yet.
+                let database = settings.data.dir.join("cardvault.db");
+                if settings.database.url.is_none() && database.exists() {
+                    return Err(StartupError::Invalid(format!(
+                        "{} exists but its keyring {} is missing; restore the keyring, or \
+                         move the database away to start afresh",
+                        database.display(),
+                        path.display()
+                    )));
+                }
                 let keyring = LocalKeyring::init(&path)?;
                 tracing::warn!(
                     path = %path.display(),
@@ -219,6 +230,8 @@ impl Application {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc error details, so clients can decode BadRequest and RequestInfo.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection().build_v1().ok();
         let reflection_v1alpha = reflection().build_v1alpha().ok();

@@ -264,12 +264,7 @@ async fn a_vault_with_a_working_database_becomes_ready() {
     };
     let app = spawn_app(Backend::Sqlite).await;
     assert_eq!(http_status(app.admin_addr, "/healthz").await, 200);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc_addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(app.channel().await);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let serving = health

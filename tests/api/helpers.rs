@@ -147,6 +147,37 @@ impl AppState {
     }
 }
 
+impl Drop for AppState {
+    /// Drops the test's PostgreSQL database, so runs do not pile databases up on a shared
+    /// server. `Drop` cannot await, so a short-lived thread with its own runtime does it.
+    fn drop(&mut self) {
+        let Some(name) = self.pg_database.take() else {
+            return;
+        };
+        let admin = PgServer::get().admin_url.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin).await?;
+                // FORCE: the stopped vault's pool may still hold connections.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await
+                .map(|_| ())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop a test database; it is left on the server");
+        }
+    }
+}
+
 async fn create_pg_database(name: &str) {
     let admin = &PgServer::get().admin_url;
     let mut conn = sqlx::PgConnection::connect(admin)
@@ -230,6 +261,15 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         self.stop().await;
         spawn_on(self.state.clone(), &self.tenant).await
+    }
+
+    /// A fresh channel to the gRPC listener, for clients other than `CardVault`.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
     }
 
     /// Tokenizes a card with default options.

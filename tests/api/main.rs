@@ -10,4 +10,5 @@ mod dedup;
 mod errors;
 mod expiry;
 mod lifecycle;
+mod reflection;
 mod store;

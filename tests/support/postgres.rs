@@ -61,14 +61,21 @@ fn resolve() -> PgServer {
     let forced = std::env::var_os("CV_TEST_PG_FORCE_INITDB").is_some();
     if !forced {
         if let Ok(url) = std::env::var("DATABASE_URL") {
+            eprintln!("integration tests: PostgreSQL from DATABASE_URL");
             return from_url(&url);
         }
         let local = SocketAddr::from(([127, 0, 0, 1], 5432));
         if TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok() {
+            eprintln!("integration tests: PostgreSQL at 127.0.0.1:5432");
             return from_url("postgres://postgres@127.0.0.1:5432/postgres");
         }
     }
-    start_throwaway_cluster()
+    let server = start_throwaway_cluster();
+    eprintln!(
+        "integration tests: throwaway PostgreSQL cluster at {}",
+        server.admin_url
+    );
+    server
 }
 
 /// Splits `scheme://userinfo@host:port/db?query` into base, database and query.
