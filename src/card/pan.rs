@@ -17,6 +17,19 @@ const SHOWN_TRAILING: usize = 4;
 /// There is deliberately no `Display`, `AsRef<str>` or `Deref`: the digits come out only
 /// through [`Pan::expose_digits`], so every use of the secret is greppable. `Debug` prints
 /// the masked form. The digits are zeroized when the value is dropped (clones included).
+///
+/// ```
+/// use cardvault::card::{Brand, Pan};
+///
+/// let pan = Pan::parse("4242 4242-4242 4242").expect("a valid test card");
+/// assert_eq!(pan.brand(), Brand::Visa);
+/// assert_eq!((pan.bin(), pan.last4()), ("42424242", "4242"));
+/// // Debug masks: a Pan logged by accident shows first 6 and last 4 only.
+/// assert_eq!(format!("{pan:?}"), "Pan(424242******4242)");
+/// // Errors describe the rule and never echo the input.
+/// let err = Pan::parse("4242 4242 4242 4241").unwrap_err();
+/// assert!(!err.to_string().contains("4241"));
+/// ```
 #[derive(Clone)]
 pub struct Pan(Zeroizing<String>);
 

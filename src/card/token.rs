@@ -32,6 +32,19 @@ pub enum TokenFormat {
 
 /// A vault token. Public, not secret, but never derived from the PAN: all of its random
 /// part comes from the CSPRNG.
+///
+/// ```
+/// use cardvault::card::{Pan, Token, TokenFormat, luhn};
+///
+/// let pan = Pan::parse("378282246310005").expect("a valid test card");
+/// let rng = ring::rand::SystemRandom::new();
+/// let token = Token::generate(TokenFormat::PanShaped, &pan, &rng).expect("randomness");
+/// assert_eq!(token.as_str().len(), 15);
+/// assert!(token.as_str().ends_with("0005"));
+/// assert!(!luhn::is_valid(token.as_str().as_bytes()), "never mistaken for a card");
+/// // A card number sent where a token belongs is refused.
+/// assert!(Token::parse(pan.expose_digits()).is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Token(String);
 
