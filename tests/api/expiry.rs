@@ -12,6 +12,8 @@ use crate::{
 
 on_both_backends!(an_expired_token_is_not_found_and_then_swept);
 
+const TTL_SECS: i64 = 2;
+
 async fn count_cards(state: &AppState) -> i64 {
     let sql = "SELECT COUNT(*) FROM cards";
     match state.backend {
@@ -49,7 +51,7 @@ async fn an_expired_token_is_not_found_and_then_swept(backend: Backend) {
         let mut request = tokenize_request("5555555555554444");
         request.expiration = Some(pb::tokenize_request::Expiration::Ttl(
             prost_types::Duration {
-                seconds: 1,
+                seconds: TTL_SECS,
                 nanos: 0,
             },
         ));
@@ -60,16 +62,17 @@ async fn an_expired_token_is_not_found_and_then_swept(backend: Backend) {
             .expect("tokenize")
             .into_inner();
         assert!(response.card.expect("card").expires_at.is_some());
+        // Read each one back at once, well inside its lifetime even on a loaded machine.
+        app.client
+            .get_card(pb::GetCardRequest {
+                token: response.token.clone(),
+            })
+            .await
+            .expect("alive before its ttl");
         short_lived.push(response.token);
     }
-    app.client
-        .get_card(pb::GetCardRequest {
-            token: short_lived[0].clone(),
-        })
-        .await
-        .expect("alive before its ttl");
 
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    tokio::time::sleep(Duration::from_millis(TTL_SECS.unsigned_abs() * 1_000 + 200)).await;
     for token in &short_lived {
         let status = app
             .client
