@@ -6,7 +6,7 @@ use cardvault::pb::v1 as pb;
 use tonic_types::StatusExt;
 
 use crate::{
-    helpers::{Backend, captured_logs, spawn_app, tokenize_request, unique_pan},
+    helpers::{Backend, captured_logs, spaced, spawn_app, tokenize_request, unique_pan},
     on_both_backends,
     postgres::PgServer,
 };
@@ -23,12 +23,7 @@ async fn the_canary_card_never_leaves_the_vault(backend: Backend) {
     let mut app = spawn_app(backend).await;
     let pan = unique_pan();
     let holder = format!("Canary {}", uuid::Uuid::new_v4().simple());
-    let spaced: String = pan
-        .as_bytes()
-        .chunks(4)
-        .map(|c| std::str::from_utf8(c).expect("ascii"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let spaced = spaced(&pan);
     // What must never be seen: the PAN in any spelling, any 12-digit prefix of it (the
     // stored BIN is 8 digits), and the cardholder name.
     let forbidden = [

@@ -3,7 +3,7 @@
 use cardvault::pb::v1 as pb;
 
 use crate::{
-    helpers::{Backend, spawn_app, tokenize_request, unique_pan},
+    helpers::{Backend, spaced, spawn_app, tokenize_request, unique_pan},
     on_both_backends,
 };
 
@@ -28,12 +28,7 @@ async fn reuse_existing_returns_the_same_token_for_the_same_card(backend: Backen
         .into_inner();
     assert!(first.created);
     // Same card, formatted differently: same token.
-    let spaced: String = pan
-        .as_bytes()
-        .chunks(4)
-        .map(|c| std::str::from_utf8(c).expect("ascii"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let spaced = spaced(&pan);
     let second = app
         .client
         .tokenize(reuse(&spaced))

@@ -118,30 +118,8 @@ async fn a_tampered_record_is_an_internal_error_with_a_request_id(backend: Backe
     // Someone with database access moves one card's ciphertext onto another token.
     let sql = "UPDATE cards SET ciphertext = (SELECT ciphertext FROM cards WHERE token = $1) \
                WHERE token = $2";
-    match backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&app.state.database_url)
-                .await
-                .expect("open sqlite");
-            sqlx::query(sql)
-                .bind(&donor)
-                .bind(&victim)
-                .execute(&pool)
-                .await
-                .expect("tamper");
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&app.state.database_url)
-                .await
-                .expect("open postgres");
-            sqlx::query(sql)
-                .bind(&donor)
-                .bind(&victim)
-                .execute(&pool)
-                .await
-                .expect("tamper");
-        }
-    }
+    let moved = app.state.execute(sql, &[&donor, &victim]).await;
+    assert_eq!(moved, 1);
     let status = app
         .client
         .reveal(pb::RevealRequest {

@@ -14,30 +14,6 @@ on_both_backends!(an_expired_token_is_not_found_and_then_swept);
 
 const TTL_SECS: i64 = 2;
 
-async fn count_cards(state: &AppState) -> i64 {
-    let sql = "SELECT COUNT(*) FROM cards";
-    match state.backend {
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&state.database_url)
-                .await
-                .expect("open");
-            sqlx::query_scalar(sql)
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-        }
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&state.database_url)
-                .await
-                .expect("open");
-            sqlx::query_scalar(sql)
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-        }
-    }
-}
-
 async fn an_expired_token_is_not_found_and_then_swept(backend: Backend) {
     let state = std::sync::Arc::new(AppState::new(backend).await);
     let mut settings = state.settings("dev");
@@ -86,7 +62,7 @@ async fn an_expired_token_is_not_found_and_then_swept(backend: Backend) {
 
     // The sweeper deletes the 5 expired rows, 2 per statement, and keeps the live one.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while count_cards(&state).await != 1 {
+    while state.count("SELECT COUNT(*) FROM cards").await != 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "expired rows were not swept"

@@ -133,6 +133,57 @@ impl AppState {
         s
     }
 
+    /// Runs one statement with text parameters straight against the database, as someone
+    /// with database access (and no keys) could; returns the rows affected.
+    pub async fn execute(&self, sql: &'static str, params: &[&str]) -> u64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url)
+                    .await
+                    .expect("open sqlite");
+                let mut query = sqlx::query(sql);
+                for p in params {
+                    query = query.bind(*p);
+                }
+                query.execute(&pool).await.expect("execute").rows_affected()
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.database_url)
+                    .await
+                    .expect("open postgres");
+                let mut query = sqlx::query(sql);
+                for p in params {
+                    query = query.bind(*p);
+                }
+                query.execute(&pool).await.expect("execute").rows_affected()
+            }
+        }
+    }
+
+    /// Runs a `SELECT COUNT(*) …` straight against the database.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.database_url)
+                    .await
+                    .expect("open sqlite");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count")
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.database_url)
+                    .await
+                    .expect("open postgres");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count")
+            }
+        }
+    }
+
     /// Files of the SQLite database (main file, WAL, shared memory).
     pub fn sqlite_files(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.dir.path())
@@ -325,6 +376,15 @@ pub fn unique_pan() -> String {
         .sum();
     digits.push(((10 - sum % 10) % 10) as u8);
     digits.iter().map(|d| char::from(b'0' + d)).collect()
+}
+
+/// A PAN written the way people type it: groups of 4 digits separated by spaces.
+pub fn spaced(pan: &str) -> String {
+    pan.as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).expect("ascii digits"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The field names of a status's `google.rpc.BadRequest` violations.
