@@ -82,6 +82,19 @@ fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
         if db.is_unique_violation() && db.constraint() == Some(constraint))
 }
 
+type ArgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the five `ReuseKey` columns as the first parameters, in the order the reuse
+/// queries name them (tenant, fingerprint, expiry month, expiry year, token format).
+fn bind_reuse_key<'q>(query: ArgQuery<'q>, key: ReuseKey<'_>) -> ArgQuery<'q> {
+    query
+        .bind(key.tenant_id)
+        .bind(key.fingerprint)
+        .bind(i32::from(key.exp_month))
+        .bind(i32::from(key.exp_year))
+        .bind(key.token_format)
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -238,19 +251,17 @@ impl Store for PgStore {
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            card_columns!(),
-            " FROM cards WHERE tenant_id = $1 AND fingerprint = $2 \
+        bind_reuse_key(
+            sqlx::query(concat!(
+                "SELECT ",
+                card_columns!(),
+                " FROM cards WHERE tenant_id = $1 AND fingerprint = $2 \
              AND exp_month = $3 AND exp_year = $4 AND token_format = $5 \
              AND (expires_at IS NULL OR expires_at > $6) \
              ORDER BY canonical DESC, created_at, token LIMIT 1"
-        ))
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i32::from(key.exp_month))
-        .bind(i32::from(key.exp_year))
-        .bind(key.token_format)
+            )),
+            key,
+        )
         .bind(now)
         .fetch_optional(&self.pool)
         .await?
@@ -264,15 +275,13 @@ impl Store for PgStore {
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM cards WHERE tenant_id = $1 AND fingerprint = $2 AND exp_month = $3 \
+        bind_reuse_key(
+            sqlx::query(
+                "DELETE FROM cards WHERE tenant_id = $1 AND fingerprint = $2 AND exp_month = $3 \
              AND exp_year = $4 AND token_format = $5 AND canonical AND expires_at <= $6",
+            ),
+            key,
         )
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i32::from(key.exp_month))
-        .bind(i32::from(key.exp_year))
-        .bind(key.token_format)
         .bind(now)
         .execute(&self.pool)
         .await?;

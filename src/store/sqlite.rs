@@ -108,6 +108,19 @@ fn unique_violation_on(err: &sqlx::Error, columns: &str) -> bool {
             && db.message().strip_prefix("UNIQUE constraint failed: ") == Some(columns))
 }
 
+type ArgQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds the five `ReuseKey` columns as the first parameters, in the order the reuse
+/// queries name them (tenant, fingerprint, expiry month, expiry year, token format).
+fn bind_reuse_key<'q>(query: ArgQuery<'q>, key: ReuseKey<'_>) -> ArgQuery<'q> {
+    query
+        .bind(key.tenant_id)
+        .bind(key.fingerprint)
+        .bind(i64::from(key.exp_month))
+        .bind(i64::from(key.exp_year))
+        .bind(key.token_format)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -266,19 +279,17 @@ impl Store for SqliteStore {
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            card_columns!(),
-            " FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 \
+        bind_reuse_key(
+            sqlx::query(concat!(
+                "SELECT ",
+                card_columns!(),
+                " FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 \
              AND exp_month = ?3 AND exp_year = ?4 AND token_format = ?5 \
              AND (expires_at IS NULL OR expires_at > ?6) \
              ORDER BY canonical DESC, created_at, token LIMIT 1"
-        ))
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i64::from(key.exp_month))
-        .bind(i64::from(key.exp_year))
-        .bind(key.token_format)
+            )),
+            key,
+        )
         .bind(micros(now))
         .fetch_optional(&self.pool)
         .await?
@@ -292,15 +303,13 @@ impl Store for SqliteStore {
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 AND exp_month = ?3 \
+        bind_reuse_key(
+            sqlx::query(
+                "DELETE FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 AND exp_month = ?3 \
              AND exp_year = ?4 AND token_format = ?5 AND canonical = 1 AND expires_at <= ?6",
+            ),
+            key,
         )
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i64::from(key.exp_month))
-        .bind(i64::from(key.exp_year))
-        .bind(key.token_format)
         .bind(micros(now))
         .execute(&self.pool)
         .await?;
