@@ -31,6 +31,10 @@
 //!   [`tenant_secret_wrap_aad`]; the per-tenant [`FingerprintKey`] is derived from it with
 //!   HKDF-SHA256 and never stored.
 //!
+//! * The **audit key** ([`AuditKey`]) MACs the audit chains; it is stored wrapped by a KEK
+//!   with [`audit_key_wrap_aad`] binding the number of chains.
+//! * **API keys** ([`ApiKey`]) are bearer credentials stored only as SHA-256 hashes.
+//!
 //! # Hygiene
 //!
 //! Randomness comes only from `ring::rand::SystemRandom` ([`fill_random`]); HMAC, HKDF and
@@ -41,6 +45,8 @@
 
 mod aad;
 mod aead;
+mod api_key;
+mod audit_key;
 mod error;
 mod fingerprint;
 mod hex;
@@ -51,6 +57,8 @@ mod random;
 mod secret;
 
 pub use self::aead::{RECORD_FORMAT_V1, open_record, record_dek_id, seal_record};
+pub use self::api_key::{ApiKey, random_base62};
+pub use self::audit_key::{AUDIT_MAC_LEN, AuditKey, audit_key_wrap_aad};
 pub use self::error::CryptoError;
 pub use self::fingerprint::{Fingerprint, FingerprintKey, TenantSecret};
 pub use self::keys::{DataKey, DekCache, DekId, dek_wrap_aad, tenant_secret_wrap_aad};
