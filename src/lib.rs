@@ -26,4 +26,5 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod vault;
