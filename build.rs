@@ -9,6 +9,8 @@ fn main() -> io::Result<()> {
     let protos = [
         "proto/cardvault/v1/card.proto",
         "proto/cardvault/v1/card_vault.proto",
+        "proto/cardvault/v1/access_admin.proto",
+        "proto/cardvault/v1/audit.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
 

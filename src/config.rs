@@ -13,7 +13,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Everything `serve`, `migrate` and `keys` read.
@@ -32,8 +32,12 @@ pub struct Settings {
     pub keys: KeySettings,
     /// Token lifetime housekeeping.
     pub tokens: TokenSettings,
+    /// TLS of both listeners.
+    pub tls: TlsSettings,
     /// Who callers are.
     pub auth: AuthSettings,
+    /// Abuse limits.
+    pub limits: LimitSettings,
     /// Logging.
     pub log: LogSettings,
     /// Set by `serve --dev` only (never from the file): development mode.
@@ -76,6 +80,27 @@ pub struct DatabaseSettings {
     pub acquire_timeout_ms: u64,
     /// Apply migrations when `serve` starts.
     pub migrate_on_start: bool,
+    /// TLS to PostgreSQL: `verify-full` (the default: encrypted, CA-verified, host name
+    /// checked), `verify-ca`, `require` (encrypted, unverified) or `disable`. Put it here, not
+    /// as `sslmode` in the URL.
+    pub tls_mode: DatabaseTlsMode,
+    /// CA bundle (PEM) that signs the PostgreSQL server certificate; unset means the
+    /// system's trust roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL, as in libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseTlsMode {
+    /// Plain TCP. Only for a database on the same host or a trusted private link.
+    Disable,
+    /// Encrypted, but the server is not verified.
+    Require,
+    /// Encrypted; the server certificate must chain to `ca_file`.
+    VerifyCa,
+    /// Encrypted; verified as `verify-ca`, and the certificate must name the host.
+    VerifyFull,
 }
 
 /// `[data]`
@@ -117,6 +142,24 @@ pub struct TokenSettings {
     pub sweep_batch: u32,
 }
 
+/// `[tls]`: one certificate for the gRPC and the admin HTTP listener, reloaded from its files
+/// when they change (so cert-manager can rotate it without a restart).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Certificate chain (PEM). Required outside `--dev`.
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM). Required outside `--dev`.
+    pub key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signs client certificates. Set it to authenticate callers by
+    /// mTLS; a client certificate from any other CA fails the handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse gRPC callers without a client certificate (no API keys then).
+    pub require_client_cert: bool,
+    /// Seconds between checks of the files for a new certificate.
+    pub reload_interval_secs: u64,
+}
+
 /// `[auth]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +167,40 @@ pub struct AuthSettings {
     /// Tenant of callers that present no credentials, holding every permission. Allowed only
     /// when the gRPC listener is on a loopback address; `serve --dev` sets it to `dev`.
     pub unauthenticated_tenant: Option<String>,
+    /// Milliseconds a verified API key is trusted before its row is read again; bounds how
+    /// long a revocation made through another replica (or the CLI) takes to apply here.
+    pub credential_cache_ms: u64,
+    /// Principals declared in configuration (GitOps), authenticating by mTLS identity.
+    #[serde(default)]
+    pub principals: Vec<PrincipalSettings>,
+}
+
+/// `[[auth.principals]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalSettings {
+    /// Name; its principal id is `config:<name>`.
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// SPIFFE ID or certificate CN.
+    pub mtls_identity: String,
+    /// Permission names.
+    pub permissions: Vec<String>,
+}
+
+/// `[limits]`: abuse limits, per replica.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Reveals per principal per minute, sustained.
+    pub reveal_per_minute: u32,
+    /// Reveals per principal back to back.
+    pub reveal_burst: u32,
+    /// Failed authentications per peer address (and per API key) per minute, sustained.
+    pub failed_auth_per_minute: u32,
+    /// Failed authentications allowed back to back before refusals start.
+    pub failed_auth_burst: u32,
 }
 
 /// `[log]`
@@ -155,7 +232,9 @@ struct Defaults {
     data: DataSettings,
     keys: KeySettings,
     tokens: TokenSettings,
+    tls: TlsSettings,
     auth: AuthSettings,
+    limits: LimitSettings,
     log: LogSettings,
 }
 
@@ -164,6 +243,7 @@ struct DatabaseDefaults {
     max_connections: u32,
     acquire_timeout_ms: u64,
     migrate_on_start: bool,
+    tls_mode: DatabaseTlsMode,
 }
 
 fn defaults() -> Defaults {
@@ -181,6 +261,7 @@ fn defaults() -> Defaults {
             max_connections: 16,
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
+            tls_mode: DatabaseTlsMode::VerifyFull,
         },
         data: DataSettings {
             dir: PathBuf::from("./cardvault-data"),
@@ -194,7 +275,20 @@ fn defaults() -> Defaults {
             sweep_interval_secs: 60,
             sweep_batch: 500,
         },
-        auth: AuthSettings::default(),
+        tls: TlsSettings {
+            reload_interval_secs: 10,
+            ..TlsSettings::default()
+        },
+        auth: AuthSettings {
+            credential_cache_ms: 5_000,
+            ..AuthSettings::default()
+        },
+        limits: LimitSettings {
+            reveal_per_minute: 600,
+            reveal_burst: 60,
+            failed_auth_per_minute: 10,
+            failed_auth_burst: 10,
+        },
         log: LogSettings {
             format: LogFormat::Json,
             level: "info".to_owned(),
@@ -256,6 +350,12 @@ impl Settings {
             ));
         }
         self.database.migrate_on_start = true;
+        if self.tls.cert_file.is_some() {
+            return Err(ConfigError::Rejected(
+                "--dev serves plain text; drop --dev to serve the configured TLS certificate"
+                    .to_owned(),
+            ));
+        }
         Ok(self)
     }
 
@@ -271,6 +371,57 @@ impl Settings {
             return Err(ConfigError::Rejected(
                 "tokens.sweep_batch and tokens.sweep_interval_secs must be positive".to_owned(),
             ));
+        }
+        let l = &self.limits;
+        if [
+            l.reveal_per_minute,
+            l.reveal_burst,
+            l.failed_auth_per_minute,
+            l.failed_auth_burst,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError::Rejected(
+                "every [limits] value must be positive".to_owned(),
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError::Rejected(
+                "tls.cert_file and tls.key_file go together".to_owned(),
+            ));
+        }
+        if self.tls.reload_interval_secs == 0 {
+            return Err(ConfigError::Rejected(
+                "tls.reload_interval_secs must be positive".to_owned(),
+            ));
+        }
+        if (self.tls.client_ca_file.is_some() || self.tls.require_client_cert)
+            && self.tls.cert_file.is_none()
+        {
+            return Err(ConfigError::Rejected(
+                "mTLS (tls.client_ca_file, tls.require_client_cert) needs tls.cert_file and tls.key_file"
+                    .to_owned(),
+            ));
+        }
+        if self.tls.require_client_cert && self.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Rejected(
+                "tls.require_client_cert needs tls.client_ca_file".to_owned(),
+            ));
+        }
+        if !self.auth.principals.is_empty() && self.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Rejected(
+                "[[auth.principals]] authenticate by mTLS and need tls.client_ca_file".to_owned(),
+            ));
+        }
+        if let Some(url) = &self.database.url {
+            let url = url.expose_secret();
+            if url.contains("sslmode=") || url.contains("sslrootcert=") {
+                return Err(ConfigError::Rejected(
+                    "set database.tls_mode and database.ca_file instead of sslmode/sslrootcert \
+                     in database.url"
+                        .to_owned(),
+                ));
+            }
         }
         if self.keys.dek_cache_size == 0 {
             return Err(ConfigError::Rejected(

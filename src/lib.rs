@@ -8,17 +8,21 @@
 //! Dependencies point one way, top to bottom (DESIGN §2):
 //!
 //! - [`api`] — tonic services: proto ⇄ domain conversion, caller identity, errors → `Status`.
-//! - [`vault`] — tokenize / get / reveal / delete orchestration; no gRPC, no SQL.
+//! - [`vault`] — authentication, permissions, limits, and tokenize / get / reveal / delete
+//!   orchestration with an audit record per action; no gRPC, no SQL.
 //! - [`card`] — the domain: [`card::Pan`], Luhn, brands, expiry, token formats. No I/O.
 //! - [`crypto`] — key providers, data-key cache, AEAD records, fingerprints. Knows no cards.
 //! - [`store`] — one trait, PostgreSQL and SQLite backends.
-//! - [`config`], [`telemetry`], [`server`] — wiring.
+//! - [`audit`] — the HMAC-chained audit log and its verifier.
+//! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
+//!   TLS listeners, start-up and drain.
 //!
 //! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod card;
 pub mod config;
 pub mod crypto;

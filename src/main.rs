@@ -4,9 +4,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use cardvault::{
+    audit,
+    card::TokenFormat,
     config::{LogFormat, Settings},
     crypto::LocalKeyring,
     server, telemetry,
+    vault::{self, Metadata, NewPrincipal, Operator, Permissions, TenantId},
 };
 use clap::{Parser, Subcommand};
 
@@ -40,6 +43,82 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Tenants, principals, API keys and honeytokens, straight on the database (needs the
+    /// database and the key provider; every action is written to the audit log as
+    /// `local:<user>`).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Creates a tenant and its key material.
+    CreateTenant {
+        /// Tenant id: 1 to 64 of a-z, 0-9, '_' or '-'.
+        tenant: String,
+    },
+    /// Creates a principal; prints its id.
+    CreatePrincipal {
+        /// Its tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Its name, unique in the tenant.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: tokenize, read, reveal, charge, delete, keys:admin, audit:read.
+        #[arg(long, value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
+        /// SPIFFE ID or certificate CN it authenticates as over mTLS.
+        #[arg(long)]
+        mtls_identity: Option<String>,
+    },
+    /// Lists principals and their API key ids.
+    ListPrincipals {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revokes a principal and all its API keys.
+    RevokePrincipal {
+        /// Principal id (p_…).
+        principal_id: String,
+    },
+    /// Creates an API key and prints it, once.
+    CreateApiKey {
+        /// Principal id (p_…).
+        principal_id: String,
+        /// Days until it expires; never when unset.
+        #[arg(long)]
+        valid_for_days: Option<u32>,
+    },
+    /// Revokes an API key.
+    RevokeApiKey {
+        /// Key id (the part between `cv_` and the second `_`).
+        key_id: String,
+    },
+    /// Mints a honeytoken card in a tenant and prints its token.
+    MintHoneytoken {
+        /// Its tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Issue a PAN-shaped token instead of an opaque one.
+        #[arg(long)]
+        pan_shaped: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Checks every audit chain end to end; exits 1 and names the first bad record of each
+    /// broken chain.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +155,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command, settings)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             tracing::error!(error = %err, "cardvault failed");
             eprintln!("cardvault: {err}");
@@ -102,7 +181,7 @@ fn load_settings(cli: &Cli) -> Result<Settings, Box<dyn std::error::Error>> {
     Ok(settings)
 }
 
-async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(command: Command, settings: Settings) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match command {
         Command::Serve { .. } => {
             let app = server::build(settings).await?;
@@ -128,6 +207,126 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
                  stored under it is unreadable without it.",
                 path.display()
             );
+        }
+        Command::Admin { command } => admin(command, &settings).await?,
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let vault = server::open_vault(&settings).await?;
+            let auditor = vault.auditor().await?;
+            let report = audit::verify(vault.store().as_ref(), auditor).await?;
+            if report.is_intact() {
+                println!(
+                    "audit log intact: {} records in {} chains verified",
+                    report.records, report.shards
+                );
+            } else {
+                for broken in &report.breaks {
+                    println!("audit log BROKEN: {broken}");
+                }
+                println!(
+                    "{} of {} chains broken; {} records verified before the breaks",
+                    report.breaks.len(),
+                    report.shards,
+                    report.records
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(
+    command: AdminCommand,
+    settings: &Settings,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let vault = server::open_vault(settings).await?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let op = Operator::local(&user);
+    match command {
+        AdminCommand::CreateTenant { tenant } => {
+            vault.create_tenant(&op, &TenantId::parse(&tenant)?).await?;
+            println!("created tenant {tenant}");
+        }
+        AdminCommand::CreatePrincipal {
+            tenant,
+            name,
+            permissions,
+            mtls_identity,
+        } => {
+            if !vault::admin::valid_principal_name(&name) {
+                return Err("--name must be 1 to 64 of A-Z a-z 0-9 . _ -".into());
+            }
+            let permissions = Permissions::parse(permissions.iter().map(String::as_str))?;
+            let row = vault
+                .create_principal(
+                    &op,
+                    NewPrincipal {
+                        tenant: TenantId::parse(&tenant)?,
+                        name,
+                        permissions,
+                        mtls_identity,
+                    },
+                )
+                .await?;
+            println!("{}", row.id);
+        }
+        AdminCommand::ListPrincipals { tenant } => {
+            let tenant = tenant.as_deref().map(TenantId::parse).transpose()?;
+            for p in vault.list_principals(&op, tenant.as_ref()).await? {
+                let keys = vault.api_keys_of(&p.id).await?;
+                let live_keys: Vec<&str> = keys
+                    .iter()
+                    .filter(|k| k.revoked_at.is_none())
+                    .map(|k| k.id.as_str())
+                    .collect();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\tkeys:{}",
+                    p.id,
+                    p.tenant_id,
+                    p.name,
+                    p.permissions.join(","),
+                    p.mtls_identity.as_deref().unwrap_or("-"),
+                    if p.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "live"
+                    },
+                    live_keys.join(",")
+                );
+            }
+        }
+        AdminCommand::RevokePrincipal { principal_id } => {
+            vault.revoke_principal(&op, &principal_id).await?;
+            println!("revoked principal {principal_id} and its API keys");
+        }
+        AdminCommand::CreateApiKey {
+            principal_id,
+            valid_for_days,
+        } => {
+            let valid_for = valid_for_days.map(|d| time::Duration::days(i64::from(d)));
+            let created = vault.create_api_key(&op, &principal_id, valid_for).await?;
+            eprintln!(
+                "API key {} for {principal_id}: shown once, store it in your secret manager",
+                created.row.id
+            );
+            println!("{}", created.key.expose());
+        }
+        AdminCommand::RevokeApiKey { key_id } => {
+            vault.revoke_api_key(&op, &key_id).await?;
+            println!("revoked API key {key_id}");
+        }
+        AdminCommand::MintHoneytoken { tenant, pan_shaped } => {
+            let format = if pan_shaped {
+                TokenFormat::PanShaped
+            } else {
+                TokenFormat::Opaque
+            };
+            let view = vault
+                .mint_honeytoken(&op, &TenantId::parse(&tenant)?, format, Metadata::default())
+                .await?;
+            println!("{}", view.token.as_str());
         }
     }
     Ok(())

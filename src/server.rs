@@ -4,26 +4,39 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{Authenticator, CardVaultService},
-    config::{KeyProviderKind, Settings},
+    api::{AccessAdminService, AuditService, CardVaultService},
+    config::{DatabaseTlsMode, KeyProviderKind, Settings},
     crypto::{KeyProvider, LocalKeyring},
-    pb::{self, v1::card_vault_server::CardVaultServer},
-    store::{self, Store, StoreOptions},
-    vault::{Vault, sweeper},
+    pb::{
+        self,
+        v1::{
+            access_admin_server::AccessAdminServer, audit_server::AuditServer,
+            card_vault_server::CardVaultServer,
+        },
+    },
+    store::{self, Store, StoreOptions, StoreTls},
+    tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
+    vault::{
+        ConfigPrincipal, Permissions, Principal, Rate, TenantId, Vault, VaultOptions, sweeper,
+    },
 };
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often readiness re-checks the database.
 const READINESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -62,6 +75,9 @@ pub enum StartupError {
     /// A configured value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The TLS certificate, key or client CA could not be loaded.
+    #[error("cannot load TLS files: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A built, bound, not yet serving vault.
@@ -70,7 +86,8 @@ pub struct Application {
     admin: TcpListener,
     vault: Arc<Vault>,
     settings: Settings,
-    auth: Authenticator,
+    /// TLS of the gRPC and the admin listener; none only in `--dev`.
+    tls: Option<(ReloadingAcceptor, ReloadingAcceptor)>,
 }
 
 impl std::fmt::Debug for Application {
@@ -118,8 +135,30 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupEr
     let options = StoreOptions {
         max_connections: settings.database.max_connections,
         acquire_timeout: Duration::from_millis(settings.database.acquire_timeout_ms),
+        tls: match settings.database.tls_mode {
+            DatabaseTlsMode::Disable => StoreTls::Disable,
+            DatabaseTlsMode::Require => StoreTls::Require,
+            DatabaseTlsMode::VerifyCa => StoreTls::VerifyCa(settings.database.ca_file.clone()),
+            DatabaseTlsMode::VerifyFull => StoreTls::VerifyFull(settings.database.ca_file.clone()),
+        },
     };
     Ok(store::connect(settings.database_url().expose_secret(), &options).await?)
+}
+
+/// Opens the vault without listeners, for the `admin` and `audit` commands: the key
+/// provider, the store (migrated when `database.migrate_on_start`), and the policy.
+pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault>, StartupError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let provider = key_provider(settings)?;
+    let store = open_store(settings).await?;
+    if settings.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    Ok(Arc::new(Vault::new(
+        store,
+        provider,
+        vault_options(settings)?,
+    )))
 }
 
 /// Builds the vault and binds its listeners (port 0 allowed; see [`Application::grpc_addr`]).
@@ -136,20 +175,17 @@ pub async fn build(settings: Settings) -> Result<Application, StartupError> {
     if settings.database.url.is_none() {
         create_private_dir(&settings.data.dir)?;
     }
-    let unauthenticated_tenant = settings
-        .auth
-        .unauthenticated_tenant
-        .as_deref()
-        .map(crate::vault::TenantId::parse)
-        .transpose()
-        .map_err(|e| StartupError::Invalid(format!("auth.unauthenticated_tenant: {e}")))?;
-    if unauthenticated_tenant.is_none() {
-        return Err(StartupError::Invalid(
-            "no way for callers to authenticate is configured: set auth.unauthenticated_tenant \
-             (loopback listeners only)"
-                .to_owned(),
-        ));
-    }
+    let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(acceptors(&settings, cert_file, key_file)?),
+        _ if settings.dev => None,
+        _ => {
+            return Err(StartupError::Invalid(
+                "TLS is required outside --dev: set tls.cert_file and tls.key_file".to_owned(),
+            ));
+        }
+    };
+    let options = vault_options(&settings)?;
+    let warm_tenant = options.unauthenticated_tenant.clone();
 
     let provider = key_provider(&settings)?;
     let store = open_store(&settings).await?;
@@ -157,13 +193,11 @@ pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         store.migrate().await?;
         tracing::info!(backend = store.backend(), "database migrations applied");
     }
-    let vault = Arc::new(Vault::new(store, provider, settings.keys.dek_cache_size));
-    if let Some(tenant) = &unauthenticated_tenant {
-        // Best effort: with the database down the vault still starts (not ready) and the
-        // first request retries.
-        if let Err(err) = vault.warm_up(tenant).await {
-            tracing::warn!(error = %err, "could not load tenant keys at start-up");
-        }
+    let vault = Arc::new(Vault::new(store, provider, options));
+    // Best effort: with the database down the vault still starts (not ready) and the first
+    // request retries.
+    if let Err(err) = vault.warm_up(warm_tenant.as_ref()).await {
+        tracing::warn!(error = %err, "could not load keys at start-up");
     }
 
     let grpc = bind(settings.grpc.addr).await?;
@@ -172,8 +206,86 @@ pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         grpc,
         admin,
         vault,
-        auth: Authenticator::new(unauthenticated_tenant),
         settings,
+        tls,
+    })
+}
+
+/// The gRPC listener's TLS (with client certificates when a client CA is configured) and
+/// the admin listener's (server certificate only: probes and Prometheus carry none).
+fn acceptors(
+    settings: &Settings,
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<(ReloadingAcceptor, ReloadingAcceptor), StartupError> {
+    let files = TlsFiles {
+        cert_file: cert_file.to_owned(),
+        key_file: key_file.to_owned(),
+        client_ca_file: settings.tls.client_ca_file.clone(),
+    };
+    let client_auth = match (&files.client_ca_file, settings.tls.require_client_cert) {
+        (None, _) => ClientAuth::None,
+        (Some(_), false) => ClientAuth::Optional,
+        (Some(_), true) => ClientAuth::Required,
+    };
+    let grpc = ReloadingAcceptor::new(files.clone(), client_auth, &[tls::ALPN_H2])?;
+    let admin = ReloadingAcceptor::new(
+        TlsFiles {
+            client_ca_file: None,
+            ..files
+        },
+        ClientAuth::None,
+        &[tls::ALPN_HTTP1],
+    )?;
+    Ok((grpc, admin))
+}
+
+/// Authentication and limits, from configuration.
+fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
+    let unauthenticated_tenant = settings
+        .auth
+        .unauthenticated_tenant
+        .as_deref()
+        .map(TenantId::parse)
+        .transpose()
+        .map_err(|e| StartupError::Invalid(format!("auth.unauthenticated_tenant: {e}")))?;
+    let mut config_principals = Vec::new();
+    for p in &settings.auth.principals {
+        let invalid = |what: String| {
+            StartupError::Invalid(format!("auth.principals entry {:?}: {what}", p.name))
+        };
+        let tenant = TenantId::parse(&p.tenant).map_err(|e| invalid(e.to_string()))?;
+        let permissions = Permissions::parse(p.permissions.iter().map(String::as_str))
+            .map_err(|e| invalid(e.to_string()))?;
+        if !crate::vault::admin::valid_principal_name(&p.name) {
+            return Err(invalid(
+                "name must be 1 to 64 of A-Z a-z 0-9 . _ -".to_owned(),
+            ));
+        }
+        config_principals.push(ConfigPrincipal {
+            principal: Principal {
+                id: format!("config:{}", p.name),
+                tenant,
+                name: p.name.clone(),
+                permissions,
+            },
+            mtls_identity: p.mtls_identity.clone(),
+        });
+    }
+    let limits = &settings.limits;
+    Ok(VaultOptions {
+        dek_cache_size: settings.keys.dek_cache_size,
+        unauthenticated_tenant,
+        config_principals,
+        reveal_rate: Rate {
+            per_minute: limits.reveal_per_minute,
+            burst: limits.reveal_burst,
+        },
+        failed_auth_rate: Rate {
+            per_minute: limits.failed_auth_per_minute,
+            burst: limits.failed_auth_burst,
+        },
+        credential_cache_ttl: Duration::from_millis(settings.auth.credential_cache_ms),
     })
 }
 
@@ -217,7 +329,7 @@ impl Application {
             admin,
             vault,
             settings,
-            auth,
+            tls,
         } = self;
         let grpc_addr = grpc.local_addr().ok();
         let admin_addr = admin.local_addr().ok();
@@ -236,7 +348,7 @@ impl Application {
         let reflection_v1 = reflection().build_v1().ok();
         let reflection_v1alpha = reflection().build_v1alpha().ok();
 
-        let tasks: Vec<JoinHandle<()>> = vec![
+        let mut tasks: Vec<JoinHandle<()>> = vec![
             tokio::spawn(sweeper::run(
                 vault.store().clone(),
                 Duration::from_secs(settings.tokens.sweep_interval_secs),
@@ -249,11 +361,30 @@ impl Application {
                 ready.clone(),
                 stop_rx.clone(),
             )),
-            tokio::spawn(admin_server(admin, ready, stop_rx.clone())),
+            tokio::spawn(admin_server(
+                admin,
+                tls.as_ref().map(|(_, admin)| admin.clone()),
+                ready,
+                stop_rx.clone(),
+            )),
         ];
+        if let Some((grpc_tls, admin_tls)) = &tls {
+            let interval = Duration::from_secs(settings.tls.reload_interval_secs);
+            tasks.push(tokio::spawn(
+                grpc_tls.clone().watch(interval, stop_rx.clone()),
+            ));
+            tasks.push(tokio::spawn(
+                admin_tls.clone().watch(interval, stop_rx.clone()),
+            ));
+        }
 
-        let card_vault = CardVaultServer::new(CardVaultService::new(vault, auth))
-            .max_decoding_message_size(settings.grpc.max_message_bytes);
+        let max_message = settings.grpc.max_message_bytes;
+        let card_vault = CardVaultServer::new(CardVaultService::new(vault.clone()))
+            .max_decoding_message_size(max_message);
+        let access_admin = AccessAdminServer::new(AccessAdminService::new(vault.clone()))
+            .max_decoding_message_size(max_message);
+        let audit =
+            AuditServer::new(AuditService::new(vault)).max_decoding_message_size(max_message);
         let drain_health = health.clone();
         let drain = async move {
             shutdown.await;
@@ -266,15 +397,30 @@ impl Application {
                 .await;
         };
         tracing::info!(grpc = ?grpc_addr, admin = ?admin_addr, "cardvault serving");
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .timeout(settings.request_timeout())
             .concurrency_limit_per_connection(settings.grpc.concurrency_per_connection)
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
             .add_service(card_vault)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain)
-            .await;
+            .add_service(access_admin)
+            .add_service(audit);
+        let result = match tls {
+            Some((grpc_tls, _)) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tls::incoming(grpc, grpc_tls, HANDSHAKE_TIMEOUT),
+                        drain,
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain)
+                    .await
+            }
+        };
 
         let _ = stop_tx.send(true);
         for task in tasks {
@@ -312,12 +458,28 @@ async fn readiness(
     }
 }
 
-/// `/healthz` (the process is up) and `/readyz` (the database answers) for Kubernetes probes.
+/// The process-wide Prometheus recorder: `metrics` allows one global recorder, and tests run
+/// many vaults in one process.
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .as_ref()
+}
+
+/// `/healthz` (the process is up), `/readyz` (the database answers) for Kubernetes probes,
+/// and `/metrics` for Prometheus; over TLS outside `--dev`.
 async fn admin_server(
     listener: TcpListener,
+    tls: Option<ReloadingAcceptor>,
     ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let metrics = prometheus();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -330,14 +492,38 @@ async fn admin_server(
                 }
             }),
         )
+        .route(
+            "/metrics",
+            get(move || async move {
+                match metrics {
+                    Some(handle) => (StatusCode::OK, handle.render()),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "another metrics recorder is installed\n".to_owned(),
+                    ),
+                }
+            }),
+        )
         .with_state(ready);
     let shutdown = async move {
         let _ = stop.changed().await;
     };
-    if let Err(err) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    let result = match tls {
+        Some(acceptor) => {
+            axum::serve(
+                tls::TlsListener::new(listener, acceptor, HANDSHAKE_TIMEOUT),
+                app,
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    if let Err(err) = result {
         tracing::error!(error = %err, "admin listener failed");
     }
 }

@@ -1,35 +1,68 @@
-//! Establishes who a request acts for.
+//! What a request presents to prove who it is: its bearer token, its verified client
+//! certificate, its peer address. Deciding what they are worth is the vault's job.
 
-use tonic::{Status, metadata::MetadataMap};
+use std::net::SocketAddr;
 
-use crate::vault::{Caller, TenantId};
+use tonic::Request;
+use zeroize::Zeroizing;
 
-/// Resolves the [`Caller`] of each request.
-///
-/// Today the only way in is the configured unauthenticated tenant, which configuration
-/// allows only on a loopback listener (and `serve --dev` sets to `dev`). Credentials
-/// (mTLS principals and API keys) plug in here.
-#[derive(Debug, Clone)]
-pub struct Authenticator {
-    unauthenticated_tenant: Option<TenantId>,
+use crate::vault::Credentials;
+
+/// The credentials of one request, taken from it before its message is consumed.
+#[derive(Default)]
+pub struct RequestCredentials {
+    bearer: Option<Zeroizing<String>>,
+    malformed_header: bool,
+    mtls_identity: Option<String>,
+    peer: Option<SocketAddr>,
 }
 
-impl Authenticator {
-    /// An authenticator that lets callers without credentials act as `unauthenticated_tenant`
-    /// when it is set, and refuses them otherwise.
-    pub fn new(unauthenticated_tenant: Option<TenantId>) -> Self {
-        Self {
-            unauthenticated_tenant,
+impl std::fmt::Debug for RequestCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestCredentials")
+            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("mtls_identity", &self.mtls_identity)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl RequestCredentials {
+    /// Reads `authorization: Bearer …`, the identity of a client certificate the TLS layer
+    /// verified against the client CA (SPIFFE URI SAN, else CN), and the peer address.
+    pub fn of<T>(request: &Request<T>) -> RequestCredentials {
+        let mut credentials = RequestCredentials {
+            peer: request.remote_addr(),
+            ..RequestCredentials::default()
+        };
+        if let Some(value) = request.metadata().get("authorization") {
+            match value.to_str().ok().and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            }) {
+                Some(token) => credentials.bearer = Some(Zeroizing::new(token.trim().to_owned())),
+                None => credentials.malformed_header = true,
+            }
         }
+        credentials.mtls_identity = request.peer_certs().and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| crate::tls::peer_identity(c.as_ref()))
+        });
+        credentials
     }
 
-    /// The caller of a request, or `UNAUTHENTICATED`.
-    pub fn caller(&self, _metadata: &MetadataMap) -> Result<Caller, Status> {
-        match &self.unauthenticated_tenant {
-            Some(tenant) => Ok(Caller {
-                tenant: tenant.clone(),
-            }),
-            None => Err(Status::unauthenticated("credentials required")),
+    /// The credentials as the vault takes them. A malformed `authorization` header counts as
+    /// a bad bearer token, never as no credentials at all.
+    pub fn as_credentials(&self) -> Credentials<'_> {
+        Credentials {
+            bearer: if self.malformed_header {
+                Some("")
+            } else {
+                self.bearer.as_deref().map(String::as_str)
+            },
+            mtls_identity: self.mtls_identity.as_deref(),
+            peer: self.peer,
         }
     }
 }

@@ -55,14 +55,9 @@ pub fn tokenize_command(
         ));
     }
 
-    let format = match pb::TokenFormat::try_from(request.token_format) {
-        Ok(pb::TokenFormat::Unspecified | pb::TokenFormat::Opaque) => Some(TokenFormat::Opaque),
-        Ok(pb::TokenFormat::PanShaped) => Some(TokenFormat::PanShaped),
-        Err(_) => {
-            violations.push(violation("token_format", "unknown token format"));
-            None
-        }
-    };
+    let format = token_format(request.token_format)
+        .map_err(|v| violations.push(v))
+        .ok();
 
     let metadata = match Metadata::parse(request.metadata) {
         Ok(m) => Some(m),
@@ -111,6 +106,15 @@ pub fn tokenize_command(
     }
 }
 
+/// Parses a `token_format` field; unset means opaque.
+pub fn token_format(value: i32) -> Result<TokenFormat, FieldViolation> {
+    match pb::TokenFormat::try_from(value) {
+        Ok(pb::TokenFormat::Unspecified | pb::TokenFormat::Opaque) => Ok(TokenFormat::Opaque),
+        Ok(pb::TokenFormat::PanShaped) => Ok(TokenFormat::PanShaped),
+        Err(_) => Err(violation("token_format", "unknown token format")),
+    }
+}
+
 /// Parses the `token` field of get/reveal/delete requests.
 pub fn token(text: &str) -> Result<Token, Vec<FieldViolation>> {
     Token::parse(text).map_err(|_| {
@@ -121,12 +125,12 @@ pub fn token(text: &str) -> Result<Token, Vec<FieldViolation>> {
     })
 }
 
-fn timestamp(ts: &prost_types::Timestamp) -> Option<OffsetDateTime> {
+pub(super) fn timestamp(ts: &prost_types::Timestamp) -> Option<OffsetDateTime> {
     let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
     OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
 }
 
-fn to_timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
+pub(super) fn to_timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.unix_timestamp(),
         // Always 0..1e9, which fits an i32.

@@ -45,8 +45,6 @@ pub enum ApiError {
     Invalid(Vec<FieldViolation>),
     /// The vault refused or failed.
     Vault(VaultError),
-    /// Already a status (authentication).
-    Status(Status),
 }
 
 impl From<VaultError> for ApiError {
@@ -68,6 +66,19 @@ impl ApiError {
                 Status::with_error_details(Code::InvalidArgument, "invalid request", details)
             }
             ApiError::Vault(VaultError::NotFound) => Status::not_found("token not found"),
+            // One message per status, whatever the reason: the audit log tells operators
+            // why; the caller learns nothing that would help an attacker.
+            ApiError::Vault(VaultError::Unauthenticated) => {
+                Status::unauthenticated("authentication required")
+            }
+            ApiError::Vault(VaultError::PermissionDenied) => {
+                Status::permission_denied("permission denied")
+            }
+            ApiError::Vault(VaultError::RateLimited) => {
+                Status::resource_exhausted("rate limit exceeded; retry later")
+            }
+            ApiError::Vault(VaultError::Missing(what)) => Status::not_found(what),
+            ApiError::Vault(VaultError::Conflict(what)) => Status::already_exists(what),
             ApiError::Vault(err @ VaultError::Unavailable(_)) => {
                 tracing::warn!(error = %chain(&err), "database unavailable");
                 Status::unavailable("the vault's database is unavailable; retry later")
@@ -82,7 +93,6 @@ impl ApiError {
                     details,
                 )
             }
-            ApiError::Status(status) => status,
         }
     }
 }

@@ -1,9 +1,15 @@
 //! The gRPC edge: proto ⇄ domain conversion, who the caller is, and vault errors →
 //! `tonic::Status`. No business rules and no SQL live here.
 
+mod access_admin;
+mod audit;
 mod auth;
 mod card_vault;
 mod convert;
 mod error;
+mod rpc;
 
-pub use self::{auth::Authenticator, card_vault::CardVaultService, error::RequestId};
+pub use self::{
+    access_admin::AccessAdminService, audit::AuditService, card_vault::CardVaultService,
+    error::RequestId,
+};

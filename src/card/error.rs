@@ -15,7 +15,7 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     /// A violation on `field` described by a card error's message.
-    pub(super) fn new(field: &'static str, error: &dyn std::fmt::Display) -> Self {
+    pub fn new(field: &'static str, error: &dyn std::fmt::Display) -> Self {
         FieldViolation {
             field,
             description: error.to_string(),

@@ -10,7 +10,7 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -99,6 +99,8 @@ pub struct CardRow {
     pub created_at: OffsetDateTime,
     /// Expiry of the token itself, if any.
     pub expires_at: Option<OffsetDateTime>,
+    /// A canary card minted by an operator: any access raises an alarm.
+    pub honeytoken: bool,
 }
 
 impl fmt::Debug for CardRow {
@@ -112,6 +114,131 @@ impl fmt::Debug for CardRow {
             .field("last4", &self.last4)
             .finish_non_exhaustive()
     }
+}
+
+/// A principal as stored: an identity of one tenant with a set of permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalRow {
+    /// Principal id (`p_…`), stable and public.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Human name, unique among a tenant's live principals.
+    pub name: String,
+    /// mTLS identity (SPIFFE ID or certificate CN) this principal authenticates as, if any.
+    pub mtls_identity: Option<String>,
+    /// Permission names, sorted (`tokenize`, `read`, `reveal`, …).
+    pub permissions: Vec<String>,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When it was revoked; a revoked principal never authenticates again.
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// An API key as stored: only a hash of the secret, never the key itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKeyRow {
+    /// Public key id, the middle part of `cv_<id>_<secret>`.
+    pub id: String,
+    /// The principal the key authenticates as.
+    pub principal_id: String,
+    /// SHA-256 of the whole key.
+    pub secret_hash: Vec<u8>,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When it stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
+    /// When it was revoked.
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl fmt::Debug for ApiKeyRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyRow")
+            .field("id", &self.id)
+            .field("principal_id", &self.principal_id)
+            .field("expires_at", &self.expires_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The audit MAC key as stored (one per vault), wrapped by a KEK.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuditKeyRow {
+    /// KEK version that wrapped it.
+    pub kek_version: u32,
+    /// The wrapped key bytes.
+    pub wrapped_key: Vec<u8>,
+    /// Number of audit chains; bound into the wrapping, so it cannot be changed unnoticed.
+    pub shards: u32,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+}
+
+impl fmt::Debug for AuditKeyRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditKeyRow")
+            .field("kek_version", &self.kek_version)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The head of one audit chain: its last sequence number and MAC, and a MAC over both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHeadRow {
+    /// Chain (shard) number, `0..shards`.
+    pub shard: u32,
+    /// Sequence number of the last record (0: no record yet).
+    pub seq: u64,
+    /// MAC of the last record (the genesis MAC when `seq` is 0).
+    pub mac: Vec<u8>,
+    /// MAC binding `shard`, `seq` and `mac`, so the head cannot be wound back to an earlier
+    /// record by someone who can write the database but does not hold the audit key.
+    pub head_mac: Vec<u8>,
+}
+
+/// One audit record. Never holds a PAN, CVC or key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Chain the record belongs to.
+    pub shard: u32,
+    /// Position in its chain, from 1, without gaps.
+    pub seq: u64,
+    /// When the action happened.
+    pub at: OffsetDateTime,
+    /// Tenant acted on (none when authentication failed).
+    pub tenant_id: Option<String>,
+    /// Principal that acted (none when authentication failed).
+    pub principal: Option<String>,
+    /// Action name, e.g. `reveal` or `admin.create_principal`.
+    pub action: String,
+    /// Token acted on, if any.
+    pub token: Option<String>,
+    /// Outcome name, e.g. `ok`, `not_found`, `denied`.
+    pub outcome: String,
+    /// True for a honeytoken access or another event an operator must look at.
+    pub alarm: bool,
+    /// Caller's network address.
+    pub peer: Option<String>,
+    /// Request id, as returned to the caller in `x-request-id`.
+    pub request_id: Option<String>,
+    /// Extra non-secret context (e.g. the principal created).
+    pub detail: Option<String>,
+    /// HMAC-SHA256 over the previous record's MAC and this record.
+    pub mac: Vec<u8>,
+}
+
+/// Where to resume a time-ordered audit scan: records strictly after this position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditCursor {
+    /// Time of the last record seen.
+    pub at: OffsetDateTime,
+    /// Its shard.
+    pub shard: u32,
+    /// Its sequence number.
+    pub seq: u64,
 }
 
 /// The identity of a card for `reuse_existing`: same tenant, PAN, expiry and token format.
@@ -182,6 +309,19 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// TLS to PostgreSQL (ignored by SQLite), as libpq's `sslmode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreTls {
+    /// Plain TCP.
+    Disable,
+    /// Encrypted, server unverified.
+    Require,
+    /// Encrypted, server certificate chains to the CA file (or the system roots).
+    VerifyCa(Option<PathBuf>),
+    /// As `VerifyCa`, and the certificate names the host.
+    VerifyFull(Option<PathBuf>),
+}
+
 /// Connection settings shared by both backends.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -190,6 +330,9 @@ pub struct StoreOptions {
     /// How long a request waits for a pooled connection before the store reports
     /// [`StoreError::Unavailable`].
     pub acquire_timeout: Duration,
+    /// TLS to PostgreSQL. `serve` takes it from `database.tls_mode`, whose default is
+    /// `verify-full`; this type's default (`Disable`) is for tests and tools on loopback.
+    pub tls: StoreTls,
 }
 
 impl Default for StoreOptions {
@@ -197,6 +340,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            tls: StoreTls::Disable,
         }
     }
 }
@@ -223,12 +367,81 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Inserts an active DEK unless the tenant already has one; returns whether it inserted.
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError>;
 
+    /// Starts a read-write transaction. Every action and its audit record are written in one
+    /// transaction, so an action whose record cannot be written does not happen.
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+
+    /// A principal by id (revoked ones included).
+    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError>;
+    /// The live (not revoked) principal with this mTLS identity.
+    async fn principal_by_mtls_identity(
+        &self,
+        identity: &str,
+    ) -> Result<Option<PrincipalRow>, StoreError>;
+    /// Principals (revoked ones included), of one tenant or of all, ordered by tenant, name, id.
+    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError>;
+    /// An API key by its public id.
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError>;
+    /// The API keys of a principal, oldest first.
+    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError>;
+
+    /// The audit key, if one was created.
+    async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError>;
+    /// Every audit chain head, by shard.
+    async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError>;
+    /// Up to `limit` records of one chain with `seq > after_seq`, by `seq`.
+    async fn audit_chain(
+        &self,
+        shard: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError>;
+    /// Up to `limit` records with `from <= at < to`, of one tenant or of all, ordered by
+    /// (`at`, `shard`, `seq`) and strictly after `after` when given.
+    async fn audit_range(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        tenant_id: Option<&str>,
+        after: Option<AuditCursor>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// Deletes up to `limit` cards whose token expired at or before `now`; returns how many.
+    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// One database transaction. Dropped without [`StoreTx::commit`], it rolls back.
+///
+/// Audit writes come last in every transaction (see `audit`): a transaction that holds a
+/// chain head lock then only commits, so two transactions never wait on each other in a
+/// cycle.
+#[async_trait]
+pub trait StoreTx: Send {
+    /// Commits everything written in this transaction.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+
+    /// Inserts a tenant unless one with that id exists; returns whether it inserted.
+    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError>;
+    /// Whether a tenant exists.
+    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError>;
+
+    /// Inserts a principal; returns false (and stores nothing) when a live principal of the
+    /// tenant has the same name, or a live principal has the same mTLS identity.
+    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError>;
+    /// Revokes a live principal and its API keys; returns whether it was live.
+    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError>;
+    /// Inserts an API key.
+    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError>;
+    /// Revokes a live API key; returns whether it was live.
+    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError>;
+
     /// Inserts a card. A canonical insert reports [`CardInsert::CanonicalExists`] instead of
     /// storing a second canonical copy.
-    async fn insert_card(&self, row: &CardRow) -> Result<CardInsert, StoreError>;
+    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError>;
     /// A live (not expired at `now`) card by token within a tenant.
     async fn card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
@@ -236,25 +449,37 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The live card `reuse_existing` should return: the canonical row if there is one, else
     /// the oldest matching row.
     async fn reusable_card(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError>;
     /// Deletes an expired canonical row for `key`, so a new canonical row can take its place.
     async fn delete_expired_canonical(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError>;
     /// Deletes a live card; returns whether one was deleted.
     async fn delete_card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError>;
-    /// Deletes up to `limit` cards whose token expired at or before `now`; returns how many.
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
+
+    /// Inserts the audit key unless one exists; returns whether it inserted.
+    async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError>;
+    /// Inserts the head of a new, empty chain.
+    async fn insert_audit_head(&mut self, head: &AuditHeadRow) -> Result<(), StoreError>;
+    /// Reads a chain head and locks it until this transaction ends (`FOR UPDATE`), so
+    /// appends to one chain are serialized while other chains proceed.
+    async fn lock_audit_head(&mut self, shard: u32) -> Result<Option<AuditHeadRow>, StoreError>;
+    /// Appends a record and moves its chain head to it.
+    async fn append_audit(
+        &mut self,
+        record: &AuditRow,
+        head: &AuditHeadRow,
+    ) -> Result<(), StoreError>;
 }
 
 /// Opens the backend named by the URL scheme (`postgres://`, `postgresql://`, `sqlite://`).
@@ -292,6 +517,11 @@ fn metadata_from_json(text: &str) -> Result<Vec<(String, String)>, StoreError> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Permissions are stored as one space-separated string of sorted names.
+fn split_permissions(text: String) -> Vec<String> {
+    text.split_whitespace().map(str::to_owned).collect()
 }
 
 fn narrow<T: TryFrom<i64>>(value: i64, what: &'static str) -> Result<T, StoreError> {

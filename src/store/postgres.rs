@@ -3,13 +3,14 @@
 use async_trait::async_trait;
 use sqlx::{
     PgPool, Row,
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode},
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    CardInsert, CardRow, DekRow, ReuseKey, Store, StoreError, StoreOptions, TenantRow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
+    PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
     metadata_from_json, metadata_to_json, narrow,
 };
 
@@ -18,7 +19,25 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// Columns of a card row, in the order `card_from_row` reads them by name.
 macro_rules! card_columns {
     () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at"
+        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at, honeytoken"
+    };
+}
+
+macro_rules! principal_columns {
+    () => {
+        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at"
+    };
+}
+
+macro_rules! api_key_columns {
+    () => {
+        "id, principal_id, secret_hash, created_at, expires_at, revoked_at"
+    };
+}
+
+macro_rules! audit_columns {
+    () => {
+        "shard, seq, at, tenant_id, principal, action, token, outcome, alarm, peer, request_id, detail, mac"
     };
 }
 
@@ -33,6 +52,16 @@ impl PgStore {
     /// database is down, and requests fail with `UNAVAILABLE` instead of the process exiting.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let connect: PgConnectOptions = url.parse().map_err(|_| StoreError::UnsupportedUrl)?;
+        let with_ca = |c: PgConnectOptions, ca: &Option<std::path::PathBuf>| match ca {
+            Some(path) => c.ssl_root_cert(path),
+            None => c,
+        };
+        let connect = match &options.tls {
+            StoreTls::Disable => connect.ssl_mode(PgSslMode::Disable),
+            StoreTls::Require => connect.ssl_mode(PgSslMode::Require),
+            StoreTls::VerifyCa(ca) => with_ca(connect.ssl_mode(PgSslMode::VerifyCa), ca),
+            StoreTls::VerifyFull(ca) => with_ca(connect.ssl_mode(PgSslMode::VerifyFull), ca),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -63,6 +92,7 @@ fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
         canonical: row.try_get("canonical")?,
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
+        honeytoken: row.try_get("honeytoken")?,
     })
 }
 
@@ -191,11 +221,294 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn insert_card(&self, row: &CardRow) -> Result<CardInsert, StoreError> {
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin().await?;
+        Ok(Box::new(PgTx { tx }))
+    }
+
+    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(principal_from_row)
+        .transpose()
+    }
+
+    async fn principal_by_mtls_identity(
+        &self,
+        identity: &str,
+    ) -> Result<Option<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE mtls_identity = $1 AND revoked_at IS NULL"
+        ))
+        .bind(identity)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(principal_from_row)
+        .transpose()
+    }
+
+    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY tenant_id, name, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(principal_from_row)
+        .collect()
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(api_key_from_row)
+        .transpose()
+    }
+
+    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE principal_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(principal_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(api_key_from_row)
+        .collect()
+    }
+
+    async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT kek_version, wrapped_key, shards, created_at FROM audit_keys WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(AuditKeyRow {
+                kek_version: narrow(row.try_get::<i64, _>("kek_version")?, "kek_version")?,
+                wrapped_key: row.try_get("wrapped_key")?,
+                shards: narrow(i64::from(row.try_get::<i32, _>("shards")?), "shards")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError> {
+        sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads ORDER BY shard")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(head_from_row)
+            .collect()
+    }
+
+    async fn audit_chain(
+        &self,
+        shard: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_records WHERE shard = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ))
+        .bind(shard_param(shard)?)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn audit_range(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        tenant_id: Option<&str>,
+        after: Option<AuditCursor>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let (at, shard, seq) = match after {
+            Some(c) => (
+                c.at,
+                shard_param(c.shard)?,
+                i64::try_from(c.seq).unwrap_or(i64::MAX),
+            ),
+            None => (from, -1, -1),
+        };
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_records WHERE at >= $1 AND at < $2 AND ($3::text IS NULL OR tenant_id = $3) \
+             AND (at, shard, seq) > ($4, $5, $6) ORDER BY at, shard, seq LIMIT $7"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(tenant_id)
+        .bind(at)
+        .bind(shard)
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+        // SKIP LOCKED lets several replicas sweep at once without waiting on each other.
+        let done = sqlx::query(
+            "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
+             WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// One PostgreSQL transaction (READ COMMITTED).
+struct PgTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+fn shard_param(shard: u32) -> Result<i32, StoreError> {
+    i32::try_from(shard).map_err(|_| StoreError::Corrupt("audit shard out of range"))
+}
+
+fn seq_param(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Corrupt("audit seq out of range"))
+}
+
+#[async_trait]
+impl StoreTx for PgTx {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.wrapped_secret)
+        .bind(i64::from(row.secret_kek_version))
+        .bind(row.created_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
+        let found = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
+        // ON CONFLICT DO NOTHING covers both partial unique indexes without aborting the
+        // transaction.
+        let done = sqlx::query(
+            "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
+             revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.tenant_id)
+        .bind(&row.name)
+        .bind(&row.mtls_identity)
+        .bind(row.permissions.join(" "))
+        .bind(row.created_at)
+        .bind(row.revoked_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE principals SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $2 WHERE principal_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
+             revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&row.id)
+        .bind(&row.principal_id)
+        .bind(&row.secret_hash)
+        .bind(row.created_at)
+        .bind(row.expires_at)
+        .bind(row.revoked_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(at)
+                .execute(&mut *self.tx)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError> {
+        sqlx::query("SAVEPOINT card_insert")
+            .execute(&mut *self.tx)
+            .await?;
         let result = sqlx::query(
             "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
+             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
+             honeytoken) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)",
         )
         .bind(&row.token)
         .bind(&row.tenant_id)
@@ -212,20 +525,30 @@ impl Store for PgStore {
         .bind(row.canonical)
         .bind(row.created_at)
         .bind(row.expires_at)
-        .execute(&self.pool)
+        .bind(row.honeytoken)
+        .execute(&mut *self.tx)
         .await;
-        match result {
+        // A unique violation aborts a PostgreSQL transaction; the savepoint keeps it usable
+        // for the retry with a fresh token and for the audit record.
+        let outcome = match result {
             Ok(_) => Ok(CardInsert::Inserted),
             Err(err) if is_unique_violation(&err, "cards_pkey") => Ok(CardInsert::TokenTaken),
             Err(err) if is_unique_violation(&err, "cards_canonical") => {
                 Ok(CardInsert::CanonicalExists)
             }
             Err(err) => Err(err.into()),
-        }
+        };
+        let end = if matches!(outcome, Ok(CardInsert::Inserted)) {
+            "RELEASE SAVEPOINT card_insert"
+        } else {
+            "ROLLBACK TO SAVEPOINT card_insert"
+        };
+        sqlx::query(end).execute(&mut *self.tx).await?;
+        outcome
     }
 
     async fn card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
@@ -239,7 +562,7 @@ impl Store for PgStore {
         .bind(token)
         .bind(tenant_id)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.tx)
         .await?
         .as_ref()
         .map(card_from_row)
@@ -247,7 +570,7 @@ impl Store for PgStore {
     }
 
     async fn reusable_card(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
@@ -263,7 +586,7 @@ impl Store for PgStore {
             key,
         )
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.tx)
         .await?
         .as_ref()
         .map(card_from_row)
@@ -271,7 +594,7 @@ impl Store for PgStore {
     }
 
     async fn delete_expired_canonical(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
@@ -283,13 +606,13 @@ impl Store for PgStore {
             key,
         )
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.tx)
         .await?;
         Ok(())
     }
 
     async fn delete_card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
@@ -301,21 +624,133 @@ impl Store for PgStore {
         .bind(token)
         .bind(tenant_id)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
-        // SKIP LOCKED lets several replicas sweep at once without waiting on each other.
+    async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
-             WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            "INSERT INTO audit_keys (id, kek_version, wrapped_key, shards, created_at) \
+             VALUES (1, $1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
         )
-        .bind(now)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
+        .bind(i64::from(row.kek_version))
+        .bind(&row.wrapped_key)
+        .bind(shard_param(row.shards)?)
+        .bind(row.created_at)
+        .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected())
+        Ok(done.rows_affected() == 1)
     }
+
+    async fn insert_audit_head(&mut self, head: &AuditHeadRow) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit_heads (shard, seq, mac, head_mac) VALUES ($1, $2, $3, $4)")
+            .bind(shard_param(head.shard)?)
+            .bind(seq_param(head.seq)?)
+            .bind(&head.mac)
+            .bind(&head.head_mac)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn lock_audit_head(&mut self, shard: u32) -> Result<Option<AuditHeadRow>, StoreError> {
+        sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads WHERE shard = $1 FOR UPDATE")
+            .bind(shard_param(shard)?)
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .as_ref()
+            .map(head_from_row)
+            .transpose()
+    }
+
+    async fn append_audit(
+        &mut self,
+        record: &AuditRow,
+        head: &AuditHeadRow,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
+             outcome, alarm, peer, request_id, detail, mac) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(shard_param(record.shard)?)
+        .bind(seq_param(record.seq)?)
+        .bind(record.at)
+        .bind(&record.tenant_id)
+        .bind(&record.principal)
+        .bind(&record.action)
+        .bind(&record.token)
+        .bind(&record.outcome)
+        .bind(record.alarm)
+        .bind(&record.peer)
+        .bind(&record.request_id)
+        .bind(&record.detail)
+        .bind(&record.mac)
+        .execute(&mut *self.tx)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE audit_heads SET seq = $2, mac = $3, head_mac = $4 WHERE shard = $1",
+        )
+        .bind(shard_param(head.shard)?)
+        .bind(seq_param(head.seq)?)
+        .bind(&head.mac)
+        .bind(&head.head_mac)
+        .execute(&mut *self.tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Corrupt("audit chain head missing"));
+        }
+        Ok(())
+    }
+}
+
+fn principal_from_row(row: &PgRow) -> Result<PrincipalRow, StoreError> {
+    Ok(PrincipalRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        mtls_identity: row.try_get("mtls_identity")?,
+        permissions: super::split_permissions(row.try_get("permissions")?),
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn api_key_from_row(row: &PgRow) -> Result<ApiKeyRow, StoreError> {
+    Ok(ApiKeyRow {
+        id: row.try_get("id")?,
+        principal_id: row.try_get("principal_id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn head_from_row(row: &PgRow) -> Result<AuditHeadRow, StoreError> {
+    Ok(AuditHeadRow {
+        shard: narrow(i64::from(row.try_get::<i32, _>("shard")?), "audit shard")?,
+        seq: narrow(row.try_get::<i64, _>("seq")?, "audit seq")?,
+        mac: row.try_get("mac")?,
+        head_mac: row.try_get("head_mac")?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> Result<AuditRow, StoreError> {
+    Ok(AuditRow {
+        shard: narrow(i64::from(row.try_get::<i32, _>("shard")?), "audit shard")?,
+        seq: narrow(row.try_get::<i64, _>("seq")?, "audit seq")?,
+        at: row.try_get("at")?,
+        tenant_id: row.try_get("tenant_id")?,
+        principal: row.try_get("principal")?,
+        action: row.try_get("action")?,
+        token: row.try_get("token")?,
+        outcome: row.try_get("outcome")?,
+        alarm: row.try_get("alarm")?,
+        peer: row.try_get("peer")?,
+        request_id: row.try_get("request_id")?,
+        detail: row.try_get("detail")?,
+        mac: row.try_get("mac")?,
+    })
 }

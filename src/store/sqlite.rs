@@ -13,7 +13,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    CardInsert, CardRow, DekRow, ReuseKey, Store, StoreError, StoreOptions, TenantRow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
+    PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTx, TenantRow,
     metadata_from_json, metadata_to_json, narrow,
 };
 
@@ -22,7 +23,25 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 /// Columns of a card row, in the order `card_from_row` reads them by name.
 macro_rules! card_columns {
     () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at"
+        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, honeytoken"
+    };
+}
+
+macro_rules! principal_columns {
+    () => {
+        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at"
+    };
+}
+
+macro_rules! api_key_columns {
+    () => {
+        "id, principal_id, secret_hash, created_at, expires_at, revoked_at"
+    };
+}
+
+macro_rules! audit_columns {
+    () => {
+        "shard, seq, at, tenant_id, principal, action, token, outcome, alarm, peer, request_id, detail, mac"
     };
 }
 
@@ -85,6 +104,7 @@ fn card_from_row(row: &SqliteRow) -> Result<CardRow, StoreError> {
             .try_get::<Option<i64>, _>("expires_at")?
             .map(from_micros)
             .transpose()?,
+        honeytoken: row.try_get("honeytoken")?,
     })
 }
 
@@ -213,11 +233,284 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn insert_card(&self, row: &CardRow) -> Result<CardInsert, StoreError> {
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
+        // fail with SQLITE_BUSY when it tries to upgrade under concurrency.
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(Box::new(SqliteTx { tx }))
+    }
+
+    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(principal_from_row)
+        .transpose()
+    }
+
+    async fn principal_by_mtls_identity(
+        &self,
+        identity: &str,
+    ) -> Result<Option<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE mtls_identity = ?1 AND revoked_at IS NULL"
+        ))
+        .bind(identity)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(principal_from_row)
+        .transpose()
+    }
+
+    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            principal_columns!(),
+            " FROM principals WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY tenant_id, name, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(principal_from_row)
+        .collect()
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(api_key_from_row)
+        .transpose()
+    }
+
+    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE principal_id = ?1 ORDER BY created_at, id"
+        ))
+        .bind(principal_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(api_key_from_row)
+        .collect()
+    }
+
+    async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT kek_version, wrapped_key, shards, created_at FROM audit_keys WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(AuditKeyRow {
+                kek_version: narrow(row.try_get("kek_version")?, "kek_version")?,
+                wrapped_key: row.try_get("wrapped_key")?,
+                shards: narrow(row.try_get("shards")?, "shards")?,
+                created_at: from_micros(row.try_get("created_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError> {
+        sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads ORDER BY shard")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(head_from_row)
+            .collect()
+    }
+
+    async fn audit_chain(
+        &self,
+        shard: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_records WHERE shard = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
+        .bind(i64::from(shard))
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn audit_range(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        tenant_id: Option<&str>,
+        after: Option<AuditCursor>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let (at, shard, seq) = cursor_values(after, from);
+        sqlx::query(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_records WHERE at >= ?1 AND at < ?2 AND (?3 IS NULL OR tenant_id = ?3) \
+             AND (at, shard, seq) > (?4, ?5, ?6) ORDER BY at, shard, seq LIMIT ?7"
+        ))
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(tenant_id)
+        .bind(micros(at))
+        .bind(shard)
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
+             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// One SQLite transaction (`BEGIN IMMEDIATE`).
+struct SqliteTx {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+}
+
+#[async_trait]
+impl StoreTx for SqliteTx {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.wrapped_secret)
+        .bind(i64::from(row.secret_kek_version))
+        .bind(micros(row.created_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
+        let found = sqlx::query("SELECT 1 FROM tenants WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
+             revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&row.id)
+        .bind(&row.tenant_id)
+        .bind(&row.name)
+        .bind(&row.mtls_identity)
+        .bind(row.permissions.join(" "))
+        .bind(micros(row.created_at))
+        .bind(row.revoked_at.map(micros))
+        .execute(&mut *self.tx)
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err)
+                if unique_violation_on(&err, "principals.tenant_id, principals.name")
+                    || unique_violation_on(&err, "principals.mtls_identity") =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE principals SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(micros(at))
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE principal_id = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(micros(at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
+             revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&row.id)
+        .bind(&row.principal_id)
+        .bind(&row.secret_hash)
+        .bind(micros(row.created_at))
+        .bind(row.expires_at.map(micros))
+        .bind(row.revoked_at.map(micros))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(micros(at))
+                .execute(&mut *self.tx)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError> {
         let result = sqlx::query(
             "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
+             honeytoken) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )
         .bind(&row.token)
         .bind(&row.tenant_id)
@@ -234,7 +527,8 @@ impl Store for SqliteStore {
         .bind(row.canonical)
         .bind(micros(row.created_at))
         .bind(row.expires_at.map(micros))
-        .execute(&self.pool)
+        .bind(row.honeytoken)
+        .execute(&mut *self.tx)
         .await;
         match result {
             Ok(_) => Ok(CardInsert::Inserted),
@@ -253,7 +547,7 @@ impl Store for SqliteStore {
     }
 
     async fn card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
@@ -267,7 +561,7 @@ impl Store for SqliteStore {
         .bind(token)
         .bind(tenant_id)
         .bind(micros(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.tx)
         .await?
         .as_ref()
         .map(card_from_row)
@@ -275,7 +569,7 @@ impl Store for SqliteStore {
     }
 
     async fn reusable_card(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
@@ -291,7 +585,7 @@ impl Store for SqliteStore {
             key,
         )
         .bind(micros(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.tx)
         .await?
         .as_ref()
         .map(card_from_row)
@@ -299,7 +593,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_expired_canonical(
-        &self,
+        &mut self,
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
@@ -311,13 +605,13 @@ impl Store for SqliteStore {
             key,
         )
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.tx)
         .await?;
         Ok(())
     }
 
     async fn delete_card(
-        &self,
+        &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
@@ -329,20 +623,155 @@ impl Store for SqliteStore {
         .bind(token)
         .bind(tenant_id)
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+    async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
-             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+            "INSERT INTO audit_keys (id, kek_version, wrapped_key, shards, created_at) \
+             VALUES (1, ?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
         )
-        .bind(micros(now))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
+        .bind(i64::from(row.kek_version))
+        .bind(&row.wrapped_key)
+        .bind(i64::from(row.shards))
+        .bind(micros(row.created_at))
+        .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected())
+        Ok(done.rows_affected() == 1)
     }
+
+    async fn insert_audit_head(&mut self, head: &AuditHeadRow) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit_heads (shard, seq, mac, head_mac) VALUES (?1, ?2, ?3, ?4)")
+            .bind(i64::from(head.shard))
+            .bind(i64::try_from(head.seq).map_err(|_| StoreError::Corrupt("audit seq"))?)
+            .bind(&head.mac)
+            .bind(&head.head_mac)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn lock_audit_head(&mut self, shard: u32) -> Result<Option<AuditHeadRow>, StoreError> {
+        // The IMMEDIATE transaction already holds SQLite's one write lock.
+        sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads WHERE shard = ?1")
+            .bind(i64::from(shard))
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .as_ref()
+            .map(head_from_row)
+            .transpose()
+    }
+
+    async fn append_audit(
+        &mut self,
+        record: &AuditRow,
+        head: &AuditHeadRow,
+    ) -> Result<(), StoreError> {
+        let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq"))?;
+        sqlx::query(
+            "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
+             outcome, alarm, peer, request_id, detail, mac) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .bind(i64::from(record.shard))
+        .bind(seq)
+        .bind(micros(record.at))
+        .bind(&record.tenant_id)
+        .bind(&record.principal)
+        .bind(&record.action)
+        .bind(&record.token)
+        .bind(&record.outcome)
+        .bind(record.alarm)
+        .bind(&record.peer)
+        .bind(&record.request_id)
+        .bind(&record.detail)
+        .bind(&record.mac)
+        .execute(&mut *self.tx)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE audit_heads SET seq = ?2, mac = ?3, head_mac = ?4 WHERE shard = ?1",
+        )
+        .bind(i64::from(head.shard))
+        .bind(i64::try_from(head.seq).map_err(|_| StoreError::Corrupt("audit seq"))?)
+        .bind(&head.mac)
+        .bind(&head.head_mac)
+        .execute(&mut *self.tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Corrupt("audit chain head missing"));
+        }
+        Ok(())
+    }
+}
+
+/// The position a scan starts after: the cursor, or just before `from`.
+fn cursor_values(after: Option<AuditCursor>, from: OffsetDateTime) -> (OffsetDateTime, i64, i64) {
+    match after {
+        Some(c) => (
+            c.at,
+            i64::from(c.shard),
+            i64::try_from(c.seq).unwrap_or(i64::MAX),
+        ),
+        None => (from, -1, -1),
+    }
+}
+
+fn principal_from_row(row: &SqliteRow) -> Result<PrincipalRow, StoreError> {
+    Ok(PrincipalRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        mtls_identity: row.try_get("mtls_identity")?,
+        permissions: super::split_permissions(row.try_get("permissions")?),
+        created_at: from_micros(row.try_get("created_at")?)?,
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_micros)
+            .transpose()?,
+    })
+}
+
+fn api_key_from_row(row: &SqliteRow) -> Result<ApiKeyRow, StoreError> {
+    let optional_time = |name: &str| -> Result<Option<OffsetDateTime>, StoreError> {
+        row.try_get::<Option<i64>, _>(name)?
+            .map(from_micros)
+            .transpose()
+    };
+    Ok(ApiKeyRow {
+        id: row.try_get("id")?,
+        principal_id: row.try_get("principal_id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        expires_at: optional_time("expires_at")?,
+        revoked_at: optional_time("revoked_at")?,
+    })
+}
+
+fn head_from_row(row: &SqliteRow) -> Result<AuditHeadRow, StoreError> {
+    Ok(AuditHeadRow {
+        shard: narrow(row.try_get("shard")?, "audit shard")?,
+        seq: narrow(row.try_get("seq")?, "audit seq")?,
+        mac: row.try_get("mac")?,
+        head_mac: row.try_get("head_mac")?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
+    Ok(AuditRow {
+        shard: narrow(row.try_get("shard")?, "audit shard")?,
+        seq: narrow(row.try_get("seq")?, "audit seq")?,
+        at: from_micros(row.try_get("at")?)?,
+        tenant_id: row.try_get("tenant_id")?,
+        principal: row.try_get("principal")?,
+        action: row.try_get("action")?,
+        token: row.try_get("token")?,
+        outcome: row.try_get("outcome")?,
+        alarm: row.try_get("alarm")?,
+        peer: row.try_get("peer")?,
+        request_id: row.try_get("request_id")?,
+        detail: row.try_get("detail")?,
+        mac: row.try_get("mac")?,
+    })
 }

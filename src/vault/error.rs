@@ -1,6 +1,6 @@
 //! Errors of the vault core, one variant per thing a caller can act on.
 
-use crate::store::StoreError;
+use crate::{audit::AuditError, store::StoreError};
 
 /// Why a vault operation did not succeed. Messages never contain card data.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +9,21 @@ pub enum VaultError {
     /// another tenant's — deliberately indistinguishable).
     #[error("token not found")]
     NotFound,
+    /// No valid credentials. Deliberately says nothing of why (the audit log does).
+    #[error("authentication required")]
+    Unauthenticated,
+    /// The principal lacks the permission the action needs.
+    #[error("permission denied")]
+    PermissionDenied,
+    /// Over an abuse limit (reveals, failed authentications).
+    #[error("rate limit exceeded")]
+    RateLimited,
+    /// An administrative target does not exist, e.g. `"tenant not found"`.
+    #[error("{0}")]
+    Missing(&'static str),
+    /// An administrative change conflicts with what exists, e.g. `"tenant already exists"`.
+    #[error("{0}")]
+    Conflict(&'static str),
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] StoreError),
@@ -33,6 +48,31 @@ impl VaultError {
         VaultError::Internal {
             context,
             source: source.into(),
+        }
+    }
+}
+
+impl VaultError {
+    /// Whether the vault already wrote this failure to the audit log (the API layer records
+    /// the others).
+    pub fn is_audited(&self) -> bool {
+        matches!(
+            self,
+            VaultError::NotFound
+                | VaultError::Unauthenticated
+                | VaultError::PermissionDenied
+                | VaultError::RateLimited
+                | VaultError::Missing(_)
+                | VaultError::Conflict(_)
+        )
+    }
+}
+
+impl From<AuditError> for VaultError {
+    fn from(err: AuditError) -> Self {
+        match err {
+            AuditError::Store(store) => store.into(),
+            other => VaultError::internal("failed to write the audit log", other),
         }
     }
 }

@@ -54,6 +54,11 @@ impl KeyManager {
         }
     }
 
+    /// The key provider.
+    pub fn provider(&self) -> &Arc<dyn KeyProvider> {
+        &self.provider
+    }
+
     /// The tenant's keys, loading or creating them on first use.
     pub async fn tenant(&self, tenant: &TenantId) -> Result<Arc<TenantKeys>, VaultError> {
         if let Some(keys) = self.cached_tenant(tenant) {
@@ -80,24 +85,32 @@ impl KeyManager {
             .cloned()
     }
 
+    /// A new tenant's row: a fresh tenant secret wrapped by the primary KEK.
+    pub async fn new_tenant_row(&self, tenant: &TenantId) -> Result<TenantRow, VaultError> {
+        let secret = TenantSecret::generate()
+            .map_err(|e| VaultError::internal("failed to generate a tenant secret", e))?;
+        let wrapped = self
+            .provider
+            .wrap(
+                secret.expose_bytes(),
+                &tenant_secret_wrap_aad(tenant.as_str()),
+            )
+            .await
+            .map_err(|e| VaultError::internal("failed to wrap a tenant secret", e))?;
+        Ok(TenantRow {
+            id: tenant.as_str().to_owned(),
+            wrapped_secret: wrapped.bytes,
+            secret_kek_version: wrapped.kek_version.0,
+            created_at: OffsetDateTime::now_utc(),
+        })
+    }
+
     async fn fingerprint_key(&self, tenant: &TenantId) -> Result<FingerprintKey, VaultError> {
         let aad = tenant_secret_wrap_aad(tenant.as_str());
         let row = match self.store.tenant(tenant.as_str()).await? {
             Some(row) => row,
             None => {
-                let secret = TenantSecret::generate()
-                    .map_err(|e| VaultError::internal("failed to generate a tenant secret", e))?;
-                let wrapped = self
-                    .provider
-                    .wrap(secret.expose_bytes(), &aad)
-                    .await
-                    .map_err(|e| VaultError::internal("failed to wrap a tenant secret", e))?;
-                let row = TenantRow {
-                    id: tenant.as_str().to_owned(),
-                    wrapped_secret: wrapped.bytes,
-                    secret_kek_version: wrapped.kek_version.0,
-                    created_at: OffsetDateTime::now_utc(),
-                };
+                let row = self.new_tenant_row(tenant).await?;
                 if self.store.insert_tenant(&row).await? {
                     tracing::info!(tenant = %tenant, "created tenant key material");
                     row

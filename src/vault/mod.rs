@@ -1,30 +1,44 @@
-//! The vault core: tokenize, look up, reveal and delete cards.
+//! The vault core: who may do what, and tokenize, look up, reveal and delete cards.
 //!
 //! This layer orchestrates the others — validated domain values in (`card`), keys and
-//! ciphertext from `crypto`, rows to and from `store` — and knows nothing of gRPC or SQL
-//! dialects. Every operation is scoped by the caller's tenant.
+//! ciphertext from `crypto`, rows to and from `store`, records to `audit` — and knows nothing
+//! of gRPC or SQL dialects. Every operation takes an [`Authorized`] (so it cannot run without
+//! a permission check), is scoped by the caller's tenant, and writes its audit record in the
+//! same transaction as its effect.
 
+pub mod access;
+pub mod admin;
+mod authn;
 mod error;
 mod keys;
+pub mod limits;
 pub mod metadata;
 mod record;
 pub mod sweeper;
 mod tenant;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
+use tokio::sync::OnceCell;
 
-use self::keys::KeyManager;
 pub use self::{
+    access::{
+        Authorized, Caller, ConfigPrincipal, Credentials, Operator, Permission, Permissions,
+        Principal,
+    },
+    admin::{CreatedApiKey, NewPrincipal},
     error::VaultError,
+    limits::Rate,
     metadata::Metadata,
-    tenant::{Caller, InvalidTenantId, TenantId},
+    tenant::{InvalidTenantId, TenantId},
 };
+use self::{authn::CredentialCache, keys::KeyManager, limits::RateLimiter};
 use crate::{
+    audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
     card::{Brand, Card, CardholderName, Pan, Token, TokenFormat},
     crypto::{self, DekId, Fingerprint, KeyProvider},
-    store::{CardInsert, CardRow, ReuseKey, Store},
+    store::{AuditCursor, CardInsert, CardRow, ReuseKey, Store, StoreTx},
 };
 
 /// How many fresh tokens to draw when the first ones collide with existing cards. Opaque
@@ -93,12 +107,55 @@ pub struct RevealedCard {
     pub card: CardView,
 }
 
+/// How the vault authenticates and limits callers.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    /// How many unwrapped data keys to keep in memory.
+    pub dek_cache_size: usize,
+    /// Tenant of callers without credentials (holding every permission); loopback only.
+    pub unauthenticated_tenant: Option<TenantId>,
+    /// Principals declared in configuration.
+    pub config_principals: Vec<ConfigPrincipal>,
+    /// Reveals per principal.
+    pub reveal_rate: Rate,
+    /// Failed authentications per peer address and per API key.
+    pub failed_auth_rate: Rate,
+    /// How long a verified API key is trusted before its row is read again. Revocations on
+    /// this replica apply at once; on other replicas within this time.
+    pub credential_cache_ttl: Duration,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        VaultOptions {
+            dek_cache_size: 1024,
+            unauthenticated_tenant: None,
+            config_principals: Vec::new(),
+            reveal_rate: Rate {
+                per_minute: 600,
+                burst: 60,
+            },
+            failed_auth_rate: Rate {
+                per_minute: 10,
+                burst: 10,
+            },
+            credential_cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The vault. Cheap to share behind an `Arc`; all state lives in the store, apart from
-/// caches of unwrapped keys.
+/// caches of unwrapped keys and verified credentials, and rate-limit buckets.
 #[derive(Debug)]
 pub struct Vault {
     store: Arc<dyn Store>,
     keys: KeyManager,
+    /// Loaded on first use, so the vault starts (not ready) while the database is down.
+    auditor: OnceCell<Auditor>,
+    options: VaultOptions,
+    reveals: RateLimiter,
+    failed_auth: RateLimiter,
+    credentials: CredentialCache,
 }
 
 fn format_name(format: TokenFormat) -> &'static str {
@@ -109,16 +166,61 @@ fn format_name(format: TokenFormat) -> &'static str {
 }
 
 impl Vault {
-    /// A vault over a store and a key provider, caching up to `dek_cache_size` data keys.
+    /// A vault over a store and a key provider.
     pub fn new(
         store: Arc<dyn Store>,
         provider: Arc<dyn KeyProvider>,
-        dek_cache_size: usize,
+        options: VaultOptions,
     ) -> Vault {
         Vault {
-            keys: KeyManager::new(provider, store.clone(), dek_cache_size),
+            keys: KeyManager::new(provider, store.clone(), options.dek_cache_size),
             store,
+            auditor: OnceCell::new(),
+            reveals: RateLimiter::new(options.reveal_rate),
+            failed_auth: RateLimiter::new(options.failed_auth_rate),
+            credentials: CredentialCache::default(),
+            options,
         }
+    }
+
+    /// The audit log writer, loading (or on a new database creating) the audit key.
+    pub async fn auditor(&self) -> Result<&Auditor, VaultError> {
+        Ok(self
+            .auditor
+            .get_or_try_init(|| Auditor::open(self.store.as_ref(), self.keys.provider().as_ref()))
+            .await?)
+    }
+
+    /// Appends `event` in `tx` (last, as the audit design requires) and commits.
+    async fn commit_with(
+        &self,
+        mut tx: Box<dyn StoreTx>,
+        event: &AuditEvent,
+    ) -> Result<(), VaultError> {
+        self.auditor().await?.append(tx.as_mut(), event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an event that has no other write (a refusal, a failed request). A failure to
+    /// record is logged; the request fails either way.
+    pub async fn record(&self, event: &AuditEvent) {
+        let result = match self.auditor().await {
+            Ok(auditor) => auditor
+                .record(self.store.as_ref(), event)
+                .await
+                .map_err(VaultError::from),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = result {
+            tracing::error!(error = %err, action = event.action.as_str(), "could not write an audit record");
+        }
+    }
+
+    /// Records the failure of an authorized request that the vault did not record itself
+    /// (see [`VaultError::is_audited`]): malformed arguments, internal errors.
+    pub async fn record_failure(&self, auth: &Authorized, outcome: Outcome) {
+        self.record(&event(auth, outcome, None)).await;
     }
 
     /// The store, for readiness checks and the sweeper.
@@ -127,18 +229,35 @@ impl Vault {
     }
 
     /// Loads (or creates) a tenant's keys, so the first request does not pay for it.
-    pub async fn warm_up(&self, tenant: &TenantId) -> Result<(), VaultError> {
-        self.keys.tenant(tenant).await.map(|_| ())
+    pub async fn warm_up(&self, tenant: Option<&TenantId>) -> Result<(), VaultError> {
+        self.auditor().await?;
+        if let Some(tenant) = tenant {
+            self.keys.tenant(tenant).await?;
+        }
+        Ok(())
     }
 
-    /// Validates nothing (the command is already valid), encrypts and stores the card.
-    #[tracing::instrument(skip_all, fields(tenant = %caller.tenant))]
+    /// Encrypts and stores a card (the command is already valid) and records it.
+    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
     pub async fn tokenize(
         &self,
-        caller: &Caller,
+        auth: &Authorized,
         command: TokenizeCommand,
     ) -> Result<Tokenized, VaultError> {
-        let tenant = &caller.tenant;
+        expect_action(auth, Action::Tokenize)?;
+        let tenant = auth.caller().tenant().clone();
+        self.store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
+            .await
+    }
+
+    /// Stores a card and appends `audit` (with the token filled in) in the same transaction.
+    async fn store_card(
+        &self,
+        tenant: &TenantId,
+        command: TokenizeCommand,
+        honeytoken: bool,
+        mut audit: AuditEvent,
+    ) -> Result<Tokenized, VaultError> {
         let keys = self.keys.tenant(tenant).await?;
         let card = &command.card;
         let fingerprint = keys
@@ -152,9 +271,13 @@ impl Vault {
             exp_year: card.expiry.year(),
             token_format: format_name(command.format),
         };
+        let mut tx = self.store.begin().await?;
         if command.reuse_existing
-            && let Some(row) = self.store.reusable_card(reuse_key, now).await?
+            && let Some(row) = tx.reusable_card(reuse_key, now).await?
         {
+            audit.token = Some(row.token.clone());
+            audit.detail = Some("returned an existing token".to_owned());
+            self.commit_with(tx, &audit).await?;
             return Ok(Tokenized {
                 card: view_of(row)?,
                 created: false,
@@ -189,9 +312,12 @@ impl Vault {
                 canonical: command.reuse_existing,
                 created_at: now,
                 expires_at: command.expires_at,
+                honeytoken,
             };
-            match self.store.insert_card(&row).await? {
+            match tx.insert_card(&row).await? {
                 CardInsert::Inserted => {
+                    audit.token = Some(row.token.clone());
+                    self.commit_with(tx, &audit).await?;
                     return Ok(Tokenized {
                         card: view_of(row)?,
                         created: true,
@@ -203,7 +329,10 @@ impl Vault {
                 CardInsert::CanonicalExists => {
                     // A concurrent reuse_existing call stored the same card first: answer
                     // with its token. If the holder of the slot has expired, free it once.
-                    if let Some(row) = self.store.reusable_card(reuse_key, now).await? {
+                    if let Some(row) = tx.reusable_card(reuse_key, now).await? {
+                        audit.token = Some(row.token.clone());
+                        audit.detail = Some("returned an existing token".to_owned());
+                        self.commit_with(tx, &audit).await?;
                         return Ok(Tokenized {
                             card: view_of(row)?,
                             created: false,
@@ -213,7 +342,7 @@ impl Vault {
                         break;
                     }
                     retried_expired_canonical = true;
-                    self.store.delete_expired_canonical(reuse_key, now).await?;
+                    tx.delete_expired_canonical(reuse_key, now).await?;
                     attempt -= 1;
                 }
             }
@@ -225,17 +354,28 @@ impl Vault {
     }
 
     /// The card's public view.
-    #[tracing::instrument(skip_all, fields(tenant = %caller.tenant))]
-    pub async fn get_card(&self, caller: &Caller, token: &Token) -> Result<CardView, VaultError> {
-        let row = self.live_row(caller, token).await?;
+    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
+    pub async fn get_card(&self, auth: &Authorized, token: &Token) -> Result<CardView, VaultError> {
+        expect_action(auth, Action::GetCard)?;
+        let (tx, row) = self.live_row(auth, token).await?;
+        let honeytoken = row.honeytoken;
+        self.commit_with(tx, &access_event(auth, token, honeytoken))
+            .await?;
+        self.alarm_if(honeytoken, auth, token);
         view_of(row)
     }
 
-    /// The card's secret fields, decrypted inside the vault.
-    #[tracing::instrument(skip_all, fields(tenant = %caller.tenant))]
-    pub async fn reveal(&self, caller: &Caller, token: &Token) -> Result<RevealedCard, VaultError> {
-        let tenant = &caller.tenant;
-        let row = self.live_row(caller, token).await?;
+    /// The card's secret fields, decrypted inside the vault. They leave this function only
+    /// after the audit record of the reveal has committed.
+    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
+    pub async fn reveal(
+        &self,
+        auth: &Authorized,
+        token: &Token,
+    ) -> Result<RevealedCard, VaultError> {
+        expect_action(auth, Action::Reveal)?;
+        let tenant = auth.caller().tenant();
+        let (tx, row) = self.live_row(auth, token).await?;
         let sealed_by = crypto::record_dek_id(&row.ciphertext)
             .map_err(|e| VaultError::internal("a card record has a malformed header", e))?;
         if sealed_by != DekId(row.dek_id) {
@@ -254,6 +394,10 @@ impl Vault {
             })?;
         let secret = record::decode(&plaintext)
             .map_err(|e| VaultError::internal("failed to decode a card record", e))?;
+        let honeytoken = row.honeytoken;
+        self.commit_with(tx, &access_event(auth, token, honeytoken))
+            .await?;
+        self.alarm_if(honeytoken, auth, token);
         Ok(RevealedCard {
             pan: secret.pan,
             holder: secret.holder,
@@ -262,27 +406,122 @@ impl Vault {
     }
 
     /// Deletes a live card; the token stops resolving at once.
-    #[tracing::instrument(skip_all, fields(tenant = %caller.tenant))]
-    pub async fn delete(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
+    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
+    pub async fn delete(&self, auth: &Authorized, token: &Token) -> Result<(), VaultError> {
+        expect_action(auth, Action::DeleteCard)?;
         let now = OffsetDateTime::now_utc();
-        if self
+        let (mut tx, row) = self.live_row(auth, token).await?;
+        tx.delete_card(auth.caller().tenant().as_str(), token.as_str(), now)
+            .await?;
+        self.commit_with(tx, &access_event(auth, token, row.honeytoken))
+            .await?;
+        self.alarm_if(row.honeytoken, auth, token);
+        Ok(())
+    }
+
+    /// Audit records between `from` (inclusive) and `to` (exclusive), oldest first, after
+    /// `cursor`. Operators (`keys:admin`) see every tenant; others see their own tenant's.
+    /// The first page of a read is itself recorded.
+    pub async fn audit_records(
+        &self,
+        auth: &Authorized,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        cursor: Option<AuditCursor>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, VaultError> {
+        expect_action(auth, Action::ReadAudit)?;
+        if cursor.is_none() {
+            let mut audit = event(auth, Outcome::Ok, None);
+            audit.detail = Some(format!("from {from} to {to}"));
+            self.commit_with(self.store.begin().await?, &audit).await?;
+        }
+        let tenant = (!auth.is_operator()).then(|| auth.caller().tenant().as_str());
+        Ok(self
             .store
-            .delete_card(caller.tenant.as_str(), token.as_str(), now)
+            .audit_range(from, to, tenant, cursor, limit)
+            .await?)
+    }
+
+    /// Reads a live card of the caller's tenant in a new transaction. A missing card (or
+    /// another tenant's: the query cannot tell them apart) is recorded and `NotFound`.
+    async fn live_row(
+        &self,
+        auth: &Authorized,
+        token: &Token,
+    ) -> Result<(Box<dyn StoreTx>, CardRow), VaultError> {
+        let now = OffsetDateTime::now_utc();
+        let mut tx = self.store.begin().await?;
+        match tx
+            .card(auth.caller().tenant().as_str(), token.as_str(), now)
             .await?
         {
-            Ok(())
-        } else {
-            Err(VaultError::NotFound)
+            Some(row) => Ok((tx, row)),
+            None => {
+                self.commit_with(tx, &event(auth, Outcome::NotFound, Some(token)))
+                    .await?;
+                Err(VaultError::NotFound)
+            }
         }
     }
 
-    async fn live_row(&self, caller: &Caller, token: &Token) -> Result<CardRow, VaultError> {
-        let now = OffsetDateTime::now_utc();
-        self.store
-            .card(caller.tenant.as_str(), token.as_str(), now)
-            .await?
-            .ok_or(VaultError::NotFound)
+    /// Raises the alarm for an access to a honeytoken: the audit record is already marked;
+    /// this adds an error-level log line (no card data) and a metric.
+    fn alarm_if(&self, honeytoken: bool, auth: &Authorized, token: &Token) {
+        if !honeytoken {
+            return;
+        }
+        let caller = auth.caller();
+        tracing::error!(
+            alarm = "honeytoken",
+            action = auth.action().as_str(),
+            token = token.as_str(),
+            tenant = %caller.tenant(),
+            principal = %caller.principal.id,
+            peer = caller.peer.as_deref().unwrap_or(""),
+            "HONEYTOKEN ACCESSED: a canary card was used; treat this principal's credentials as compromised"
+        );
+        metrics::counter!(
+            "cardvault_honeytoken_accesses_total",
+            "tenant" => caller.tenant().to_string(),
+            "action" => auth.action().as_str(),
+        )
+        .increment(1);
     }
+}
+
+/// Guards against passing an authorization for one action to another operation.
+fn expect_action(auth: &Authorized, action: Action) -> Result<(), VaultError> {
+    if auth.action() == action {
+        Ok(())
+    } else {
+        Err(VaultError::internal(
+            "an operation was called with an authorization for another action",
+            "action mismatch",
+        ))
+    }
+}
+
+/// The audit event of an authorized request.
+fn event(auth: &Authorized, outcome: Outcome, token: Option<&Token>) -> AuditEvent {
+    let caller = auth.caller();
+    let mut event = AuditEvent::now(auth.action(), outcome);
+    event.tenant = Some(caller.tenant().to_string());
+    event.principal = Some(caller.principal.id.clone());
+    event.peer = caller.peer.clone();
+    event.request_id = caller.request_id.clone();
+    event.token = token.map(|t| t.as_str().to_owned());
+    event
+}
+
+/// The audit event of a successful card access, marked as an alarm for a honeytoken.
+fn access_event(auth: &Authorized, token: &Token, honeytoken: bool) -> AuditEvent {
+    let mut event = event(auth, Outcome::Ok, Some(token));
+    if honeytoken {
+        event.alarm = true;
+        event.detail = Some("honeytoken accessed".to_owned());
+    }
+    event
 }
 
 /// Now, truncated to the microsecond precision both backends store, so what tokenize

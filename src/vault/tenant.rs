@@ -1,4 +1,4 @@
-//! Tenant identifiers and the caller a request acts for.
+//! Tenant identifiers.
 
 use std::fmt;
 
@@ -40,13 +40,6 @@ impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Who a request acts for, as established by the API layer.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The tenant whose cards the request may touch.
-    pub tenant: TenantId,
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The canary: after a run of tokenize, reveal and failing calls with one unique card number
 //! and cardholder name, neither appears in the captured logs, the error messages, or the raw
-//! bytes of the database (SQLite files; a `pg_dump` of the PostgreSQL database).
+//! bytes of the database (SQLite files; a `pg_dump` of the PostgreSQL database), audit
+//! records included; nor does the key-encryption key. The CVC sent along is refused and
+//! never stored (`cvc` stays refused until charge forwarding holds it).
 
 use cardvault::pb::v1 as pb;
 use tonic_types::StatusExt;
@@ -148,6 +150,31 @@ async fn the_canary_card_never_leaves_the_vault(backend: Backend) {
         contains(&stored, &pan[pan.len() - 4..]),
         "last 4 is stored in clear"
     );
+
+    // The audit log recorded the run (and is part of what was scanned) ...
+    let audited: &'static str = Box::leak(
+        format!("SELECT COUNT(*) FROM audit_records WHERE token = '{token}'").into_boxed_str(),
+    );
+    assert!(
+        app.state.count(audited).await >= 3,
+        "tokenize, get and reveal are audited"
+    );
+    // ... and no key-encryption key shows anywhere either (hex, as the keyring holds it).
+    let keyring =
+        std::fs::read_to_string(app.state.dir.path().join("keyring.toml")).expect("read keyring");
+    let keks: Vec<String> = keyring
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("key = \""))
+        .map(|k| k.trim_end_matches('"').to_owned())
+        .collect();
+    assert!(!keks.is_empty(), "the keyring holds a KEK");
+    for kek in &keks {
+        for needle in [kek.as_str(), &kek[..16]] {
+            assert!(!contains(&logs, needle), "logs leak a KEK");
+            assert!(!contains(&errors, needle), "errors leak a KEK");
+            assert!(!contains(&stored, needle), "the database holds a KEK");
+        }
+    }
 
     for needle in &forbidden {
         assert!(!contains(&logs, needle), "logs leak card data");

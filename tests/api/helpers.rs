@@ -10,7 +10,7 @@ use std::{
 };
 
 use cardvault::{
-    config::{LogFormat, Settings},
+    config::{DatabaseTlsMode, LogFormat, Settings},
     crypto::LocalKeyring,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
     server, telemetry,
@@ -20,7 +20,7 @@ use sqlx::Connection;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-use crate::postgres::PgServer;
+use crate::{pki::Pki, postgres::PgServer};
 
 /// Which store a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,22 @@ impl AppState {
         s.database.url = Some(SecretString::from(self.database_url.clone()));
         s.database.max_connections = 4;
         s.keys.keyring = Some(self.dir.path().join("keyring.toml"));
+        s.database.tls_mode = DatabaseTlsMode::Disable;
+        // The core suite runs as `--dev` does: plain text, every caller is `tenant`.
+        s.dev = true;
         s.auth.unauthenticated_tenant = Some(tenant.to_owned());
+        s
+    }
+
+    /// Settings of a production-shaped app: TLS with the PKI's server certificate and client
+    /// CA, no unauthenticated tenant, plain text refused.
+    pub fn secure_settings(&self, pki: &Pki) -> Settings {
+        let mut s = self.settings("unused");
+        s.dev = false;
+        s.auth.unauthenticated_tenant = None;
+        s.tls.cert_file = Some(pki.server_cert.clone());
+        s.tls.key_file = Some(pki.server_key.clone());
+        s.tls.client_ca_file = Some(pki.ca_file.clone());
         s
     }
 
@@ -249,7 +264,10 @@ async fn create_pg_database(name: &str) {
 
 /// A running vault and a client connected to it.
 pub struct TestApp {
+    /// A client without credentials (over TLS for a secure app).
     pub client: CardVaultClient<Channel>,
+    /// The CA that signed the server certificate, for a secure app.
+    pub ca_pem: Option<String>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub state: Arc<AppState>,
@@ -272,6 +290,11 @@ pub async fn spawn_on(state: Arc<AppState>, tenant: &str) -> TestApp {
 /// A vault with explicit settings.
 pub async fn spawn_with(state: Arc<AppState>, tenant: &str, settings: Settings) -> TestApp {
     capture();
+    let ca_pem = settings
+        .tls
+        .client_ca_file
+        .as_ref()
+        .map(|path| std::fs::read_to_string(path).expect("read CA"));
     let app = server::build(settings).await.expect("vault builds");
     let grpc_addr = app.grpc_addr();
     let admin_addr = app.admin_addr();
@@ -283,11 +306,10 @@ pub async fn spawn_with(state: Arc<AppState>, tenant: &str, settings: Settings) 
         .await
         .expect("vault serves");
     });
-    let client = CardVaultClient::connect(format!("http://{grpc_addr}"))
-        .await
-        .expect("client connects");
+    let client = CardVaultClient::new(connect(grpc_addr, ca_pem.as_deref(), None).await);
     TestApp {
         client,
+        ca_pem,
         grpc_addr,
         admin_addr,
         state,
@@ -316,11 +338,17 @@ impl TestApp {
 
     /// A fresh channel to the gRPC listener, for clients other than `CardVault`.
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect")
+        connect(self.grpc_addr, self.ca_pem.as_deref(), None).await
+    }
+
+    /// A fresh TLS channel presenting a client certificate (PEM certificate and key).
+    pub async fn channel_as(&self, cert_pem: &str, key_pem: &str) -> Channel {
+        connect(
+            self.grpc_addr,
+            self.ca_pem.as_deref(),
+            Some((cert_pem, key_pem)),
+        )
+        .await
     }
 
     /// Tokenizes a card with default options.
@@ -339,6 +367,53 @@ impl Drop for TestApp {
             let _ = stop.send(());
         }
     }
+}
+
+/// A channel to `addr`: plain text without a CA, else TLS to `localhost` trusting `ca_pem`,
+/// with a client certificate when given.
+pub async fn connect(
+    addr: SocketAddr,
+    ca_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+) -> Channel {
+    try_connect(addr, ca_pem, client).await.expect("connect")
+}
+
+/// As [`connect`], returning the error (a refused handshake shows here).
+pub async fn try_connect(
+    addr: SocketAddr,
+    ca_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let Some(ca) = ca_pem else {
+        return Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await;
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+}
+
+/// A request carrying `authorization: Bearer <key>`.
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("header value"),
+    );
+    request
 }
 
 /// A tokenize request for a card expiring in December 2030.

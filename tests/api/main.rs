@@ -2,13 +2,18 @@
 //! client, once per backend (SQLite file and PostgreSQL).
 
 mod helpers;
+#[path = "../support/pki.rs"]
+mod pki;
 #[path = "../support/postgres.rs"]
 mod postgres;
 
+mod access;
+mod audit;
 mod canary;
 mod dedup;
 mod errors;
 mod expiry;
+mod honeytoken;
 mod lifecycle;
 mod reflection;
 mod store;

@@ -1,6 +1,6 @@
 //! The store's own contract, on both backends: insert outcomes the vault relies on.
 
-use cardvault::store::{self, CardInsert, CardRow, DekRow, StoreOptions, TenantRow};
+use cardvault::store::{self, CardRow, DekRow, StoreOptions, TenantRow};
 use time::OffsetDateTime;
 
 use crate::{
@@ -27,6 +27,7 @@ fn card(token: &str, canonical: bool, dek: uuid::Uuid) -> CardRow {
         canonical,
         created_at: OffsetDateTime::UNIX_EPOCH,
         expires_at: None,
+        honeytoken: false,
     }
 }
 
@@ -67,45 +68,41 @@ async fn token_and_canonical_conflicts_are_told_apart(backend: Backend) {
         "one active DEK per tenant"
     );
 
-    assert!(matches!(
-        store
-            .insert_card(&card("tok_a", true, dek))
+    // All in one transaction: on PostgreSQL a unique violation would abort it, so this also
+    // proves the savepoint keeps the transaction usable after a conflict.
+    let mut tx = store.begin().await.expect("begin");
+    for (token, canonical, expected) in [
+        ("tok_a", true, "Inserted"),
+        ("tok_a", false, "TokenTaken"),
+        ("tok_b", true, "CanonicalExists"),
+        ("tok_c", false, "Inserted"),
+    ] {
+        let outcome = tx
+            .insert_card(&card(token, canonical, dek))
             .await
-            .expect("insert"),
-        CardInsert::Inserted
-    ));
-    assert!(matches!(
-        store
-            .insert_card(&card("tok_a", false, dek))
-            .await
-            .expect("insert"),
-        CardInsert::TokenTaken
-    ));
-    assert!(matches!(
-        store
-            .insert_card(&card("tok_b", true, dek))
-            .await
-            .expect("insert"),
-        CardInsert::CanonicalExists
-    ));
-    assert!(matches!(
-        store
-            .insert_card(&card("tok_c", false, dek))
-            .await
-            .expect("insert"),
-        CardInsert::Inserted
-    ));
-    let got = store
+            .expect("insert");
+        assert_eq!(format!("{outcome:?}"), expected, "{token}");
+    }
+    tx.commit().await.expect("commit");
+
+    let mut tx = store.begin().await.expect("begin");
+    let got = tx
         .card("t", "tok_a", now)
         .await
         .expect("read")
         .expect("row");
     assert_eq!(got, card("tok_a", true, dek));
     assert!(
-        store
-            .card("other", "tok_a", now)
+        tx.card("other", "tok_a", now)
             .await
             .expect("read")
             .is_none()
     );
+    // A transaction dropped without commit leaves nothing behind.
+    tx.insert_card(&card("tok_d", false, dek))
+        .await
+        .expect("insert");
+    drop(tx);
+    let mut tx = store.begin().await.expect("begin");
+    assert!(tx.card("t", "tok_d", now).await.expect("read").is_none());
 }

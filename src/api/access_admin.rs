@@ -1,0 +1,302 @@
+//! `cardvault.v1.AccessAdmin`: tenants, principals, API keys and honeytokens.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    auth::RequestCredentials,
+    convert::{self, to_timestamp},
+    error::ApiError,
+    rpc,
+};
+use crate::{
+    audit::Action,
+    card::FieldViolation,
+    pb::v1::{self as pb, access_admin_server::AccessAdmin},
+    store::{ApiKeyRow, PrincipalRow},
+    vault::{Metadata, NewPrincipal, Operator, Permissions, TenantId, Vault, admin},
+};
+
+/// The operators' service for access control.
+#[derive(Debug, Clone)]
+pub struct AccessAdminService {
+    vault: Arc<Vault>,
+}
+
+impl AccessAdminService {
+    /// A service over a vault.
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+fn invalid(field: &'static str, description: impl Into<String>) -> ApiError {
+    ApiError::Invalid(vec![FieldViolation {
+        field,
+        description: description.into(),
+    }])
+}
+
+fn tenant(field: &'static str, text: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(text).map_err(|e| invalid(field, e.to_string()))
+}
+
+fn api_key_info(row: &ApiKeyRow) -> pb::ApiKeyInfo {
+    pb::ApiKeyInfo {
+        id: row.id.clone(),
+        principal_id: row.principal_id.clone(),
+        created_at: Some(to_timestamp(row.created_at)),
+        expires_at: row.expires_at.map(to_timestamp),
+        revoked_at: row.revoked_at.map(to_timestamp),
+    }
+}
+
+fn principal(row: PrincipalRow, keys: &[ApiKeyRow]) -> pb::Principal {
+    pb::Principal {
+        id: row.id,
+        tenant: row.tenant_id,
+        name: row.name,
+        permissions: row.permissions,
+        mtls_identity: row.mtls_identity.unwrap_or_default(),
+        created_at: Some(to_timestamp(row.created_at)),
+        revoked_at: row.revoked_at.map(to_timestamp),
+        api_keys: keys.iter().map(api_key_info).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl AccessAdmin for AccessAdminService {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::CreateTenant,
+            credentials,
+            |auth| async move {
+                let id = tenant("tenant", &message.tenant)?;
+                self.vault
+                    .create_tenant(&Operator::from_authorized(&auth), &id)
+                    .await?;
+                Ok(pb::CreateTenantResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn create_principal(
+        &self,
+        request: Request<pb::CreatePrincipalRequest>,
+    ) -> Result<Response<pb::CreatePrincipalResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::CreatePrincipal,
+            credentials,
+            |auth| async move {
+                let mut violations = Vec::new();
+                let tenant = TenantId::parse(&message.tenant)
+                    .map_err(|e| violations.push(FieldViolation::new("tenant", &e)))
+                    .ok();
+                if !admin::valid_principal_name(&message.name) {
+                    violations.push(FieldViolation::new(
+                        "name",
+                        &"must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                    ));
+                }
+                let permissions =
+                    match Permissions::parse(message.permissions.iter().map(String::as_str)) {
+                        Ok(p) if p.is_empty() => {
+                            violations.push(FieldViolation::new(
+                                "permissions",
+                                &"at least one permission is required",
+                            ));
+                            None
+                        }
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            violations.push(FieldViolation::new("permissions", &e));
+                            None
+                        }
+                    };
+                let identity = message.mtls_identity.trim();
+                if identity.len() > 1024 {
+                    violations.push(FieldViolation::new(
+                        "mtls_identity",
+                        &"at most 1024 characters",
+                    ));
+                }
+                let (Some(tenant), Some(permissions), true) =
+                    (tenant, permissions, violations.is_empty())
+                else {
+                    return Err(ApiError::Invalid(violations));
+                };
+                let row = self
+                    .vault
+                    .create_principal(
+                        &Operator::from_authorized(&auth),
+                        NewPrincipal {
+                            tenant,
+                            name: message.name,
+                            permissions,
+                            mtls_identity: (!identity.is_empty()).then(|| identity.to_owned()),
+                        },
+                    )
+                    .await?;
+                Ok(pb::CreatePrincipalResponse {
+                    principal: Some(principal(row, &[])),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn list_principals(
+        &self,
+        request: Request<pb::ListPrincipalsRequest>,
+    ) -> Result<Response<pb::ListPrincipalsResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::ListPrincipals,
+            credentials,
+            |auth| async move {
+                let filter = if message.tenant.is_empty() {
+                    None
+                } else {
+                    Some(tenant("tenant", &message.tenant)?)
+                };
+                let rows = self
+                    .vault
+                    .list_principals(&Operator::from_authorized(&auth), filter.as_ref())
+                    .await?;
+                let mut principals = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let keys = self.vault.api_keys_of(&row.id).await?;
+                    principals.push(principal(row, &keys));
+                }
+                Ok(pb::ListPrincipalsResponse { principals })
+            },
+        )
+        .await
+    }
+
+    async fn revoke_principal(
+        &self,
+        request: Request<pb::RevokePrincipalRequest>,
+    ) -> Result<Response<pb::RevokePrincipalResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::RevokePrincipal,
+            credentials,
+            |auth| async move {
+                if message.principal_id.is_empty() || message.principal_id.len() > 64 {
+                    return Err(invalid("principal_id", "a principal id (p_…) is required"));
+                }
+                self.vault
+                    .revoke_principal(&Operator::from_authorized(&auth), &message.principal_id)
+                    .await?;
+                Ok(pb::RevokePrincipalResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::CreateApiKey,
+            credentials,
+            |auth| async move {
+                if message.principal_id.is_empty() || message.principal_id.len() > 64 {
+                    return Err(invalid("principal_id", "a principal id (p_…) is required"));
+                }
+                let valid_for = match message.valid_for {
+                    None => None,
+                    Some(d) if d.seconds > 0 && d.nanos >= 0 => {
+                        Some(time::Duration::new(d.seconds, d.nanos))
+                    }
+                    Some(_) => return Err(invalid("valid_for", "must be positive")),
+                };
+                let created = self
+                    .vault
+                    .create_api_key(
+                        &Operator::from_authorized(&auth),
+                        &message.principal_id,
+                        valid_for,
+                    )
+                    .await?;
+                Ok(pb::CreateApiKeyResponse {
+                    // The one place the key leaves the vault: this RPC's purpose.
+                    api_key: created.key.expose().to_owned(),
+                    info: Some(api_key_info(&created.row)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::RevokeApiKey,
+            credentials,
+            |auth| async move {
+                if message.key_id.is_empty() || message.key_id.len() > 64 {
+                    return Err(invalid("key_id", "an API key id is required"));
+                }
+                self.vault
+                    .revoke_api_key(&Operator::from_authorized(&auth), &message.key_id)
+                    .await?;
+                Ok(pb::RevokeApiKeyResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn mint_honeytoken(
+        &self,
+        request: Request<pb::MintHoneytokenRequest>,
+    ) -> Result<Response<pb::MintHoneytokenResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::MintHoneytoken,
+            credentials,
+            |auth| async move {
+                let id = tenant("tenant", &message.tenant)?;
+                let format = convert::token_format(message.token_format)
+                    .map_err(|v| ApiError::Invalid(vec![v]))?;
+                let metadata = Metadata::parse(message.metadata).map_err(ApiError::Invalid)?;
+                let view = self
+                    .vault
+                    .mint_honeytoken(&Operator::from_authorized(&auth), &id, format, metadata)
+                    .await?;
+                Ok(pb::MintHoneytokenResponse {
+                    token: view.token.as_str().to_owned(),
+                    card: Some(convert::card(view)),
+                })
+            },
+        )
+        .await
+    }
+}

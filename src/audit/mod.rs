@@ -1,0 +1,322 @@
+//! The audit log: append-only, HMAC-SHA256-chained records of every sensitive action.
+//!
+//! # Design
+//!
+//! Records live in [`SHARDS`] independent chains. An append picks a chain round-robin, locks
+//! that chain's head row (`SELECT … FOR UPDATE`), writes the record with
+//! `mac = HMAC(audit key, shard ‖ seq ‖ previous mac ‖ record fields)`, and moves the head,
+//! all inside the transaction of the action it records: the action and its record commit
+//! together or not at all. Concurrent requests contend on one of sixteen head rows instead
+//! of on one global lock; SQLite serializes writers anyway.
+//!
+//! Each chain starts at a genesis MAC derived from the audit key, so a chain cannot be
+//! replaced wholesale; sequence numbers are gap-free, so a deleted record shows as a gap; the
+//! MAC covers the sequence number and the previous MAC, so an edited or reordered record
+//! fails its MAC; and the head row carries its own MAC over `(shard, seq, mac)`, so cutting
+//! the tail and winding the head back needs the key too. The audit key is wrapped by the KEK
+//! and the wrapping binds the number of chains. [`verify`] checks all of it.
+//!
+//! Appends always come last in a transaction, so a transaction holding a head lock waits for
+//! nothing but its commit, and no two transactions can wait on each other in a cycle.
+
+mod chain;
+mod verify;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use time::OffsetDateTime;
+
+pub use self::verify::{Break, Report, verify};
+/// A stored audit record, as read back.
+pub use crate::store::AuditRow as AuditRecord;
+use crate::{
+    crypto::{AuditKey, CryptoError, KekVersion, KeyProvider, WrappedKey, audit_key_wrap_aad},
+    store::{AuditKeyRow, AuditRow, Store, StoreError, StoreTx},
+};
+
+/// Number of audit chains a new vault creates.
+pub const SHARDS: u32 = 16;
+
+/// What was done. The names are stable: they are stored and MAC'd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `Tokenize`.
+    Tokenize,
+    /// `GetCard`.
+    GetCard,
+    /// `Reveal`.
+    Reveal,
+    /// `DeleteCard`.
+    DeleteCard,
+    /// `Charge`.
+    Charge,
+    /// A request whose credentials were missing, malformed, unknown, expired or revoked.
+    Authenticate,
+    /// Streaming audit records.
+    ReadAudit,
+    /// Creating a tenant.
+    CreateTenant,
+    /// Creating a principal.
+    CreatePrincipal,
+    /// Listing principals.
+    ListPrincipals,
+    /// Revoking a principal.
+    RevokePrincipal,
+    /// Creating an API key.
+    CreateApiKey,
+    /// Revoking an API key.
+    RevokeApiKey,
+    /// Minting a honeytoken.
+    MintHoneytoken,
+}
+
+impl Action {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Tokenize => "tokenize",
+            Action::GetCard => "get_card",
+            Action::Reveal => "reveal",
+            Action::DeleteCard => "delete_card",
+            Action::Charge => "charge",
+            Action::Authenticate => "authenticate",
+            Action::ReadAudit => "audit.read",
+            Action::CreateTenant => "admin.create_tenant",
+            Action::CreatePrincipal => "admin.create_principal",
+            Action::ListPrincipals => "admin.list_principals",
+            Action::RevokePrincipal => "admin.revoke_principal",
+            Action::CreateApiKey => "admin.create_api_key",
+            Action::RevokeApiKey => "admin.revoke_api_key",
+            Action::MintHoneytoken => "admin.mint_honeytoken",
+        }
+    }
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// No such token (or another tenant's: the two are not told apart).
+    NotFound,
+    /// The request was malformed.
+    InvalidArgument,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials without the permission.
+    PermissionDenied,
+    /// Over a rate limit.
+    RateLimited,
+    /// Refused because it conflicts with existing state (e.g. a duplicate name).
+    Conflict,
+    /// Failed inside the vault.
+    Error,
+}
+
+impl Outcome {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NotFound => "not_found",
+            Outcome::InvalidArgument => "invalid_argument",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::PermissionDenied => "permission_denied",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Conflict => "conflict",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// An event to record. Never holds a PAN, CVC or key: tokens and ids only.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    /// When it happened.
+    pub at: OffsetDateTime,
+    /// Tenant acted on.
+    pub tenant: Option<String>,
+    /// Principal id that acted (`p_…`, `config:<name>`, or `local:<user>` for the CLI).
+    pub principal: Option<String>,
+    /// What was done.
+    pub action: Action,
+    /// Token acted on.
+    pub token: Option<String>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Needs an operator's attention (honeytoken access).
+    pub alarm: bool,
+    /// Caller's network address.
+    pub peer: Option<String>,
+    /// Request id.
+    pub request_id: Option<String>,
+    /// Extra non-secret context.
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    /// An event happening now, with everything optional left empty.
+    pub fn now(action: Action, outcome: Outcome) -> AuditEvent {
+        let now = OffsetDateTime::now_utc();
+        AuditEvent {
+            // Both backends keep microseconds; truncating here makes the MAC'd value and the
+            // stored value the same.
+            at: now
+                .replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+                .unwrap_or(now),
+            tenant: None,
+            principal: None,
+            action,
+            token: None,
+            outcome,
+            alarm: false,
+            peer: None,
+            request_id: None,
+            detail: None,
+        }
+    }
+}
+
+/// Audit failures. An action whose record cannot be written does not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit key could not be created or unwrapped.
+    #[error("audit key: {0}")]
+    Key(#[from] CryptoError),
+    /// Audit state in the database is not what the vault writes.
+    #[error("audit log corrupt: {0}")]
+    Corrupt(&'static str),
+    /// `audit verify` on a database where no audit key was ever created.
+    #[error("this database has no audit key yet: no record was ever written")]
+    NoAuditKey,
+}
+
+/// Appends audit records; holds the unwrapped audit key.
+pub struct Auditor {
+    key: AuditKey,
+    shards: u32,
+    next: AtomicU32,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auditor {
+    /// Loads the audit key, creating it and the empty chains on first use (replicas racing
+    /// to create it agree on one through the table's single-row key).
+    pub async fn open(store: &dyn Store, provider: &dyn KeyProvider) -> Result<Self, AuditError> {
+        if let Some(auditor) = Self::load(store, provider).await? {
+            return Ok(auditor);
+        }
+        let key = AuditKey::generate()?;
+        let wrapped = provider
+            .wrap(key.expose_bytes(), &audit_key_wrap_aad(SHARDS))
+            .await?;
+        let row = AuditKeyRow {
+            kek_version: wrapped.kek_version.0,
+            wrapped_key: wrapped.bytes,
+            shards: SHARDS,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        let mut tx = store.begin().await?;
+        if tx.insert_audit_key(&row).await? {
+            for shard in 0..SHARDS {
+                tx.insert_audit_head(&chain::genesis_head(&key, shard))
+                    .await?;
+            }
+            tx.commit().await?;
+            tracing::info!(shards = SHARDS, "created the audit key and chains");
+            return Ok(Auditor::new(key, SHARDS));
+        }
+        drop(tx);
+        Self::load(store, provider)
+            .await?
+            .ok_or(AuditError::Corrupt(
+                "audit key vanished while being created",
+            ))
+    }
+
+    /// Loads the audit key if one exists.
+    pub async fn load(
+        store: &dyn Store,
+        provider: &dyn KeyProvider,
+    ) -> Result<Option<Self>, AuditError> {
+        let Some(row) = store.audit_key().await? else {
+            return Ok(None);
+        };
+        let wrapped = WrappedKey {
+            kek_version: KekVersion(row.kek_version),
+            bytes: row.wrapped_key,
+        };
+        let bytes = provider
+            .unwrap(&wrapped, &audit_key_wrap_aad(row.shards))
+            .await?;
+        let key = AuditKey::from_bytes(&bytes)?;
+        Ok(Some(Auditor::new(key, row.shards)))
+    }
+
+    fn new(key: AuditKey, shards: u32) -> Auditor {
+        // Replicas start at different chains so they do not all contend on chain 0 first.
+        let mut start = [0u8; 4];
+        let _ = crate::crypto::fill_random(&mut start);
+        Auditor {
+            key,
+            shards,
+            next: AtomicU32::new(u32::from_be_bytes(start)),
+        }
+    }
+
+    /// Number of chains.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// Appends `event` inside `tx`. Call it last in the transaction, then commit.
+    pub async fn append(&self, tx: &mut dyn StoreTx, event: &AuditEvent) -> Result<(), AuditError> {
+        let shard = self.next.fetch_add(1, Ordering::Relaxed) % self.shards;
+        let head = tx
+            .lock_audit_head(shard)
+            .await?
+            .ok_or(AuditError::Corrupt("audit chain head missing"))?;
+        let mut row = AuditRow {
+            shard,
+            seq: head.seq + 1,
+            at: event.at,
+            tenant_id: event.tenant.clone(),
+            principal: event.principal.clone(),
+            action: event.action.as_str().to_owned(),
+            token: event.token.clone(),
+            outcome: event.outcome.as_str().to_owned(),
+            alarm: event.alarm,
+            peer: event.peer.clone(),
+            request_id: event.request_id.clone(),
+            detail: event.detail.clone(),
+            mac: Vec::new(),
+        };
+        row.mac = chain::record_mac(&self.key, &row, &head.mac).to_vec();
+        let new_head = chain::head(&self.key, shard, row.seq, &row.mac);
+        tx.append_audit(&row, &new_head).await?;
+        Ok(())
+    }
+
+    /// Records `event` in a transaction of its own (for events with no other write, such as
+    /// a refused request).
+    pub async fn record(&self, store: &dyn Store, event: &AuditEvent) -> Result<(), AuditError> {
+        let mut tx = store.begin().await?;
+        self.append(tx.as_mut(), event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) fn key(&self) -> &AuditKey {
+        &self.key
+    }
+}

@@ -1,0 +1,302 @@
+//! Who may do what: permissions, principals, callers, and the proof that a caller was
+//! authorized for an action.
+//!
+//! A request becomes a [`Caller`] through [`Vault::authenticate`](super::Vault::authenticate)
+//! (API key, mTLS identity, or the loopback-only unauthenticated tenant of `--dev`), then an
+//! [`Authorized`] through [`Vault::authorize`](super::Vault::authorize), which checks the
+//! permission the action needs and the abuse limits. Every vault operation takes an
+//! `Authorized`, and only `authorize` makes one, so no operation can run unchecked.
+
+use std::fmt;
+
+use super::TenantId;
+use crate::audit::Action;
+
+/// One permission a principal can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    /// Store cards.
+    Tokenize,
+    /// Read masked card metadata.
+    Read,
+    /// Read the PAN.
+    Reveal,
+    /// Charge a stored card.
+    Charge,
+    /// Delete cards.
+    Delete,
+    /// Administer keys, tenants, principals, API keys and honeytokens.
+    KeysAdmin,
+    /// Read the audit log.
+    AuditRead,
+}
+
+impl Permission {
+    /// Every permission.
+    pub const ALL: [Permission; 7] = [
+        Permission::Tokenize,
+        Permission::Read,
+        Permission::Reveal,
+        Permission::Charge,
+        Permission::Delete,
+        Permission::KeysAdmin,
+        Permission::AuditRead,
+    ];
+
+    /// The name used in configuration, the CLI, the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Tokenize => "tokenize",
+            Permission::Read => "read",
+            Permission::Reveal => "reveal",
+            Permission::Charge => "charge",
+            Permission::Delete => "delete",
+            Permission::KeysAdmin => "keys:admin",
+            Permission::AuditRead => "audit:read",
+        }
+    }
+
+    /// Parses a permission name.
+    pub fn parse(name: &str) -> Result<Permission, UnknownPermission> {
+        Permission::ALL
+            .into_iter()
+            .find(|p| p.as_str() == name)
+            .ok_or_else(|| UnknownPermission(name.chars().take(40).collect()))
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    /// The permission an action needs.
+    pub fn for_action(action: Action) -> Permission {
+        match action {
+            Action::Tokenize => Permission::Tokenize,
+            Action::GetCard => Permission::Read,
+            Action::Reveal => Permission::Reveal,
+            Action::Charge => Permission::Charge,
+            Action::DeleteCard => Permission::Delete,
+            Action::ReadAudit => Permission::AuditRead,
+            Action::Authenticate
+            | Action::CreateTenant
+            | Action::CreatePrincipal
+            | Action::ListPrincipals
+            | Action::RevokePrincipal
+            | Action::CreateApiKey
+            | Action::RevokeApiKey
+            | Action::MintHoneytoken => Permission::KeysAdmin,
+        }
+    }
+}
+
+/// A permission name that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown permission {0:?} (known: tokenize, read, reveal, charge, delete, keys:admin, audit:read)"
+)]
+pub struct UnknownPermission(String);
+
+/// A set of permissions.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Permissions(u8);
+
+impl Permissions {
+    /// Every permission (the `--dev` caller).
+    pub fn all() -> Permissions {
+        Permission::ALL.into_iter().collect()
+    }
+
+    /// Parses names; an unknown name is an error, not silently dropped.
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, UnknownPermission> {
+        names
+            .into_iter()
+            .map(Permission::parse)
+            .collect::<Result<_, _>>()
+    }
+
+    /// Whether the set holds `permission`.
+    pub fn contains(self, permission: Permission) -> bool {
+        self.0 & permission.bit() != 0
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The names, in the order of [`Permission::ALL`].
+    pub fn names(self) -> Vec<&'static str> {
+        Permission::ALL
+            .into_iter()
+            .filter(|p| self.contains(*p))
+            .map(Permission::as_str)
+            .collect()
+    }
+}
+
+impl FromIterator<Permission> for Permissions {
+    fn from_iter<I: IntoIterator<Item = Permission>>(iter: I) -> Self {
+        Permissions(iter.into_iter().fold(0, |bits, p| bits | p.bit()))
+    }
+}
+
+impl fmt::Debug for Permissions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.names()).finish()
+    }
+}
+
+/// An authenticated identity of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Stable id: `p_…` for principals created by an admin, `config:<name>` for principals
+    /// declared in configuration, `dev` for the unauthenticated `--dev` caller.
+    pub id: String,
+    /// The tenant whose cards it may touch.
+    pub tenant: TenantId,
+    /// Human name.
+    pub name: String,
+    /// What it may do.
+    pub permissions: Permissions,
+}
+
+/// A principal declared in configuration (GitOps): authenticates by mTLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigPrincipal {
+    /// The principal.
+    pub principal: Principal,
+    /// SPIFFE ID or certificate CN.
+    pub mtls_identity: String,
+}
+
+/// Who a request acts for, and from where.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The authenticated principal.
+    pub principal: Principal,
+    /// Network address of the caller, for the audit log.
+    pub peer: Option<String>,
+    /// Request id, for the audit log.
+    pub request_id: Option<String>,
+}
+
+impl Caller {
+    /// The caller's tenant.
+    pub fn tenant(&self) -> &TenantId {
+        &self.principal.tenant
+    }
+}
+
+/// What a request presented to prove who it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The bearer token of an `authorization: Bearer …` header. Secret: never logged.
+    pub bearer: Option<&'a str>,
+    /// The identity of a verified client certificate (SPIFFE ID, else CN).
+    pub mtls_identity: Option<&'a str>,
+    /// The caller's network address.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// Proof that a caller holds the permission for one action and is within its limits. Only
+/// [`Vault::authorize`](super::Vault::authorize) makes one.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub(super) caller: Caller,
+    pub(super) action: Action,
+}
+
+impl Authorized {
+    /// The caller.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The action it was authorized for.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// Whether the caller is an operator (holds `keys:admin`): operators manage every tenant
+    /// and read every tenant's audit records.
+    pub fn is_operator(&self) -> bool {
+        self.caller
+            .principal
+            .permissions
+            .contains(Permission::KeysAdmin)
+    }
+}
+
+/// Who performs an administrative action: an authorized `keys:admin` caller over the API, or
+/// an operator on the vault's host through the `cardvault admin` CLI (which needs the
+/// database and the KEK, so it can do everything anyway).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub(super) principal: String,
+    pub(super) peer: Option<String>,
+    pub(super) request_id: Option<String>,
+}
+
+impl Operator {
+    /// The local operator of the CLI, named by the OS user for the audit log.
+    pub fn local(user: &str) -> Operator {
+        Operator {
+            principal: format!("local:{user}"),
+            peer: Some("cli".to_owned()),
+            request_id: None,
+        }
+    }
+
+    /// The operator behind an authorized administrative request.
+    pub fn from_authorized(auth: &Authorized) -> Operator {
+        Operator {
+            principal: auth.caller.principal.id.clone(),
+            peer: auth.caller.peer.clone(),
+            request_id: auth.caller.request_id.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_names_round_trip_and_unknown_names_are_errors() {
+        for p in Permission::ALL {
+            assert_eq!(Permission::parse(p.as_str()), Ok(p));
+        }
+        let err = Permission::parse("root").unwrap_err();
+        assert!(err.to_string().contains("root"));
+        assert!(Permissions::parse(["read", "rule"]).is_err());
+    }
+
+    #[test]
+    fn a_permission_set_holds_exactly_what_was_parsed() {
+        let set = Permissions::parse(["reveal", "read"]).unwrap();
+        assert!(set.contains(Permission::Read));
+        assert!(set.contains(Permission::Reveal));
+        assert!(!set.contains(Permission::Tokenize));
+        assert_eq!(set.names(), vec!["read", "reveal"]);
+        assert_eq!(Permissions::all().names().len(), 7);
+        assert!(Permissions::default().is_empty());
+    }
+
+    #[test]
+    fn every_card_action_needs_its_own_permission() {
+        assert_eq!(Permission::for_action(Action::Reveal), Permission::Reveal);
+        assert_eq!(Permission::for_action(Action::GetCard), Permission::Read);
+        assert_eq!(
+            Permission::for_action(Action::DeleteCard),
+            Permission::Delete
+        );
+        assert_eq!(
+            Permission::for_action(Action::ReadAudit),
+            Permission::AuditRead
+        );
+        assert_eq!(
+            Permission::for_action(Action::CreateApiKey),
+            Permission::KeysAdmin
+        );
+    }
+}
