@@ -140,11 +140,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(telemetry::subscriber(
-        settings.log.format,
-        &settings.log.level,
-        std::io::stdout,
-    ));
+    // The server logs to stdout (for the container runtime); the one-shot commands print
+    // their results there, so their logs go to stderr.
+    if matches!(cli.command, Command::Serve { .. }) {
+        telemetry::init(telemetry::subscriber(
+            settings.log.format,
+            &settings.log.level,
+            std::io::stdout,
+        ));
+    } else {
+        telemetry::init(telemetry::subscriber(
+            settings.log.format,
+            &settings.log.level,
+            std::io::stderr,
+        ));
+    }
     telemetry::install_panic_hook();
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -242,7 +252,9 @@ async fn admin(
     settings: &Settings,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let vault = server::open_vault(settings).await?;
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
     let op = Operator::local(&user);
     match command {
         AdminCommand::CreateTenant { tenant } => {
