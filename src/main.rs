@@ -167,8 +167,16 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => code,
         Err(err) => {
-            tracing::error!(error = %err, "cardvault failed");
-            eprintln!("cardvault: {err}");
+            // The whole chain: "database unavailable" alone would hide a TLS or auth cause.
+            let mut text = err.to_string();
+            let mut source = err.source();
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            tracing::error!(error = %text, "cardvault failed");
+            eprintln!("cardvault: {text}");
             ExitCode::FAILURE
         }
     }
