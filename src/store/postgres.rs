@@ -409,6 +409,27 @@ fn seq_param(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt("audit seq out of range"))
 }
 
+/// Ends a savepoint opened before one statement: releases it when the statement's work is
+/// kept, else rolls back to it, which also clears the aborted state a failed statement leaves.
+/// An error of the statement itself wins over one from ending the savepoint, so the caller
+/// sees the cause rather than "current transaction is aborted".
+async fn end_savepoint<T>(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    keep: bool,
+    release: &'static str,
+    rollback: &'static str,
+    outcome: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let ended = sqlx::query(if keep { release } else { rollback })
+        .execute(&mut **tx)
+        .await;
+    match (outcome, ended) {
+        (Err(err), _) => Err(err),
+        (Ok(_), Err(err)) => Err(err.into()),
+        (Ok(value), Ok(_)) => Ok(value),
+    }
+}
+
 #[async_trait]
 impl StoreTx for PgTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
@@ -439,11 +460,15 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
-        // ON CONFLICT DO NOTHING covers both partial unique indexes without aborting the
-        // transaction.
-        let done = sqlx::query(
+        // Not `ON CONFLICT DO NOTHING`: that would also swallow a primary-key collision and
+        // report it as a taken name. Only the two live-uniqueness indexes mean "taken"; the
+        // savepoint keeps the transaction usable for the audit record after one of them.
+        sqlx::query("SAVEPOINT principal_insert")
+            .execute(&mut *self.tx)
+            .await?;
+        let result = sqlx::query(
             "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
-             revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+             revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&row.id)
         .bind(&row.tenant_id)
@@ -453,8 +478,26 @@ impl StoreTx for PgTx {
         .bind(row.created_at)
         .bind(row.revoked_at)
         .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await;
+        let outcome = match result {
+            Ok(_) => Ok(true),
+            Err(err)
+                if is_unique_violation(&err, "principals_live_name")
+                    || is_unique_violation(&err, "principals_live_mtls_identity") =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        };
+        let keep = matches!(outcome, Ok(true));
+        end_savepoint(
+            &mut self.tx,
+            keep,
+            "RELEASE SAVEPOINT principal_insert",
+            "ROLLBACK TO SAVEPOINT principal_insert",
+            outcome,
+        )
+        .await
     }
 
     async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
@@ -538,13 +581,15 @@ impl StoreTx for PgTx {
             }
             Err(err) => Err(err.into()),
         };
-        let end = if matches!(outcome, Ok(CardInsert::Inserted)) {
-            "RELEASE SAVEPOINT card_insert"
-        } else {
-            "ROLLBACK TO SAVEPOINT card_insert"
-        };
-        sqlx::query(end).execute(&mut *self.tx).await?;
-        outcome
+        let keep = matches!(outcome, Ok(CardInsert::Inserted));
+        end_savepoint(
+            &mut self.tx,
+            keep,
+            "RELEASE SAVEPOINT card_insert",
+            "ROLLBACK TO SAVEPOINT card_insert",
+            outcome,
+        )
+        .await
     }
 
     async fn card(
