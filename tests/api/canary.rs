@@ -15,6 +15,26 @@ use crate::{
 
 on_both_backends!(the_canary_card_never_leaves_the_vault);
 
+/// Reads the SQLite database with its WAL and shared-memory files. SQLite checkpoints and
+/// deletes the WAL when its last connection closes, so a file listed a moment ago can be gone;
+/// its pages are then in the main file, and the whole set is read again.
+fn read_sqlite_files(list: impl Fn() -> Vec<std::path::PathBuf>) -> Vec<u8> {
+    'again: for _ in 0..10 {
+        let files = list();
+        assert!(!files.is_empty(), "the SQLite database exists");
+        let mut stored = Vec::new();
+        for file in files {
+            match std::fs::read(&file) {
+                Ok(bytes) => stored.extend(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'again,
+                Err(e) => panic!("read {}: {e}", file.display()),
+            }
+        }
+        return stored;
+    }
+    panic!("the SQLite files kept vanishing while being read");
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -134,11 +154,7 @@ async fn the_canary_card_never_leaves_the_vault(backend: Backend) {
     let mut stored = Vec::new();
     match backend {
         Backend::Sqlite => {
-            let files = app.state.sqlite_files();
-            assert!(!files.is_empty());
-            for file in files {
-                stored.extend(std::fs::read(file).expect("read database file"));
-            }
+            stored = read_sqlite_files(|| app.state.sqlite_files());
         }
         Backend::Postgres => {
             let db = app.state.pg_database.as_deref().expect("pg database");
