@@ -87,6 +87,14 @@ pub struct DatabaseSettings {
     /// CA bundle (PEM) that signs the PostgreSQL server certificate; unset means the
     /// system's trust roots.
     pub ca_file: Option<PathBuf>,
+    /// Group commit: most new cards and audit records committed in one transaction.
+    pub batch_max_size: usize,
+    /// Group commit: how long a writer that already holds several writes waits for more,
+    /// in microseconds (a lone write never waits).
+    pub batch_max_wait_us: u64,
+    /// Group commit: transactions in flight at once; 0 means the backend's default
+    /// (PostgreSQL 2, SQLite 1).
+    pub batch_writers: usize,
 }
 
 /// TLS to PostgreSQL, as in libpq's `sslmode`.
@@ -244,6 +252,9 @@ struct DatabaseDefaults {
     acquire_timeout_ms: u64,
     migrate_on_start: bool,
     tls_mode: DatabaseTlsMode,
+    batch_max_size: usize,
+    batch_max_wait_us: u64,
+    batch_writers: usize,
 }
 
 fn defaults() -> Defaults {
@@ -262,6 +273,9 @@ fn defaults() -> Defaults {
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
             tls_mode: DatabaseTlsMode::VerifyFull,
+            batch_max_size: 256,
+            batch_max_wait_us: 500,
+            batch_writers: 0,
         },
         data: DataSettings {
             dir: PathBuf::from("./cardvault-data"),
@@ -422,6 +436,13 @@ impl Settings {
                         .to_owned(),
                 ));
             }
+        }
+        if self.database.batch_max_size == 0 || self.database.batch_max_wait_us > 100_000 {
+            return Err(ConfigError::Rejected(
+                "database.batch_max_size must be positive and database.batch_max_wait_us at \
+                 most 100000 (0.1 s)"
+                    .to_owned(),
+            ));
         }
         if self.keys.dek_cache_size == 0 {
             return Err(ConfigError::Rejected(

@@ -31,7 +31,8 @@ use crate::{
     store::{self, Store, StoreOptions, StoreTls},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
     vault::{
-        ConfigPrincipal, Permissions, Principal, Rate, TenantId, Vault, VaultOptions, sweeper,
+        BatchOptions, ConfigPrincipal, Permissions, Principal, Rate, TenantId, Vault, VaultOptions,
+        sweeper,
     },
 };
 
@@ -286,6 +287,11 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
             burst: limits.failed_auth_burst,
         },
         credential_cache_ttl: Duration::from_millis(settings.auth.credential_cache_ms),
+        batch: BatchOptions {
+            max_size: settings.database.batch_max_size,
+            max_wait: Duration::from_micros(settings.database.batch_max_wait_us),
+            writers: settings.database.batch_writers,
+        },
     })
 }
 

@@ -281,29 +281,50 @@ impl Auditor {
 
     /// Appends `event` inside `tx`. Call it last in the transaction, then commit.
     pub async fn append(&self, tx: &mut dyn StoreTx, event: &AuditEvent) -> Result<(), AuditError> {
+        self.append_all(tx, &[event]).await
+    }
+
+    /// Appends `events`, in order, to one chain inside `tx`: one head lock, one insert and
+    /// one head update however many there are (the group-commit path). Call it last in the
+    /// transaction, then commit.
+    pub async fn append_all(
+        &self,
+        tx: &mut dyn StoreTx,
+        events: &[&AuditEvent],
+    ) -> Result<(), AuditError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let shard = self.next.fetch_add(1, Ordering::Relaxed) % self.shards;
         let head = tx
             .lock_audit_head(shard)
             .await?
             .ok_or(AuditError::Corrupt("audit chain head missing"))?;
-        let mut row = AuditRow {
-            shard,
-            seq: head.seq + 1,
-            at: event.at,
-            tenant_id: event.tenant.clone(),
-            principal: event.principal.clone(),
-            action: event.action.as_str().to_owned(),
-            token: event.token.clone(),
-            outcome: event.outcome.as_str().to_owned(),
-            alarm: event.alarm,
-            peer: event.peer.clone(),
-            request_id: event.request_id.clone(),
-            detail: event.detail.clone(),
-            mac: Vec::new(),
-        };
-        row.mac = chain::record_mac(&self.key, &row, &head.mac).to_vec();
-        let new_head = chain::head(&self.key, shard, row.seq, &row.mac);
-        tx.append_audit(&row, &new_head).await?;
+        let mut records = Vec::with_capacity(events.len());
+        let (mut seq, mut mac) = (head.seq, head.mac);
+        for event in events {
+            seq += 1;
+            let mut row = AuditRow {
+                shard,
+                seq,
+                at: event.at,
+                tenant_id: event.tenant.clone(),
+                principal: event.principal.clone(),
+                action: event.action.as_str().to_owned(),
+                token: event.token.clone(),
+                outcome: event.outcome.as_str().to_owned(),
+                alarm: event.alarm,
+                peer: event.peer.clone(),
+                request_id: event.request_id.clone(),
+                detail: event.detail.clone(),
+                mac: Vec::new(),
+            };
+            row.mac = chain::record_mac(&self.key, &row, &mac).to_vec();
+            mac.clone_from(&row.mac);
+            records.push(row);
+        }
+        let new_head = chain::head(&self.key, shard, seq, &mac);
+        tx.append_audit(&records, &new_head).await?;
         Ok(())
     }
 

@@ -101,6 +101,9 @@ pub struct CardRow {
     pub expires_at: Option<OffsetDateTime>,
     /// A canary card minted by an operator: any access raises an alarm.
     pub honeytoken: bool,
+    /// The importer's own id for a card stored by `ImportCards`, unique per tenant, so an
+    /// interrupted import can be sent again without storing a card twice.
+    pub import_id: Option<String>,
 }
 
 impl fmt::Debug for CardRow {
@@ -241,6 +244,24 @@ pub struct AuditCursor {
     pub seq: u64,
 }
 
+impl AuditCursor {
+    /// The keyset position a time-ordered scan starts after, as `(at, shard, seq)`: the
+    /// cursor, or just before the first record at `from`.
+    pub fn position(
+        after: Option<AuditCursor>,
+        from: OffsetDateTime,
+    ) -> (OffsetDateTime, i64, i64) {
+        match after {
+            Some(c) => (
+                c.at,
+                i64::from(c.shard),
+                i64::try_from(c.seq).unwrap_or(i64::MAX),
+            ),
+            None => (from, -1, -1),
+        }
+    }
+}
+
 /// The identity of a card for `reuse_existing`: same tenant, PAN, expiry and token format.
 #[derive(Debug, Clone, Copy)]
 pub struct ReuseKey<'a> {
@@ -367,6 +388,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Inserts an active DEK unless the tenant already has one; returns whether it inserted.
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError>;
 
+    /// A live (not expired at `now`) card by token within a tenant, read outside any
+    /// transaction: the read path of `GetCard` and `Reveal`.
+    async fn card(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CardRow>, StoreError>;
+
     /// Starts a read-write transaction. Every action and its audit record are written in one
     /// transaction, so an action whose record cannot be written does not happen.
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
@@ -439,6 +469,11 @@ pub trait StoreTx: Send {
     /// Inserts a card. A canonical insert reports [`CardInsert::CanonicalExists`] instead of
     /// storing a second canonical copy.
     async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError>;
+    /// Inserts many cards at once (one statement on PostgreSQL) and says, row by row,
+    /// whether each was stored. A row that clashes with a unique key (its token, a canonical
+    /// copy of the same card, its import id) is skipped rather than failing the others; the
+    /// caller resolves those with [`StoreTx::insert_card`] or by reading the existing row.
+    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError>;
     /// A live (not expired at `now`) card by token within a tenant.
     async fn card(
         &mut self,
@@ -474,10 +509,11 @@ pub trait StoreTx: Send {
     /// Reads a chain head and locks it until this transaction ends (`FOR UPDATE`), so
     /// appends to one chain are serialized while other chains proceed.
     async fn lock_audit_head(&mut self, shard: u32) -> Result<Option<AuditHeadRow>, StoreError>;
-    /// Appends a record and moves its chain head to it.
+    /// Appends records (consecutive in one chain, oldest first) and moves the chain head to
+    /// the last of them.
     async fn append_audit(
         &mut self,
-        record: &AuditRow,
+        records: &[AuditRow],
         head: &AuditHeadRow,
     ) -> Result<(), StoreError>;
 }
@@ -491,6 +527,16 @@ pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>
     } else {
         Err(StoreError::UnsupportedUrl)
     }
+}
+
+/// For each row, whether its token is the first of its kind in the slice. A batch insert
+/// reports stored rows by token, so it cannot tell two rows with one token apart; only the
+/// first is sent and the others count as clashes.
+fn first_of_each_token(rows: &[&CardRow]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    rows.iter()
+        .map(|row| seen.insert(row.token.as_str()))
+        .collect()
 }
 
 /// Metadata travels as a JSON object of strings in both backends.

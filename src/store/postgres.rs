@@ -19,9 +19,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// Columns of a card row, in the order `card_from_row` reads them by name.
 macro_rules! card_columns {
     () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at, honeytoken"
+        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at, honeytoken, import_id"
     };
 }
+
+/// A live card of one tenant by token.
+const CARD_BY_TOKEN: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    " FROM cards WHERE token = $1 AND tenant_id = $2 AND (expires_at IS NULL OR expires_at > $3)"
+);
 
 macro_rules! principal_columns {
     () => {
@@ -93,6 +100,7 @@ fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         honeytoken: row.try_get("honeytoken")?,
+        import_id: row.try_get("import_id")?,
     })
 }
 
@@ -123,6 +131,125 @@ fn bind_reuse_key<'q>(query: ArgQuery<'q>, key: ReuseKey<'_>) -> ArgQuery<'q> {
         .bind(i32::from(key.exp_month))
         .bind(i32::from(key.exp_year))
         .bind(key.token_format)
+}
+
+/// A batch of card rows as one array per column, for `INSERT … SELECT * FROM UNNEST(…)`.
+struct CardColumns {
+    token: Vec<String>,
+    tenant_id: Vec<String>,
+    token_format: Vec<String>,
+    fingerprint: Vec<Vec<u8>>,
+    dek_id: Vec<Uuid>,
+    ciphertext: Vec<Vec<u8>>,
+    brand: Vec<String>,
+    last4: Vec<String>,
+    bin: Vec<String>,
+    exp_month: Vec<i32>,
+    exp_year: Vec<i32>,
+    metadata: Vec<String>,
+    canonical: Vec<bool>,
+    created_at: Vec<OffsetDateTime>,
+    expires_at: Vec<Option<OffsetDateTime>>,
+    honeytoken: Vec<bool>,
+    import_id: Vec<Option<String>>,
+}
+
+impl CardColumns {
+    fn of(rows: &[&CardRow]) -> Self {
+        let mut c = CardColumns {
+            token: Vec::with_capacity(rows.len()),
+            tenant_id: Vec::with_capacity(rows.len()),
+            token_format: Vec::with_capacity(rows.len()),
+            fingerprint: Vec::with_capacity(rows.len()),
+            dek_id: Vec::with_capacity(rows.len()),
+            ciphertext: Vec::with_capacity(rows.len()),
+            brand: Vec::with_capacity(rows.len()),
+            last4: Vec::with_capacity(rows.len()),
+            bin: Vec::with_capacity(rows.len()),
+            exp_month: Vec::with_capacity(rows.len()),
+            exp_year: Vec::with_capacity(rows.len()),
+            metadata: Vec::with_capacity(rows.len()),
+            canonical: Vec::with_capacity(rows.len()),
+            created_at: Vec::with_capacity(rows.len()),
+            expires_at: Vec::with_capacity(rows.len()),
+            honeytoken: Vec::with_capacity(rows.len()),
+            import_id: Vec::with_capacity(rows.len()),
+        };
+        for row in rows {
+            c.token.push(row.token.clone());
+            c.tenant_id.push(row.tenant_id.clone());
+            c.token_format.push(row.token_format.clone());
+            c.fingerprint.push(row.fingerprint.clone());
+            c.dek_id.push(row.dek_id);
+            c.ciphertext.push(row.ciphertext.clone());
+            c.brand.push(row.brand.clone());
+            c.last4.push(row.last4.clone());
+            c.bin.push(row.bin.clone());
+            c.exp_month.push(i32::from(row.exp_month));
+            c.exp_year.push(i32::from(row.exp_year));
+            c.metadata.push(metadata_to_json(&row.metadata));
+            c.canonical.push(row.canonical);
+            c.created_at.push(row.created_at);
+            c.expires_at.push(row.expires_at);
+            c.honeytoken.push(row.honeytoken);
+            c.import_id.push(row.import_id.clone());
+        }
+        c
+    }
+}
+
+/// A batch of audit records as one array per column.
+struct AuditColumns {
+    shard: Vec<i32>,
+    seq: Vec<i64>,
+    at: Vec<OffsetDateTime>,
+    tenant_id: Vec<Option<String>>,
+    principal: Vec<Option<String>>,
+    action: Vec<String>,
+    token: Vec<Option<String>>,
+    outcome: Vec<String>,
+    alarm: Vec<bool>,
+    peer: Vec<Option<String>>,
+    request_id: Vec<Option<String>>,
+    detail: Vec<Option<String>>,
+    mac: Vec<Vec<u8>>,
+}
+
+impl AuditColumns {
+    fn of(records: &[AuditRow]) -> Result<Self, StoreError> {
+        let n = records.len();
+        let mut c = AuditColumns {
+            shard: Vec::with_capacity(n),
+            seq: Vec::with_capacity(n),
+            at: Vec::with_capacity(n),
+            tenant_id: Vec::with_capacity(n),
+            principal: Vec::with_capacity(n),
+            action: Vec::with_capacity(n),
+            token: Vec::with_capacity(n),
+            outcome: Vec::with_capacity(n),
+            alarm: Vec::with_capacity(n),
+            peer: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            detail: Vec::with_capacity(n),
+            mac: Vec::with_capacity(n),
+        };
+        for r in records {
+            c.shard.push(shard_param(r.shard)?);
+            c.seq.push(seq_param(r.seq)?);
+            c.at.push(r.at);
+            c.tenant_id.push(r.tenant_id.clone());
+            c.principal.push(r.principal.clone());
+            c.action.push(r.action.clone());
+            c.token.push(r.token.clone());
+            c.outcome.push(r.outcome.clone());
+            c.alarm.push(r.alarm);
+            c.peer.push(r.peer.clone());
+            c.request_id.push(r.request_id.clone());
+            c.detail.push(r.detail.clone());
+            c.mac.push(r.mac.clone());
+        }
+        Ok(c)
+    }
 }
 
 #[async_trait]
@@ -219,6 +346,23 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn card(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CardRow>, StoreError> {
+        sqlx::query(CARD_BY_TOKEN)
+            .bind(token)
+            .bind(tenant_id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(card_from_row)
+            .transpose()
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -354,14 +498,7 @@ impl Store for PgStore {
         after: Option<AuditCursor>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        let (at, shard, seq) = match after {
-            Some(c) => (
-                c.at,
-                shard_param(c.shard)?,
-                i64::try_from(c.seq).unwrap_or(i64::MAX),
-            ),
-            None => (from, -1, -1),
-        };
+        let (at, shard, seq) = AuditCursor::position(after, from);
         sqlx::query(concat!(
             "SELECT ",
             audit_columns!(),
@@ -551,7 +688,8 @@ impl StoreTx for PgTx {
         let result = sqlx::query(
             "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
              brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
-             honeytoken) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)",
+             honeytoken, import_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16, $17)",
         )
         .bind(&row.token)
         .bind(&row.tenant_id)
@@ -569,6 +707,7 @@ impl StoreTx for PgTx {
         .bind(row.created_at)
         .bind(row.expires_at)
         .bind(row.honeytoken)
+        .bind(&row.import_id)
         .execute(&mut *self.tx)
         .await;
         // A unique violation aborts a PostgreSQL transaction; the savepoint keeps it usable
@@ -592,26 +731,72 @@ impl StoreTx for PgTx {
         .await
     }
 
+    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError> {
+        let first = super::first_of_each_token(rows);
+        let sent: Vec<&CardRow> = rows
+            .iter()
+            .zip(&first)
+            .filter_map(|(row, first)| first.then_some(*row))
+            .collect();
+        if sent.is_empty() {
+            return Ok(first);
+        }
+        let columns = CardColumns::of(&sent);
+        // One statement for the whole batch: UNNEST turns the column arrays back into rows,
+        // and ON CONFLICT DO NOTHING skips clashes on any unique index without aborting the
+        // transaction, so no savepoint round trips are needed.
+        let stored: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
+             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
+             honeytoken, import_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::uuid[], \
+             $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int4[], $11::int4[], \
+             $12::text[]::jsonb[], $13::bool[], $14::timestamptz[], $15::timestamptz[], \
+             $16::bool[], $17::text[]) \
+             ON CONFLICT DO NOTHING RETURNING token",
+        )
+        .bind(columns.token)
+        .bind(columns.tenant_id)
+        .bind(columns.token_format)
+        .bind(columns.fingerprint)
+        .bind(columns.dek_id)
+        .bind(columns.ciphertext)
+        .bind(columns.brand)
+        .bind(columns.last4)
+        .bind(columns.bin)
+        .bind(columns.exp_month)
+        .bind(columns.exp_year)
+        .bind(columns.metadata)
+        .bind(columns.canonical)
+        .bind(columns.created_at)
+        .bind(columns.expires_at)
+        .bind(columns.honeytoken)
+        .bind(columns.import_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let stored: std::collections::HashSet<&str> = stored.iter().map(String::as_str).collect();
+        Ok(rows
+            .iter()
+            .zip(first)
+            .map(|(row, first)| first && stored.contains(row.token.as_str()))
+            .collect())
+    }
+
     async fn card(
         &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            card_columns!(),
-            " FROM cards WHERE token = $1 AND tenant_id = $2 \
-             AND (expires_at IS NULL OR expires_at > $3)"
-        ))
-        .bind(token)
-        .bind(tenant_id)
-        .bind(now)
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .as_ref()
-        .map(card_from_row)
-        .transpose()
+        sqlx::query(CARD_BY_TOKEN)
+            .bind(token)
+            .bind(tenant_id)
+            .bind(now)
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .as_ref()
+            .map(card_from_row)
+            .transpose()
     }
 
     async fn reusable_card(
@@ -711,27 +896,30 @@ impl StoreTx for PgTx {
 
     async fn append_audit(
         &mut self,
-        record: &AuditRow,
+        records: &[AuditRow],
         head: &AuditHeadRow,
     ) -> Result<(), StoreError> {
+        let c = AuditColumns::of(records)?;
         sqlx::query(
             "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
              outcome, alarm, peer, request_id, detail, mac) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             SELECT * FROM UNNEST($1::int4[], $2::int8[], $3::timestamptz[], $4::text[], \
+             $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::text[], $11::text[], \
+             $12::text[], $13::bytea[])",
         )
-        .bind(shard_param(record.shard)?)
-        .bind(seq_param(record.seq)?)
-        .bind(record.at)
-        .bind(&record.tenant_id)
-        .bind(&record.principal)
-        .bind(&record.action)
-        .bind(&record.token)
-        .bind(&record.outcome)
-        .bind(record.alarm)
-        .bind(&record.peer)
-        .bind(&record.request_id)
-        .bind(&record.detail)
-        .bind(&record.mac)
+        .bind(c.shard)
+        .bind(c.seq)
+        .bind(c.at)
+        .bind(c.tenant_id)
+        .bind(c.principal)
+        .bind(c.action)
+        .bind(c.token)
+        .bind(c.outcome)
+        .bind(c.alarm)
+        .bind(c.peer)
+        .bind(c.request_id)
+        .bind(c.detail)
+        .bind(c.mac)
         .execute(&mut *self.tx)
         .await?;
         let done = sqlx::query(

@@ -23,7 +23,27 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 /// Columns of a card row, in the order `card_from_row` reads them by name.
 macro_rules! card_columns {
     () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, honeytoken"
+        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, honeytoken, import_id"
+    };
+}
+
+/// A live card of one tenant by token.
+const CARD_BY_TOKEN: &str = concat!(
+    "SELECT ",
+    card_columns!(),
+    " FROM cards WHERE token = ?1 AND tenant_id = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
+);
+
+/// Inserts one card row (17 parameters, in [`bind_card`] order).
+macro_rules! insert_card_sql {
+    ($conflict:literal) => {
+        concat!(
+            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
+             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
+             honeytoken, import_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            $conflict
+        )
     };
 }
 
@@ -105,6 +125,7 @@ fn card_from_row(row: &SqliteRow) -> Result<CardRow, StoreError> {
             .map(from_micros)
             .transpose()?,
         honeytoken: row.try_get("honeytoken")?,
+        import_id: row.try_get("import_id")?,
     })
 }
 
@@ -129,6 +150,28 @@ fn unique_violation_on(err: &sqlx::Error, columns: &str) -> bool {
 }
 
 type ArgQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds a card row's 17 columns in `insert_card_sql!` order.
+fn bind_card<'q>(query: ArgQuery<'q>, row: &'q CardRow) -> ArgQuery<'q> {
+    query
+        .bind(&row.token)
+        .bind(&row.tenant_id)
+        .bind(&row.token_format)
+        .bind(&row.fingerprint)
+        .bind(row.dek_id.as_bytes().as_slice())
+        .bind(&row.ciphertext)
+        .bind(&row.brand)
+        .bind(&row.last4)
+        .bind(&row.bin)
+        .bind(i64::from(row.exp_month))
+        .bind(i64::from(row.exp_year))
+        .bind(metadata_to_json(&row.metadata))
+        .bind(row.canonical)
+        .bind(micros(row.created_at))
+        .bind(row.expires_at.map(micros))
+        .bind(row.honeytoken)
+        .bind(&row.import_id)
+}
 
 /// Binds the five `ReuseKey` columns as the first parameters, in the order the reuse
 /// queries name them (tenant, fingerprint, expiry month, expiry year, token format).
@@ -231,6 +274,23 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn card(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CardRow>, StoreError> {
+        sqlx::query(CARD_BY_TOKEN)
+            .bind(token)
+            .bind(tenant_id)
+            .bind(micros(now))
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(card_from_row)
+            .transpose()
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -368,7 +428,7 @@ impl Store for SqliteStore {
         after: Option<AuditCursor>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        let (at, shard, seq) = cursor_values(after, from);
+        let (at, shard, seq) = AuditCursor::position(after, from);
         sqlx::query(concat!(
             "SELECT ",
             audit_columns!(),
@@ -507,29 +567,9 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
-             honeytoken) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )
-        .bind(&row.token)
-        .bind(&row.tenant_id)
-        .bind(&row.token_format)
-        .bind(&row.fingerprint)
-        .bind(row.dek_id.as_bytes().as_slice())
-        .bind(&row.ciphertext)
-        .bind(&row.brand)
-        .bind(&row.last4)
-        .bind(&row.bin)
-        .bind(i64::from(row.exp_month))
-        .bind(i64::from(row.exp_year))
-        .bind(metadata_to_json(&row.metadata))
-        .bind(row.canonical)
-        .bind(micros(row.created_at))
-        .bind(row.expires_at.map(micros))
-        .bind(row.honeytoken)
-        .execute(&mut *self.tx)
-        .await;
+        let result = bind_card(sqlx::query(insert_card_sql!("")), row)
+            .execute(&mut *self.tx)
+            .await;
         match result {
             Ok(_) => Ok(CardInsert::Inserted),
             Err(err) if unique_violation_on(&err, "cards.token") => Ok(CardInsert::TokenTaken),
@@ -546,26 +586,41 @@ impl StoreTx for SqliteTx {
         }
     }
 
+    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError> {
+        // SQLite runs in-process: one prepared statement per row costs no round trip, and a
+        // multi-row VALUES list would only add parameter-limit bookkeeping.
+        let first = super::first_of_each_token(rows);
+        let mut stored = Vec::with_capacity(rows.len());
+        for (row, first) in rows.iter().zip(first) {
+            let inserted = first
+                && bind_card(
+                    sqlx::query(insert_card_sql!(" ON CONFLICT DO NOTHING")),
+                    row,
+                )
+                .execute(&mut *self.tx)
+                .await?
+                .rows_affected()
+                    == 1;
+            stored.push(inserted);
+        }
+        Ok(stored)
+    }
+
     async fn card(
         &mut self,
         tenant_id: &str,
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            card_columns!(),
-            " FROM cards WHERE token = ?1 AND tenant_id = ?2 \
-             AND (expires_at IS NULL OR expires_at > ?3)"
-        ))
-        .bind(token)
-        .bind(tenant_id)
-        .bind(micros(now))
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .as_ref()
-        .map(card_from_row)
-        .transpose()
+        sqlx::query(CARD_BY_TOKEN)
+            .bind(token)
+            .bind(tenant_id)
+            .bind(micros(now))
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .as_ref()
+            .map(card_from_row)
+            .transpose()
     }
 
     async fn reusable_card(
@@ -666,30 +721,32 @@ impl StoreTx for SqliteTx {
 
     async fn append_audit(
         &mut self,
-        record: &AuditRow,
+        records: &[AuditRow],
         head: &AuditHeadRow,
     ) -> Result<(), StoreError> {
-        let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq"))?;
-        sqlx::query(
-            "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
-             outcome, alarm, peer, request_id, detail, mac) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )
-        .bind(i64::from(record.shard))
-        .bind(seq)
-        .bind(micros(record.at))
-        .bind(&record.tenant_id)
-        .bind(&record.principal)
-        .bind(&record.action)
-        .bind(&record.token)
-        .bind(&record.outcome)
-        .bind(record.alarm)
-        .bind(&record.peer)
-        .bind(&record.request_id)
-        .bind(&record.detail)
-        .bind(&record.mac)
-        .execute(&mut *self.tx)
-        .await?;
+        for record in records {
+            let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq"))?;
+            sqlx::query(
+                "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
+                 outcome, alarm, peer, request_id, detail, mac) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
+            .bind(i64::from(record.shard))
+            .bind(seq)
+            .bind(micros(record.at))
+            .bind(&record.tenant_id)
+            .bind(&record.principal)
+            .bind(&record.action)
+            .bind(&record.token)
+            .bind(&record.outcome)
+            .bind(record.alarm)
+            .bind(&record.peer)
+            .bind(&record.request_id)
+            .bind(&record.detail)
+            .bind(&record.mac)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         let done = sqlx::query(
             "UPDATE audit_heads SET seq = ?2, mac = ?3, head_mac = ?4 WHERE shard = ?1",
         )
@@ -703,18 +760,6 @@ impl StoreTx for SqliteTx {
             return Err(StoreError::Corrupt("audit chain head missing"));
         }
         Ok(())
-    }
-}
-
-/// The position a scan starts after: the cursor, or just before `from`.
-fn cursor_values(after: Option<AuditCursor>, from: OffsetDateTime) -> (OffsetDateTime, i64, i64) {
-    match after {
-        Some(c) => (
-            c.at,
-            i64::from(c.shard),
-            i64::try_from(c.seq).unwrap_or(i64::MAX),
-        ),
-        None => (from, -1, -1),
     }
 }
 

@@ -26,7 +26,7 @@ pub enum VaultError {
     Conflict(&'static str),
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable")]
-    Unavailable(#[source] StoreError),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Anything else: a bug, a corrupt row, a key that does not open. Callers get an opaque
     /// error with a request id; the cause chain goes to the logs.
     #[error("{context}")]
@@ -80,7 +80,7 @@ impl From<AuditError> for VaultError {
 impl From<StoreError> for VaultError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Unavailable(_) => VaultError::Unavailable(err),
+            StoreError::Unavailable(_) => VaultError::Unavailable(Box::new(err)),
             other => VaultError::internal("database operation failed", other),
         }
     }

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod admin;
 mod authn;
+mod batch;
 mod error;
 mod keys;
 pub mod limits;
@@ -28,12 +29,13 @@ pub use self::{
         Principal,
     },
     admin::{CreatedApiKey, NewPrincipal},
+    batch::BatchOptions,
     error::VaultError,
     limits::Rate,
     metadata::Metadata,
     tenant::{InvalidTenantId, TenantId},
 };
-use self::{authn::CredentialCache, keys::KeyManager, limits::RateLimiter};
+use self::{authn::CredentialCache, batch::Batcher, keys::KeyManager, limits::RateLimiter};
 use crate::{
     audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
     card::{Brand, Card, CardholderName, Pan, Token, TokenFormat},
@@ -123,6 +125,8 @@ pub struct VaultOptions {
     /// How long a verified API key is trusted before its row is read again. Revocations on
     /// this replica apply at once; on other replicas within this time.
     pub credential_cache_ttl: Duration,
+    /// Group commit of new cards and audit records.
+    pub batch: BatchOptions,
 }
 
 impl Default for VaultOptions {
@@ -140,6 +144,7 @@ impl Default for VaultOptions {
                 burst: 10,
             },
             credential_cache_ttl: Duration::from_secs(5),
+            batch: BatchOptions::default(),
         }
     }
 }
@@ -151,11 +156,62 @@ pub struct Vault {
     store: Arc<dyn Store>,
     keys: KeyManager,
     /// Loaded on first use, so the vault starts (not ready) while the database is down.
-    auditor: OnceCell<Auditor>,
+    auditor: OnceCell<Arc<Auditor>>,
+    /// Started with the auditor it writes with.
+    batcher: OnceCell<Batcher>,
     options: VaultOptions,
     reveals: RateLimiter,
     failed_auth: RateLimiter,
     credentials: CredentialCache,
+}
+
+/// Everything needed to seal one card under fresh tokens.
+struct Sealer<'a> {
+    tenant: &'a TenantId,
+    command: &'a TokenizeCommand,
+    fingerprint: Fingerprint,
+    dek: Arc<crypto::DataKey>,
+    dek_id: DekId,
+    plaintext: zeroize::Zeroizing<Vec<u8>>,
+    now: OffsetDateTime,
+    honeytoken: bool,
+}
+
+impl Sealer<'_> {
+    /// The card's row under a freshly drawn token, its record sealed for that token.
+    fn row(&self) -> Result<CardRow, VaultError> {
+        let command = self.command;
+        let card = &command.card;
+        let token = Token::generate(command.format, &card.pan, crypto::system_random())
+            .map_err(|_| VaultError::internal("the OS random generator failed", "ring"))?;
+        let ciphertext = crypto::seal_record(
+            &self.dek,
+            self.dek_id,
+            self.tenant.as_str(),
+            token.as_str(),
+            &self.plaintext,
+        )
+        .map_err(|e| VaultError::internal("failed to seal a card record", e))?;
+        Ok(CardRow {
+            token: token.as_str().to_owned(),
+            tenant_id: self.tenant.as_str().to_owned(),
+            token_format: format_name(command.format).to_owned(),
+            fingerprint: self.fingerprint.as_bytes().to_vec(),
+            dek_id: self.dek_id.0,
+            ciphertext,
+            brand: card.pan.brand().as_str().to_owned(),
+            last4: card.pan.last4().to_owned(),
+            bin: card.pan.bin().to_owned(),
+            exp_month: card.expiry.month(),
+            exp_year: card.expiry.year(),
+            metadata: command.metadata.entries().to_vec(),
+            canonical: command.reuse_existing,
+            created_at: self.now,
+            expires_at: command.expires_at,
+            honeytoken: self.honeytoken,
+            import_id: None,
+        })
+    }
 }
 
 fn format_name(format: TokenFormat) -> &'static str {
@@ -176,6 +232,7 @@ impl Vault {
             keys: KeyManager::new(provider, store.clone(), options.dek_cache_size),
             store,
             auditor: OnceCell::new(),
+            batcher: OnceCell::new(),
             reveals: RateLimiter::new(options.reveal_rate),
             failed_auth: RateLimiter::new(options.failed_auth_rate),
             credentials: CredentialCache::default(),
@@ -185,10 +242,29 @@ impl Vault {
 
     /// The audit log writer, loading (or on a new database creating) the audit key.
     pub async fn auditor(&self) -> Result<&Auditor, VaultError> {
+        Ok(self.shared_auditor().await?)
+    }
+
+    async fn shared_auditor(&self) -> Result<&Arc<Auditor>, VaultError> {
         Ok(self
             .auditor
-            .get_or_try_init(|| Auditor::open(self.store.as_ref(), self.keys.provider().as_ref()))
+            .get_or_try_init(|| async {
+                Auditor::open(self.store.as_ref(), self.keys.provider().as_ref())
+                    .await
+                    .map(Arc::new)
+            })
             .await?)
+    }
+
+    /// The group-commit queue, started on first use.
+    async fn batcher(&self) -> Result<&Batcher, VaultError> {
+        let auditor = self.shared_auditor().await?;
+        Ok(self
+            .batcher
+            .get_or_init(|| async {
+                Batcher::start(self.store.clone(), auditor.clone(), self.options.batch)
+            })
+            .await)
     }
 
     /// Appends `event` in `tx` (last, as the audit design requires) and commits.
@@ -205,11 +281,8 @@ impl Vault {
     /// Records an event that has no other write (a refusal, a failed request). A failure to
     /// record is logged; the request fails either way.
     pub async fn record(&self, event: &AuditEvent) {
-        let result = match self.auditor().await {
-            Ok(auditor) => auditor
-                .record(self.store.as_ref(), event)
-                .await
-                .map_err(VaultError::from),
+        let result = match self.batcher().await {
+            Ok(batcher) => batcher.audit(event.clone()).await,
             Err(err) => Err(err),
         };
         if let Err(err) = result {
@@ -260,17 +333,56 @@ impl Vault {
     ) -> Result<Tokenized, VaultError> {
         let keys = self.keys.tenant(tenant).await?;
         let card = &command.card;
-        let fingerprint = keys
-            .fingerprint
-            .fingerprint(card.pan.expose_digits().as_bytes());
-        let now = now_micros();
+        let dek_id = keys.active_dek;
+        let sealer = Sealer {
+            tenant,
+            command: &command,
+            fingerprint: keys
+                .fingerprint
+                .fingerprint(card.pan.expose_digits().as_bytes()),
+            dek: self.keys.dek(tenant, dek_id).await?,
+            dek_id,
+            plaintext: record::encode(&card.pan, card.holder.as_ref()),
+            now: now_micros(),
+            honeytoken,
+        };
+        if !command.reuse_existing {
+            // The hot path: one try in the next group commit. A clash (a PAN-shaped token
+            // already taken) falls through to the one-by-one path below.
+            let row = sealer.row()?;
+            audit.token = Some(row.token.clone());
+            let written = self
+                .batcher()
+                .await?
+                .write(Some(row), audit.clone())
+                .await?;
+            if let (true, Some(row)) = (written.stored, written.card) {
+                return Ok(Tokenized {
+                    card: view_of(row)?,
+                    created: true,
+                });
+            }
+            tracing::debug!("token collided with an existing card; redrawing");
+        }
+        self.store_card_alone(&sealer, audit).await
+    }
+
+    /// Stores a card in a transaction of its own: for `reuse_existing` (which reads before
+    /// it writes) and for clashes on the group-commit path.
+    async fn store_card_alone(
+        &self,
+        sealer: &Sealer<'_>,
+        mut audit: AuditEvent,
+    ) -> Result<Tokenized, VaultError> {
+        let command = sealer.command;
         let reuse_key = ReuseKey {
-            tenant_id: tenant.as_str(),
-            fingerprint: fingerprint.as_bytes(),
-            exp_month: card.expiry.month(),
-            exp_year: card.expiry.year(),
+            tenant_id: sealer.tenant.as_str(),
+            fingerprint: sealer.fingerprint.as_bytes(),
+            exp_month: command.card.expiry.month(),
+            exp_year: command.card.expiry.year(),
             token_format: format_name(command.format),
         };
+        let now = sealer.now;
         let mut tx = self.store.begin().await?;
         if command.reuse_existing
             && let Some(row) = tx.reusable_card(reuse_key, now).await?
@@ -284,36 +396,11 @@ impl Vault {
             });
         }
 
-        let dek_id = keys.active_dek;
-        let dek = self.keys.dek(tenant, dek_id).await?;
-        let plaintext = record::encode(&card.pan, card.holder.as_ref());
         let mut retried_expired_canonical = false;
         let mut attempt = 0;
         while attempt < TOKEN_ATTEMPTS {
             attempt += 1;
-            let token = Token::generate(command.format, &card.pan, crypto::system_random())
-                .map_err(|_| VaultError::internal("the OS random generator failed", "ring"))?;
-            let ciphertext =
-                crypto::seal_record(&dek, dek_id, tenant.as_str(), token.as_str(), &plaintext)
-                    .map_err(|e| VaultError::internal("failed to seal a card record", e))?;
-            let row = CardRow {
-                token: token.as_str().to_owned(),
-                tenant_id: tenant.as_str().to_owned(),
-                token_format: format_name(command.format).to_owned(),
-                fingerprint: fingerprint.as_bytes().to_vec(),
-                dek_id: dek_id.0,
-                ciphertext,
-                brand: card.pan.brand().as_str().to_owned(),
-                last4: card.pan.last4().to_owned(),
-                bin: card.pan.bin().to_owned(),
-                exp_month: card.expiry.month(),
-                exp_year: card.expiry.year(),
-                metadata: command.metadata.entries().to_vec(),
-                canonical: command.reuse_existing,
-                created_at: now,
-                expires_at: command.expires_at,
-                honeytoken,
-            };
+            let row = sealer.row()?;
             match tx.insert_card(&row).await? {
                 CardInsert::Inserted => {
                     audit.token = Some(row.token.clone());
@@ -357,9 +444,11 @@ impl Vault {
     #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
     pub async fn get_card(&self, auth: &Authorized, token: &Token) -> Result<CardView, VaultError> {
         expect_action(auth, Action::GetCard)?;
-        let (tx, row) = self.live_row(auth, token).await?;
+        let row = self.live_row(auth, token).await?;
         let honeytoken = row.honeytoken;
-        self.commit_with(tx, &access_event(auth, token, honeytoken))
+        self.batcher()
+            .await?
+            .audit(access_event(auth, token, honeytoken))
             .await?;
         self.alarm_if(honeytoken, auth, token);
         view_of(row)
@@ -375,7 +464,7 @@ impl Vault {
     ) -> Result<RevealedCard, VaultError> {
         expect_action(auth, Action::Reveal)?;
         let tenant = auth.caller().tenant();
-        let (tx, row) = self.live_row(auth, token).await?;
+        let row = self.live_row(auth, token).await?;
         let sealed_by = crypto::record_dek_id(&row.ciphertext)
             .map_err(|e| VaultError::internal("a card record has a malformed header", e))?;
         if sealed_by != DekId(row.dek_id) {
@@ -395,7 +484,9 @@ impl Vault {
         let secret = record::decode(&plaintext)
             .map_err(|e| VaultError::internal("failed to decode a card record", e))?;
         let honeytoken = row.honeytoken;
-        self.commit_with(tx, &access_event(auth, token, honeytoken))
+        self.batcher()
+            .await?
+            .audit(access_event(auth, token, honeytoken))
             .await?;
         self.alarm_if(honeytoken, auth, token);
         Ok(RevealedCard {
@@ -410,9 +501,13 @@ impl Vault {
     pub async fn delete(&self, auth: &Authorized, token: &Token) -> Result<(), VaultError> {
         expect_action(auth, Action::DeleteCard)?;
         let now = OffsetDateTime::now_utc();
-        let (mut tx, row) = self.live_row(auth, token).await?;
-        tx.delete_card(auth.caller().tenant().as_str(), token.as_str(), now)
-            .await?;
+        let tenant = auth.caller().tenant().as_str();
+        let mut tx = self.store.begin().await?;
+        let Some(row) = tx.card(tenant, token.as_str(), now).await? else {
+            drop(tx);
+            return Err(self.not_found(auth, token).await);
+        };
+        tx.delete_card(tenant, token.as_str(), now).await?;
         self.commit_with(tx, &access_event(auth, token, row.honeytoken))
             .await?;
         self.alarm_if(row.honeytoken, auth, token);
@@ -434,7 +529,7 @@ impl Vault {
         if cursor.is_none() {
             let mut audit = event(auth, Outcome::Ok, None);
             audit.detail = Some(format!("from {from} to {to}"));
-            self.commit_with(self.store.begin().await?, &audit).await?;
+            self.batcher().await?.audit(audit).await?;
         }
         let tenant = (!auth.is_operator()).then(|| auth.caller().tenant().as_str());
         Ok(self
@@ -443,26 +538,32 @@ impl Vault {
             .await?)
     }
 
-    /// Reads a live card of the caller's tenant in a new transaction. A missing card (or
-    /// another tenant's: the query cannot tell them apart) is recorded and `NotFound`.
-    async fn live_row(
-        &self,
-        auth: &Authorized,
-        token: &Token,
-    ) -> Result<(Box<dyn StoreTx>, CardRow), VaultError> {
+    /// Reads a live card of the caller's tenant. A missing card (or another tenant's: the
+    /// query cannot tell them apart) is recorded and `NotFound`.
+    async fn live_row(&self, auth: &Authorized, token: &Token) -> Result<CardRow, VaultError> {
         let now = OffsetDateTime::now_utc();
-        let mut tx = self.store.begin().await?;
-        match tx
+        match self
+            .store
             .card(auth.caller().tenant().as_str(), token.as_str(), now)
             .await?
         {
-            Some(row) => Ok((tx, row)),
-            None => {
-                self.commit_with(tx, &event(auth, Outcome::NotFound, Some(token)))
-                    .await?;
-                Err(VaultError::NotFound)
-            }
+            Some(row) => Ok(row),
+            None => Err(self.not_found(auth, token).await),
         }
+    }
+
+    /// Records a request for a missing token; the error to return (`NotFound`, unless the
+    /// record could not be written).
+    async fn not_found(&self, auth: &Authorized, token: &Token) -> VaultError {
+        let recorded = match self.batcher().await {
+            Ok(batcher) => {
+                batcher
+                    .audit(event(auth, Outcome::NotFound, Some(token)))
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        recorded.err().unwrap_or(VaultError::NotFound)
     }
 
     /// Raises the alarm for an access to a honeytoken: the audit record is already marked;

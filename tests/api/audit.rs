@@ -75,7 +75,7 @@ async fn every_card_action_is_recorded_without_card_data(backend: Backend) {
     assert_eq!(report.records, 6);
 }
 
-async fn verify(state: &AppState) -> audit::Report {
+pub(crate) async fn verify(state: &AppState) -> audit::Report {
     let vault = server::open_vault(&state.settings("dev"))
         .await
         .expect("open vault");
@@ -166,7 +166,7 @@ async fn tampering_with_the_audit_log_is_detected_and_located(backend: Backend) 
 }
 
 /// The environment that points the CLI at a test's database and keyring.
-fn cli_env(state: &AppState) -> Vec<(String, String)> {
+pub(crate) fn cli_env(state: &AppState) -> Vec<(String, String)> {
     vec![
         ("CARDVAULT_DATABASE_URL".into(), state.database_url.clone()),
         (

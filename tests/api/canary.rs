@@ -151,17 +151,15 @@ async fn the_canary_card_never_leaves_the_vault(backend: Backend) {
         .collect();
     let logs = captured_logs();
     assert!(!logs.is_empty(), "logs were captured");
-    let mut stored = Vec::new();
-    match backend {
-        Backend::Sqlite => {
-            stored = read_sqlite_files(|| app.state.sqlite_files());
-        }
+    let stored = match backend {
+        Backend::Sqlite => read_sqlite_files(|| app.state.sqlite_files()),
         Backend::Postgres => {
             let db = app.state.pg_database.as_deref().expect("pg database");
-            stored = PgServer::get().dump(db);
-            assert!(contains(&stored, &token), "the dump holds the vault's rows");
+            let dump = PgServer::get().dump(db);
+            assert!(contains(&dump, &token), "the dump holds the vault's rows");
+            dump
         }
-    }
+    };
     assert!(
         contains(&stored, &pan[pan.len() - 4..]),
         "last 4 is stored in clear"

@@ -13,6 +13,7 @@ mod canary;
 mod dedup;
 mod errors;
 mod expiry;
+mod group_commit;
 mod honeytoken;
 mod lifecycle;
 mod reflection;

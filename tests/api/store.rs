@@ -22,6 +22,8 @@ on_both_backends!(
     revoking_a_principal_revokes_its_live_api_keys,
     audit_chains_page_by_seq_and_by_time_with_a_cursor,
     concurrent_appends_to_one_chain_are_serialized_by_the_head_lock,
+    a_batch_insert_stores_what_it_can_and_reports_each_clash,
+    a_batch_of_audit_records_extends_one_chain_in_order,
 );
 
 /// A fixed, whole-second instant: both backends store microseconds, so rows read back
@@ -83,6 +85,7 @@ fn card(token: &str, canonical: bool, dek: uuid::Uuid) -> CardRow {
         created_at: OffsetDateTime::UNIX_EPOCH,
         expires_at: None,
         honeytoken: false,
+        import_id: None,
     }
 }
 
@@ -254,7 +257,7 @@ async fn a_token_collision_leaves_the_transaction_usable(backend: Backend) {
     ));
     let locked = tx.lock_audit_head(0).await.expect("lock").expect("head");
     assert_eq!(locked, head(0, 0));
-    tx.append_audit(&record(0, 1, t0(), "t"), &head(0, 1))
+    tx.append_audit(&[record(0, 1, t0(), "t")], &head(0, 1))
         .await
         .expect("append");
     tx.commit().await.expect("commit after a collision");
@@ -284,7 +287,7 @@ async fn a_transaction_dropped_without_commit_leaves_no_card_and_no_audit_record
         .await
         .expect("insert");
     tx.lock_audit_head(0).await.expect("lock").expect("head");
-    tx.append_audit(&record(0, 1, t0(), "t"), &head(0, 1))
+    tx.append_audit(&[record(0, 1, t0(), "t")], &head(0, 1))
         .await
         .expect("append");
     drop(tx);
@@ -512,7 +515,7 @@ async fn audit_chains_page_by_seq_and_by_time_with_a_cursor(backend: Backend) {
             .expect("lock")
             .expect("head");
         assert_eq!(locked, head(r.shard, r.seq - 1));
-        tx.append_audit(r, &head(r.shard, r.seq))
+        tx.append_audit(std::slice::from_ref(r), &head(r.shard, r.seq))
             .await
             .expect("append");
         tx.commit().await.expect("commit");
@@ -522,7 +525,7 @@ async fn audit_chains_page_by_seq_and_by_time_with_a_cursor(backend: Backend) {
     let mut tx = store.begin().await.expect("begin");
     assert!(tx.lock_audit_head(7).await.expect("lock").is_none());
     let err = tx
-        .append_audit(&record(7, 1, at(30), "a"), &head(7, 1))
+        .append_audit(&[record(7, 1, at(30), "a")], &head(7, 1))
         .await
         .expect_err("no head");
     assert!(
@@ -610,7 +613,7 @@ async fn concurrent_appends_to_one_chain_are_serialized_by_the_head_lock(backend
                 // Hold the lock across a real pause, so an unserialized read would overlap.
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 let seq = locked.seq + 1;
-                tx.append_audit(&record(0, seq, t0(), "t"), &head(0, seq))
+                tx.append_audit(&[record(0, seq, t0(), "t")], &head(0, seq))
                     .await
                     .expect("append");
                 tx.commit().await.expect("commit");
@@ -630,4 +633,88 @@ async fn concurrent_appends_to_one_chain_are_serialized_by_the_head_lock(backend
         .map(|r| r.seq)
         .collect();
     assert_eq!(seqs, (1..=TASKS).collect::<Vec<_>>());
+}
+
+/// The group-commit path inserts many cards in one statement: clashes on any unique key (the
+/// token, the canonical slot, the import id, a token twice in one batch) skip only their own
+/// row, leave the stored card untouched and the transaction usable.
+async fn a_batch_insert_stores_what_it_can_and_reports_each_clash(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    let dek = tenant_with_dek(store.as_ref()).await;
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert_audit_head(&head(0, 0)).await.expect("head");
+    let existing = card("tok_old", false, dek);
+    tx.insert_card(&existing).await.expect("insert");
+    tx.commit().await.expect("commit");
+
+    let mut taken = card("tok_old", false, dek);
+    taken.ciphertext = vec![9, 9, 9];
+    let canonical = card("tok_c1", true, dek);
+    let second_canonical = card("tok_c2", true, dek);
+    let mut imported = card("tok_i1", false, dek);
+    imported.import_id = Some("row-17".to_owned());
+    let mut same_import = card("tok_i2", false, dek);
+    same_import.import_id = Some("row-17".to_owned());
+    let fresh = card("tok_new", false, dek);
+    let twice = card("tok_new", false, dek);
+    let batch = [
+        &fresh,
+        &taken,
+        &canonical,
+        &second_canonical,
+        &imported,
+        &same_import,
+        &twice,
+    ];
+    let mut tx = store.begin().await.expect("begin");
+    let stored = tx.insert_cards(&batch).await.expect("batch insert");
+    assert_eq!(stored, [true, false, true, false, true, false, false]);
+    assert_eq!(tx.insert_cards(&[]).await.expect("empty batch"), [false; 0]);
+    tx.lock_audit_head(0).await.expect("lock").expect("head");
+    tx.append_audit(&[record(0, 1, t0(), "t")], &head(0, 1))
+        .await
+        .expect("the transaction is still usable");
+    tx.commit().await.expect("commit");
+
+    let now = OffsetDateTime::now_utc();
+    for row in [&existing, &fresh, &canonical, &imported] {
+        let got = store.card("t", &row.token, now).await.expect("read");
+        assert_eq!(got.as_ref(), Some(row), "{}", row.token);
+    }
+    for row in [&second_canonical, &same_import] {
+        assert!(
+            store
+                .card("t", &row.token, now)
+                .await
+                .expect("read")
+                .is_none()
+        );
+    }
+    assert!(
+        store
+            .card("other", "tok_new", now)
+            .await
+            .expect("read")
+            .is_none(),
+        "reads are scoped by tenant"
+    );
+}
+
+async fn a_batch_of_audit_records_extends_one_chain_in_order(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert_audit_head(&head(3, 0)).await.expect("head");
+    tx.commit().await.expect("commit");
+
+    let records: Vec<AuditRow> = (1..=3).map(|seq| record(3, seq, t0(), "t")).collect();
+    let mut tx = store.begin().await.expect("begin");
+    tx.lock_audit_head(3).await.expect("lock").expect("head");
+    tx.append_audit(&records, &head(3, 3))
+        .await
+        .expect("append");
+    tx.commit().await.expect("commit");
+
+    assert_eq!(store.audit_chain(3, 0, 10).await.expect("chain"), records);
+    let heads = store.audit_heads().await.expect("heads");
+    assert_eq!(heads, [head(3, 3)]);
 }

@@ -1,0 +1,250 @@
+//! Group commit: the hot path's writes — new cards and audit records — from many concurrent
+//! requests committed together in one transaction.
+//!
+//! A durable commit costs a disk flush, whatever it holds. One transaction per request caps
+//! throughput at what the database can flush; with many requests per transaction the same
+//! flush makes all of them durable. Each caller still waits for the commit of its own batch
+//! before it is answered, so an acknowledged card (or a revealed PAN's audit record) is on
+//! disk, exactly as with one transaction each.
+//!
+//! Writers (a few tasks) take whatever is queued, up to `max_size`; when more than one write
+//! was waiting — the sign of concurrent load — a writer lingers up to `max_wait` for more,
+//! so a lone request never waits. While one writer's transaction commits, another gathers the
+//! next batch. Cards whose token or canonical slot clashes are handed back unstored (the
+//! caller resolves them in a transaction of their own), and they leave no audit record in the
+//! batch. A statement error fails no one blindly: the batch is retried one write per
+//! transaction, so only a write that fails alone fails. A failed commit, or a database that
+//! cannot be reached, fails the whole batch with a status saying so.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{Mutex, mpsc, oneshot},
+    time::Instant,
+};
+
+use super::VaultError;
+use crate::{
+    audit::{AuditEvent, Auditor},
+    store::{CardRow, Store},
+};
+
+/// How writes are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Most writes in one transaction.
+    pub max_size: usize,
+    /// Longest a writer waits for more writes once it has more than one.
+    pub max_wait: Duration,
+    /// Transactions in flight at once; 0 picks the backend's default (PostgreSQL 2, SQLite 1,
+    /// since SQLite has one writer anyway).
+    pub writers: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_size: 256,
+            max_wait: Duration::from_micros(500),
+            writers: 0,
+        }
+    }
+}
+
+/// What happened to one write.
+#[derive(Debug)]
+pub(crate) struct Written {
+    /// False when the card clashed with a unique key and was not stored (nor its record).
+    pub stored: bool,
+    /// The card, handed back.
+    pub card: Option<CardRow>,
+}
+
+struct Job {
+    card: Option<CardRow>,
+    audit: AuditEvent,
+    reply: oneshot::Sender<Result<Written, VaultError>>,
+}
+
+/// The queue of writes and the tasks that commit them. Dropping it lets the writers finish
+/// what is queued and stop.
+#[derive(Debug)]
+pub(crate) struct Batcher {
+    queue: mpsc::Sender<Job>,
+}
+
+/// Why a batch failed, shared by every write in it.
+#[derive(Debug, thiserror::Error)]
+#[error("the group commit that held this write failed")]
+struct BatchFailed(#[source] Arc<VaultError>);
+
+/// A failure before COMMIT was sent leaves nothing behind and may be retried per write; a
+/// failed COMMIT may or may not have happened.
+enum Failure {
+    BeforeCommit(VaultError),
+    AtCommit(VaultError),
+}
+
+impl Batcher {
+    /// Starts the writers on the current runtime.
+    pub fn start(store: Arc<dyn Store>, auditor: Arc<Auditor>, options: BatchOptions) -> Self {
+        let max_size = options.max_size.max(1);
+        let writers = match options.writers {
+            0 if store.backend() == "sqlite" => 1,
+            0 => 2,
+            n => n,
+        };
+        // Bounded, so a database that stalls pushes back on callers instead of queueing
+        // without limit; room for every writer's next batch.
+        let (queue, rx) = mpsc::channel(max_size * (writers + 1));
+        let writer = Arc::new(Writer {
+            store,
+            auditor,
+            rx: Mutex::new(rx),
+            max_size,
+            max_wait: options.max_wait,
+        });
+        for _ in 0..writers {
+            tokio::spawn(writer.clone().run());
+        }
+        Batcher { queue }
+    }
+
+    /// Stores `card` (if any) and appends `audit` in the next group commit; answers once
+    /// that commit is durable.
+    pub async fn write(
+        &self,
+        card: Option<CardRow>,
+        audit: AuditEvent,
+    ) -> Result<Written, VaultError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { card, audit, reply };
+        self.queue
+            .send(job)
+            .await
+            .map_err(|_| VaultError::internal("the write queue is closed", "writers stopped"))?;
+        answer.await.map_err(|_| {
+            VaultError::internal("a writer stopped before answering", "writer task ended")
+        })?
+    }
+
+    /// Appends one audit record in the next group commit.
+    pub async fn audit(&self, audit: AuditEvent) -> Result<(), VaultError> {
+        self.write(None, audit).await.map(drop)
+    }
+}
+
+struct Writer {
+    store: Arc<dyn Store>,
+    auditor: Arc<Auditor>,
+    rx: Mutex<mpsc::Receiver<Job>>,
+    max_size: usize,
+    max_wait: Duration,
+}
+
+impl Writer {
+    async fn run(self: Arc<Self>) {
+        while let Some(jobs) = self.next_batch().await {
+            metrics::histogram!("cardvault_write_batch_size").record(jobs.len() as f64);
+            self.commit(jobs).await;
+        }
+    }
+
+    /// The next batch, or `None` once the queue is closed and empty.
+    async fn next_batch(&self) -> Option<Vec<Job>> {
+        let mut rx = self.rx.lock().await;
+        let first = rx.recv().await?;
+        let mut jobs = Vec::with_capacity(self.max_size.min(64));
+        jobs.push(first);
+        while jobs.len() < self.max_size {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        if jobs.len() > 1 && !self.max_wait.is_zero() {
+            let deadline = Instant::now() + self.max_wait;
+            while jobs.len() < self.max_size {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => jobs.push(job),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        Some(jobs)
+    }
+
+    async fn commit(&self, jobs: Vec<Job>) {
+        match self.try_commit(&jobs).await {
+            Ok(stored) => {
+                for (job, stored) in jobs.into_iter().zip(stored) {
+                    let _ = job.reply.send(Ok(Written {
+                        stored,
+                        card: job.card,
+                    }));
+                }
+            }
+            Err(Failure::BeforeCommit(err))
+                if jobs.len() > 1 && !matches!(err, VaultError::Unavailable(_)) =>
+            {
+                tracing::warn!(error = %err, writes = jobs.len(), "a write batch failed; committing its writes one by one");
+                for job in jobs {
+                    let outcome = self.try_commit(std::slice::from_ref(&job)).await;
+                    let answer = match outcome {
+                        Ok(stored) => Ok(Written {
+                            stored: stored.first().copied().unwrap_or(false),
+                            card: job.card,
+                        }),
+                        Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => Err(err),
+                    };
+                    let _ = job.reply.send(answer);
+                }
+            }
+            Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => {
+                let cause = Arc::new(err);
+                for job in jobs {
+                    let _ = job.reply.send(Err(shared(&cause)));
+                }
+            }
+        }
+    }
+
+    /// One transaction: the cards, then the audit records of every write that took effect.
+    async fn try_commit(&self, jobs: &[Job]) -> Result<Vec<bool>, Failure> {
+        let before = |e: VaultError| Failure::BeforeCommit(e);
+        let mut tx = self.store.begin().await.map_err(|e| before(e.into()))?;
+        let cards: Vec<&CardRow> = jobs.iter().filter_map(|j| j.card.as_ref()).collect();
+        let mut inserted = if cards.is_empty() {
+            Vec::new()
+        } else {
+            tx.insert_cards(&cards)
+                .await
+                .map_err(|e| before(e.into()))?
+        }
+        .into_iter();
+        let stored: Vec<bool> = jobs
+            .iter()
+            .map(|job| job.card.is_none() || inserted.next().unwrap_or(false))
+            .collect();
+        let events: Vec<&AuditEvent> = jobs
+            .iter()
+            .zip(&stored)
+            .filter_map(|(job, stored)| stored.then_some(&job.audit))
+            .collect();
+        self.auditor
+            .append_all(tx.as_mut(), &events)
+            .await
+            .map_err(|e| before(e.into()))?;
+        tx.commit().await.map_err(|e| Failure::AtCommit(e.into()))?;
+        Ok(stored)
+    }
+}
+
+/// Each caller's copy of a batch's failure: unavailable stays unavailable (retryable).
+fn shared(cause: &Arc<VaultError>) -> VaultError {
+    let failed = BatchFailed(cause.clone());
+    match **cause {
+        VaultError::Unavailable(_) => VaultError::Unavailable(Box::new(failed)),
+        _ => VaultError::internal("the group commit that held this write failed", failed),
+    }
+}
