@@ -16,6 +16,8 @@
 //! - [`audit`] — the HMAC-chained audit log and its verifier.
 //! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
 //!   TLS listeners, start-up and drain.
+//! - [`loadgen`] — `cardvault bench`, a load generator: a gRPC client of the vault, beside
+//!   the layers rather than in them (it uses only [`pb`] and [`card::luhn`]).
 //!
 //! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
 
@@ -26,6 +28,7 @@ pub mod audit;
 pub mod card;
 pub mod config;
 pub mod crypto;
+pub mod loadgen;
 pub mod pb;
 pub mod server;
 pub mod store;

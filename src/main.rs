@@ -8,7 +8,7 @@ use cardvault::{
     card::TokenFormat,
     config::{LogFormat, Settings},
     crypto::LocalKeyring,
-    server, telemetry,
+    loadgen, server, telemetry,
     vault::{self, Metadata, NewPrincipal, Operator, Permissions, TenantId},
 };
 use clap::{Parser, Subcommand};
@@ -55,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Load-generates against a running vault over gRPC and reports throughput and latency
+    /// percentiles (needs no configuration file and no database).
+    Bench(Box<loadgen::BenchArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +136,10 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A client of the vault, not the vault: no settings, no telemetry, no database.
+    if let Command::Bench(args) = &cli.command {
+        return bench(cli.config.as_deref(), args);
+    }
     let settings = match load_settings(&cli) {
         Ok(settings) => settings,
         Err(err) => {
@@ -226,6 +233,8 @@ async fn run(command: Command, settings: Settings) -> Result<ExitCode, Box<dyn s
                 path.display()
             );
         }
+        // Dispatched in `main` before settings load; it never gets here.
+        Command::Bench(_) => return Err("bench runs without settings".into()),
         Command::Admin { command } => admin(command, &settings).await?,
         Command::Audit {
             command: AuditCommand::Verify,
@@ -350,6 +359,22 @@ async fn admin(
         }
     }
     Ok(())
+}
+
+fn bench(config: Option<&std::path::Path>, args: &loadgen::BenchArgs) -> ExitCode {
+    if config.is_some() {
+        eprintln!("cardvault bench: --config is not used by bench; its options are flags");
+        return ExitCode::from(2);
+    }
+    // The generated cards pass through this process: panics must not print them.
+    telemetry::install_panic_hook();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(loadgen::run_cli(args)),
+        Err(err) => {
+            eprintln!("cardvault bench: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Completes on SIGTERM (Kubernetes) or Ctrl-C.

@@ -16,5 +16,6 @@ mod expiry;
 mod group_commit;
 mod honeytoken;
 mod lifecycle;
+mod loadgen;
 mod reflection;
 mod store;

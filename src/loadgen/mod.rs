@@ -1,0 +1,691 @@
+//! `cardvault bench`: a load generator that speaks the vault's real gRPC API.
+//!
+//! - [`BenchArgs`] is the command line; [`Bench::prepare`] checks it and reads the files it
+//!   names (CA, client certificate, API key); [`Bench::run`] connects, fills the token pool,
+//!   warms up, measures and returns a [`Report`].
+//! - **Closed loop** (default): `--concurrency` workers spread round-robin over
+//!   `--connections` HTTP/2 connections, each sending its next request when the previous one
+//!   has answered.
+//! - **Open loop** (`--rate`): requests are due at fixed intervals whatever the answers; the
+//!   workers bound how many are in flight. Latency runs from the due time, so a vault that
+//!   stalls is charged for the requests it kept waiting (no coordinated omission).
+//! - Cards come from [`cards`]: random, Luhn-valid, distinct, never printed.
+//! - `reveal`, `get` and `mixed` first tokenize `--pool` cards (not measured) and then pick
+//!   among their tokens at random. `mixed` is [`MIX_TOKENIZE_PERCENT`] % tokenize,
+//!   [`MIX_GET_PERCENT`] % get, the rest reveal.
+//!
+//! The tool needs no configuration file and no database: only a target.
+
+pub mod cards;
+pub mod report;
+mod runner;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use tonic::{
+    metadata::{AsciiMetadataValue, MetadataValue},
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri},
+};
+use zeroize::Zeroizing;
+
+pub use report::{Latency, Report, RpcStats};
+
+use crate::pb::v1 as pb;
+
+/// Share of tokenize requests in the `mixed` workload, in percent.
+pub const MIX_TOKENIZE_PERCENT: u64 = 20;
+/// Share of get requests in the `mixed` workload, in percent; the rest are reveals.
+pub const MIX_GET_PERCENT: u64 = 40;
+
+/// In an open loop, a send that leaves more than this after its due time counts as late:
+/// every worker was busy when it fell due.
+pub const LATE_AFTER: Duration = Duration::from_millis(1);
+
+/// How long to wait for each connection (TCP, TLS and HTTP/2 handshakes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline of each request, so a vault that hangs cannot hang the benchmark: it shows as
+/// errors instead.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Duration of the measured phase when neither `--duration` nor `--requests` is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+/// Environment variable holding the API key when `--api-key-file` is not given.
+pub const API_KEY_ENV: &str = "CARDVAULT_API_KEY";
+
+/// Load-generates against a running vault over its gRPC API.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "bench")]
+pub struct BenchArgs {
+    /// The vault's gRPC address: http://HOST:PORT for plain text, https://HOST:PORT for TLS.
+    #[arg(long, value_name = "URI", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// What to send; mixed is 20 % tokenize, 40 % get, 40 % reveal.
+    #[arg(long, value_enum, default_value_t = Workload::Tokenize)]
+    pub rpc: Workload,
+    /// Workers, i.e. requests in flight at most.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// HTTP/2 connections the workers are spread over, round-robin.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub connections: u32,
+    /// Length of the measured phase, e.g. 10s, 500ms, 2m [default: 10s].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Measure exactly this many requests instead of a duration.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Load sent before measuring, not counted (connections, caches and the database warm up).
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// Open loop: this many requests per second in total, whatever the answers.
+    #[arg(long, value_name = "REQ/S", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// CA certificate(s) to trust for an https target, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mTLS, PEM (with --key-file).
+    #[arg(long, value_name = "PEM", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key of --cert-file, PEM.
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// File holding the API key, sent as `authorization: Bearer …`; else $CARDVAULT_API_KEY.
+    /// (Never a flag: command lines show in `ps`.)
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Name to check the server certificate against [default: the target's host].
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Cards tokenized before a reveal, get or mixed run, whose tokens the run then reads.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pool: u32,
+    /// Token format asked for by tokenize requests.
+    #[arg(long, value_enum, default_value_t = TokenFormatArg::Opaque)]
+    pub token_format: TokenFormatArg,
+}
+
+/// What a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Tokenize fresh random cards.
+    Tokenize,
+    /// Reveal tokens from the pool.
+    Reveal,
+    /// GetCard on tokens from the pool.
+    Get,
+    /// A fixed mix of tokenize, get and reveal.
+    Mixed,
+}
+
+impl Workload {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Tokenize => "tokenize",
+            Workload::Reveal => "reveal",
+            Workload::Get => "get",
+            Workload::Mixed => "mixed",
+        }
+    }
+
+    /// The RPCs this workload sends, in report order.
+    pub fn rpcs(self) -> &'static [Rpc] {
+        match self {
+            Workload::Tokenize => &[Rpc::Tokenize],
+            Workload::Reveal => &[Rpc::Reveal],
+            Workload::Get => &[Rpc::Get],
+            Workload::Mixed => &[Rpc::Tokenize, Rpc::Get, Rpc::Reveal],
+        }
+    }
+
+    /// Whether the run reads tokens, and so needs a pool first.
+    fn needs_pool(self) -> bool {
+        self != Workload::Tokenize
+    }
+}
+
+/// One RPC of the `CardVault` service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    /// `Tokenize`.
+    Tokenize,
+    /// `GetCard`.
+    Get,
+    /// `Reveal`.
+    Reveal,
+}
+
+impl Rpc {
+    /// The name used in reports (`by_rpc` keys).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::Tokenize => "tokenize",
+            Rpc::Get => "get",
+            Rpc::Reveal => "reveal",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `--token-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormatArg {
+    /// `tok_` and 22 base62 characters.
+    Opaque,
+    /// Digits, the PAN's length, failing Luhn.
+    PanShaped,
+}
+
+impl TokenFormatArg {
+    fn to_pb(self) -> pb::TokenFormat {
+        match self {
+            TokenFormatArg::Opaque => pb::TokenFormat::Opaque,
+            TokenFormatArg::PanShaped => pb::TokenFormat::PanShaped,
+        }
+    }
+}
+
+/// Where progress goes while a run is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nowhere (tests, embedding).
+    Off,
+    /// One line a second on stderr, rewritten in place when stderr is a terminal.
+    Stderr,
+}
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The arguments or the files they name are unusable.
+    #[error("{0}")]
+    Usage(String),
+    /// A connection to the target could not be set up.
+    #[error("cannot connect to {target}: {cause}")]
+    Connect {
+        /// The `--target`.
+        target: String,
+        /// The whole cause chain (TCP, TLS, HTTP/2).
+        cause: String,
+    },
+    /// Tokenizing the pool failed, so there is nothing to read.
+    #[error("tokenizing the pool of cards failed: {0}")]
+    Pool(String),
+    /// Ctrl-C before the measured phase started.
+    #[error("interrupted before the measured phase")]
+    Interrupted,
+    /// The OS random generator failed.
+    #[error("cannot seed the card generator from the OS random generator")]
+    Random,
+}
+
+/// When the measured phase ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum End {
+    After(Duration),
+    Requests(u64),
+}
+
+/// A checked run, ready to go: arguments validated, files read.
+pub struct Bench {
+    target: String,
+    endpoint: Endpoint,
+    workload: Workload,
+    concurrency: usize,
+    connections: usize,
+    end: End,
+    warmup: Duration,
+    rate: Option<f64>,
+    pool: usize,
+    token_format: pb::TokenFormat,
+    /// `Bearer <key>`, marked sensitive so HTTP/2 never indexes it in HPACK tables.
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for Bench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bench")
+            .field("target", &self.target)
+            .field("workload", &self.workload)
+            .field("concurrency", &self.concurrency)
+            .field("connections", &self.connections)
+            .field("end", &self.end)
+            .field("warmup", &self.warmup)
+            .field("rate", &self.rate)
+            .field("pool", &self.pool)
+            .field("authenticated", &self.authorization.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bench {
+    /// Checks `args` and reads the CA, client certificate and API key they name (the API
+    /// key from `$CARDVAULT_API_KEY` when no file is given).
+    pub fn prepare(args: &BenchArgs) -> Result<Bench, BenchError> {
+        let env_key = std::env::var(API_KEY_ENV)
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+            .map(Zeroizing::new);
+        Bench::prepare_with_env_key(args, env_key)
+    }
+
+    fn prepare_with_env_key(
+        args: &BenchArgs,
+        env_key: Option<Zeroizing<String>>,
+    ) -> Result<Bench, BenchError> {
+        let usage = |message: String| BenchError::Usage(message);
+        let uri: Uri = args
+            .target
+            .parse()
+            .map_err(|_| usage(format!("--target {} is not a URI", args.target)))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(usage(format!(
+                    "--target must start with http:// (plain text) or https:// (TLS), not {}",
+                    args.target
+                )));
+            }
+        };
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(usage(format!("--target {} has no host", args.target)));
+        }
+        if args.connections > args.concurrency {
+            return Err(usage(format!(
+                "--connections {} exceeds --concurrency {}: some connections would carry nothing",
+                args.connections, args.concurrency
+            )));
+        }
+
+        let mut endpoint = Endpoint::from_shared(args.target.clone())
+            .map_err(|e| usage(format!("--target {}: {e}", args.target)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true)
+            .user_agent(concat!("cardvault-bench/", env!("CARGO_PKG_VERSION")))
+            .map_err(|e| usage(format!("user agent: {e}")))?;
+        if tls {
+            endpoint = endpoint
+                .tls_config(tls_config(args)?)
+                .map_err(|e| usage(format!("TLS configuration: {}", error_chain(&e))))?;
+        } else if args.ca_file.is_some()
+            || args.cert_file.is_some()
+            || args.tls_server_name.is_some()
+        {
+            return Err(usage(
+                "--ca-file, --cert-file and --tls-server-name need an https:// --target".to_owned(),
+            ));
+        }
+
+        let key = match &args.api_key_file {
+            Some(path) => Some(read_api_key(path)?),
+            None => env_key,
+        };
+        let authorization = key.map(|key| bearer(&key)).transpose()?;
+
+        Ok(Bench {
+            target: args.target.clone(),
+            endpoint,
+            workload: args.rpc,
+            concurrency: args.concurrency as usize,
+            connections: args.connections as usize,
+            end: match args.requests {
+                Some(n) => End::Requests(n),
+                None => End::After(args.duration.unwrap_or(DEFAULT_DURATION)),
+            },
+            warmup: args.warmup,
+            rate: args.rate,
+            pool: if args.rpc.needs_pool() {
+                args.pool as usize
+            } else {
+                0
+            },
+            token_format: args.token_format.to_pb(),
+            authorization,
+        })
+    }
+
+    /// Whether requests carry an API key.
+    pub fn has_api_key(&self) -> bool {
+        self.authorization.is_some()
+    }
+
+    /// Connects, fills the pool, warms up and measures. Completing `interrupt` (Ctrl-C in
+    /// the CLI) stops sending; what was measured so far is reported.
+    pub async fn run(
+        &self,
+        progress: Progress,
+        interrupt: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Report, BenchError> {
+        runner::run(self, progress, interrupt).await
+    }
+}
+
+fn tls_config(args: &BenchArgs) -> Result<ClientTlsConfig, BenchError> {
+    let Some(ca_file) = &args.ca_file else {
+        return Err(BenchError::Usage(
+            "an https:// --target needs --ca-file: the CA that signed the vault's certificate"
+                .to_owned(),
+        ));
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_file)?));
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        let key = Zeroizing::new(read(key)?);
+        tls = tls.identity(Identity::from_pem(read(cert)?, key.as_slice()));
+    }
+    Ok(tls)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, BenchError> {
+    std::fs::read(path)
+        .map_err(|e| BenchError::Usage(format!("cannot read {}: {e}", path.display())))
+}
+
+fn read_api_key(path: &Path) -> Result<Zeroizing<String>, BenchError> {
+    let bytes = Zeroizing::new(read(path)?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| BenchError::Usage(format!("API key file {} is not text", path.display())))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(BenchError::Usage(format!(
+            "API key file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Zeroizing::new(key.to_owned()))
+}
+
+/// `Bearer <key>` as a sensitive header value. The error never quotes the key.
+fn bearer(key: &str) -> Result<AsciiMetadataValue, BenchError> {
+    let header = Zeroizing::new(format!("Bearer {}", key.trim()));
+    let mut value = MetadataValue::try_from(header.as_str()).map_err(|_| {
+        BenchError::Usage("the API key holds characters not allowed in a header".to_owned())
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// An error and all its sources, joined by `: ` ("transport error" alone says nothing).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // hyper and tonic often repeat their source's message; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Parses a duration: a non-negative decimal number followed by `ms`, `s`, `m` or `h`
+/// (`500ms`, `10s`, `1.5s`, `2m`). A bare number is refused: `10` could mean anything.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} needs a unit: e.g. 10s, 500ms, 2m"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// Parses `--rate`: requests per second, a positive number.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10_000_000.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: requests per second, above 0 and at most 10000000"
+        )),
+    }
+}
+
+/// `cardvault bench`: prepares, runs, prints the report on stdout (text or `--json`) and
+/// returns the exit code: 0 when the run happened (errors are in the report), 2 for unusable
+/// arguments, 1 when the target or the pool could not be set up.
+pub async fn run_cli(args: &BenchArgs) -> ExitCode {
+    let bench = match Bench::prepare(args) {
+        Ok(bench) => bench,
+        Err(err) => {
+            eprintln!("cardvault bench: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if bench.has_api_key() && !args.target.starts_with("https://") {
+        eprintln!(
+            "cardvault bench: warning: sending the API key over plain text to {}",
+            args.target
+        );
+    }
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No signal handling here: never interrupt rather than stop at once.
+            std::future::pending::<()>().await;
+        }
+        // The first Ctrl-C waits for requests in flight; a second one must still quit.
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("cardvault bench: interrupted twice, quitting without a report");
+                std::process::exit(130);
+            }
+        });
+    };
+    match bench.run(Progress::Stderr, interrupt).await {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.total().ok == 0 {
+                eprintln!(
+                    "cardvault bench: warning: no request succeeded (see the errors by code)"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("cardvault bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<BenchArgs, clap::Error> {
+        BenchArgs::try_parse_from(std::iter::once("bench").chain(extra.iter().copied()))
+    }
+
+    #[test]
+    fn durations_take_ms_s_m_and_h_with_decimals() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn durations_without_a_known_unit_or_number_are_refused() {
+        for bad in ["10", "", "s", "abc", "-1s", "10x", "1..5s", "10 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn rates_must_be_positive_and_finite() {
+        assert_eq!(parse_rate("2500"), Ok(2500.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "NaN", "inf", "fast", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_ten_second_closed_loop_tokenize_run() {
+        let args = args(&[]).expect("defaults parse");
+        assert_eq!(args.target, "http://127.0.0.1:50051");
+        assert_eq!(args.rpc, Workload::Tokenize);
+        assert_eq!((args.concurrency, args.connections), (32, 4));
+        assert_eq!(args.warmup, Duration::from_secs(2));
+        assert_eq!(args.pool, 1000);
+        let bench = Bench::prepare_with_env_key(&args, None).expect("prepares");
+        assert_eq!(bench.end, End::After(Duration::from_secs(10)));
+        assert_eq!(bench.rate, None);
+        assert_eq!(bench.pool, 0, "tokenize needs no pool");
+        assert!(!bench.has_api_key());
+    }
+
+    #[test]
+    fn every_documented_flag_parses() {
+        let args = args(&[
+            "--target",
+            "https://vault.internal:443",
+            "--rpc",
+            "mixed",
+            "--concurrency",
+            "64",
+            "--connections",
+            "8",
+            "--requests",
+            "5000",
+            "--warmup",
+            "0s",
+            "--rate",
+            "1000",
+            "--json",
+            "--ca-file",
+            "ca.pem",
+            "--cert-file",
+            "c.pem",
+            "--key-file",
+            "c.key",
+            "--api-key-file",
+            "key",
+            "--tls-server-name",
+            "vault",
+            "--pool",
+            "50",
+            "--token-format",
+            "pan-shaped",
+        ])
+        .expect("parses");
+        assert_eq!(args.rpc, Workload::Mixed);
+        assert_eq!(args.requests, Some(5000));
+        assert_eq!(args.rate, Some(1000.0));
+        assert_eq!(args.token_format, TokenFormatArg::PanShaped);
+        assert!(args.json);
+    }
+
+    #[test]
+    fn duration_and_requests_exclude_each_other_and_a_cert_needs_its_key() {
+        assert!(args(&["--duration", "1s", "--requests", "10"]).is_err());
+        assert!(args(&["--cert-file", "c.pem"]).is_err());
+        assert!(args(&["--key-file", "c.key"]).is_err());
+        assert!(args(&["--concurrency", "0"]).is_err());
+        assert!(args(&["--rpc", "delete"]).is_err());
+    }
+
+    #[test]
+    fn bad_targets_and_tls_flags_without_tls_are_usage_errors() {
+        let prepare = |extra: &[&str]| {
+            Bench::prepare_with_env_key(&args(extra).expect("parses"), None).map(drop)
+        };
+        for extra in [
+            &["--target", "127.0.0.1:50051"][..],
+            &["--target", "ftp://127.0.0.1:50051"],
+            &["--target", "https://127.0.0.1:50051"],
+            &["--ca-file", "ca.pem"],
+            &["--concurrency", "2", "--connections", "3"],
+        ] {
+            assert!(
+                matches!(prepare(extra), Err(BenchError::Usage(_))),
+                "{extra:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_api_key_comes_from_its_file_before_the_environment_and_is_never_echoed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("key");
+        std::fs::write(&file, "cv_abc_secret\n").expect("write key");
+        let from_file = Bench::prepare_with_env_key(
+            &args(&["--api-key-file", file.to_str().expect("utf-8")]).expect("parses"),
+            Some(Zeroizing::new("cv_env_other".to_owned())),
+        )
+        .expect("prepares");
+        let header = from_file.authorization.as_ref().expect("a key");
+        assert_eq!(header.to_str().expect("ascii"), "Bearer cv_abc_secret");
+        assert!(header.is_sensitive());
+        assert!(!format!("{from_file:?}").contains("secret"));
+
+        let from_env = Bench::prepare_with_env_key(
+            &args(&[]).expect("parses"),
+            Some(Zeroizing::new("cv_env_key".to_owned())),
+        )
+        .expect("prepares");
+        assert_eq!(
+            from_env
+                .authorization
+                .as_ref()
+                .expect("a key")
+                .to_str()
+                .expect("ascii"),
+            "Bearer cv_env_key"
+        );
+
+        std::fs::write(&file, "cv_bad\u{7f}key").expect("write key");
+        let err = Bench::prepare_with_env_key(
+            &args(&["--api-key-file", file.to_str().expect("utf-8")]).expect("parses"),
+            None,
+        )
+        .expect_err("refused");
+        assert!(!err.to_string().contains("cv_bad"));
+    }
+
+    #[test]
+    fn requests_mode_and_pool_follow_the_arguments() {
+        let bench = Bench::prepare_with_env_key(
+            &args(&["--rpc", "reveal", "--requests", "7", "--pool", "3"]).expect("parses"),
+            None,
+        )
+        .expect("prepares");
+        assert_eq!(bench.end, End::Requests(7));
+        assert_eq!(bench.pool, 3);
+    }
+}
