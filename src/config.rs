@@ -261,7 +261,10 @@ fn defaults() -> Defaults {
     Defaults {
         grpc: GrpcSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            max_message_bytes: 64 * 1024,
+            // Room for a full ImportCards chunk (1000 cards: ~70 KB bare, more with
+            // metadata); unary requests are a few hundred bytes, so the limit only bounds
+            // what one message can make the vault buffer.
+            max_message_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
             concurrency_per_connection: 256,
         },
@@ -274,7 +277,7 @@ fn defaults() -> Defaults {
             migrate_on_start: true,
             tls_mode: DatabaseTlsMode::VerifyFull,
             batch_max_size: 256,
-            batch_max_wait_us: 500,
+            batch_max_wait_us: 0,
             batch_writers: 0,
         },
         data: DataSettings {
@@ -327,7 +330,9 @@ pub enum ConfigError {
 impl Settings {
     /// Loads defaults, then the TOML file (if given), then `CARDVAULT_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        Self::load_from(file, Env::prefixed("CARDVAULT_"))
+        // CARDVAULT_API_KEY is a client's credential (`cardvault bench` reads it), not a
+        // setting: a shell that exports it must still be able to run the server commands.
+        Self::load_from(file, Env::prefixed("CARDVAULT_").ignore(&["API_KEY"]))
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Settings, ConfigError> {
@@ -537,6 +542,15 @@ mod tests {
     }
 
     #[test]
+    fn the_client_api_key_variable_is_not_a_setting() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_API_KEY", "cv_x_y");
+            Settings::load(None).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
     fn environment_overrides_the_file_and_keeps_underscores_in_keys() {
         Jail::expect_with(|jail| {
             jail.set_env("CARDVAULT_DATABASE_MAX_CONNECTIONS", "7");
@@ -562,7 +576,7 @@ mod tests {
             let s =
                 load_in(jail, "[grpc]\naddr = \"127.0.0.1:7000\"\n").map_err(|e| e.to_string())?;
             assert_eq!(s.grpc.addr.port(), 7000);
-            assert_eq!(s.grpc.max_message_bytes, 64 * 1024);
+            assert_eq!(s.grpc.max_message_bytes, 1024 * 1024);
             Ok(())
         });
     }

@@ -1,16 +1,35 @@
 //! `cardvault.v1.CardVault`.
 
-use std::sync::Arc;
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use time::OffsetDateTime;
-use tonic::{Request, Response, Status};
+use tokio::{
+    sync::mpsc,
+    task::{JoinError, JoinHandle},
+};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
-use super::{auth::RequestCredentials, convert, error::ApiError, rpc};
+use super::{
+    auth::RequestCredentials,
+    convert,
+    error::ApiError,
+    rpc::{self, StreamError, StreamScope},
+};
 use crate::{
     audit::Action,
+    card::FieldViolation,
     pb::v1::{self as pb, card_vault_server::CardVault},
-    vault::Vault,
+    vault::{Authorized, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError},
 };
+
+/// Chunks of one import stream in progress at once. While one chunk's transaction commits,
+/// the next ones are being parsed and sealed, so neither the vault's CPU nor the database
+/// waits for the other; more would only hold more database connections per stream.
+const IMPORT_CHUNKS_IN_FLIGHT: usize = 4;
+
+type ImportStream = Pin<Box<dyn Stream<Item = Result<pb::ImportCardsResponse, Status>> + Send>>;
 
 /// The checkout-facing service.
 #[derive(Debug, Clone)]
@@ -27,6 +46,8 @@ impl CardVaultService {
 
 #[tonic::async_trait]
 impl CardVault for CardVaultService {
+    type ImportCardsStream = ImportStream;
+
     async fn tokenize(
         &self,
         request: Request<pb::TokenizeRequest>,
@@ -121,4 +142,121 @@ impl CardVault for CardVaultService {
         )
         .await
     }
+
+    async fn import_cards(
+        &self,
+        request: Request<Streaming<pb::ImportCardsRequest>>,
+    ) -> Result<Response<Self::ImportCardsStream>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let requests = request.into_inner();
+        let vault = self.vault.clone();
+        rpc::run_stream(&self.vault, Action::ImportCards, credentials, |scope| {
+            // Room for every chunk in flight: a caller that reads responses slowly stops the
+            // vault reading its requests, and HTTP/2 flow control pushes back from there.
+            let (responses, stream) = mpsc::channel(IMPORT_CHUNKS_IN_FLIGHT);
+            tokio::spawn(async move {
+                let (result, answered) = import(&vault, &scope, requests, &responses).await;
+                if let Some(status) = scope.end(result, answered).await {
+                    // Nobody to tell if the caller is gone.
+                    let _ = responses.send(Err(status)).await;
+                }
+            });
+            Box::pin(ReceiverStream::new(stream)) as ImportStream
+        })
+        .await
+    }
+}
+
+/// Reads an import stream and answers it chunk by chunk, in order, with up to
+/// [`IMPORT_CHUNKS_IN_FLIGHT`] chunks processed at once. Returns how the stream ended and how
+/// many chunks were answered. A chunk is answered only after its transaction committed; when
+/// the stream fails, chunks still in flight go unanswered (each commits whole or not at all,
+/// and a caller resending them gets `ALREADY_IMPORTED` for those that did).
+async fn import(
+    vault: &Arc<Vault>,
+    scope: &StreamScope,
+    mut requests: Streaming<pb::ImportCardsRequest>,
+    responses: &mpsc::Sender<Result<pb::ImportCardsResponse, Status>>,
+) -> (Result<(), StreamError>, u64) {
+    let mut in_flight: VecDeque<JoinHandle<Result<pb::ImportCardsResponse, ApiError>>> =
+        VecDeque::with_capacity(IMPORT_CHUNKS_IN_FLIGHT);
+    let mut received = 0u64;
+    let mut answered = 0u64;
+    let mut reading = true;
+    let result = loop {
+        tokio::select! {
+            // Answer finished chunks before taking more: answers go out as early as they can,
+            // and the chunks held in memory stay bounded.
+            biased;
+            done = oldest(&mut in_flight), if !in_flight.is_empty() => {
+                in_flight.pop_front();
+                let response = match done {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(err)) => break Err(err.into()),
+                    Err(panicked) => break Err(chunk_task_failed(panicked).into()),
+                };
+                if responses.send(Ok(response)).await.is_err() {
+                    let gone = Status::cancelled("the caller went away");
+                    break Err(StreamError::Transport(gone));
+                }
+                answered += 1;
+            }
+            message = requests.next(), if reading && in_flight.len() < IMPORT_CHUNKS_IN_FLIGHT => {
+                match message {
+                    Some(Ok(request)) => {
+                        received += 1;
+                        let auth = scope.auth().clone();
+                        let chunk = import_chunk(vault.clone(), auth, received, request)
+                            .instrument(scope.span().clone());
+                        in_flight.push_back(tokio::spawn(chunk));
+                    }
+                    None => reading = false,
+                    Some(Err(status)) => break Err(StreamError::Transport(status)),
+                }
+            }
+            else => break Ok(()),
+        }
+    };
+    // Chunks still in flight finish on their own, unanswered: aborting one mid-statement
+    // would gain little and leave its connection for the pool to clean up.
+    drop(in_flight);
+    (result, answered)
+}
+
+/// The oldest chunk in flight, once it is done.
+async fn oldest<T>(in_flight: &mut VecDeque<JoinHandle<T>>) -> Result<T, JoinError> {
+    match in_flight.front_mut() {
+        Some(chunk) => chunk.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn chunk_task_failed(err: JoinError) -> ApiError {
+    ApiError::Vault(VaultError::internal("an import chunk task failed", err))
+}
+
+/// Parses, stores and answers one chunk.
+async fn import_chunk(
+    vault: Arc<Vault>,
+    auth: Authorized,
+    seq: u64,
+    request: pb::ImportCardsRequest,
+) -> Result<pb::ImportCardsResponse, ApiError> {
+    if request.cards.len() > MAX_IMPORT_CHUNK {
+        return Err(ApiError::Invalid(vec![FieldViolation {
+            field: "cards",
+            description: format!("at most {MAX_IMPORT_CHUNK} cards per message"),
+        }]));
+    }
+    let today = OffsetDateTime::now_utc().date();
+    // Parsing a full chunk (Luhn, metadata scans) is CPU work for the blocking pool, as the
+    // vault's sealing is.
+    let (echoes, entries) =
+        tokio::task::spawn_blocking(move || convert::import_entries(request.cards, today))
+            .await
+            .map_err(chunk_task_failed)?;
+    let outcomes = vault
+        .import_cards(&auth, ImportChunk { seq, entries })
+        .await?;
+    Ok(convert::import_response(echoes, outcomes))
 }

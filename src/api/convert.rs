@@ -1,12 +1,14 @@
 //! Proto messages ⇄ domain values. Parsing collects every field violation so a caller fixes
 //! a request in one round trip; no violation ever contains the value it rejects.
 
-use time::{Duration, OffsetDateTime};
+use time::{Date, Duration, OffsetDateTime};
 
 use crate::{
     card::{Brand, Card, CardInput, FieldViolation, Token, TokenFormat},
     pb::v1 as pb,
-    vault::{CardView, Metadata, TokenizeCommand},
+    vault::{
+        CardView, ImportCommand, ImportEntry, ImportId, ImportOutcome, Metadata, TokenizeCommand,
+    },
 };
 
 /// Longest token lifetime accepted: far beyond any card's validity, short of nonsense.
@@ -104,6 +106,113 @@ pub fn tokenize_command(
         }
         _ => Err(violations),
     }
+}
+
+/// Parses the cards of one `ImportCardsRequest`. Each card is parsed on its own: a bad card
+/// becomes an [`ImportEntry::Invalid`] naming every bad field, never a failed chunk. Also
+/// returns each card's `import_id` to echo in its result (empty when the id is invalid, so an
+/// id that is refused for holding a card number is not sent back either).
+pub fn import_entries(cards: Vec<pb::ImportCard>, today: Date) -> (Vec<String>, Vec<ImportEntry>) {
+    let mut echoes = Vec::with_capacity(cards.len());
+    let mut entries = Vec::with_capacity(cards.len());
+    for card in cards {
+        let (echo, entry) = import_entry(card, today);
+        echoes.push(echo);
+        entries.push(entry);
+    }
+    (echoes, entries)
+}
+
+fn import_entry(request: pb::ImportCard, today: Date) -> (String, ImportEntry) {
+    let mut violations = Vec::new();
+    let import_id = ImportId::parse(request.import_id)
+        .map_err(|v| violations.push(v))
+        .ok();
+    let card = match &request.card {
+        None => {
+            violations.push(violation("card", "card is required"));
+            None
+        }
+        Some(input) => {
+            let input = CardInput {
+                number: &input.number,
+                exp_month: input.exp_month,
+                exp_year: input.exp_year,
+                cardholder_name: &input.cardholder_name,
+            };
+            Card::parse(&input, today)
+                .map_err(|invalid| violations.extend(invalid.violations))
+                .ok()
+        }
+    };
+    let format = token_format(request.token_format)
+        .map_err(|v| violations.push(v))
+        .ok();
+    let metadata = Metadata::parse(request.metadata)
+        .map_err(|v| violations.extend(v))
+        .ok();
+    let echo = import_id
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    let entry = match (import_id, card, format, metadata) {
+        (Some(import_id), Some(card), Some(format), Some(metadata)) if violations.is_empty() => {
+            ImportEntry::Valid(ImportCommand {
+                import_id,
+                card,
+                format,
+                metadata,
+            })
+        }
+        _ => ImportEntry::Invalid(violations),
+    };
+    (echo, entry)
+}
+
+/// The response to one chunk: result `i` answers card `i`. Violations are named by their
+/// path in the request message (`cards[i].card.number`).
+pub fn import_response(
+    echoes: Vec<String>,
+    outcomes: Vec<ImportOutcome>,
+) -> pb::ImportCardsResponse {
+    let results = echoes
+        .into_iter()
+        .zip(outcomes)
+        .enumerate()
+        .map(|(i, (import_id, outcome))| {
+            let (status, token, violations) = match outcome {
+                ImportOutcome::Created(token) => (
+                    pb::ImportStatus::Created,
+                    token.as_str().to_owned(),
+                    Vec::new(),
+                ),
+                ImportOutcome::AlreadyImported(token) => (
+                    pb::ImportStatus::AlreadyImported,
+                    token.as_str().to_owned(),
+                    Vec::new(),
+                ),
+                ImportOutcome::Conflict => (pb::ImportStatus::Conflict, String::new(), Vec::new()),
+                ImportOutcome::Invalid(violations) => (
+                    pb::ImportStatus::Invalid,
+                    String::new(),
+                    violations
+                        .into_iter()
+                        .map(|v| pb::FieldViolation {
+                            field: format!("cards[{i}].{}", v.field),
+                            description: v.description,
+                        })
+                        .collect(),
+                ),
+            };
+            pb::ImportResult {
+                import_id,
+                token,
+                status: status.into(),
+                violations,
+            }
+        })
+        .collect();
+    pb::ImportCardsResponse { results }
 }
 
 /// Parses a `token_format` field; unset means opaque.
@@ -244,6 +353,57 @@ mod tests {
         )));
         let v = tokenize_command(req, NOW).expect_err("past");
         assert_eq!(fields(&v), ["expires_at"]);
+    }
+
+    fn import_card(import_id: &str, number: &str) -> pb::ImportCard {
+        pb::ImportCard {
+            import_id: import_id.to_owned(),
+            card: request(number).card,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_imported_card_is_parsed_alone_and_named_by_its_position() {
+        let mut bad = import_card("row-2", "4242424242424241");
+        bad.token_format = 42;
+        let (echoes, entries) = import_entries(
+            vec![
+                import_card("row-1", "4242 4242 4242 4242"),
+                bad,
+                import_card("", "5555555555554444"),
+            ],
+            NOW.date(),
+        );
+        assert_eq!(echoes, ["row-1", "row-2", ""], "a refused id is not echoed");
+        assert!(matches!(&entries[0], ImportEntry::Valid(c) if c.import_id.as_str() == "row-1"));
+        let ImportEntry::Invalid(v) = &entries[1] else {
+            panic!("invalid card");
+        };
+        assert_eq!(fields(v), ["card.number", "token_format"]);
+
+        let outcomes = entries
+            .into_iter()
+            .map(|entry| match entry {
+                ImportEntry::Valid(_) => ImportOutcome::Conflict,
+                ImportEntry::Invalid(v) => ImportOutcome::Invalid(v),
+            })
+            .collect();
+        let response = import_response(echoes, outcomes);
+        let named: Vec<Vec<&str>> = response
+            .results
+            .iter()
+            .map(|r| r.violations.iter().map(|v| v.field.as_str()).collect())
+            .collect();
+        assert_eq!(
+            named,
+            [
+                vec![],
+                vec!["cards[1].card.number", "cards[1].token_format"],
+                vec!["cards[2].import_id"]
+            ]
+        );
+        assert!(!format!("{response:?}").contains("4242424242424241"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub use self::verify::{Break, Report, verify};
 pub use crate::store::AuditRow as AuditRecord;
 use crate::{
     crypto::{AuditKey, CryptoError, KekVersion, KeyProvider, WrappedKey, audit_key_wrap_aad},
-    store::{AuditKeyRow, AuditRow, Store, StoreError, StoreTx},
+    store::{AuditHeadRow, AuditKeyRow, AuditRow, Store, StoreError, StoreTx},
 };
 
 /// Number of audit chains a new vault creates.
@@ -68,6 +68,8 @@ pub enum Action {
     RevokeApiKey,
     /// Minting a honeytoken.
     MintHoneytoken,
+    /// One chunk of an `ImportCards` stream (one record per chunk, not per card).
+    ImportCards,
 }
 
 impl Action {
@@ -88,6 +90,7 @@ impl Action {
             Action::CreateApiKey => "admin.create_api_key",
             Action::RevokeApiKey => "admin.revoke_api_key",
             Action::MintHoneytoken => "admin.mint_honeytoken",
+            Action::ImportCards => "import_cards",
         }
     }
 }
@@ -300,8 +303,22 @@ impl Auditor {
             .lock_audit_head(shard)
             .await?
             .ok_or(AuditError::Corrupt("audit chain head missing"))?;
+        let (records, new_head) = self.extend(&head, events);
+        tx.append_audit(&records, &new_head).await?;
+        Ok(())
+    }
+
+    /// The records that append `events`, in order, to the chain whose head is `head`, and
+    /// the chain's new head: MACs only, no I/O. Whoever writes them must make sure `head` is
+    /// still the chain's head when they commit (a lock, or a conditional update).
+    pub fn extend(
+        &self,
+        head: &AuditHeadRow,
+        events: &[&AuditEvent],
+    ) -> (Vec<AuditRow>, AuditHeadRow) {
+        let shard = head.shard;
         let mut records = Vec::with_capacity(events.len());
-        let (mut seq, mut mac) = (head.seq, head.mac);
+        let (mut seq, mut mac) = (head.seq, head.mac.clone());
         for event in events {
             seq += 1;
             let mut row = AuditRow {
@@ -323,9 +340,7 @@ impl Auditor {
             mac.clone_from(&row.mac);
             records.push(row);
         }
-        let new_head = chain::head(&self.key, shard, seq, &mac);
-        tx.append_audit(&records, &new_head).await?;
-        Ok(())
+        (records, chain::head(&self.key, shard, seq, &mac))
     }
 
     /// Records `event` in a transaction of its own (for events with no other write, such as

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::{
     ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
-    metadata_from_json, metadata_to_json, narrow,
+    ImportedCard, PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTls, StoreTx,
+    TenantRow, metadata_from_json, metadata_to_json, narrow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -363,6 +363,98 @@ impl Store for PgStore {
             .as_ref()
             .map(card_from_row)
             .transpose()
+    }
+
+    async fn commit_batch(
+        &self,
+        cards: &[&CardRow],
+        records: &[AuditRow],
+        expected: &AuditHeadRow,
+        head: &AuditHeadRow,
+    ) -> Result<bool, StoreError> {
+        if super::first_of_each_token(cards).contains(&false) {
+            return Ok(false);
+        }
+        let c = CardColumns::of(cards);
+        let a = AuditColumns::of(records)?;
+        let expected_cards = i64::try_from(cards.len()).unwrap_or(i64::MAX);
+        // One autocommit statement: data-modifying CTEs all run to completion, and the final
+        // SELECT divides by zero — aborting the whole statement, so nothing is written —
+        // unless every card was inserted and the head was still where this writer left it
+        // (another replica may have appended since). The chain's primary key rejects a
+        // record another replica wrote at the same position.
+        let result = sqlx::query_scalar::<_, i32>(
+            "WITH new_cards AS (\
+               INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
+               brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, \
+               expires_at, honeytoken, import_id) \
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], \
+               $5::uuid[], $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int4[], \
+               $11::int4[], $12::text[]::jsonb[], $13::bool[], $14::timestamptz[], \
+               $15::timestamptz[], $16::bool[], $17::text[]) \
+               ON CONFLICT DO NOTHING RETURNING 1), \
+             new_records AS (\
+               INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
+               outcome, alarm, peer, request_id, detail, mac) \
+               SELECT * FROM UNNEST($18::int4[], $19::int8[], $20::timestamptz[], $21::text[], \
+               $22::text[], $23::text[], $24::text[], $25::text[], $26::bool[], $27::text[], \
+               $28::text[], $29::text[], $30::bytea[])), \
+             moved AS (\
+               UPDATE audit_heads SET seq = $31, mac = $32, head_mac = $33 \
+               WHERE shard = $34 AND seq = $35 AND mac = $36 RETURNING 1) \
+             SELECT 1 / ((SELECT count(*) FROM new_cards) = $37 \
+                         AND (SELECT count(*) FROM moved) = 1)::int",
+        )
+        .bind(c.token)
+        .bind(c.tenant_id)
+        .bind(c.token_format)
+        .bind(c.fingerprint)
+        .bind(c.dek_id)
+        .bind(c.ciphertext)
+        .bind(c.brand)
+        .bind(c.last4)
+        .bind(c.bin)
+        .bind(c.exp_month)
+        .bind(c.exp_year)
+        .bind(c.metadata)
+        .bind(c.canonical)
+        .bind(c.created_at)
+        .bind(c.expires_at)
+        .bind(c.honeytoken)
+        .bind(c.import_id)
+        .bind(a.shard)
+        .bind(a.seq)
+        .bind(a.at)
+        .bind(a.tenant_id)
+        .bind(a.principal)
+        .bind(a.action)
+        .bind(a.token)
+        .bind(a.outcome)
+        .bind(a.alarm)
+        .bind(a.peer)
+        .bind(a.request_id)
+        .bind(a.detail)
+        .bind(a.mac)
+        .bind(seq_param(head.seq)?)
+        .bind(&head.mac)
+        .bind(&head.head_mac)
+        .bind(shard_param(expected.shard)?)
+        .bind(seq_param(expected.seq)?)
+        .bind(&expected.mac)
+        .bind(expected_cards)
+        .fetch_one(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(db))
+                if db.code().as_deref() == Some("22012")
+                    || (db.is_unique_violation()
+                        && db.constraint() == Some("audit_records_pkey")) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -935,6 +1027,34 @@ impl StoreTx for PgTx {
             return Err(StoreError::Corrupt("audit chain head missing"));
         }
         Ok(())
+    }
+
+    async fn imported_cards(
+        &mut self,
+        tenant_id: &str,
+        import_ids: &[&str],
+    ) -> Result<Vec<ImportedCard>, StoreError> {
+        if import_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for the whole chunk: the ids travel as one text[] parameter.
+        sqlx::query(
+            "SELECT import_id, token, fingerprint FROM cards \
+             WHERE tenant_id = $1 AND import_id = ANY($2) AND import_id IS NOT NULL",
+        )
+        .bind(tenant_id)
+        .bind(import_ids)
+        .fetch_all(&mut *self.tx)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ImportedCard {
+                import_id: row.try_get("import_id")?,
+                token: row.try_get("token")?,
+                fingerprint: row.try_get("fingerprint")?,
+            })
+        })
+        .collect()
     }
 }
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{
     ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTx, TenantRow,
+    ImportedCard, PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTx, TenantRow,
     metadata_from_json, metadata_to_json, narrow,
 };
 
@@ -760,6 +760,37 @@ impl StoreTx for SqliteTx {
             return Err(StoreError::Corrupt("audit chain head missing"));
         }
         Ok(())
+    }
+
+    async fn imported_cards(
+        &mut self,
+        tenant_id: &str,
+        import_ids: &[&str],
+    ) -> Result<Vec<ImportedCard>, StoreError> {
+        if import_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SQLite has no array parameters; a JSON array expanded by json_each keeps it one
+        // statement with two parameters, however many ids there are (no parameter limit).
+        let ids = serde_json::Value::from(import_ids.to_vec()).to_string();
+        sqlx::query(
+            "SELECT import_id, token, fingerprint FROM cards \
+             WHERE tenant_id = ?1 AND import_id IN (SELECT value FROM json_each(?2)) \
+             AND import_id IS NOT NULL",
+        )
+        .bind(tenant_id)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ImportedCard {
+                import_id: row.try_get("import_id")?,
+                token: row.try_get("token")?,
+                fingerprint: row.try_get("fingerprint")?,
+            })
+        })
+        .collect()
     }
 }
 

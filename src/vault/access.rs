@@ -71,7 +71,8 @@ impl Permission {
     /// The permission an action needs.
     pub fn for_action(action: Action) -> Permission {
         match action {
-            Action::Tokenize => Permission::Tokenize,
+            // Importing stores cards, exactly as tokenizing does.
+            Action::Tokenize | Action::ImportCards => Permission::Tokenize,
             Action::GetCard => Permission::Read,
             Action::Reveal => Permission::Reveal,
             Action::Charge => Permission::Charge,
@@ -285,6 +286,10 @@ mod tests {
     #[test]
     fn every_card_action_needs_its_own_permission() {
         assert_eq!(Permission::for_action(Action::Reveal), Permission::Reveal);
+        assert_eq!(
+            Permission::for_action(Action::ImportCards),
+            Permission::Tokenize
+        );
         assert_eq!(Permission::for_action(Action::GetCard), Permission::Read);
         assert_eq!(
             Permission::for_action(Action::DeleteCard),

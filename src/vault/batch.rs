@@ -8,15 +8,24 @@
 //! disk, exactly as with one transaction each.
 //!
 //! Writers (a few tasks) take whatever is queued, up to `max_size`; when more than one write
-//! was waiting — the sign of concurrent load — a writer lingers up to `max_wait` for more,
-//! so a lone request never waits. While one writer's transaction commits, another gathers the
-//! next batch. Cards whose token or canonical slot clashes are handed back unstored (the
-//! caller resolves them in a transaction of their own), and they leave no audit record in the
-//! batch. A statement error fails no one blindly: the batch is retried one write per
+//! was waiting — the sign of concurrent load — a writer may linger up to `max_wait` for more
+//! (0 by default: batches form by themselves while the previous one flushes, and measured
+//! waits only cost throughput), so a lone request never waits. While one writer's
+//! transaction commits, another gathers the next batch.
+//!
+//! A batch first takes the fast lane ([`Store::commit_batch`]): each writer owns a few audit
+//! chains and remembers their heads, so it can compute the records' MACs up front and write
+//! cards, records and the moved head in one all-or-nothing statement on PostgreSQL — one
+//! round trip and one flush per batch — which checks that no card clashed and that the head
+//! did not move (another replica, or an administrative action, may have appended). If either
+//! happened, nothing was written and the batch takes the locked path: a transaction that
+//! locks a chain head first. There, cards whose token or canonical slot clashes are handed
+//! back unstored (the caller resolves them in a transaction of their own), and they leave no
+//! audit record in the batch. A statement error fails no one blindly: the batch is retried one write per
 //! transaction, so only a write that fails alone fails. A failed commit, or a database that
 //! cannot be reached, fails the whole batch with a status saying so.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::{
     sync::{Mutex, mpsc, oneshot},
@@ -26,7 +35,7 @@ use tokio::{
 use super::VaultError;
 use crate::{
     audit::{AuditEvent, Auditor},
-    store::{CardRow, Store},
+    store::{AuditHeadRow, CardRow, Store, StoreError},
 };
 
 /// How writes are grouped.
@@ -34,7 +43,7 @@ use crate::{
 pub struct BatchOptions {
     /// Most writes in one transaction.
     pub max_size: usize,
-    /// Longest a writer waits for more writes once it has more than one.
+    /// Longest a writer waits for more writes once it has more than one (0: never).
     pub max_wait: Duration,
     /// Transactions in flight at once; 0 picks the backend's default (PostgreSQL 2, SQLite 1,
     /// since SQLite has one writer anyway).
@@ -45,7 +54,7 @@ impl Default for BatchOptions {
     fn default() -> Self {
         BatchOptions {
             max_size: 256,
-            max_wait: Duration::from_micros(500),
+            max_wait: Duration::ZERO,
             writers: 0,
         }
     }
@@ -104,8 +113,23 @@ impl Batcher {
             max_size,
             max_wait: options.max_wait,
         });
-        for _ in 0..writers {
-            tokio::spawn(writer.clone().run());
+        let shards = writer.auditor.shards().max(1);
+        for index in 0..writers {
+            // Each writer appends to its own chains, so writers of one replica never race for
+            // a chain head; a writer with none of its own (more writers than chains) shares.
+            let index = u32::try_from(index).unwrap_or(0);
+            let step = u32::try_from(writers).unwrap_or(1);
+            let own: Vec<u32> = (0..shards).filter(|s| s % step == index % step).collect();
+            let lane = Lane {
+                shards: if own.is_empty() {
+                    vec![index % shards]
+                } else {
+                    own
+                },
+                next: 0,
+                heads: HashMap::new(),
+            };
+            tokio::spawn(writer.clone().run(lane));
         }
         Batcher { queue }
     }
@@ -134,6 +158,21 @@ impl Batcher {
     }
 }
 
+/// One writer's chains and the heads it last wrote to them.
+struct Lane {
+    shards: Vec<u32>,
+    next: usize,
+    heads: HashMap<u32, AuditHeadRow>,
+}
+
+impl Lane {
+    fn next_shard(&mut self) -> u32 {
+        let shard = self.shards[self.next % self.shards.len()];
+        self.next = self.next.wrapping_add(1);
+        shard
+    }
+}
+
 struct Writer {
     store: Arc<dyn Store>,
     auditor: Arc<Auditor>,
@@ -143,10 +182,10 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, mut lane: Lane) {
         while let Some(jobs) = self.next_batch().await {
             metrics::histogram!("cardvault_write_batch_size").record(jobs.len() as f64);
-            self.commit(jobs).await;
+            self.commit(&mut lane, jobs).await;
         }
     }
 
@@ -163,18 +202,45 @@ impl Writer {
             }
         }
         if jobs.len() > 1 && !self.max_wait.is_zero() {
+            // Tokio's timers tick in milliseconds, far coarser than the wait wanted here, so
+            // the writer yields to let request tasks enqueue and checks the clock itself.
             let deadline = Instant::now() + self.max_wait;
-            while jobs.len() < self.max_size {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(job)) => jobs.push(job),
-                    Ok(None) | Err(_) => break,
+            while jobs.len() < self.max_size && Instant::now() < deadline {
+                tokio::task::yield_now().await;
+                while jobs.len() < self.max_size {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
                 }
             }
         }
         Some(jobs)
     }
 
-    async fn commit(&self, jobs: Vec<Job>) {
+    async fn commit(&self, lane: &mut Lane, jobs: Vec<Job>) {
+        match self.try_fast(lane, &jobs).await {
+            Ok(true) => {
+                for job in jobs {
+                    let _ = job.reply.send(Ok(Written {
+                        stored: true,
+                        card: job.card,
+                    }));
+                }
+                return;
+            }
+            // A clash: resolved below, under a lock, write by write.
+            Ok(false) => metrics::counter!("cardvault_write_batch_clashes_total").increment(1),
+            Err(Failure::AtCommit(err)) => {
+                let cause = Arc::new(err);
+                for job in jobs {
+                    let _ = job.reply.send(Err(shared(&cause)));
+                }
+                return;
+            }
+            // Nothing was written; the locked path below retries and isolates the failure.
+            Err(Failure::BeforeCommit(_)) => {}
+        }
         match self.try_commit(&jobs).await {
             Ok(stored) => {
                 for (job, stored) in jobs.into_iter().zip(stored) {
@@ -209,6 +275,41 @@ impl Writer {
         }
     }
 
+    /// The fast lane: every card and every record in one all-or-nothing write that assumes
+    /// no clash — no card's unique keys taken, and the chain head where this writer last
+    /// left it. Ok(false) when that did not hold (nothing was written).
+    async fn try_fast(&self, lane: &mut Lane, jobs: &[Job]) -> Result<bool, Failure> {
+        let shard = lane.next_shard();
+        let head = match lane.heads.remove(&shard) {
+            Some(head) => head,
+            None => self
+                .store
+                .audit_heads()
+                .await
+                .map_err(fast_failure)?
+                .into_iter()
+                .find(|h| h.shard == shard)
+                .ok_or_else(|| {
+                    Failure::BeforeCommit(VaultError::internal(
+                        "an audit chain head is missing",
+                        "no head row",
+                    ))
+                })?,
+        };
+        let cards: Vec<&CardRow> = jobs.iter().filter_map(|j| j.card.as_ref()).collect();
+        let events: Vec<&AuditEvent> = jobs.iter().map(|j| &j.audit).collect();
+        let (records, new_head) = self.auditor.extend(&head, &events);
+        let committed = self
+            .store
+            .commit_batch(&cards, &records, &head, &new_head)
+            .await
+            .map_err(fast_failure)?;
+        if committed {
+            lane.heads.insert(shard, new_head);
+        }
+        Ok(committed)
+    }
+
     /// One transaction: the cards, then the audit records of every write that took effect.
     async fn try_commit(&self, jobs: &[Job]) -> Result<Vec<bool>, Failure> {
         let before = |e: VaultError| Failure::BeforeCommit(e);
@@ -237,6 +338,15 @@ impl Writer {
             .map_err(|e| before(e.into()))?;
         tx.commit().await.map_err(|e| Failure::AtCommit(e.into()))?;
         Ok(stored)
+    }
+}
+
+/// A fast-lane error: an unreachable database leaves the outcome unknown (the statement
+/// may have committed); any other error means the statement failed and wrote nothing.
+fn fast_failure(err: StoreError) -> Failure {
+    match err {
+        StoreError::Unavailable(_) => Failure::AtCommit(err.into()),
+        other => Failure::BeforeCommit(other.into()),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The vault core: who may do what, and tokenize, look up, reveal and delete cards.
+//! The vault core: who may do what, and tokenize, import, look up, reveal and delete cards.
 //!
 //! This layer orchestrates the others — validated domain values in (`card`), keys and
 //! ciphertext from `crypto`, rows to and from `store`, records to `audit` — and knows nothing
@@ -11,10 +11,12 @@ pub mod admin;
 mod authn;
 mod batch;
 mod error;
+mod import;
 mod keys;
 pub mod limits;
 pub mod metadata;
 mod record;
+mod seal;
 pub mod sweeper;
 mod tenant;
 
@@ -31,11 +33,18 @@ pub use self::{
     admin::{CreatedApiKey, NewPrincipal},
     batch::BatchOptions,
     error::VaultError,
+    import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     limits::Rate,
     metadata::Metadata,
     tenant::{InvalidTenantId, TenantId},
 };
-use self::{authn::CredentialCache, batch::Batcher, keys::KeyManager, limits::RateLimiter};
+use self::{
+    authn::CredentialCache,
+    batch::Batcher,
+    keys::KeyManager,
+    limits::RateLimiter,
+    seal::{Sealer, format_name},
+};
 use crate::{
     audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
     card::{Brand, Card, CardholderName, Pan, Token, TokenFormat},
@@ -165,62 +174,6 @@ pub struct Vault {
     credentials: CredentialCache,
 }
 
-/// Everything needed to seal one card under fresh tokens.
-struct Sealer<'a> {
-    tenant: &'a TenantId,
-    command: &'a TokenizeCommand,
-    fingerprint: Fingerprint,
-    dek: Arc<crypto::DataKey>,
-    dek_id: DekId,
-    plaintext: zeroize::Zeroizing<Vec<u8>>,
-    now: OffsetDateTime,
-    honeytoken: bool,
-}
-
-impl Sealer<'_> {
-    /// The card's row under a freshly drawn token, its record sealed for that token.
-    fn row(&self) -> Result<CardRow, VaultError> {
-        let command = self.command;
-        let card = &command.card;
-        let token = Token::generate(command.format, &card.pan, crypto::system_random())
-            .map_err(|_| VaultError::internal("the OS random generator failed", "ring"))?;
-        let ciphertext = crypto::seal_record(
-            &self.dek,
-            self.dek_id,
-            self.tenant.as_str(),
-            token.as_str(),
-            &self.plaintext,
-        )
-        .map_err(|e| VaultError::internal("failed to seal a card record", e))?;
-        Ok(CardRow {
-            token: token.as_str().to_owned(),
-            tenant_id: self.tenant.as_str().to_owned(),
-            token_format: format_name(command.format).to_owned(),
-            fingerprint: self.fingerprint.as_bytes().to_vec(),
-            dek_id: self.dek_id.0,
-            ciphertext,
-            brand: card.pan.brand().as_str().to_owned(),
-            last4: card.pan.last4().to_owned(),
-            bin: card.pan.bin().to_owned(),
-            exp_month: card.expiry.month(),
-            exp_year: card.expiry.year(),
-            metadata: command.metadata.entries().to_vec(),
-            canonical: command.reuse_existing,
-            created_at: self.now,
-            expires_at: command.expires_at,
-            honeytoken: self.honeytoken,
-            import_id: None,
-        })
-    }
-}
-
-fn format_name(format: TokenFormat) -> &'static str {
-    match format {
-        TokenFormat::Opaque => "opaque",
-        TokenFormat::PanShaped => "pan_shaped",
-    }
-}
-
 impl Vault {
     /// A vault over a store and a key provider.
     pub fn new(
@@ -334,13 +287,19 @@ impl Vault {
         let keys = self.keys.tenant(tenant).await?;
         let card = &command.card;
         let dek_id = keys.active_dek;
+        let dek = self.keys.dek(tenant, dek_id).await?;
         let sealer = Sealer {
             tenant,
-            command: &command,
+            card,
+            format: command.format,
+            metadata: &command.metadata,
+            canonical: command.reuse_existing,
+            expires_at: command.expires_at,
+            import_id: None,
             fingerprint: keys
                 .fingerprint
                 .fingerprint(card.pan.expose_digits().as_bytes()),
-            dek: self.keys.dek(tenant, dek_id).await?,
+            dek: &dek,
             dek_id,
             plaintext: record::encode(&card.pan, card.holder.as_ref()),
             now: now_micros(),
@@ -374,17 +333,17 @@ impl Vault {
         sealer: &Sealer<'_>,
         mut audit: AuditEvent,
     ) -> Result<Tokenized, VaultError> {
-        let command = sealer.command;
         let reuse_key = ReuseKey {
             tenant_id: sealer.tenant.as_str(),
             fingerprint: sealer.fingerprint.as_bytes(),
-            exp_month: command.card.expiry.month(),
-            exp_year: command.card.expiry.year(),
-            token_format: format_name(command.format),
+            exp_month: sealer.card.expiry.month(),
+            exp_year: sealer.card.expiry.year(),
+            token_format: format_name(sealer.format),
         };
         let now = sealer.now;
         let mut tx = self.store.begin().await?;
-        if command.reuse_existing
+        // Canonical rows are exactly the `reuse_existing` ones.
+        if sealer.canonical
             && let Some(row) = tx.reusable_card(reuse_key, now).await?
         {
             audit.token = Some(row.token.clone());

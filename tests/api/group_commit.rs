@@ -17,7 +17,9 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     audit::{cli_env, verify},
-    helpers::{AppState, Backend, captured_logs, spawn_app, tokenize_request, unique_pan},
+    helpers::{
+        AppState, Backend, captured_logs, spawn_app, spawn_with, tokenize_request, unique_pan,
+    },
     on_both_backends,
 };
 
@@ -25,6 +27,7 @@ on_both_backends!(
     writes_queued_behind_a_busy_database_are_committed_together,
     a_write_that_fails_inside_a_batch_fails_alone,
     every_acknowledged_card_survives_a_crash_right_after_its_answer,
+    two_replicas_appending_to_the_same_chains_keep_them_intact,
 );
 
 /// Holds the database so the vault's writers block: SQLite's write lock, or every PostgreSQL
@@ -376,4 +379,38 @@ async fn every_acknowledged_card_survives_a_crash_right_after_its_answer(backend
     let report = verify(&state).await;
     assert!(report.is_intact(), "{:?}", report.breaks);
     assert!(report.records as usize >= 2 * acknowledged.len());
+}
+
+/// Two replicas on one database: each writer's cached chain heads go stale whenever the
+/// other replica appends to the same chain. The fast lane must notice (nothing written) and
+/// fall back to the locked path; every card is stored once and the chains verify.
+async fn two_replicas_appending_to_the_same_chains_keep_them_intact(backend: Backend) {
+    let state = Arc::new(AppState::new(backend).await);
+    // Every card is revealed afterwards, beyond the default reveal limit.
+    let mut settings = state.settings("dev");
+    settings.limits.reveal_per_minute = 1_000_000;
+    settings.limits.reveal_burst = 100_000;
+    let first = spawn_with(state.clone(), "dev", settings.clone()).await;
+    let second = spawn_with(state, "dev", settings).await;
+    let mut calls = JoinSet::new();
+    for _ in 0..4 {
+        tokenize_all(&mut calls, &first.client, plain(24));
+        tokenize_all(&mut calls, &second.client, plain(24));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = first.client.clone();
+    let mut tokens = HashSet::new();
+    for (pan, answer) in calls.join_all().await {
+        let token = answer.expect("tokenize");
+        assert_eq!(reveal(&mut client, &token).await, pan);
+        assert!(tokens.insert(token));
+    }
+    assert_eq!(first.state.count("SELECT COUNT(*) FROM cards").await, 192);
+    let report = verify(&first.state).await;
+    assert!(report.is_intact(), "{:?}", report.breaks);
+    assert_eq!(
+        report.records,
+        2 * 192,
+        "one record per tokenize and per reveal"
+    );
 }

@@ -15,6 +15,7 @@ mod errors;
 mod expiry;
 mod group_commit;
 mod honeytoken;
+mod import;
 mod lifecycle;
 mod loadgen;
 mod reflection;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cardvault::store::{
     self, ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    PrincipalRow, Store, StoreError, StoreOptions, TenantRow,
+    ImportedCard, PrincipalRow, Store, StoreError, StoreOptions, TenantRow,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -24,6 +24,7 @@ on_both_backends!(
     concurrent_appends_to_one_chain_are_serialized_by_the_head_lock,
     a_batch_insert_stores_what_it_can_and_reports_each_clash,
     a_batch_of_audit_records_extends_one_chain_in_order,
+    imported_cards_are_found_by_import_id_within_their_tenant,
 );
 
 /// A fixed, whole-second instant: both backends store microseconds, so rows read back
@@ -717,4 +718,86 @@ async fn a_batch_of_audit_records_extends_one_chain_in_order(backend: Backend) {
     assert_eq!(store.audit_chain(3, 0, 10).await.expect("chain"), records);
     let heads = store.audit_heads().await.expect("heads");
     assert_eq!(heads, [head(3, 3)]);
+}
+
+/// `ImportCards` answers a clashing import id from the row that holds it: one query for many
+/// ids, scoped by tenant, ids that are not there simply missing from the answer.
+async fn imported_cards_are_found_by_import_id_within_their_tenant(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    let dek = tenant_with_dek(store.as_ref()).await;
+    assert!(store.insert_tenant(&tenant("u")).await.expect("tenant u"));
+    let imported = |token: &str, tenant_id: &str, import_id: &str, fingerprint: u8| CardRow {
+        tenant_id: tenant_id.to_owned(),
+        import_id: Some(import_id.to_owned()),
+        fingerprint: vec![fingerprint; 32],
+        ..card(token, false, dek)
+    };
+    let rows = [
+        imported("tok_1", "t", "row-1", 1),
+        imported("tok_2", "t", "row-2", 2),
+        imported("tok_3", "u", "row-1", 3),
+        // Quotes and brackets survive the SQLite JSON array; an expired card keeps its id.
+        CardRow {
+            expires_at: Some(t0()),
+            ..imported("tok_4", "t", "it's [\"odd\"]", 4)
+        },
+        card("tok_5", false, dek),
+    ];
+    let mut tx = store.begin().await.expect("begin");
+    let refs: Vec<&CardRow> = rows.iter().collect();
+    assert_eq!(tx.insert_cards(&refs).await.expect("insert"), [true; 5]);
+    tx.commit().await.expect("commit");
+
+    let mut tx = store.begin().await.expect("begin");
+    let mut found = tx
+        .imported_cards("t", &["row-1", "row-2", "row-9", "it's [\"odd\"]"])
+        .await
+        .expect("lookup");
+    found.sort_by(|a, b| a.token.cmp(&b.token));
+    let expected = |row: &CardRow| ImportedCard {
+        import_id: row.import_id.clone().expect("import id"),
+        token: row.token.clone(),
+        fingerprint: row.fingerprint.clone(),
+    };
+    assert_eq!(
+        found,
+        [expected(&rows[0]), expected(&rows[1]), expected(&rows[3])]
+    );
+    assert_eq!(
+        tx.imported_cards("u", &["row-1", "row-2"])
+            .await
+            .expect("lookup"),
+        [expected(&rows[2])],
+        "another tenant's ids are its own"
+    );
+    assert!(
+        tx.imported_cards("t", &[])
+            .await
+            .expect("no ids")
+            .is_empty(),
+        "an empty list asks nothing"
+    );
+    assert!(
+        tx.imported_cards("nobody", &["row-1"])
+            .await
+            .expect("lookup")
+            .is_empty()
+    );
+
+    // A second import of row-1 clashes on the id and stores nothing; the lookup in the same
+    // transaction then names the holder.
+    let again = imported("tok_6", "t", "row-1", 1);
+    assert_eq!(tx.insert_cards(&[&again]).await.expect("insert"), [false]);
+    assert_eq!(
+        tx.imported_cards("t", &["row-1"]).await.expect("lookup"),
+        [expected(&rows[0])]
+    );
+    tx.commit().await.expect("commit");
+    assert!(
+        store
+            .card("t", "tok_6", OffsetDateTime::now_utc())
+            .await
+            .expect("read")
+            .is_none()
+    );
 }
