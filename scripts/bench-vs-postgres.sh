@@ -21,6 +21,9 @@ Usage: scripts/bench-vs-postgres.sh [options]
   --connections N    HTTP/2 connections of the load tool (default 4; env BENCH_CONNECTIONS)
   --warmup S         load-tool warm-up seconds before each vault run (default 2; env BENCH_WARMUP)
   --rows N           rows loaded before the pgbench select run (default 100000; env BENCH_ROWS)
+  --import N         cards bulk-imported into the PostgreSQL vault (default 1000000; 0 skips;
+                     env BENCH_IMPORT)
+  --wide N           connections (and callers) of the memory run (default 64; env BENCH_WIDE)
   --out DIR          keep the raw results (pgbench output, load-tool JSON, samples) in DIR
   --skip-build       use the existing target/release/cardvault
   --no-load          skip the vault load runs (start, readiness and memory only)
@@ -37,6 +40,8 @@ duration=${BENCH_DURATION:-10}
 connections=${BENCH_CONNECTIONS:-4}
 warmup=${BENCH_WARMUP:-2}
 rows=${BENCH_ROWS:-100000}
+import_cards=${BENCH_IMPORT:-1000000}
+wide=${BENCH_WIDE:-64}
 admin_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 out_dir=""
 skip_build=0
@@ -57,6 +62,8 @@ while [[ $# -gt 0 ]]; do
         --connections) need_value "$@"; connections=$2; shift 2 ;;
         --warmup) need_value "$@"; warmup=$2; shift 2 ;;
         --rows) need_value "$@"; rows=$2; shift 2 ;;
+        --import) need_value "$@"; import_cards=$2; shift 2 ;;
+        --wide) need_value "$@"; wide=$2; shift 2 ;;
         --out) need_value "$@"; out_dir=$2; shift 2 ;;
         --skip-build) skip_build=1; shift ;;
         --no-load) no_load=1; shift ;;
@@ -65,7 +72,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-for number in "$clients" "$duration" "$connections" "$warmup" "$rows"; do
+if [[ ! $import_cards =~ ^[0-9]+$ ]]; then
+    echo "bench-vs-postgres: --import '$import_cards' is not a whole number" >&2
+    exit 2
+fi
+for number in "$clients" "$duration" "$connections" "$warmup" "$rows" "$wide"; do
     if [[ ! $number =~ ^[1-9][0-9]*$ ]]; then
         echo "bench-vs-postgres: '$number' is not a positive whole number" >&2
         exit 2
@@ -408,6 +419,35 @@ run_load() {
     sample_vault >>"$samples"
 }
 
+# Tokenize with WIDE callers over as many connections: the memory run.
+run_wide() {
+    local name=$1
+    echo "$name" >"$work/phase"
+    log "cardvault bench $name: --rpc tokenize --concurrency $wide --connections $wide"
+    if ! "$bin" bench --target "http://127.0.0.1:$grpc_port" --rpc tokenize \
+        --concurrency "$wide" --connections "$wide" \
+        --duration "${duration}s" --warmup "${warmup}s" --json \
+        >"$work/$name.json" 2>"$work/$name.err"; then
+        cat "$work/$name.err" >&2
+        die "cardvault bench $name failed"
+    fi
+    sample_vault >>"$samples"
+}
+
+# Bulk import of IMPORT cards, 1000 per chunk, over 2 streams.
+run_import() {
+    local name=$1
+    echo "$name" >"$work/phase"
+    log "cardvault bench $name: --rpc import --requests $import_cards"
+    if ! "$bin" bench --target "http://127.0.0.1:$grpc_port" --rpc import \
+        --requests "$import_cards" --chunk 1000 --concurrency 2 --connections 2 --json \
+        >"$work/$name.json" 2>"$work/$name.err"; then
+        cat "$work/$name.err" >&2
+        die "cardvault bench $name failed"
+    fi
+    sample_vault >>"$samples"
+}
+
 # Half of the closed-loop peak of NAME.json, at least 1 request per second.
 half_rate() {
     python3 - "$work/$1.json" <<'PY'
@@ -424,6 +464,10 @@ bench_vault() {
         run_load "$name-reveal" reveal
         run_load "$name-tokenize-half" tokenize --rate "$(half_rate "$name-tokenize")"
         run_load "$name-reveal-half" reveal --rate "$(half_rate "$name-reveal")"
+        run_wide "$name-wide"
+        if [[ $name == pg && $import_cards -gt 0 ]]; then
+            run_import "$name-import"
+        fi
     else
         log "--no-load: holding the idle vault for 3 s to sample its memory"
         sleep 3
@@ -444,11 +488,12 @@ bench_vault sqlite
 # ---------------------------------------------------------------------------------------
 # (e) the table.
 python3 - "$work" "$clients" "$duration" "$connections" "$no_load" \
-    "$pg_version" "$pg_sync" "$pg_fsync" "$(nproc)" "$idle_at_start" "$(getconf CLK_TCK)" <<'PY'
+    "$pg_version" "$pg_sync" "$pg_fsync" "$(nproc)" "$idle_at_start" "$(getconf CLK_TCK)" \
+    "$wide" <<'PY'
 import json, os, sys
 
 (work, clients, duration, connections, no_load, pg_version, pg_sync, pg_fsync, cores,
- idle_at_start, clock_ticks) = sys.argv[1:12]
+ idle_at_start, clock_ticks, wide) = sys.argv[1:13]
 clock_ticks = int(clock_ticks)
 no_load = no_load == "1"
 
@@ -534,9 +579,28 @@ for backend, label in (("pg", "PostgreSQL"), ("sqlite", "SQLite")):
               f"{verdict(None if p99 is None else p99 <= 5.0):>13}")
 
 print()
+# The memory run: as many HTTP/2 connections as callers.
+print(f"  {f'tokenize, {wide} connections':<34}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}")
+for backend, label in (("pg", "PostgreSQL"), ("sqlite", "SQLite")):
+    print(row(f"vault tokenize ({label})", load(f"{backend}-wide")))
+
+imported = load("pg-import")
+if imported is not None:
+    print()
+    seconds = imported["duration_s"]
+    per_million = seconds * 1_000_000 / max(1, imported["cards"])
+    lat = imported.get("chunk_latency_ms") or {}
+    print(f"  {'bulk import (PostgreSQL)':<34}{'cards':>10}{'seconds':>10}{'cards/s':>10}"
+          f"{'chunk p99':>10}{'1M <= 10 s':>12}")
+    print(f"  {'ImportCards, 1000 per chunk':<34}{num(imported['cards']):>10}{num(seconds, 1):>10}"
+          f"{num(imported['cards_per_s']):>10}{num(lat.get('p99'), 0):>10}"
+          f"{verdict(per_million <= 10.0):>12}")
+    print(f"  {'outcomes':<34}" + ", ".join(f"{k} {v:,}" for k, v in imported["outcomes"].items()))
+
+print()
 # Per phase: VmRSS at its last sample, and the vault's CPU between the end of the previous
 # phase and the end of this one, in % of one core (warm-up and the reveal pool included).
-phases = ["idle", "tokenize", "reveal", "tokenize-half", "reveal-half"]
+phases = ["idle", "tokenize", "reveal", "tokenize-half", "reveal-half", "wide", "import"]
 print(f"  {'vault, at end of each phase':<34}" + "".join(f"{p:>14}" for p in phases)
       + f"{'peak VmHWM':>12}")
 for backend, label in (("pg", "PostgreSQL"), ("sqlite", "SQLite")):

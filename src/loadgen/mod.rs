@@ -14,9 +14,12 @@
 //!   among their tokens at random. `mixed` is [`MIX_TOKENIZE_PERCENT`] % tokenize,
 //!   [`MIX_GET_PERCENT`] % get, the rest reveal.
 //!
+//! - `import` streams `--requests` cards through `ImportCards` ([`import`]).
+//!
 //! The tool needs no configuration file and no database: only a target.
 
 pub mod cards;
+pub mod import;
 pub mod report;
 mod runner;
 
@@ -32,6 +35,7 @@ use tonic::{
 };
 use zeroize::Zeroizing;
 
+pub use import::ImportReport;
 pub use report::{Latency, Report, RpcStats};
 
 use crate::pb::v1 as pb;
@@ -65,7 +69,8 @@ pub struct BenchArgs {
     /// The vault's gRPC address: http://HOST:PORT for plain text, https://HOST:PORT for TLS.
     #[arg(long, value_name = "URI", default_value = "http://127.0.0.1:50051")]
     pub target: String,
-    /// What to send; mixed is 20 % tokenize, 40 % get, 40 % reveal.
+    /// What to send; mixed is 20 % tokenize, 40 % get, 40 % reveal; import streams
+    /// --requests cards through ImportCards, one stream per connection.
     #[arg(long, value_enum, default_value_t = Workload::Tokenize)]
     pub rpc: Workload,
     /// Workers, i.e. requests in flight at most.
@@ -108,6 +113,9 @@ pub struct BenchArgs {
     /// Cards tokenized before a reveal, get or mixed run, whose tokens the run then reads.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub pool: u32,
+    /// Cards per ImportCards message (--rpc import).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub chunk: u32,
     /// Token format asked for by tokenize requests.
     #[arg(long, value_enum, default_value_t = TokenFormatArg::Opaque)]
     pub token_format: TokenFormatArg,
@@ -124,6 +132,8 @@ pub enum Workload {
     Get,
     /// A fixed mix of tokenize, get and reveal.
     Mixed,
+    /// Bulk import through the ImportCards stream.
+    Import,
 }
 
 impl Workload {
@@ -134,6 +144,7 @@ impl Workload {
             Workload::Reveal => "reveal",
             Workload::Get => "get",
             Workload::Mixed => "mixed",
+            Workload::Import => "import",
         }
     }
 
@@ -144,12 +155,13 @@ impl Workload {
             Workload::Reveal => &[Rpc::Reveal],
             Workload::Get => &[Rpc::Get],
             Workload::Mixed => &[Rpc::Tokenize, Rpc::Get, Rpc::Reveal],
+            Workload::Import => &[],
         }
     }
 
     /// Whether the run reads tokens, and so needs a pool first.
     fn needs_pool(self) -> bool {
-        self != Workload::Tokenize
+        !matches!(self, Workload::Tokenize | Workload::Import)
     }
 }
 
@@ -249,6 +261,7 @@ pub struct Bench {
     warmup: Duration,
     rate: Option<f64>,
     pool: usize,
+    chunk: usize,
     token_format: pb::TokenFormat,
     /// `Bearer <key>`, marked sensitive so HTTP/2 never indexes it in HPACK tables.
     authorization: Option<AsciiMetadataValue>,
@@ -303,6 +316,11 @@ impl Bench {
         if uri.host().is_none_or(str::is_empty) {
             return Err(usage(format!("--target {} has no host", args.target)));
         }
+        if args.rpc == Workload::Import && (args.requests.is_none() || args.rate.is_some()) {
+            return Err(usage(
+                "--rpc import needs --requests N (cards to import) and takes no --rate".to_owned(),
+            ));
+        }
         if args.connections > args.concurrency {
             return Err(usage(format!(
                 "--connections {} exceeds --concurrency {}: some connections would carry nothing",
@@ -353,6 +371,7 @@ impl Bench {
             } else {
                 0
             },
+            chunk: args.chunk as usize,
             token_format: args.token_format.to_pb(),
             authorization,
         })
@@ -370,7 +389,17 @@ impl Bench {
         progress: Progress,
         interrupt: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Report, BenchError> {
+        if self.workload == Workload::Import {
+            return Err(BenchError::Usage(
+                "an import run is started with Bench::run_import".to_owned(),
+            ));
+        }
         runner::run(self, progress, interrupt).await
+    }
+
+    /// Runs an `--rpc import` bench: every card through `ImportCards`.
+    pub async fn run_import(&self) -> Result<ImportReport, BenchError> {
+        import::run(self).await
     }
 }
 
@@ -498,6 +527,22 @@ pub async fn run_cli(args: &BenchArgs) -> ExitCode {
             }
         });
     };
+    if args.rpc == Workload::Import {
+        return match bench.run_import().await {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.to_text());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("cardvault bench: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench.run(Progress::Stderr, interrupt).await {
         Ok(report) => {
             if args.json {

@@ -64,7 +64,7 @@ impl Stop {
 }
 
 /// One channel per connection: a tonic `Channel` is one HTTP/2 connection.
-async fn connect(bench: &Bench) -> Result<Vec<Channel>, BenchError> {
+pub(super) async fn connect(bench: &Bench) -> Result<Vec<Channel>, BenchError> {
     let mut channels = Vec::with_capacity(bench.connections);
     for _ in 0..bench.connections {
         let channel = bench
@@ -332,7 +332,8 @@ struct Shared {
 impl Shared {
     fn pick_rpc(&self, rng: &mut FastRng) -> Rpc {
         match self.workload {
-            Workload::Tokenize => Rpc::Tokenize,
+            // Import runs never get here (`Bench::run` refuses them).
+            Workload::Tokenize | Workload::Import => Rpc::Tokenize,
             Workload::Get => Rpc::Get,
             Workload::Reveal => Rpc::Reveal,
             Workload::Mixed => {

@@ -64,7 +64,8 @@ fn assert_all_ok(report: &Report, requests: u64) {
 on_both_backends!(
     tokenize_stores_every_card,
     reveal_reads_the_pool,
-    mixed_sends_all_three
+    mixed_sends_all_three,
+    import_streams_every_card_in_chunks
 );
 
 async fn tokenize_stores_every_card(backend: Backend) {
@@ -309,4 +310,39 @@ async fn an_untrusted_server_certificate_or_a_closed_port_fails_to_connect() {
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
+}
+
+/// `--rpc import`: 2,500 cards over 2 streams in chunks of 1000 (1,250 per stream: 2 chunks
+/// each), every card created and in the database, one audit record per chunk.
+async fn import_streams_every_card_in_chunks(backend: Backend) {
+    let app = roomy_app(backend).await;
+    let args = args(
+        &plain_target(&app),
+        &["--rpc", "import", "--requests", "2500", "--chunk", "1000"],
+    );
+    let report = Bench::prepare(&args)
+        .expect("valid")
+        .run_import()
+        .await
+        .expect("import runs");
+    assert_eq!(report.cards, 2500);
+    assert_eq!(
+        report.outcomes.get("created").copied(),
+        Some(2500),
+        "{}",
+        report.to_text()
+    );
+    assert_eq!(report.outcomes.len(), 1, "{}", report.to_text());
+    assert_eq!(report.chunks.ok, 4);
+    assert!(report.chunks.errors().is_empty());
+    assert!(report.cards_per_second() > 0.0);
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("JSON");
+    assert_eq!(json["outcomes"]["created"], 2500);
+    assert_eq!(app.state.count("SELECT COUNT(*) FROM cards").await, 2500);
+    assert_eq!(
+        app.state
+            .count("SELECT COUNT(*) FROM audit_records WHERE action = 'import_cards'")
+            .await,
+        4
+    );
 }
