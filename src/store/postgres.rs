@@ -198,6 +198,30 @@ impl CardColumns {
     }
 }
 
+impl CardColumns {
+    /// Binds the 17 arrays, in the table's column order.
+    fn bind(self, query: ArgQuery<'_>) -> ArgQuery<'_> {
+        query
+            .bind(self.token)
+            .bind(self.tenant_id)
+            .bind(self.token_format)
+            .bind(self.fingerprint)
+            .bind(self.dek_id)
+            .bind(self.ciphertext)
+            .bind(self.brand)
+            .bind(self.last4)
+            .bind(self.bin)
+            .bind(self.exp_month)
+            .bind(self.exp_year)
+            .bind(self.metadata)
+            .bind(self.canonical)
+            .bind(self.created_at)
+            .bind(self.expires_at)
+            .bind(self.honeytoken)
+            .bind(self.import_id)
+    }
+}
+
 /// A batch of audit records as one array per column.
 struct AuditColumns {
     shard: Vec<i32>,
@@ -249,6 +273,24 @@ impl AuditColumns {
             c.mac.push(r.mac.clone());
         }
         Ok(c)
+    }
+
+    /// Binds the 13 arrays, in the table's column order.
+    fn bind(self, query: ArgQuery<'_>) -> ArgQuery<'_> {
+        query
+            .bind(self.shard)
+            .bind(self.seq)
+            .bind(self.at)
+            .bind(self.tenant_id)
+            .bind(self.principal)
+            .bind(self.action)
+            .bind(self.token)
+            .bind(self.outcome)
+            .bind(self.alarm)
+            .bind(self.peer)
+            .bind(self.request_id)
+            .bind(self.detail)
+            .bind(self.mac)
     }
 }
 
@@ -383,7 +425,7 @@ impl Store for PgStore {
         // unless every card was inserted and the head was still where this writer left it
         // (another replica may have appended since). The chain's primary key rejects a
         // record another replica wrote at the same position.
-        let result = sqlx::query_scalar::<_, i32>(
+        let query = sqlx::query(
             "WITH new_cards AS (\
                INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
                brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, \
@@ -404,46 +446,18 @@ impl Store for PgStore {
                WHERE shard = $34 AND seq = $35 AND mac = $36 RETURNING 1) \
              SELECT 1 / ((SELECT count(*) FROM new_cards) = $37 \
                          AND (SELECT count(*) FROM moved) = 1)::int",
-        )
-        .bind(c.token)
-        .bind(c.tenant_id)
-        .bind(c.token_format)
-        .bind(c.fingerprint)
-        .bind(c.dek_id)
-        .bind(c.ciphertext)
-        .bind(c.brand)
-        .bind(c.last4)
-        .bind(c.bin)
-        .bind(c.exp_month)
-        .bind(c.exp_year)
-        .bind(c.metadata)
-        .bind(c.canonical)
-        .bind(c.created_at)
-        .bind(c.expires_at)
-        .bind(c.honeytoken)
-        .bind(c.import_id)
-        .bind(a.shard)
-        .bind(a.seq)
-        .bind(a.at)
-        .bind(a.tenant_id)
-        .bind(a.principal)
-        .bind(a.action)
-        .bind(a.token)
-        .bind(a.outcome)
-        .bind(a.alarm)
-        .bind(a.peer)
-        .bind(a.request_id)
-        .bind(a.detail)
-        .bind(a.mac)
-        .bind(seq_param(head.seq)?)
-        .bind(&head.mac)
-        .bind(&head.head_mac)
-        .bind(shard_param(expected.shard)?)
-        .bind(seq_param(expected.seq)?)
-        .bind(&expected.mac)
-        .bind(expected_cards)
-        .fetch_one(&self.pool)
-        .await;
+        );
+        let result = a
+            .bind(c.bind(query))
+            .bind(seq_param(head.seq)?)
+            .bind(&head.mac)
+            .bind(&head.head_mac)
+            .bind(shard_param(expected.shard)?)
+            .bind(seq_param(expected.seq)?)
+            .bind(&expected.mac)
+            .bind(expected_cards)
+            .fetch_one(&self.pool)
+            .await;
         match result {
             Ok(_) => Ok(true),
             Err(sqlx::Error::Database(db))
@@ -837,7 +851,7 @@ impl StoreTx for PgTx {
         // One statement for the whole batch: UNNEST turns the column arrays back into rows,
         // and ON CONFLICT DO NOTHING skips clashes on any unique index without aborting the
         // transaction, so no savepoint round trips are needed.
-        let stored: Vec<String> = sqlx::query_scalar(
+        let query = sqlx::query(
             "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
              brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
              honeytoken, import_id) \
@@ -846,27 +860,12 @@ impl StoreTx for PgTx {
              $12::text[]::jsonb[], $13::bool[], $14::timestamptz[], $15::timestamptz[], \
              $16::bool[], $17::text[]) \
              ON CONFLICT DO NOTHING RETURNING token",
-        )
-        .bind(columns.token)
-        .bind(columns.tenant_id)
-        .bind(columns.token_format)
-        .bind(columns.fingerprint)
-        .bind(columns.dek_id)
-        .bind(columns.ciphertext)
-        .bind(columns.brand)
-        .bind(columns.last4)
-        .bind(columns.bin)
-        .bind(columns.exp_month)
-        .bind(columns.exp_year)
-        .bind(columns.metadata)
-        .bind(columns.canonical)
-        .bind(columns.created_at)
-        .bind(columns.expires_at)
-        .bind(columns.honeytoken)
-        .bind(columns.import_id)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let stored: std::collections::HashSet<&str> = stored.iter().map(String::as_str).collect();
+        );
+        let stored = columns.bind(query).fetch_all(&mut *self.tx).await?;
+        let stored = stored
+            .iter()
+            .map(|row| row.try_get::<&str, _>(0))
+            .collect::<Result<std::collections::HashSet<&str>, _>>()?;
         Ok(rows
             .iter()
             .zip(first)
@@ -992,28 +991,14 @@ impl StoreTx for PgTx {
         head: &AuditHeadRow,
     ) -> Result<(), StoreError> {
         let c = AuditColumns::of(records)?;
-        sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO audit_records (shard, seq, at, tenant_id, principal, action, token, \
              outcome, alarm, peer, request_id, detail, mac) \
              SELECT * FROM UNNEST($1::int4[], $2::int8[], $3::timestamptz[], $4::text[], \
              $5::text[], $6::text[], $7::text[], $8::text[], $9::bool[], $10::text[], $11::text[], \
              $12::text[], $13::bytea[])",
-        )
-        .bind(c.shard)
-        .bind(c.seq)
-        .bind(c.at)
-        .bind(c.tenant_id)
-        .bind(c.principal)
-        .bind(c.action)
-        .bind(c.token)
-        .bind(c.outcome)
-        .bind(c.alarm)
-        .bind(c.peer)
-        .bind(c.request_id)
-        .bind(c.detail)
-        .bind(c.mac)
-        .execute(&mut *self.tx)
-        .await?;
+        );
+        c.bind(query).execute(&mut *self.tx).await?;
         let done = sqlx::query(
             "UPDATE audit_heads SET seq = $2, mac = $3, head_mac = $4 WHERE shard = $1",
         )
