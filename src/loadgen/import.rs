@@ -1,7 +1,8 @@
 //! `--rpc import`: `--requests` random cards through `ImportCards`, in chunks of `--chunk`,
 //! over `--connections` streams at once (one per connection), each stream keeping up to
 //! [`CHUNKS_IN_FLIGHT`] chunks unanswered. Reports cards per second, the latency of a chunk
-//! (sent → answered, i.e. durably committed), and the cards by outcome.
+//! (from when it was handed to the stream until its answer, i.e. durably committed: it
+//! includes the time it queued behind the chunks ahead of it), and the cards by outcome.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -89,7 +90,7 @@ impl ImportReport {
     /// The report as text.
     pub fn to_text(&self) -> String {
         let mut text = format!(
-            "cardvault bench: import against {}, {} streams, {} cards per chunk\n  \
+            "cardvault bench: import against {}, {} stream(s), {} cards per chunk\n  \
              duration    {:.2} s\n  cards       {} sent\n  throughput  {:.0} cards/s\n",
             self.target,
             self.streams,
