@@ -24,6 +24,7 @@ on_both_backends!(
     concurrent_appends_to_one_chain_are_serialized_by_the_head_lock,
     a_batch_insert_stores_what_it_can_and_reports_each_clash,
     a_batch_of_audit_records_extends_one_chain_in_order,
+    the_fast_lane_commits_all_or_nothing,
     imported_cards_are_found_by_import_id_within_their_tenant,
 );
 
@@ -800,4 +801,70 @@ async fn imported_cards_are_found_by_import_id_within_their_tenant(backend: Back
             .expect("read")
             .is_none()
     );
+}
+
+/// `commit_batch` (the group commit's fast lane) writes cards, records and the moved head
+/// together, and nothing at all when a card clashes or the head is not the one expected.
+async fn the_fast_lane_commits_all_or_nothing(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    let dek = tenant_with_dek(store.as_ref()).await;
+    let mut tx = store.begin().await.expect("begin");
+    tx.insert_audit_head(&head(5, 0)).await.expect("head");
+    tx.commit().await.expect("commit");
+    let now = OffsetDateTime::now_utc();
+
+    let first = card("tok_f1", false, dek);
+    let second = card("tok_f2", false, dek);
+    let records: Vec<AuditRow> = (1..=2).map(|seq| record(5, seq, t0(), "t")).collect();
+    assert!(
+        store
+            .commit_batch(&[&first, &second], &records, &head(5, 0), &head(5, 2))
+            .await
+            .expect("commit")
+    );
+    assert_eq!(store.audit_chain(5, 0, 10).await.expect("chain"), records);
+    assert_eq!(store.audit_heads().await.expect("heads"), [head(5, 2)]);
+
+    // A stale head: another writer moved it. Nothing of this batch may land.
+    let third = card("tok_f3", false, dek);
+    let stale: Vec<AuditRow> = (1..=1).map(|seq| record(5, seq, t0(), "t")).collect();
+    assert!(
+        !store
+            .commit_batch(&[&third], &stale, &head(5, 0), &head(5, 1))
+            .await
+            .expect("refused, not failed")
+    );
+    // A card that clashes (its token is taken) with the right head: nothing lands either.
+    let mut taken = card("tok_f1", false, dek);
+    taken.ciphertext = vec![9, 9];
+    let next = [record(5, 3, t0(), "t")];
+    assert!(
+        !store
+            .commit_batch(&[&third, &taken], &next, &head(5, 2), &head(5, 3))
+            .await
+            .expect("refused, not failed")
+    );
+    assert!(
+        store
+            .card("t", "tok_f3", now)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert_eq!(
+        store.card("t", "tok_f1", now).await.expect("read"),
+        Some(first),
+        "the stored card is untouched"
+    );
+    assert_eq!(store.audit_heads().await.expect("heads"), [head(5, 2)]);
+    assert_eq!(store.audit_chain(5, 0, 10).await.expect("chain").len(), 2);
+
+    // Audit-only batches (reads) go the same way.
+    assert!(
+        store
+            .commit_batch(&[], &next, &head(5, 2), &head(5, 3))
+            .await
+            .expect("commit")
+    );
+    assert_eq!(store.audit_heads().await.expect("heads"), [head(5, 3)]);
 }
