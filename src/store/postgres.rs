@@ -23,13 +23,6 @@ macro_rules! card_columns {
     };
 }
 
-/// A live card of one tenant by token.
-const CARD_BY_TOKEN: &str = concat!(
-    "SELECT ",
-    card_columns!(),
-    " FROM cards WHERE token = $1 AND tenant_id = $2 AND (expires_at IS NULL OR expires_at > $3)"
-);
-
 macro_rules! principal_columns {
     () => {
         "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at"
@@ -80,6 +73,32 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// A live card of one tenant by token, through the pool or inside a transaction.
+async fn card_by_token<'e, E>(
+    executor: E,
+    tenant_id: &str,
+    token: &str,
+    now: OffsetDateTime,
+) -> Result<Option<CardRow>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    sqlx::query(concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE token = $1 AND tenant_id = $2 \
+         AND (expires_at IS NULL OR expires_at > $3)"
+    ))
+    .bind(token)
+    .bind(tenant_id)
+    .bind(now)
+    .fetch_optional(executor)
+    .await?
+    .as_ref()
+    .map(card_from_row)
+    .transpose()
 }
 
 fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
@@ -396,15 +415,7 @@ impl Store for PgStore {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(CARD_BY_TOKEN)
-            .bind(token)
-            .bind(tenant_id)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(card_from_row)
-            .transpose()
+        card_by_token(&self.pool, tenant_id, token, now).await
     }
 
     async fn commit_batch(
@@ -879,15 +890,7 @@ impl StoreTx for PgTx {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(CARD_BY_TOKEN)
-            .bind(token)
-            .bind(tenant_id)
-            .bind(now)
-            .fetch_optional(&mut *self.tx)
-            .await?
-            .as_ref()
-            .map(card_from_row)
-            .transpose()
+        card_by_token(&mut *self.tx, tenant_id, token, now).await
     }
 
     async fn reusable_card(

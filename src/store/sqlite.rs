@@ -27,13 +27,6 @@ macro_rules! card_columns {
     };
 }
 
-/// A live card of one tenant by token.
-const CARD_BY_TOKEN: &str = concat!(
-    "SELECT ",
-    card_columns!(),
-    " FROM cards WHERE token = ?1 AND tenant_id = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
-);
-
 /// Inserts one card row (17 parameters, in [`bind_card`] order).
 macro_rules! insert_card_sql {
     ($conflict:literal) => {
@@ -102,6 +95,32 @@ fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
 
 fn uuid_from_blob(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("key id is not 16 bytes"))
+}
+
+/// A live card of one tenant by token, through the pool or inside a transaction.
+async fn card_by_token<'e, E>(
+    executor: E,
+    tenant_id: &str,
+    token: &str,
+    now: OffsetDateTime,
+) -> Result<Option<CardRow>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    sqlx::query(concat!(
+        "SELECT ",
+        card_columns!(),
+        " FROM cards WHERE token = ?1 AND tenant_id = ?2 \
+         AND (expires_at IS NULL OR expires_at > ?3)"
+    ))
+    .bind(token)
+    .bind(tenant_id)
+    .bind(micros(now))
+    .fetch_optional(executor)
+    .await?
+    .as_ref()
+    .map(card_from_row)
+    .transpose()
 }
 
 fn card_from_row(row: &SqliteRow) -> Result<CardRow, StoreError> {
@@ -282,15 +301,7 @@ impl Store for SqliteStore {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(CARD_BY_TOKEN)
-            .bind(token)
-            .bind(tenant_id)
-            .bind(micros(now))
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(card_from_row)
-            .transpose()
+        card_by_token(&self.pool, tenant_id, token, now).await
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
@@ -612,15 +623,7 @@ impl StoreTx for SqliteTx {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        sqlx::query(CARD_BY_TOKEN)
-            .bind(token)
-            .bind(tenant_id)
-            .bind(micros(now))
-            .fetch_optional(&mut *self.tx)
-            .await?
-            .as_ref()
-            .map(card_from_row)
-            .transpose()
+        card_by_token(&mut *self.tx, tenant_id, token, now).await
     }
 
     async fn reusable_card(
