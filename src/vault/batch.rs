@@ -67,6 +67,8 @@ pub(crate) struct Written {
     pub stored: bool,
     /// The card, handed back.
     pub card: Option<CardRow>,
+    /// The audit event, handed back (a card that clashed is recorded on another path).
+    pub audit: AuditEvent,
 }
 
 struct Job {
@@ -220,58 +222,29 @@ impl Writer {
 
     async fn commit(&self, lane: &mut Lane, jobs: Vec<Job>) {
         match self.try_fast(lane, &jobs).await {
-            Ok(true) => {
-                for job in jobs {
-                    let _ = job.reply.send(Ok(Written {
-                        stored: true,
-                        card: job.card,
-                    }));
-                }
-                return;
-            }
+            Ok(true) => return answer_all(jobs, std::iter::repeat(true)),
             // A clash: resolved below, under a lock, write by write.
             Ok(false) => metrics::counter!("cardvault_write_batch_clashes_total").increment(1),
-            Err(Failure::AtCommit(err)) => {
-                let cause = Arc::new(err);
-                for job in jobs {
-                    let _ = job.reply.send(Err(shared(&cause)));
-                }
-                return;
-            }
+            Err(Failure::AtCommit(err)) => return fail_all(jobs, err),
             // Nothing was written; the locked path below retries and isolates the failure.
             Err(Failure::BeforeCommit(_)) => {}
         }
         match self.try_commit(&jobs).await {
-            Ok(stored) => {
-                for (job, stored) in jobs.into_iter().zip(stored) {
-                    let _ = job.reply.send(Ok(Written {
-                        stored,
-                        card: job.card,
-                    }));
-                }
-            }
+            Ok(stored) => answer_all(jobs, stored),
             Err(Failure::BeforeCommit(err))
                 if jobs.len() > 1 && !matches!(err, VaultError::Unavailable(_)) =>
             {
                 tracing::warn!(error = %err, writes = jobs.len(), "a write batch failed; committing its writes one by one");
                 for job in jobs {
-                    let outcome = self.try_commit(std::slice::from_ref(&job)).await;
-                    let answer = match outcome {
-                        Ok(stored) => Ok(Written {
-                            stored: stored.first().copied().unwrap_or(false),
-                            card: job.card,
-                        }),
-                        Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => Err(err),
-                    };
-                    let _ = job.reply.send(answer);
+                    match self.try_commit(std::slice::from_ref(&job)).await {
+                        Ok(stored) => answer_all(vec![job], stored),
+                        Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => {
+                            let _ = job.reply.send(Err(err));
+                        }
+                    }
                 }
             }
-            Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => {
-                let cause = Arc::new(err);
-                for job in jobs {
-                    let _ = job.reply.send(Err(shared(&cause)));
-                }
-            }
+            Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => fail_all(jobs, err),
         }
     }
 
@@ -280,22 +253,20 @@ impl Writer {
     /// left it. Ok(false) when that did not hold (nothing was written).
     async fn try_fast(&self, lane: &mut Lane, jobs: &[Job]) -> Result<bool, Failure> {
         let shard = lane.next_shard();
-        let head = match lane.heads.remove(&shard) {
-            Some(head) => head,
-            None => self
-                .store
-                .audit_heads()
-                .await
-                .map_err(fast_failure)?
-                .into_iter()
-                .find(|h| h.shard == shard)
-                .ok_or_else(|| {
-                    Failure::BeforeCommit(VaultError::internal(
-                        "an audit chain head is missing",
-                        "no head row",
-                    ))
-                })?,
-        };
+        if !lane.heads.contains_key(&shard) {
+            // One read refreshes every head of this lane that is not cached.
+            for head in self.store.audit_heads().await.map_err(fast_failure)? {
+                if lane.shards.contains(&head.shard) {
+                    lane.heads.entry(head.shard).or_insert(head);
+                }
+            }
+        }
+        let head = lane.heads.remove(&shard).ok_or_else(|| {
+            Failure::BeforeCommit(VaultError::internal(
+                "an audit chain head is missing",
+                "no head row",
+            ))
+        })?;
         let cards: Vec<&CardRow> = jobs.iter().filter_map(|j| j.card.as_ref()).collect();
         let events: Vec<&AuditEvent> = jobs.iter().map(|j| &j.audit).collect();
         let (records, new_head) = self.auditor.extend(&head, &events);
@@ -347,6 +318,25 @@ fn fast_failure(err: StoreError) -> Failure {
     match err {
         StoreError::Unavailable(_) => Failure::AtCommit(err.into()),
         other => Failure::BeforeCommit(other.into()),
+    }
+}
+
+/// Answers each job with whether its write took effect.
+fn answer_all(jobs: Vec<Job>, stored: impl IntoIterator<Item = bool>) {
+    for (job, stored) in jobs.into_iter().zip(stored) {
+        let _ = job.reply.send(Ok(Written {
+            stored,
+            card: job.card,
+            audit: job.audit,
+        }));
+    }
+}
+
+/// Fails every job of a batch with a copy of one cause.
+fn fail_all(jobs: Vec<Job>, err: VaultError) {
+    let cause = Arc::new(err);
+    for job in jobs {
+        let _ = job.reply.send(Err(shared(&cause)));
     }
 }
 

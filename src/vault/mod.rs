@@ -310,17 +310,14 @@ impl Vault {
             // already taken) falls through to the one-by-one path below.
             let row = sealer.row()?;
             audit.token = Some(row.token.clone());
-            let written = self
-                .batcher()
-                .await?
-                .write(Some(row), audit.clone())
-                .await?;
+            let written = self.batcher().await?.write(Some(row), audit).await?;
             if let (true, Some(row)) = (written.stored, written.card) {
                 return Ok(Tokenized {
                     card: view_of(row)?,
                     created: true,
                 });
             }
+            audit = written.audit;
             tracing::debug!("token collided with an existing card; redrawing");
         }
         self.store_card_alone(&sealer, audit).await
