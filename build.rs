@@ -10,6 +10,7 @@ fn main() -> io::Result<()> {
         "proto/cardvault/v1/card.proto",
         "proto/cardvault/v1/card_vault.proto",
         "proto/cardvault/v1/access_admin.proto",
+        "proto/cardvault/v1/key_admin.proto",
         "proto/cardvault/v1/audit.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

@@ -16,6 +16,8 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{CryptoError, DEFAULT_KEY_LABEL, PinSource, Pkcs11Config};
+
 /// Everything `serve`, `migrate` and `keys` read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,12 +125,43 @@ pub struct DataSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySettings {
-    /// Key provider: `local` (a keyring file).
+    /// Key provider: `local` (a keyring file) or `pkcs11` (an HSM).
     pub provider: KeyProviderKind,
     /// Keyring file of the `local` provider; unset means `<data.dir>/keyring.toml`.
     pub keyring: Option<PathBuf>,
+    /// `pkcs11`: the PKCS#11 module (shared library) to load.
+    pub pkcs11_module: Option<PathBuf>,
+    /// `pkcs11`: the label of the token holding the KEKs.
+    pub pkcs11_token_label: Option<String>,
+    /// `pkcs11`: a file holding the token's user PIN (set this or `pkcs11_pin_env`).
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// `pkcs11`: the name of an environment variable holding the PIN (set this or
+    /// `pkcs11_pin_file`).
+    pub pkcs11_pin_env: Option<String>,
+    /// `pkcs11`: prefix of the KEK objects' labels (version N is `<prefix>-vN`).
+    pub pkcs11_key_label: String,
     /// How many unwrapped data keys to keep in memory.
     pub dek_cache_size: usize,
+    /// Encryptions under one data key before a new one takes over (AES-GCM's random-nonce
+    /// limit is 2^32; the default, 100 million, stays far below it).
+    pub dek_max_encryptions: u64,
+    /// Days after which a new data key takes over.
+    pub dek_max_age_days: u32,
+    /// Seconds a replica may seal under a data key before checking it is still active: how
+    /// long replicas may keep using a DEK that another replica rotated away.
+    pub dek_reservation_secs: u64,
+    /// Seconds a dual-control request (retire a KEK, shred a tenant) waits for approval.
+    pub approval_ttl_secs: u64,
+    /// Seconds a replica's claim on a key job lasts unless renewed (after a crash, another
+    /// replica takes the job over after this).
+    pub job_lease_secs: u64,
+    /// Milliseconds between looks for key jobs to work on.
+    pub job_poll_ms: u64,
+    /// Keys or records per key-job batch.
+    pub job_batch: u32,
+    /// Keys rewrapped or records re-encrypted per second at most (0: no limit), so key jobs
+    /// leave the database and the key provider room for traffic.
+    pub job_rate: u32,
 }
 
 /// Which [`crate::crypto::KeyProvider`] holds the KEKs.
@@ -137,6 +170,8 @@ pub struct KeySettings {
 pub enum KeyProviderKind {
     /// A keyring file (mode 0600) of versioned 256-bit KEKs.
     Local,
+    /// AES-256 KEKs generated and used inside an HSM, through a PKCS#11 module.
+    Pkcs11,
 }
 
 /// `[tokens]`
@@ -286,7 +321,20 @@ fn defaults() -> Defaults {
         keys: KeySettings {
             provider: KeyProviderKind::Local,
             keyring: None,
+            pkcs11_module: None,
+            pkcs11_token_label: None,
+            pkcs11_pin_file: None,
+            pkcs11_pin_env: None,
+            pkcs11_key_label: DEFAULT_KEY_LABEL.to_owned(),
             dek_cache_size: 1024,
+            dek_max_encryptions: 100_000_000,
+            dek_max_age_days: 90,
+            dek_reservation_secs: 30,
+            approval_ttl_secs: 900,
+            job_lease_secs: 15,
+            job_poll_ms: 1_000,
+            job_batch: 500,
+            job_rate: 5_000,
         },
         tokens: TokenSettings {
             sweep_interval_secs: 60,
@@ -454,7 +502,26 @@ impl Settings {
                 "keys.dek_cache_size must be positive".to_owned(),
             ));
         }
-        Ok(())
+        let keys = &self.keys;
+        if keys.dek_max_encryptions == 0 || keys.dek_max_encryptions > 1 << 32 {
+            return Err(ConfigError::Rejected(
+                "keys.dek_max_encryptions must be between 1 and 2^32 (AES-GCM's random-nonce                  limit)"
+                    .to_owned(),
+            ));
+        }
+        if keys.dek_max_age_days == 0
+            || keys.dek_reservation_secs == 0
+            || keys.approval_ttl_secs == 0
+            || keys.job_lease_secs == 0
+            || keys.job_poll_ms == 0
+            || keys.job_batch == 0
+        {
+            return Err(ConfigError::Rejected(
+                "keys.dek_max_age_days, dek_reservation_secs, approval_ttl_secs,                  job_lease_secs, job_poll_ms and job_batch must be positive"
+                    .to_owned(),
+            ));
+        }
+        self.keys.check()
     }
 
     /// The database URL, defaulting to the embedded SQLite file in `data.dir`.
@@ -479,6 +546,90 @@ impl Settings {
     /// Per-request deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.grpc.request_timeout_ms)
+    }
+}
+
+impl KeySettings {
+    /// The `pkcs11` provider's settings are complete when it is chosen, and absent otherwise
+    /// (so a forgotten `provider = "pkcs11"` cannot silently fall back to a local keyring).
+    fn check(&self) -> Result<(), ConfigError> {
+        let rejected = |message: &str| Err(ConfigError::Rejected(message.to_owned()));
+        match self.provider {
+            KeyProviderKind::Local => {
+                if self.pkcs11_module.is_some()
+                    || self.pkcs11_token_label.is_some()
+                    || self.pkcs11_pin_file.is_some()
+                    || self.pkcs11_pin_env.is_some()
+                {
+                    return rejected(
+                        "keys.pkcs11_* settings apply only with keys.provider = \"pkcs11\"",
+                    );
+                }
+            }
+            KeyProviderKind::Pkcs11 => {
+                if self.pkcs11_module.is_none() {
+                    return rejected(
+                        "keys.pkcs11_module (the PKCS#11 module, e.g. \
+                         /usr/lib/softhsm/libsofthsm2.so) must be set when keys.provider = \
+                         \"pkcs11\"",
+                    );
+                }
+                if self.pkcs11_token_label.as_deref().is_none_or(str::is_empty) {
+                    return rejected(
+                        "keys.pkcs11_token_label must be set when keys.provider = \"pkcs11\"",
+                    );
+                }
+                match (&self.pkcs11_pin_file, &self.pkcs11_pin_env) {
+                    (None, None) => {
+                        return rejected(
+                            "keys.pkcs11_pin_file or keys.pkcs11_pin_env must be set when \
+                             keys.provider = \"pkcs11\"",
+                        );
+                    }
+                    (Some(_), Some(_)) => {
+                        return rejected(
+                            "set only one of keys.pkcs11_pin_file and keys.pkcs11_pin_env",
+                        );
+                    }
+                    _ => {}
+                }
+                if self.pkcs11_key_label.is_empty() {
+                    return rejected("keys.pkcs11_key_label must not be empty");
+                }
+                if self.keyring.is_some() {
+                    return rejected("keys.keyring applies only with keys.provider = \"local\"");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `pkcs11` provider's configuration, with the PIN read from `pkcs11_pin_file` or
+    /// the variable named by `pkcs11_pin_env`. Loading the settings checked that they are
+    /// complete; the errors for missing keys only guard settings built by hand.
+    pub fn pkcs11_config(&self) -> Result<Pkcs11Config, CryptoError> {
+        let missing = |key: &str| CryptoError::Hsm(format!("keys.{key} is not set"));
+        let pin = match (&self.pkcs11_pin_file, &self.pkcs11_pin_env) {
+            (Some(path), None) => PinSource::File(path.clone()),
+            (None, Some(name)) => PinSource::Env(name.clone()),
+            _ => {
+                return Err(missing(
+                    "pkcs11_pin_file or keys.pkcs11_pin_env (exactly one)",
+                ));
+            }
+        };
+        Ok(Pkcs11Config {
+            module: self
+                .pkcs11_module
+                .clone()
+                .ok_or_else(|| missing("pkcs11_module"))?,
+            token_label: self
+                .pkcs11_token_label
+                .clone()
+                .ok_or_else(|| missing("pkcs11_token_label"))?,
+            pin: pin.read()?,
+            key_label: self.pkcs11_key_label.clone(),
+        })
     }
 }
 
@@ -607,6 +758,74 @@ mod tests {
             let s =
                 load_in(jail, "[grpc]\naddr = \"0.0.0.0:50051\"\n").map_err(|e| e.to_string())?;
             assert!(s.into_dev().is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn pkcs11_settings_come_from_the_environment_and_read_the_pin() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pin", "1234\n")?;
+            jail.set_env("CARDVAULT_KEYS_PROVIDER", "pkcs11");
+            jail.set_env(
+                "CARDVAULT_KEYS_PKCS11_MODULE",
+                "/usr/lib/softhsm/libsofthsm2.so",
+            );
+            jail.set_env("CARDVAULT_KEYS_PKCS11_TOKEN_LABEL", "vault");
+            jail.set_env("CARDVAULT_KEYS_PKCS11_PIN_FILE", "pin");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.keys.provider, KeyProviderKind::Pkcs11);
+            assert_eq!(s.keys.pkcs11_key_label, "cardvault-kek");
+            let config = s.keys.pkcs11_config().map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.module,
+                PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
+            );
+            assert_eq!(config.token_label, "vault");
+            assert_eq!(config.pin.as_str(), "1234");
+            assert!(!format!("{config:?} {s:?}").contains("1234"));
+
+            // The file overrides the label; a second PIN source is refused.
+            jail.set_env("CARDVAULT_KEYS_PKCS11_KEY_LABEL", "kek");
+            let err = load_in(jail, "[keys]\npkcs11_pin_env = \"VAULT_PIN\"\n")
+                .expect_err("two PIN sources");
+            assert!(err.to_string().contains("only one"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn pkcs11_settings_name_what_is_missing() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_KEYS_PROVIDER", "pkcs11");
+            let err = Settings::load(None).expect_err("no module");
+            assert!(err.to_string().contains("keys.pkcs11_module"), "{err}");
+            jail.set_env("CARDVAULT_KEYS_PKCS11_MODULE", "/x.so");
+            let err = Settings::load(None).expect_err("no token");
+            assert!(err.to_string().contains("keys.pkcs11_token_label"), "{err}");
+            jail.set_env("CARDVAULT_KEYS_PKCS11_TOKEN_LABEL", "vault");
+            let err = Settings::load(None).expect_err("no pin");
+            assert!(err.to_string().contains("keys.pkcs11_pin_file"), "{err}");
+            jail.set_env("CARDVAULT_KEYS_PKCS11_PIN_ENV", "CARDVAULT_TEST_UNSET_PIN");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            let label = s.keys.pkcs11_key_label.clone();
+            assert_eq!(label, "cardvault-kek");
+            // The variable it names is unset: reading the PIN names the variable.
+            let err = s.keys.pkcs11_config().expect_err("unset variable");
+            assert!(
+                err.to_string().contains("CARDVAULT_TEST_UNSET_PIN"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn pkcs11_settings_without_the_pkcs11_provider_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_KEYS_PKCS11_MODULE", "/x.so");
+            let err = Settings::load(None).expect_err("provider is local");
+            assert!(err.to_string().contains("keys.provider"), "{err}");
             Ok(())
         });
     }

@@ -16,8 +16,10 @@
 //! - [`audit`] — the HMAC-chained audit log and its verifier.
 //! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
 //!   TLS listeners, start-up and drain.
+//! - [`client`] — `cardvault keys …`, the operators' client of the `KeyAdmin` service, and
+//!   the connection flags (target, TLS, API key) it shares with `bench`.
 //! - [`loadgen`] — `cardvault bench`, a load generator: a gRPC client of the vault, beside
-//!   the layers rather than in them (it uses only [`pb`] and [`card::luhn`]).
+//!   the layers rather than in them (it uses only [`pb`], [`client`] and [`card::luhn`]).
 //!
 //! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
 
@@ -26,6 +28,7 @@
 pub mod api;
 pub mod audit;
 pub mod card;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod loadgen;

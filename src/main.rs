@@ -6,8 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use cardvault::{
     audit,
     card::TokenFormat,
-    config::{LogFormat, Settings},
-    crypto::LocalKeyring,
+    client,
+    config::{KeyProviderKind, LogFormat, Settings},
+    crypto::{LocalKeyring, Pkcs11Provider},
     loadgen, server, telemetry,
     vault::{self, Metadata, NewPrincipal, Operator, Permissions, TenantId},
 };
@@ -38,7 +39,9 @@ enum Command {
     },
     /// Applies database migrations and exits.
     Migrate,
-    /// Key management.
+    /// Key management: `init` makes a KEK before the first start; the other commands call
+    /// a running vault's KeyAdmin service over gRPC as a keys:admin principal (they need no
+    /// configuration file and no database: only --target and credentials).
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -132,6 +135,9 @@ enum KeysCommand {
         #[arg(long, value_name = "FILE")]
         keyring: Option<PathBuf>,
     },
+    /// rotate-kek, rotate-deks, status, request-retire-kek, request-shred-tenant, approve.
+    #[command(flatten)]
+    KeyAdmin(client::keys::KeyAdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -139,6 +145,12 @@ fn main() -> ExitCode {
     // A client of the vault, not the vault: no settings, no telemetry, no database.
     if let Command::Bench(args) = &cli.command {
         return bench(cli.config.as_deref(), args);
+    }
+    if let Command::Keys {
+        command: KeysCommand::KeyAdmin(command),
+    } = &cli.command
+    {
+        return keys_client(cli.config.as_deref(), command);
     }
     let settings = match load_settings(&cli) {
         Ok(settings) => settings,
@@ -224,17 +236,29 @@ async fn run(command: Command, settings: Settings) -> Result<ExitCode, Box<dyn s
         }
         Command::Keys {
             command: KeysCommand::Init { keyring },
-        } => {
-            let path = keyring.unwrap_or_else(|| settings.keyring_path());
-            LocalKeyring::init(&path)?;
-            println!(
-                "created keyring {} (mode 0600) with KEK version 1. Back it up: every card \
-                 stored under it is unreadable without it.",
-                path.display()
-            );
-        }
+        } => match settings.keys.provider {
+            KeyProviderKind::Local => {
+                let path = keyring.unwrap_or_else(|| settings.keyring_path());
+                LocalKeyring::init(&path)?;
+                println!(
+                    "created keyring {} (mode 0600) with KEK version 1. Back it up: every card \
+                     stored under it is unreadable without it.",
+                    path.display()
+                );
+            }
+            KeyProviderKind::Pkcs11 => {
+                if keyring.is_some() {
+                    return Err("--keyring applies to the local key provider only".into());
+                }
+                let provider = Pkcs11Provider::init(settings.keys.pkcs11_config()?)?;
+                println!("created KEK version 1 in token {}", provider.token_label());
+            }
+        },
         // Dispatched in `main` before settings load; it never gets here.
         Command::Bench(_) => return Err("bench runs without settings".into()),
+        Command::Keys {
+            command: KeysCommand::KeyAdmin(_),
+        } => return Err("keys commands of a running vault run without settings".into()),
         Command::Admin { command } => admin(command, &settings).await?,
         Command::Audit {
             command: AuditCommand::Verify,
@@ -269,6 +293,9 @@ async fn admin(
     settings: &Settings,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let vault = server::open_vault(settings).await?;
+    // Load (on a new database: create) the audit key before any change begins its
+    // transaction: creating it inside one would wait on that very transaction on SQLite.
+    vault.warm_up(None).await?;
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".to_owned());
@@ -372,6 +399,31 @@ fn bench(config: Option<&std::path::Path>, args: &loadgen::BenchArgs) -> ExitCod
         Ok(runtime) => runtime.block_on(loadgen::run_cli(args)),
         Err(err) => {
             eprintln!("cardvault bench: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cardvault keys <rotate-kek|…>`: a client of a running vault, like `bench`.
+fn keys_client(
+    config: Option<&std::path::Path>,
+    command: &client::keys::KeyAdminCommand,
+) -> ExitCode {
+    if config.is_some() {
+        eprintln!(
+            "cardvault keys {}: --config is not used: this command calls a running vault; its \
+             options are flags",
+            command.name()
+        );
+        return ExitCode::from(2);
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(client::keys::run_cli(command)),
+        Err(err) => {
+            eprintln!(
+                "cardvault keys {}: cannot start the async runtime: {err}",
+                command.name()
+            );
             ExitCode::FAILURE
         }
     }

@@ -18,21 +18,21 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{AccessAdminService, AuditService, CardVaultService},
+    api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
-    crypto::{KeyProvider, LocalKeyring},
+    crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
     pb::{
         self,
         v1::{
             access_admin_server::AccessAdminServer, audit_server::AuditServer,
-            card_vault_server::CardVaultServer,
+            card_vault_server::CardVaultServer, key_admin_server::KeyAdminServer,
         },
     },
     store::{self, Store, StoreOptions, StoreTls},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
     vault::{
-        BatchOptions, ConfigPrincipal, Permissions, Principal, Rate, TenantId, Vault, VaultOptions,
-        sweeper,
+        BatchOptions, ConfigPrincipal, DekPolicy, KeyJobOptions, Permissions, Principal, Rate,
+        TenantId, Vault, VaultOptions, key_jobs, sweeper,
     },
 };
 
@@ -101,7 +101,7 @@ impl std::fmt::Debug for Application {
 }
 
 /// Opens the key provider named in the settings. In dev mode a missing local keyring is
-/// created (and announced).
+/// created (and announced); KEKs in an HSM must exist already.
 pub fn key_provider(settings: &Settings) -> Result<Arc<dyn KeyProvider>, StartupError> {
     match settings.keys.provider {
         KeyProviderKind::Local => {
@@ -128,6 +128,11 @@ pub fn key_provider(settings: &Settings) -> Result<Arc<dyn KeyProvider>, Startup
             }
             Ok(Arc::new(LocalKeyring::load(&path)?))
         }
+        // Never created on the fly, not even in dev mode: a KEK in an HSM is made on purpose,
+        // by `cardvault keys init`. Opening blocks briefly on the HSM (start-up only).
+        KeyProviderKind::Pkcs11 => Ok(Arc::new(Pkcs11Provider::open(
+            settings.keys.pkcs11_config()?,
+        )?)),
     }
 }
 
@@ -274,6 +279,7 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
         });
     }
     let limits = &settings.limits;
+    let keys = &settings.keys;
     Ok(VaultOptions {
         dek_cache_size: settings.keys.dek_cache_size,
         unauthenticated_tenant,
@@ -292,7 +298,28 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
             max_wait: Duration::from_micros(settings.database.batch_max_wait_us),
             writers: settings.database.batch_writers,
         },
+        dek_policy: DekPolicy {
+            max_encryptions: keys.dek_max_encryptions,
+            max_age: Duration::from_secs(u64::from(keys.dek_max_age_days) * 24 * 3600),
+            reservation: Duration::from_secs(keys.dek_reservation_secs),
+            ..DekPolicy::default()
+        },
+        key_jobs: KeyJobOptions {
+            lease: Duration::from_secs(keys.job_lease_secs),
+            poll: Duration::from_millis(keys.job_poll_ms),
+            batch: keys.job_batch,
+            rate: keys.job_rate,
+        },
+        approval_ttl: Duration::from_secs(keys.approval_ttl_secs),
     })
+}
+
+/// This replica's name on the key jobs it works on: the pod name (`HOSTNAME` on
+/// Kubernetes) and a random suffix, so two processes on one host never share a lease.
+fn job_owner() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "cardvault".to_owned());
+    let suffix = crate::crypto::random_base62(8).unwrap_or_default();
+    format!("{}-{suffix}", host.chars().take(64).collect::<String>())
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
@@ -361,6 +388,7 @@ impl Application {
                 settings.tokens.sweep_batch,
                 stop_rx.clone(),
             )),
+            tokio::spawn(key_jobs::run(vault.clone(), job_owner(), stop_rx.clone())),
             tokio::spawn(readiness(
                 vault.store().clone(),
                 health.clone(),
@@ -389,6 +417,8 @@ impl Application {
             .max_decoding_message_size(max_message);
         let access_admin = AccessAdminServer::new(AccessAdminService::new(vault.clone()))
             .max_decoding_message_size(max_message);
+        let key_admin = KeyAdminServer::new(KeyAdminService::new(vault.clone()))
+            .max_decoding_message_size(max_message);
         let audit =
             AuditServer::new(AuditService::new(vault)).max_decoding_message_size(max_message);
         let drain_health = health.clone();
@@ -411,6 +441,7 @@ impl Application {
             .add_optional_service(reflection_v1alpha)
             .add_service(card_vault)
             .add_service(access_admin)
+            .add_service(key_admin)
             .add_service(audit);
         let result = match tls {
             Some((grpc_tls, _)) => {

@@ -79,6 +79,10 @@ impl ApiError {
             }
             ApiError::Vault(VaultError::Missing(what)) => Status::not_found(what),
             ApiError::Vault(VaultError::Conflict(what)) => Status::already_exists(what),
+            ApiError::Vault(VaultError::Precondition(what)) => Status::failed_precondition(what),
+            ApiError::Vault(VaultError::SeparationOfDuties(what)) => {
+                Status::permission_denied(what)
+            }
             ApiError::Vault(err @ VaultError::Unavailable(_)) => {
                 tracing::warn!(error = %chain(&err), "database unavailable");
                 Status::unavailable("the vault's database is unavailable; retry later")

@@ -7,9 +7,10 @@ mod auth;
 mod card_vault;
 mod convert;
 mod error;
+mod key_admin;
 mod rpc;
 
 pub use self::{
     access_admin::AccessAdminService, audit::AuditService, card_vault::CardVaultService,
-    error::RequestId,
+    error::RequestId, key_admin::KeyAdminService,
 };

@@ -70,6 +70,18 @@ pub enum Action {
     MintHoneytoken,
     /// One chunk of an `ImportCards` stream (one record per chunk, not per card).
     ImportCards,
+    /// Making a new KEK version primary (and starting the rewrap job).
+    RotateKek,
+    /// Making new DEKs active (and optionally starting re-encryption).
+    RotateDeks,
+    /// Reading key versions, usage and jobs.
+    KeyStatus,
+    /// Asking for a dual-controlled operation (retire a KEK, shred a tenant).
+    RequestKeyOperation,
+    /// Approving (and so carrying out) a dual-controlled operation.
+    ApproveKeyOperation,
+    /// A background key job (rewrap, re-encryption) finishing or failing.
+    KeyJob,
 }
 
 impl Action {
@@ -91,6 +103,12 @@ impl Action {
             Action::RevokeApiKey => "admin.revoke_api_key",
             Action::MintHoneytoken => "admin.mint_honeytoken",
             Action::ImportCards => "import_cards",
+            Action::RotateKek => "keys.rotate_kek",
+            Action::RotateDeks => "keys.rotate_deks",
+            Action::KeyStatus => "keys.status",
+            Action::RequestKeyOperation => "keys.request",
+            Action::ApproveKeyOperation => "keys.approve",
+            Action::KeyJob => "keys.job",
         }
     }
 }

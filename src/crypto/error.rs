@@ -58,6 +58,10 @@ pub enum CryptoError {
         /// The operation asked for.
         operation: &'static str,
     },
+    /// The HSM (PKCS#11 module or token) failed or refused, or holds KEKs this build will not
+    /// use. The message names the call and return code, never a PIN or key bytes.
+    #[error("HSM: {0}")]
+    Hsm(String),
     /// The operating system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,

@@ -190,6 +190,44 @@ impl LocalKeyring {
         Ok(version)
     }
 
+    /// Destroys KEK version `version`: removes it from memory and rewrites the file
+    /// atomically without it (as [`LocalKeyring::rotate_now`] does). The key bytes are
+    /// zeroized; a backup of the old file still holds them, so retire old backups too.
+    ///
+    /// Refuses the primary version and a version the keyring does not hold.
+    pub fn retire_now(&self, version: KekVersion) -> Result<(), CryptoError> {
+        let mut state = self.write();
+        if version == state.primary {
+            return Err(CryptoError::Keyring(format!(
+                "KEK version {} is primary; rotate before retiring it",
+                version.0
+            )));
+        }
+        let Some(kek) = state.keks.remove(&version) else {
+            return Err(CryptoError::UnknownKekVersion(version.0));
+        };
+        if let Some(path) = &self.path
+            && let Err(e) = replace_file(path, &state.render())
+        {
+            state.keks.insert(version, kek);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Reads the keyring file again (another process rotated or retired a version); an
+    /// ephemeral keyring has nothing to read. On any error the keys in memory stay as they
+    /// were.
+    pub fn reload(&self) -> Result<(), CryptoError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let fresh = LocalKeyring::load(path)?;
+        let state = std::mem::replace(&mut *fresh.write(), State::empty());
+        *self.write() = state;
+        Ok(())
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         // No code path panics while holding the lock, so a poisoned state is still consistent.
         self.state.read().unwrap_or_else(PoisonError::into_inner)
@@ -313,6 +351,16 @@ impl KeyProvider for LocalKeyring {
     async fn rotate(&self) -> Result<KekVersion, CryptoError> {
         self.rotate_now()
     }
+
+    /// Retires with [`LocalKeyring::retire_now`].
+    async fn retire(&self, version: KekVersion) -> Result<(), CryptoError> {
+        self.retire_now(version)
+    }
+
+    /// Reloads the file with [`LocalKeyring::reload`].
+    async fn refresh(&self) -> Result<(), CryptoError> {
+        self.reload()
+    }
 }
 
 fn wrap_aad(version: KekVersion, aad: &[u8]) -> Vec<u8> {
@@ -329,6 +377,14 @@ fn now() -> OffsetDateTime {
 }
 
 impl State {
+    /// A placeholder left behind when a loaded state is moved out; never used for keys.
+    fn empty() -> State {
+        State {
+            primary: KekVersion(0),
+            keks: BTreeMap::new(),
+        }
+    }
+
     fn first() -> Result<State, CryptoError> {
         let version = KekVersion(1);
         let mut keks = BTreeMap::new();
@@ -857,6 +913,40 @@ mod tests {
         assert_eq!(ring.unwrap(&new, b"aad").await.unwrap().as_slice(), b"new");
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn retiring_a_version_destroys_it_on_disk_and_refuses_the_primary() {
+        let dir = dir();
+        let path = dir.path().join("keyring.toml");
+        let ring = LocalKeyring::init(&path).unwrap();
+        let old = ring.wrap(b"old", b"aad").await.unwrap();
+        let other_process = LocalKeyring::load(&path).unwrap();
+        KeyProvider::rotate(&ring).await.unwrap();
+        assert!(matches!(
+            KeyProvider::retire(&ring, KekVersion(2)).await.unwrap_err(),
+            CryptoError::Keyring(_)
+        ));
+        KeyProvider::retire(&ring, KekVersion(1)).await.unwrap();
+        assert_eq!(ring.versions(), vec![KekVersion(2)]);
+        assert!(matches!(
+            ring.unwrap(&old, b"aad").await.unwrap_err(),
+            CryptoError::UnknownKekVersion(1)
+        ));
+        assert!(matches!(
+            KeyProvider::retire(&ring, KekVersion(1)).await.unwrap_err(),
+            CryptoError::UnknownKekVersion(1)
+        ));
+        assert_eq!(
+            LocalKeyring::load(&path).unwrap().versions(),
+            vec![KekVersion(2)]
+        );
+        assert_eq!(mode_of(&path), 0o600);
+        // Another process still holding the old view picks the change up on refresh.
+        assert_eq!(other_process.primary_version(), KekVersion(1));
+        KeyProvider::refresh(&other_process).await.unwrap();
+        assert_eq!(other_process.primary_version(), KekVersion(2));
+        assert_eq!(other_process.versions(), vec![KekVersion(2)]);
     }
 
     #[test]

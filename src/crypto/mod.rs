@@ -18,7 +18,8 @@
 //! ```
 //!
 //! * A **KEK** is held by a [`KeyProvider`]. The [`LocalKeyring`] keeps versioned KEKs in a
-//!   mode-0600 TOML file; other providers keep them in hardware. The provider binds its KEK
+//!   mode-0600 TOML file; the [`Pkcs11Provider`] keeps them inside an HSM (tested against
+//!   SoftHSM2); cloud KMSs could follow. The provider binds its KEK
 //!   version into every wrapping, so a wrapped key names the KEK that opens it.
 //! * A **DEK** ([`DataKey`]) exists in clear only in memory: it is stored wrapped by a KEK
 //!   with [`dek_wrap_aad`] binding the DEK id and tenant, and unwrapped copies live in the
@@ -52,6 +53,7 @@ mod fingerprint;
 mod hex;
 mod keys;
 mod local;
+mod pkcs11;
 mod provider;
 mod random;
 mod secret;
@@ -63,5 +65,8 @@ pub use self::error::CryptoError;
 pub use self::fingerprint::{Fingerprint, FingerprintKey, TenantSecret};
 pub use self::keys::{DataKey, DekCache, DekId, dek_wrap_aad, tenant_secret_wrap_aad};
 pub use self::local::{LOCAL_WRAP_FORMAT_V1, LocalKeyring};
+pub use self::pkcs11::{
+    DEFAULT_KEY_LABEL, PKCS11_WRAP_FORMAT_V1, PinSource, Pkcs11Config, Pkcs11Provider,
+};
 pub use self::provider::{KekVersion, KeyProvider, WrappedKey};
 pub use self::random::{fill_random, system_random};

@@ -69,4 +69,25 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug + 'static {
             operation: "rotate",
         })
     }
+
+    /// Destroys KEK version `version`, so nothing wrapped under it can be unwrapped again.
+    ///
+    /// The caller (the vault's dual-controlled retire) has checked that nothing stored is
+    /// still wrapped under it. Refuses the primary version with [`CryptoError::Keyring`] and an
+    /// unknown one with [`CryptoError::UnknownKekVersion`]. The default returns
+    /// [`CryptoError::Unsupported`].
+    async fn retire(&self, version: KekVersion) -> Result<(), CryptoError> {
+        let _ = version;
+        Err(CryptoError::Unsupported {
+            provider: self.name(),
+            operation: "retire",
+        })
+    }
+
+    /// Picks up KEK versions created or destroyed by another process (another replica's
+    /// rotation), so the primary version is the newest one. The default does nothing, for
+    /// providers whose view is always current.
+    async fn refresh(&self) -> Result<(), CryptoError> {
+        Ok(())
+    }
 }

@@ -23,22 +23,20 @@ pub mod import;
 pub mod report;
 mod runner;
 
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{process::ExitCode, time::Duration};
 
-use tonic::{
-    metadata::{AsciiMetadataValue, MetadataValue},
-    transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri},
-};
+use tonic::{metadata::AsciiMetadataValue, transport::Endpoint};
+#[cfg(test)]
 use zeroize::Zeroizing;
 
 pub use import::ImportReport;
 pub use report::{Latency, Report, RpcStats};
 
-use crate::pb::v1 as pb;
+pub use crate::client::API_KEY_ENV;
+use crate::{
+    client::{ClientError, ConnectArgs, Connection, error_chain},
+    pb::v1 as pb,
+};
 
 /// Share of tokenize requests in the `mixed` workload, in percent.
 pub const MIX_TOKENIZE_PERCENT: u64 = 20;
@@ -49,26 +47,16 @@ pub const MIX_GET_PERCENT: u64 = 40;
 /// every worker was busy when it fell due.
 pub const LATE_AFTER: Duration = Duration::from_millis(1);
 
-/// How long to wait for each connection (TCP, TLS and HTTP/2 handshakes).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Deadline of each request, so a vault that hangs cannot hang the benchmark: it shows as
-/// errors instead.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Duration of the measured phase when neither `--duration` nor `--requests` is given.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
-
-/// Environment variable holding the API key when `--api-key-file` is not given.
-pub const API_KEY_ENV: &str = "CARDVAULT_API_KEY";
 
 /// Load-generates against a running vault over its gRPC API.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "bench")]
 pub struct BenchArgs {
-    /// The vault's gRPC address: http://HOST:PORT for plain text, https://HOST:PORT for TLS.
-    #[arg(long, value_name = "URI", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    /// The vault to load (`--target`, TLS and API key flags).
+    #[command(flatten)]
+    pub connection: ConnectArgs,
     /// What to send; mixed is 20 % tokenize, 40 % get, 40 % reveal; import streams
     /// --requests cards through ImportCards, one stream per connection.
     #[arg(long, value_enum, default_value_t = Workload::Tokenize)]
@@ -94,22 +82,6 @@ pub struct BenchArgs {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
-    /// CA certificate(s) to trust for an https target, PEM.
-    #[arg(long, value_name = "PEM")]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate for mTLS, PEM (with --key-file).
-    #[arg(long, value_name = "PEM", requires = "key_file")]
-    pub cert_file: Option<PathBuf>,
-    /// Private key of --cert-file, PEM.
-    #[arg(long, value_name = "PEM", requires = "cert_file")]
-    pub key_file: Option<PathBuf>,
-    /// File holding the API key, sent as `authorization: Bearer …`; else $CARDVAULT_API_KEY.
-    /// (Never a flag: command lines show in `ps`.)
-    #[arg(long, value_name = "FILE")]
-    pub api_key_file: Option<PathBuf>,
-    /// Name to check the server certificate against [default: the target's host].
-    #[arg(long, value_name = "NAME")]
-    pub tls_server_name: Option<String>,
     /// Cards tokenized before a reveal, get or mixed run, whose tokens the run then reads.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub pool: u32,
@@ -243,6 +215,15 @@ pub enum BenchError {
     Random,
 }
 
+impl From<ClientError> for BenchError {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::Usage(message) => BenchError::Usage(message),
+            ClientError::Connect { target, cause } => BenchError::Connect { target, cause },
+        }
+    }
+}
+
 /// When the measured phase ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum End {
@@ -287,35 +268,21 @@ impl Bench {
     /// Checks `args` and reads the CA, client certificate and API key they name (the API
     /// key from `$CARDVAULT_API_KEY` when no file is given).
     pub fn prepare(args: &BenchArgs) -> Result<Bench, BenchError> {
-        let env_key = std::env::var(API_KEY_ENV)
-            .ok()
-            .filter(|k| !k.trim().is_empty())
-            .map(Zeroizing::new);
-        Bench::prepare_with_env_key(args, env_key)
+        Bench::from_connection(args, Connection::prepare(&args.connection, "bench")?)
     }
 
+    /// As [`Bench::prepare`], with the environment's API key given.
+    #[cfg(test)]
     fn prepare_with_env_key(
         args: &BenchArgs,
         env_key: Option<Zeroizing<String>>,
     ) -> Result<Bench, BenchError> {
+        let connection = Connection::prepare_with_env_key(&args.connection, "bench", env_key)?;
+        Bench::from_connection(args, connection)
+    }
+
+    fn from_connection(args: &BenchArgs, connection: Connection) -> Result<Bench, BenchError> {
         let usage = |message: String| BenchError::Usage(message);
-        let uri: Uri = args
-            .target
-            .parse()
-            .map_err(|_| usage(format!("--target {} is not a URI", args.target)))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
-                return Err(usage(format!(
-                    "--target must start with http:// (plain text) or https:// (TLS), not {}",
-                    args.target
-                )));
-            }
-        };
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(usage(format!("--target {} has no host", args.target)));
-        }
         if args.rpc == Workload::Import && (args.requests.is_none() || args.rate.is_some()) {
             return Err(usage(
                 "--rpc import needs --requests N (cards to import) and takes no --rate".to_owned(),
@@ -328,35 +295,9 @@ impl Bench {
             )));
         }
 
-        let mut endpoint = Endpoint::from_shared(args.target.clone())
-            .map_err(|e| usage(format!("--target {}: {e}", args.target)))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .tcp_nodelay(true)
-            .user_agent(concat!("cardvault-bench/", env!("CARGO_PKG_VERSION")))
-            .map_err(|e| usage(format!("user agent: {e}")))?;
-        if tls {
-            endpoint = endpoint
-                .tls_config(tls_config(args)?)
-                .map_err(|e| usage(format!("TLS configuration: {}", error_chain(&e))))?;
-        } else if args.ca_file.is_some()
-            || args.cert_file.is_some()
-            || args.tls_server_name.is_some()
-        {
-            return Err(usage(
-                "--ca-file, --cert-file and --tls-server-name need an https:// --target".to_owned(),
-            ));
-        }
-
-        let key = match &args.api_key_file {
-            Some(path) => Some(read_api_key(path)?),
-            None => env_key,
-        };
-        let authorization = key.map(|key| bearer(&key)).transpose()?;
-
         Ok(Bench {
-            target: args.target.clone(),
-            endpoint,
+            target: connection.target().to_owned(),
+            endpoint: connection.endpoint().clone(),
             workload: args.rpc,
             concurrency: args.concurrency as usize,
             connections: args.connections as usize,
@@ -373,7 +314,7 @@ impl Bench {
             },
             chunk: args.chunk as usize,
             token_format: args.token_format.to_pb(),
-            authorization,
+            authorization: connection.authorization().cloned(),
         })
     }
 
@@ -401,69 +342,6 @@ impl Bench {
     pub async fn run_import(&self) -> Result<ImportReport, BenchError> {
         import::run(self).await
     }
-}
-
-fn tls_config(args: &BenchArgs) -> Result<ClientTlsConfig, BenchError> {
-    let Some(ca_file) = &args.ca_file else {
-        return Err(BenchError::Usage(
-            "an https:// --target needs --ca-file: the CA that signed the vault's certificate"
-                .to_owned(),
-        ));
-    };
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_file)?));
-    if let Some(name) = &args.tls_server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
-        let key = Zeroizing::new(read(key)?);
-        tls = tls.identity(Identity::from_pem(read(cert)?, key.as_slice()));
-    }
-    Ok(tls)
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, BenchError> {
-    std::fs::read(path)
-        .map_err(|e| BenchError::Usage(format!("cannot read {}: {e}", path.display())))
-}
-
-fn read_api_key(path: &Path) -> Result<Zeroizing<String>, BenchError> {
-    let bytes = Zeroizing::new(read(path)?);
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| BenchError::Usage(format!("API key file {} is not text", path.display())))?;
-    let key = text.trim();
-    if key.is_empty() {
-        return Err(BenchError::Usage(format!(
-            "API key file {} is empty",
-            path.display()
-        )));
-    }
-    Ok(Zeroizing::new(key.to_owned()))
-}
-
-/// `Bearer <key>` as a sensitive header value. The error never quotes the key.
-fn bearer(key: &str) -> Result<AsciiMetadataValue, BenchError> {
-    let header = Zeroizing::new(format!("Bearer {}", key.trim()));
-    let mut value = MetadataValue::try_from(header.as_str()).map_err(|_| {
-        BenchError::Usage("the API key holds characters not allowed in a header".to_owned())
-    })?;
-    value.set_sensitive(true);
-    Ok(value)
-}
-
-/// An error and all its sources, joined by `: ` ("transport error" alone says nothing).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // hyper and tonic often repeat their source's message; say it once.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Parses a duration: a non-negative decimal number followed by `ms`, `s`, `m` or `h`
@@ -508,10 +386,10 @@ pub async fn run_cli(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if bench.has_api_key() && !args.target.starts_with("https://") {
+    if bench.has_api_key() && !args.connection.target.starts_with("https://") {
         eprintln!(
             "cardvault bench: warning: sending the API key over plain text to {}",
-            args.target
+            args.connection.target
         );
     }
     let interrupt = async {
@@ -603,7 +481,7 @@ mod tests {
     #[test]
     fn defaults_are_a_ten_second_closed_loop_tokenize_run() {
         let args = args(&[]).expect("defaults parse");
-        assert_eq!(args.target, "http://127.0.0.1:50051");
+        assert_eq!(args.connection.target, "http://127.0.0.1:50051");
         assert_eq!(args.rpc, Workload::Tokenize);
         assert_eq!((args.concurrency, args.connections), (32, 4));
         assert_eq!(args.warmup, Duration::from_secs(2));

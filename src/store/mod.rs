@@ -7,8 +7,13 @@
 //! live database of each kind at build time; every query is covered by the integration
 //! suite, which runs against both backends.
 
+mod keys;
 pub mod postgres;
 pub mod sqlite;
+
+pub use self::keys::{
+    DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
+};
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
@@ -27,6 +32,8 @@ pub struct TenantRow {
     pub secret_kek_version: u32,
     /// When the tenant was created.
     pub created_at: OffsetDateTime,
+    /// When it was crypto-shredded (its secret is then empty and it has no DEKs).
+    pub shredded_at: Option<OffsetDateTime>,
 }
 
 impl fmt::Debug for TenantRow {
@@ -53,6 +60,10 @@ pub struct DekRow {
     pub active: bool,
     /// When it was generated.
     pub created_at: OffsetDateTime,
+    /// Encryptions reserved under it so far (an upper bound of the records it sealed).
+    pub reserved: u64,
+    /// When it stopped being active.
+    pub retired_at: Option<OffsetDateTime>,
 }
 
 impl fmt::Debug for DekRow {
@@ -475,6 +486,116 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes up to `limit` cards whose token expired at or before `now`; returns how many.
     async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
+
+    // --- Key management (see `keys`). -------------------------------------------------------
+
+    /// For every KEK version that wraps anything, what it wraps, by version.
+    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError>;
+    /// DEKs (of one tenant or all, shredded tenants have none) with their record counts,
+    /// ordered by tenant, then active first, then newest first.
+    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError>;
+    /// Up to `limit` DEKs not wrapped under KEK version `version`, by id.
+    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError>;
+    /// Up to `limit` tenants (not shredded) whose secret is not wrapped under `version`, by id.
+    async fn tenants_not_under(
+        &self,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<TenantRow>, StoreError>;
+    /// Replaces wrapped DEKs (ids are DEK UUIDs), each only if its KEK version is still
+    /// `old_version`; returns how many it replaced. One statement on PostgreSQL.
+    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError>;
+    /// Replaces wrapped tenant secrets (ids are tenant ids), each only if its KEK version is
+    /// still `old_version`; returns how many it replaced.
+    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError>;
+    /// Replaces the wrapped audit key if its KEK version is still `rewrap.old_version`
+    /// (`rewrap.id` is ignored); returns whether it did.
+    async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError>;
+
+    /// Makes `new` the tenant's active DEK: retires (`active = false`, `retired_at = at`) the
+    /// active DEK `old` — or, when `old` is `None`, expects none — and inserts `new`, in one
+    /// transaction. Returns false and changes nothing when `old` is no longer the active DEK
+    /// (another replica rotated first).
+    async fn rotate_dek(
+        &self,
+        tenant_id: &str,
+        old: Option<Uuid>,
+        new: &DekRow,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Reserves `count` more encryptions under the DEK if it is still active and its
+    /// `reserved` would stay at or below `max`; returns the new `reserved`, or `None` (the
+    /// DEK was retired or is used up).
+    async fn reserve_encryptions(
+        &self,
+        dek_id: Uuid,
+        count: u64,
+        max: u64,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Retired (not active) DEKs, of one tenant or all, oldest first.
+    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError>;
+    /// Up to `limit` records sealed by `dek_id` with token greater than `after`, by token.
+    async fn records_under(
+        &self,
+        dek_id: Uuid,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError>;
+    /// Replaces records re-sealed by their new `dek_id`, each only if the row is still
+    /// sealed by `old_dek`; returns how many it replaced. One statement on PostgreSQL.
+    async fn replace_records(
+        &self,
+        old_dek: Uuid,
+        records: &[SealedRecord],
+    ) -> Result<u64, StoreError>;
+    /// Deletes a retired DEK that no record uses any more and that was retired before
+    /// `retired_before`; returns whether it did.
+    async fn destroy_dek(
+        &self,
+        id: Uuid,
+        retired_before: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Inserts a running job unless one of its kind is running; returns whether it inserted.
+    async fn insert_key_job(&self, row: &KeyJobRow) -> Result<bool, StoreError>;
+    /// The running jobs and the `limit` most recent others, newest first.
+    async fn key_jobs(&self, limit: u32) -> Result<Vec<KeyJobRow>, StoreError>;
+    /// Takes (or renews) the lease of the oldest running job that has no live lease of
+    /// another owner, until `lease_until`; returns the job. Atomic across replicas: of two
+    /// claiming the same job, one gets it.
+    async fn claim_key_job(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<KeyJobRow>, StoreError>;
+    /// Records progress and renews the lease, if `owner` still holds it; returns whether it did.
+    async fn key_job_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        done: u64,
+        total: u64,
+        lease_until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Ends a job held by `owner` with `state` (`"done"` or `"failed"`) and an error text;
+    /// clears the lease; returns whether it did.
+    async fn finish_key_job(
+        &self,
+        id: &str,
+        owner: &str,
+        state: &str,
+        error: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// A dual-control request by id.
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRow>, StoreError>;
+    /// Pending requests not expired at `now`, oldest first.
+    async fn pending_key_requests(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<KeyRequestRow>, StoreError>;
 }
 
 /// One database transaction. Dropped without [`StoreTx::commit`], it rolls back.
@@ -552,6 +673,25 @@ pub trait StoreTx: Send {
         records: &[AuditRow],
         head: &AuditHeadRow,
     ) -> Result<(), StoreError>;
+
+    /// Inserts a dual-control request.
+    async fn insert_key_request(&mut self, row: &KeyRequestRow) -> Result<(), StoreError>;
+    /// Moves a pending request to `state`, recording who decided and when; returns false
+    /// (changing nothing) when it is no longer pending.
+    async fn decide_key_request(
+        &mut self,
+        id: &str,
+        state: &str,
+        by: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Crypto-shreds a tenant: deletes its cards and data keys, erases its wrapped secret
+    /// (marking it shredded at `at`), revokes its principals and their API keys.
+    async fn shred_tenant(
+        &mut self,
+        tenant_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Shredded, StoreError>;
 
     /// The tenant's cards with any of these import ids (expired ones included: the import id
     /// stays taken until the row is deleted), in no particular order; one query. Read in the

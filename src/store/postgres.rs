@@ -10,8 +10,9 @@ use uuid::Uuid;
 
 use super::{
     ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    ImportedCard, PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTls, StoreTx,
-    TenantRow, metadata_from_json, metadata_to_json, narrow,
+    DekUsage, ImportedCard, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, ReuseKey, Rewrap,
+    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
+    metadata_from_json, metadata_to_json, narrow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -20,6 +21,32 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 macro_rules! card_columns {
     () => {
         "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at, honeytoken, import_id"
+    };
+}
+
+/// Columns of a tenant row, as `tenant_from_row` reads them.
+macro_rules! tenant_columns {
+    () => {
+        "id, wrapped_secret, secret_kek_version, created_at, shredded_at"
+    };
+}
+
+/// Columns of a data key row, as `dek_from_row` reads them.
+macro_rules! dek_columns {
+    () => {
+        "id, tenant_id, kek_version, wrapped_key, active, created_at, reserved, retired_at"
+    };
+}
+
+macro_rules! key_job_columns {
+    () => {
+        "id, kind, state, tenant_id, done, total, requested_by, lease_owner, lease_until, created_at, updated_at, finished_at, error"
+    };
+}
+
+macro_rules! key_request_columns {
+    () => {
+        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at"
     };
 }
 
@@ -123,6 +150,61 @@ fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
     })
 }
 
+/// Inserts a tenant unless one with that id exists, through the pool or inside a
+/// transaction. A new tenant is never shredded: `shredded_at` is written NULL.
+async fn insert_tenant_row<'e, E>(executor: E, row: &TenantRow) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let done = sqlx::query(
+        "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at, shredded_at) \
+         VALUES ($1, $2, $3, $4, NULL) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&row.id)
+    .bind(&row.wrapped_secret)
+    .bind(i64::from(row.secret_kek_version))
+    .bind(row.created_at)
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts `row` as its tenant's active DEK (not retired, `reserved` as given) unless the
+/// tenant has one; the partial unique index `data_keys_one_active` decides, so of two
+/// replicas racing, one inserts. A clash on the primary key is an error.
+async fn insert_active_dek_row<'e, E>(executor: E, row: &DekRow) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let done = sqlx::query(
+        "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at, \
+         reserved, retired_at) VALUES ($1, $2, $3, $4, TRUE, $5, $6, NULL) \
+         ON CONFLICT (tenant_id) WHERE active DO NOTHING",
+    )
+    .bind(row.id)
+    .bind(&row.tenant_id)
+    .bind(i64::from(row.kek_version))
+    .bind(&row.wrapped_key)
+    .bind(row.created_at)
+    .bind(int8_param(row.reserved, "reserved out of range")?)
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn tenant_from_row(row: &PgRow) -> Result<TenantRow, StoreError> {
+    Ok(TenantRow {
+        id: row.try_get("id")?,
+        wrapped_secret: row.try_get("wrapped_secret")?,
+        secret_kek_version: narrow(
+            row.try_get::<i64, _>("secret_kek_version")?,
+            "secret_kek_version",
+        )?,
+        created_at: row.try_get("created_at")?,
+        shredded_at: row.try_get("shredded_at")?,
+    })
+}
+
 fn dek_from_row(row: &PgRow) -> Result<DekRow, StoreError> {
     Ok(DekRow {
         id: row.try_get("id")?,
@@ -131,6 +213,8 @@ fn dek_from_row(row: &PgRow) -> Result<DekRow, StoreError> {
         wrapped_key: row.try_get("wrapped_key")?,
         active: row.try_get("active")?,
         created_at: row.try_get("created_at")?,
+        reserved: narrow(row.try_get::<i64, _>("reserved")?, "reserved")?,
+        retired_at: row.try_get("retired_at")?,
     })
 }
 
@@ -313,6 +397,48 @@ impl AuditColumns {
     }
 }
 
+/// A batch of rewraps as one array per column, for `UPDATE … FROM UNNEST(…)`; `Id` is the
+/// key's id as its table stores it (a DEK's UUID, a tenant's text id).
+struct RewrapColumns<'a, Id> {
+    id: Vec<Id>,
+    old_version: Vec<i64>,
+    new_version: Vec<i64>,
+    wrapped: Vec<&'a [u8]>,
+}
+
+impl<'a, Id> RewrapColumns<'a, Id> {
+    /// The rewraps whose id `parse` accepts.
+    fn of(rewraps: &'a [Rewrap], parse: impl Fn(&'a str) -> Option<Id>) -> Self {
+        let mut c = RewrapColumns {
+            id: Vec::with_capacity(rewraps.len()),
+            old_version: Vec::with_capacity(rewraps.len()),
+            new_version: Vec::with_capacity(rewraps.len()),
+            wrapped: Vec::with_capacity(rewraps.len()),
+        };
+        for r in rewraps {
+            if let Some(id) = parse(&r.id) {
+                c.id.push(id);
+                c.old_version.push(i64::from(r.old_version));
+                c.new_version.push(i64::from(r.new_version));
+                c.wrapped.push(&r.wrapped);
+            }
+        }
+        c
+    }
+
+    /// Binds the four arrays: id, old version, new version, wrapped key.
+    fn bind(self, query: ArgQuery<'_>) -> ArgQuery<'_>
+    where
+        Vec<Id>: for<'t> sqlx::Encode<'t, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        query
+            .bind(self.id)
+            .bind(self.old_version)
+            .bind(self.new_version)
+            .bind(self.wrapped)
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -332,45 +458,29 @@ impl Store for PgStore {
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, wrapped_secret, secret_kek_version, created_at FROM tenants WHERE id = $1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(TenantRow {
-                id: row.try_get("id")?,
-                wrapped_secret: row.try_get("wrapped_secret")?,
-                secret_kek_version: narrow(
-                    row.try_get::<i64, _>("secret_kek_version")?,
-                    "secret_kek_version",
-                )?,
-                created_at: row.try_get("created_at")?,
-            })
-        })
+        .await?
+        .as_ref()
+        .map(tenant_from_row)
         .transpose()
     }
 
     async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&row.id)
-        .bind(&row.wrapped_secret)
-        .bind(i64::from(row.secret_kek_version))
-        .bind(row.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_tenant_row(&self.pool, row).await
     }
 
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(
-            "SELECT id, tenant_id, kek_version, wrapped_key, active, created_at \
-             FROM data_keys WHERE tenant_id = $1 AND active",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE tenant_id = $1 AND active"
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?
@@ -380,10 +490,11 @@ impl Store for PgStore {
     }
 
     async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(
-            "SELECT id, tenant_id, kek_version, wrapped_key, active, created_at \
-             FROM data_keys WHERE tenant_id = $1 AND id = $2",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE tenant_id = $1 AND id = $2"
+        ))
         .bind(tenant_id)
         .bind(id)
         .fetch_optional(&self.pool)
@@ -394,19 +505,7 @@ impl Store for PgStore {
     }
 
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at) \
-             VALUES ($1, $2, $3, $4, TRUE, $5) \
-             ON CONFLICT (tenant_id) WHERE active DO NOTHING",
-        )
-        .bind(row.id)
-        .bind(&row.tenant_id)
-        .bind(i64::from(row.kek_version))
-        .bind(&row.wrapped_key)
-        .bind(row.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_active_dek_row(&self.pool, row).await
     }
 
     async fn card(
@@ -648,6 +747,440 @@ impl Store for PgStore {
         .await?;
         Ok(done.rows_affected())
     }
+
+    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
+        // One row per source and version, summed per version. Records count through the DEK
+        // that sealed them, so a card counts under the version wrapping its DEK.
+        sqlx::query(
+            "SELECT version, sum(deks)::int8 AS deks, sum(secrets)::int8 AS secrets, \
+             sum(audit_keys)::int8 AS audit_keys, sum(records)::int8 AS records FROM (\
+               SELECT d.kek_version AS version, count(DISTINCT d.id) AS deks, 0 AS secrets, \
+               0 AS audit_keys, count(c.dek_id) AS records \
+               FROM data_keys d LEFT JOIN cards c ON c.dek_id = d.id GROUP BY d.kek_version \
+               UNION ALL \
+               SELECT secret_kek_version, 0, count(*), 0, 0 FROM tenants \
+               WHERE shredded_at IS NULL GROUP BY secret_kek_version \
+               UNION ALL \
+               SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
+             ) AS per_source GROUP BY version ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(kek_usage_from_row)
+        .collect()
+    }
+
+    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError> {
+        // A count per DEK (an index-only range of `cards_by_dek` each) rather than a join
+        // grouped over every card: with a tenant given, only its DEKs' records are counted.
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            ", (SELECT count(*) FROM cards WHERE cards.dek_id = data_keys.id) AS records \
+             FROM data_keys WHERE ($1::text IS NULL OR tenant_id = $1) \
+             ORDER BY tenant_id, active DESC, created_at DESC, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(DekUsage {
+                dek: dek_from_row(row)?,
+                records: narrow(row.try_get::<i64, _>("records")?, "record count")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE kek_version <> $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(dek_from_row)
+        .collect()
+    }
+
+    async fn tenants_not_under(
+        &self,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE secret_kek_version <> $1 AND shredded_at IS NULL \
+             ORDER BY id LIMIT $2"
+        ))
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant_from_row)
+        .collect()
+    }
+
+    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
+        // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
+        let c = RewrapColumns::of(rewraps, |id| Uuid::parse_str(id).ok());
+        if c.id.is_empty() {
+            return Ok(0);
+        }
+        let query = sqlx::query(
+            "UPDATE data_keys SET kek_version = r.new_version, wrapped_key = r.wrapped \
+             FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::bytea[]) \
+             AS r(id, old_version, new_version, wrapped) \
+             WHERE data_keys.id = r.id AND data_keys.kek_version = r.old_version",
+        );
+        let done = c.bind(query).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
+        let c = RewrapColumns::of(rewraps, Some);
+        if c.id.is_empty() {
+            return Ok(0);
+        }
+        // A shredded tenant's erased secret is never given a wrapped one back.
+        let query = sqlx::query(
+            "UPDATE tenants SET secret_kek_version = r.new_version, wrapped_secret = r.wrapped \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
+             AS r(id, old_version, new_version, wrapped) \
+             WHERE tenants.id = r.id AND tenants.secret_kek_version = r.old_version \
+             AND tenants.shredded_at IS NULL",
+        );
+        let done = c.bind(query).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE audit_keys SET kek_version = $2, wrapped_key = $3 \
+             WHERE id = 1 AND kek_version = $1",
+        )
+        .bind(i64::from(rewrap.old_version))
+        .bind(i64::from(rewrap.new_version))
+        .bind(&rewrap.wrapped)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_dek(
+        &self,
+        tenant_id: &str,
+        old: Option<Uuid>,
+        new: &DekRow,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(old) = old {
+            // A replica that rotated first holds the row lock until it commits; this UPDATE
+            // then re-reads the row, finds it inactive and retires nothing.
+            let done = sqlx::query(
+                "UPDATE data_keys SET active = FALSE, retired_at = $3 \
+                 WHERE id = $1 AND tenant_id = $2 AND active",
+            )
+            .bind(old)
+            .bind(tenant_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        // With `old` None, an active DEK that exists (or that a racing replica inserts first)
+        // makes the insert do nothing: the same answer as checking for one beforehand.
+        if !insert_active_dek_row(&mut *tx, new).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn reserve_encryptions(
+        &self,
+        dek_id: Uuid,
+        count: u64,
+        max: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // `reserved <= max - count` rather than `reserved + count <= max`: nothing can
+        // overflow, and a count above `max` never fits.
+        let Some(room) = max.checked_sub(count) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE data_keys SET reserved = reserved + $2 \
+             WHERE id = $1 AND active AND reserved <= $3 RETURNING reserved",
+        )
+        .bind(dek_id)
+        .bind(int8_param(count, "encryption count out of range")?)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
+        .transpose()
+    }
+
+    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE NOT active AND ($1::text IS NULL OR tenant_id = $1) \
+             ORDER BY created_at, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(dek_from_row)
+        .collect()
+    }
+
+    async fn records_under(
+        &self,
+        dek_id: Uuid,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        sqlx::query(
+            "SELECT token, tenant_id, dek_id, ciphertext FROM cards \
+             WHERE dek_id = $1 AND token > $2 ORDER BY token LIMIT $3",
+        )
+        .bind(dek_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(SealedRecord {
+                token: row.try_get("token")?,
+                tenant_id: row.try_get("tenant_id")?,
+                dek_id: row.try_get("dek_id")?,
+                ciphertext: row.try_get("ciphertext")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn replace_records(
+        &self,
+        old_dek: Uuid,
+        records: &[SealedRecord],
+    ) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let token: Vec<&str> = records.iter().map(|r| r.token.as_str()).collect();
+        let tenant_id: Vec<&str> = records.iter().map(|r| r.tenant_id.as_str()).collect();
+        let dek_id: Vec<Uuid> = records.iter().map(|r| r.dek_id).collect();
+        let ciphertext: Vec<&[u8]> = records.iter().map(|r| r.ciphertext.as_slice()).collect();
+        let done = sqlx::query(
+            "UPDATE cards SET dek_id = r.dek_id, ciphertext = r.ciphertext \
+             FROM UNNEST($2::text[], $3::text[], $4::uuid[], $5::bytea[]) \
+             AS r(token, tenant_id, dek_id, ciphertext) \
+             WHERE cards.token = r.token AND cards.tenant_id = r.tenant_id \
+             AND cards.dek_id = $1",
+        )
+        .bind(old_dek)
+        .bind(token)
+        .bind(tenant_id)
+        .bind(dek_id)
+        .bind(ciphertext)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn destroy_dek(
+        &self,
+        id: Uuid,
+        retired_before: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM data_keys WHERE id = $1 AND NOT active AND retired_at < $2 \
+             AND NOT EXISTS (SELECT 1 FROM cards WHERE dek_id = $1)",
+        )
+        .bind(id)
+        .bind(retired_before)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            // A card sealed under it was committed while this DELETE ran (NOT EXISTS looked
+            // at an older snapshot): the foreign key refuses, and the DEK stays.
+            Err(sqlx::Error::Database(db))
+                if db.is_foreign_key_violation()
+                    && db.constraint() == Some("cards_dek_id_fkey") =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn insert_key_job(&self, row: &KeyJobRow) -> Result<bool, StoreError> {
+        // The arbiter is the partial index only: a clash on the primary key stays an error.
+        let done = sqlx::query(
+            "INSERT INTO key_jobs (id, kind, state, tenant_id, done, total, requested_by, \
+             lease_owner, lease_until, created_at, updated_at, finished_at, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (kind) WHERE state = 'running' DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.kind)
+        .bind(&row.state)
+        .bind(&row.tenant_id)
+        .bind(int8_param(row.done, "job progress out of range")?)
+        .bind(int8_param(row.total, "job total out of range")?)
+        .bind(&row.requested_by)
+        .bind(&row.lease_owner)
+        .bind(row.lease_until)
+        .bind(row.created_at)
+        .bind(row.updated_at)
+        .bind(row.finished_at)
+        .bind(&row.error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn key_jobs(&self, limit: u32) -> Result<Vec<KeyJobRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_job_columns!(),
+            " FROM key_jobs WHERE state = 'running' OR id IN (SELECT id FROM key_jobs \
+             WHERE state <> 'running' ORDER BY created_at DESC, id DESC LIMIT $1) \
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_job_from_row)
+        .collect()
+    }
+
+    async fn claim_key_job(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<KeyJobRow>, StoreError> {
+        // The subquery picks a candidate without locking it; the outer WHERE repeats the lease
+        // test so that, when another replica claimed the same row first, READ COMMITTED
+        // re-checks it on the updated row and this replica takes nothing.
+        sqlx::query(concat!(
+            "UPDATE key_jobs SET lease_owner = $1, lease_until = $3, updated_at = $2 \
+             WHERE id = (SELECT id FROM key_jobs WHERE state = 'running' \
+               AND (lease_owner IS NULL OR lease_until < $2 OR lease_owner = $1) \
+               ORDER BY created_at, id LIMIT 1) \
+             AND state = 'running' \
+             AND (lease_owner IS NULL OR lease_until < $2 OR lease_owner = $1) \
+             RETURNING ",
+            key_job_columns!()
+        ))
+        .bind(owner)
+        .bind(now)
+        .bind(lease_until)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(key_job_from_row)
+        .transpose()
+    }
+
+    async fn key_job_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        done: u64,
+        total: u64,
+        lease_until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // The trait passes no time for `updated_at`; the vault's clock stands in for it.
+        let updated = sqlx::query(
+            "UPDATE key_jobs SET done = $3, total = $4, lease_until = $5, updated_at = $6 \
+             WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(int8_param(done, "job progress out of range")?)
+        .bind(int8_param(total, "job total out of range")?)
+        .bind(lease_until)
+        .bind(OffsetDateTime::now_utc())
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn finish_key_job(
+        &self,
+        id: &str,
+        owner: &str,
+        state: &str,
+        error: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE key_jobs SET state = $3, error = $4, finished_at = $5, updated_at = $5, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(state)
+        .bind(error)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_request_columns!(),
+            " FROM key_requests WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(key_request_from_row)
+        .transpose()
+    }
+
+    async fn pending_key_requests(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<KeyRequestRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_request_columns!(),
+            " FROM key_requests WHERE state = 'pending' AND expires_at > $1 \
+             ORDER BY requested_at, id"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_request_from_row)
+        .collect()
+    }
 }
 
 /// One PostgreSQL transaction (READ COMMITTED).
@@ -661,6 +1194,11 @@ fn shard_param(shard: u32) -> Result<i32, StoreError> {
 
 fn seq_param(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt("audit seq out of range"))
+}
+
+/// A count or size for a BIGINT column.
+fn int8_param(value: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
 /// Ends a savepoint opened before one statement: releases it when the statement's work is
@@ -692,17 +1230,7 @@ impl StoreTx for PgTx {
     }
 
     async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&row.id)
-        .bind(&row.wrapped_secret)
-        .bind(i64::from(row.secret_kek_version))
-        .bind(row.created_at)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_tenant_row(&mut *self.tx, row).await
     }
 
     async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
@@ -1017,6 +1545,89 @@ impl StoreTx for PgTx {
         Ok(())
     }
 
+    async fn insert_key_request(&mut self, row: &KeyRequestRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO key_requests (id, kind, target, requested_by, requested_at, expires_at, \
+             state, decided_by, decided_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&row.id)
+        .bind(&row.kind)
+        .bind(&row.target)
+        .bind(&row.requested_by)
+        .bind(row.requested_at)
+        .bind(row.expires_at)
+        .bind(&row.state)
+        .bind(&row.decided_by)
+        .bind(row.decided_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn decide_key_request(
+        &mut self,
+        id: &str,
+        state: &str,
+        by: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE key_requests SET state = $2, decided_by = $3, decided_at = $4 \
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(by)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn shred_tenant(
+        &mut self,
+        tenant_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Shredded, StoreError> {
+        // Cards first: they reference the data keys.
+        let cards = sqlx::query("DELETE FROM cards WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+        let deks = sqlx::query("DELETE FROM data_keys WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+        // Shredding again keeps the time of the first.
+        sqlx::query(
+            "UPDATE tenants SET wrapped_secret = ''::bytea, \
+             shredded_at = COALESCE(shredded_at, $2) WHERE id = $1",
+        )
+        .bind(tenant_id)
+        .bind(at)
+        .execute(&mut *self.tx)
+        .await?;
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM principals WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY id",
+        )
+        .bind(tenant_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut principals = 0;
+        for id in &live {
+            if self.revoke_principal(id, at).await? {
+                principals += 1;
+            }
+        }
+        Ok(Shredded {
+            cards,
+            deks,
+            principals,
+        })
+    }
+
     async fn imported_cards(
         &mut self,
         tenant_id: &str,
@@ -1093,5 +1704,47 @@ fn audit_from_row(row: &PgRow) -> Result<AuditRow, StoreError> {
         request_id: row.try_get("request_id")?,
         detail: row.try_get("detail")?,
         mac: row.try_get("mac")?,
+    })
+}
+
+fn kek_usage_from_row(row: &PgRow) -> Result<KekUsage, StoreError> {
+    Ok(KekUsage {
+        version: narrow(row.try_get::<i64, _>("version")?, "kek_version")?,
+        deks: narrow(row.try_get::<i64, _>("deks")?, "usage count")?,
+        tenant_secrets: narrow(row.try_get::<i64, _>("secrets")?, "usage count")?,
+        audit_keys: narrow(row.try_get::<i64, _>("audit_keys")?, "usage count")?,
+        records: narrow(row.try_get::<i64, _>("records")?, "usage count")?,
+    })
+}
+
+fn key_job_from_row(row: &PgRow) -> Result<KeyJobRow, StoreError> {
+    Ok(KeyJobRow {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        state: row.try_get("state")?,
+        tenant_id: row.try_get("tenant_id")?,
+        done: narrow(row.try_get::<i64, _>("done")?, "job progress")?,
+        total: narrow(row.try_get::<i64, _>("total")?, "job total")?,
+        requested_by: row.try_get("requested_by")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: row.try_get("lease_until")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+        error: row.try_get("error")?,
+    })
+}
+
+fn key_request_from_row(row: &PgRow) -> Result<KeyRequestRow, StoreError> {
+    Ok(KeyRequestRow {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        target: row.try_get("target")?,
+        requested_by: row.try_get("requested_by")?,
+        requested_at: row.try_get("requested_at")?,
+        expires_at: row.try_get("expires_at")?,
+        state: row.try_get("state")?,
+        decided_by: row.try_get("decided_by")?,
+        decided_at: row.try_get("decided_at")?,
     })
 }

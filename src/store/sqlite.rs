@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::{
     ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    ImportedCard, PrincipalRow, ReuseKey, Store, StoreError, StoreOptions, StoreTx, TenantRow,
+    DekUsage, ImportedCard, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, ReuseKey, Rewrap,
+    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow,
     metadata_from_json, metadata_to_json, narrow,
 };
 
@@ -37,6 +38,32 @@ macro_rules! insert_card_sql {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             $conflict
         )
+    };
+}
+
+/// Columns of a tenant row, as `tenant_from_row` reads them.
+macro_rules! tenant_columns {
+    () => {
+        "id, wrapped_secret, secret_kek_version, created_at, shredded_at"
+    };
+}
+
+/// Columns of a data key row, as `dek_from_row` reads them.
+macro_rules! dek_columns {
+    () => {
+        "id, tenant_id, kek_version, wrapped_key, active, created_at, reserved, retired_at"
+    };
+}
+
+macro_rules! key_job_columns {
+    () => {
+        "id, kind, state, tenant_id, done, total, requested_by, lease_owner, lease_until, created_at, updated_at, finished_at, error"
+    };
+}
+
+macro_rules! key_request_columns {
+    () => {
+        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at"
     };
 }
 
@@ -93,8 +120,20 @@ fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
         .map_err(|_| StoreError::Corrupt("timestamp out of range"))
 }
 
+/// A nullable timestamp column.
+fn optional_time(row: &SqliteRow, name: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+    row.try_get::<Option<i64>, _>(name)?
+        .map(from_micros)
+        .transpose()
+}
+
 fn uuid_from_blob(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("key id is not 16 bytes"))
+}
+
+/// A count or size for an INTEGER column.
+fn int8_param(value: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
 /// A live card of one tenant by token, through the pool or inside a transaction.
@@ -148,6 +187,58 @@ fn card_from_row(row: &SqliteRow) -> Result<CardRow, StoreError> {
     })
 }
 
+/// Inserts a tenant unless one with that id exists, through the pool or inside a
+/// transaction. A new tenant is never shredded: `shredded_at` is written NULL.
+async fn insert_tenant_row<'e, E>(executor: E, row: &TenantRow) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let done = sqlx::query(
+        "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at, shredded_at) \
+         VALUES (?1, ?2, ?3, ?4, NULL) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&row.id)
+    .bind(&row.wrapped_secret)
+    .bind(i64::from(row.secret_kek_version))
+    .bind(micros(row.created_at))
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts `row` as its tenant's active DEK (not retired, `reserved` as given) unless the
+/// tenant has one (the partial unique index `data_keys_one_active` decides). A clash on the
+/// primary key is an error.
+async fn insert_active_dek_row<'e, E>(executor: E, row: &DekRow) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let done = sqlx::query(
+        "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at, \
+         reserved, retired_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, NULL) \
+         ON CONFLICT (tenant_id) WHERE active = 1 DO NOTHING",
+    )
+    .bind(row.id.as_bytes().as_slice())
+    .bind(&row.tenant_id)
+    .bind(i64::from(row.kek_version))
+    .bind(&row.wrapped_key)
+    .bind(micros(row.created_at))
+    .bind(int8_param(row.reserved, "reserved out of range")?)
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn tenant_from_row(row: &SqliteRow) -> Result<TenantRow, StoreError> {
+    Ok(TenantRow {
+        id: row.try_get("id")?,
+        wrapped_secret: row.try_get("wrapped_secret")?,
+        secret_kek_version: narrow(row.try_get("secret_kek_version")?, "kek_version")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        shredded_at: optional_time(row, "shredded_at")?,
+    })
+}
+
 fn dek_from_row(row: &SqliteRow) -> Result<DekRow, StoreError> {
     Ok(DekRow {
         id: uuid_from_blob(row.try_get::<&[u8], _>("id")?)?,
@@ -156,6 +247,8 @@ fn dek_from_row(row: &SqliteRow) -> Result<DekRow, StoreError> {
         wrapped_key: row.try_get("wrapped_key")?,
         active: row.try_get("active")?,
         created_at: from_micros(row.try_get("created_at")?)?,
+        reserved: narrow(row.try_get::<i64, _>("reserved")?, "reserved")?,
+        retired_at: optional_time(row, "retired_at")?,
     })
 }
 
@@ -222,42 +315,29 @@ impl Store for SqliteStore {
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, wrapped_secret, secret_kek_version, created_at FROM tenants WHERE id = ?1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = ?1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(TenantRow {
-                id: row.try_get("id")?,
-                wrapped_secret: row.try_get("wrapped_secret")?,
-                secret_kek_version: narrow(row.try_get("secret_kek_version")?, "kek_version")?,
-                created_at: from_micros(row.try_get("created_at")?)?,
-            })
-        })
+        .await?
+        .as_ref()
+        .map(tenant_from_row)
         .transpose()
     }
 
     async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&row.id)
-        .bind(&row.wrapped_secret)
-        .bind(i64::from(row.secret_kek_version))
-        .bind(micros(row.created_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_tenant_row(&self.pool, row).await
     }
 
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(
-            "SELECT id, tenant_id, kek_version, wrapped_key, active, created_at \
-             FROM data_keys WHERE tenant_id = ?1 AND active = 1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE tenant_id = ?1 AND active = 1"
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?
@@ -267,10 +347,11 @@ impl Store for SqliteStore {
     }
 
     async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(
-            "SELECT id, tenant_id, kek_version, wrapped_key, active, created_at \
-             FROM data_keys WHERE tenant_id = ?1 AND id = ?2",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE tenant_id = ?1 AND id = ?2"
+        ))
         .bind(tenant_id)
         .bind(id.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -281,18 +362,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at) \
-             VALUES (?1, ?2, ?3, ?4, 1, ?5) ON CONFLICT (tenant_id) WHERE active = 1 DO NOTHING",
-        )
-        .bind(row.id.as_bytes().as_slice())
-        .bind(&row.tenant_id)
-        .bind(i64::from(row.kek_version))
-        .bind(&row.wrapped_key)
-        .bind(micros(row.created_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_active_dek_row(&self.pool, row).await
     }
 
     async fn card(
@@ -471,6 +541,445 @@ impl Store for SqliteStore {
         .await?;
         Ok(done.rows_affected())
     }
+
+    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
+        // One row per source and version, summed per version. Records count through the DEK
+        // that sealed them, so a card counts under the version wrapping its DEK.
+        sqlx::query(
+            "SELECT version, sum(deks) AS deks, sum(secrets) AS secrets, \
+             sum(audit_keys) AS audit_keys, sum(records) AS records FROM (\
+               SELECT d.kek_version AS version, count(DISTINCT d.id) AS deks, 0 AS secrets, \
+               0 AS audit_keys, count(c.dek_id) AS records \
+               FROM data_keys d LEFT JOIN cards c ON c.dek_id = d.id GROUP BY d.kek_version \
+               UNION ALL \
+               SELECT secret_kek_version, 0, count(*), 0, 0 FROM tenants \
+               WHERE shredded_at IS NULL GROUP BY secret_kek_version \
+               UNION ALL \
+               SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
+             ) AS per_source GROUP BY version ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(kek_usage_from_row)
+        .collect()
+    }
+
+    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError> {
+        // A count per DEK (a range of `cards_by_dek` each) rather than a join grouped over
+        // every card: with a tenant given, only its DEKs' records are counted.
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            ", (SELECT count(*) FROM cards WHERE cards.dek_id = data_keys.id) AS records \
+             FROM data_keys WHERE (?1 IS NULL OR tenant_id = ?1) \
+             ORDER BY tenant_id, active DESC, created_at DESC, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(DekUsage {
+                dek: dek_from_row(row)?,
+                records: narrow(row.try_get::<i64, _>("records")?, "record count")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE kek_version <> ?1 ORDER BY id LIMIT ?2"
+        ))
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(dek_from_row)
+        .collect()
+    }
+
+    async fn tenants_not_under(
+        &self,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE secret_kek_version <> ?1 AND shredded_at IS NULL \
+             ORDER BY id LIMIT ?2"
+        ))
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant_from_row)
+        .collect()
+    }
+
+    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
+        if rewraps.is_empty() {
+            return Ok(0);
+        }
+        // In-process, one statement per key costs no round trip; one transaction makes the
+        // batch one fsync.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut replaced = 0;
+        for r in rewraps {
+            // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
+            let Ok(id) = Uuid::parse_str(&r.id) else {
+                continue;
+            };
+            replaced += sqlx::query(
+                "UPDATE data_keys SET kek_version = ?3, wrapped_key = ?4 \
+                 WHERE id = ?1 AND kek_version = ?2",
+            )
+            .bind(id.as_bytes().as_slice())
+            .bind(i64::from(r.old_version))
+            .bind(i64::from(r.new_version))
+            .bind(&r.wrapped)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(replaced)
+    }
+
+    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
+        if rewraps.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut replaced = 0;
+        for r in rewraps {
+            // A shredded tenant's erased secret is never given a wrapped one back.
+            replaced += sqlx::query(
+                "UPDATE tenants SET secret_kek_version = ?3, wrapped_secret = ?4 \
+                 WHERE id = ?1 AND secret_kek_version = ?2 AND shredded_at IS NULL",
+            )
+            .bind(&r.id)
+            .bind(i64::from(r.old_version))
+            .bind(i64::from(r.new_version))
+            .bind(&r.wrapped)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(replaced)
+    }
+
+    async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE audit_keys SET kek_version = ?2, wrapped_key = ?3 \
+             WHERE id = 1 AND kek_version = ?1",
+        )
+        .bind(i64::from(rewrap.old_version))
+        .bind(i64::from(rewrap.new_version))
+        .bind(&rewrap.wrapped)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_dek(
+        &self,
+        tenant_id: &str,
+        old: Option<Uuid>,
+        new: &DekRow,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(old) = old {
+            let done = sqlx::query(
+                "UPDATE data_keys SET active = 0, retired_at = ?3 \
+                 WHERE id = ?1 AND tenant_id = ?2 AND active = 1",
+            )
+            .bind(old.as_bytes().as_slice())
+            .bind(tenant_id)
+            .bind(micros(at))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        // With `old` None, an active DEK that exists makes the insert do nothing: the same
+        // answer as checking for one beforehand.
+        if !insert_active_dek_row(&mut *tx, new).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn reserve_encryptions(
+        &self,
+        dek_id: Uuid,
+        count: u64,
+        max: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // `reserved <= max - count` rather than `reserved + count <= max`: nothing can
+        // overflow, and a count above `max` never fits.
+        let Some(room) = max.checked_sub(count) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE data_keys SET reserved = reserved + ?2 \
+             WHERE id = ?1 AND active = 1 AND reserved <= ?3 RETURNING reserved",
+        )
+        .bind(dek_id.as_bytes().as_slice())
+        .bind(int8_param(count, "encryption count out of range")?)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
+        .transpose()
+    }
+
+    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            dek_columns!(),
+            " FROM data_keys WHERE active = 0 AND (?1 IS NULL OR tenant_id = ?1) \
+             ORDER BY created_at, id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(dek_from_row)
+        .collect()
+    }
+
+    async fn records_under(
+        &self,
+        dek_id: Uuid,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        sqlx::query(
+            "SELECT token, tenant_id, dek_id, ciphertext FROM cards \
+             WHERE dek_id = ?1 AND token > ?2 ORDER BY token LIMIT ?3",
+        )
+        .bind(dek_id.as_bytes().as_slice())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(SealedRecord {
+                token: row.try_get("token")?,
+                tenant_id: row.try_get("tenant_id")?,
+                dek_id: uuid_from_blob(row.try_get::<&[u8], _>("dek_id")?)?,
+                ciphertext: row.try_get("ciphertext")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn replace_records(
+        &self,
+        old_dek: Uuid,
+        records: &[SealedRecord],
+    ) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut replaced = 0;
+        for r in records {
+            replaced += sqlx::query(
+                "UPDATE cards SET dek_id = ?4, ciphertext = ?5 \
+                 WHERE token = ?2 AND tenant_id = ?3 AND dek_id = ?1",
+            )
+            .bind(old_dek.as_bytes().as_slice())
+            .bind(&r.token)
+            .bind(&r.tenant_id)
+            .bind(r.dek_id.as_bytes().as_slice())
+            .bind(&r.ciphertext)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(replaced)
+    }
+
+    async fn destroy_dek(
+        &self,
+        id: Uuid,
+        retired_before: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // Writes are serialized: no card can be committed between the check and the delete.
+        let done = sqlx::query(
+            "DELETE FROM data_keys WHERE id = ?1 AND active = 0 AND retired_at < ?2 \
+             AND NOT EXISTS (SELECT 1 FROM cards WHERE dek_id = ?1)",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(micros(retired_before))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_key_job(&self, row: &KeyJobRow) -> Result<bool, StoreError> {
+        // The conflict target is the partial index only: a clash on the primary key stays an
+        // error.
+        let done = sqlx::query(
+            "INSERT INTO key_jobs (id, kind, state, tenant_id, done, total, requested_by, \
+             lease_owner, lease_until, created_at, updated_at, finished_at, error) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+             ON CONFLICT (kind) WHERE state = 'running' DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.kind)
+        .bind(&row.state)
+        .bind(&row.tenant_id)
+        .bind(int8_param(row.done, "job progress out of range")?)
+        .bind(int8_param(row.total, "job total out of range")?)
+        .bind(&row.requested_by)
+        .bind(&row.lease_owner)
+        .bind(row.lease_until.map(micros))
+        .bind(micros(row.created_at))
+        .bind(micros(row.updated_at))
+        .bind(row.finished_at.map(micros))
+        .bind(&row.error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn key_jobs(&self, limit: u32) -> Result<Vec<KeyJobRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_job_columns!(),
+            " FROM key_jobs WHERE state = 'running' OR id IN (SELECT id FROM key_jobs \
+             WHERE state <> 'running' ORDER BY created_at DESC, id DESC LIMIT ?1) \
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_job_from_row)
+        .collect()
+    }
+
+    async fn claim_key_job(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<KeyJobRow>, StoreError> {
+        // One statement, and SQLite serializes writers: two claims cannot both see the job
+        // free.
+        sqlx::query(concat!(
+            "UPDATE key_jobs SET lease_owner = ?1, lease_until = ?3, updated_at = ?2 \
+             WHERE id = (SELECT id FROM key_jobs WHERE state = 'running' \
+               AND (lease_owner IS NULL OR lease_until < ?2 OR lease_owner = ?1) \
+               ORDER BY created_at, id LIMIT 1) \
+             RETURNING ",
+            key_job_columns!()
+        ))
+        .bind(owner)
+        .bind(micros(now))
+        .bind(micros(lease_until))
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(key_job_from_row)
+        .transpose()
+    }
+
+    async fn key_job_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        done: u64,
+        total: u64,
+        lease_until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // The trait passes no time for `updated_at`; the vault's clock stands in for it.
+        let updated = sqlx::query(
+            "UPDATE key_jobs SET done = ?3, total = ?4, lease_until = ?5, updated_at = ?6 \
+             WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(int8_param(done, "job progress out of range")?)
+        .bind(int8_param(total, "job total out of range")?)
+        .bind(micros(lease_until))
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn finish_key_job(
+        &self,
+        id: &str,
+        owner: &str,
+        state: &str,
+        error: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE key_jobs SET state = ?3, error = ?4, finished_at = ?5, updated_at = ?5, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE id = ?1 AND lease_owner = ?2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(state)
+        .bind(error)
+        .bind(micros(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_request_columns!(),
+            " FROM key_requests WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(key_request_from_row)
+        .transpose()
+    }
+
+    async fn pending_key_requests(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<KeyRequestRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_request_columns!(),
+            " FROM key_requests WHERE state = 'pending' AND expires_at > ?1 \
+             ORDER BY requested_at, id"
+        ))
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_request_from_row)
+        .collect()
+    }
 }
 
 /// One SQLite transaction (`BEGIN IMMEDIATE`).
@@ -486,17 +995,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&row.id)
-        .bind(&row.wrapped_secret)
-        .bind(i64::from(row.secret_kek_version))
-        .bind(micros(row.created_at))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        insert_tenant_row(&mut *self.tx, row).await
     }
 
     async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
@@ -765,6 +1264,89 @@ impl StoreTx for SqliteTx {
         Ok(())
     }
 
+    async fn insert_key_request(&mut self, row: &KeyRequestRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO key_requests (id, kind, target, requested_by, requested_at, expires_at, \
+             state, decided_by, decided_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&row.id)
+        .bind(&row.kind)
+        .bind(&row.target)
+        .bind(&row.requested_by)
+        .bind(micros(row.requested_at))
+        .bind(micros(row.expires_at))
+        .bind(&row.state)
+        .bind(&row.decided_by)
+        .bind(row.decided_at.map(micros))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn decide_key_request(
+        &mut self,
+        id: &str,
+        state: &str,
+        by: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE key_requests SET state = ?2, decided_by = ?3, decided_at = ?4 \
+             WHERE id = ?1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(by)
+        .bind(micros(at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn shred_tenant(
+        &mut self,
+        tenant_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Shredded, StoreError> {
+        // Cards first: they reference the data keys.
+        let cards = sqlx::query("DELETE FROM cards WHERE tenant_id = ?1")
+            .bind(tenant_id)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+        let deks = sqlx::query("DELETE FROM data_keys WHERE tenant_id = ?1")
+            .bind(tenant_id)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+        // Shredding again keeps the time of the first.
+        sqlx::query(
+            "UPDATE tenants SET wrapped_secret = X'', shredded_at = COALESCE(shredded_at, ?2) \
+             WHERE id = ?1",
+        )
+        .bind(tenant_id)
+        .bind(micros(at))
+        .execute(&mut *self.tx)
+        .await?;
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM principals WHERE tenant_id = ?1 AND revoked_at IS NULL ORDER BY id",
+        )
+        .bind(tenant_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut principals = 0;
+        for id in &live {
+            if self.revoke_principal(id, at).await? {
+                principals += 1;
+            }
+        }
+        Ok(Shredded {
+            cards,
+            deks,
+            principals,
+        })
+    }
+
     async fn imported_cards(
         &mut self,
         tenant_id: &str,
@@ -813,18 +1395,13 @@ fn principal_from_row(row: &SqliteRow) -> Result<PrincipalRow, StoreError> {
 }
 
 fn api_key_from_row(row: &SqliteRow) -> Result<ApiKeyRow, StoreError> {
-    let optional_time = |name: &str| -> Result<Option<OffsetDateTime>, StoreError> {
-        row.try_get::<Option<i64>, _>(name)?
-            .map(from_micros)
-            .transpose()
-    };
     Ok(ApiKeyRow {
         id: row.try_get("id")?,
         principal_id: row.try_get("principal_id")?,
         secret_hash: row.try_get("secret_hash")?,
         created_at: from_micros(row.try_get("created_at")?)?,
-        expires_at: optional_time("expires_at")?,
-        revoked_at: optional_time("revoked_at")?,
+        expires_at: optional_time(row, "expires_at")?,
+        revoked_at: optional_time(row, "revoked_at")?,
     })
 }
 
@@ -852,5 +1429,47 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
         request_id: row.try_get("request_id")?,
         detail: row.try_get("detail")?,
         mac: row.try_get("mac")?,
+    })
+}
+
+fn kek_usage_from_row(row: &SqliteRow) -> Result<KekUsage, StoreError> {
+    Ok(KekUsage {
+        version: narrow(row.try_get("version")?, "kek_version")?,
+        deks: narrow(row.try_get("deks")?, "usage count")?,
+        tenant_secrets: narrow(row.try_get("secrets")?, "usage count")?,
+        audit_keys: narrow(row.try_get("audit_keys")?, "usage count")?,
+        records: narrow(row.try_get("records")?, "usage count")?,
+    })
+}
+
+fn key_job_from_row(row: &SqliteRow) -> Result<KeyJobRow, StoreError> {
+    Ok(KeyJobRow {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        state: row.try_get("state")?,
+        tenant_id: row.try_get("tenant_id")?,
+        done: narrow(row.try_get("done")?, "job progress")?,
+        total: narrow(row.try_get("total")?, "job total")?,
+        requested_by: row.try_get("requested_by")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: optional_time(row, "lease_until")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        updated_at: from_micros(row.try_get("updated_at")?)?,
+        finished_at: optional_time(row, "finished_at")?,
+        error: row.try_get("error")?,
+    })
+}
+
+fn key_request_from_row(row: &SqliteRow) -> Result<KeyRequestRow, StoreError> {
+    Ok(KeyRequestRow {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        target: row.try_get("target")?,
+        requested_by: row.try_get("requested_by")?,
+        requested_at: from_micros(row.try_get("requested_at")?)?,
+        expires_at: from_micros(row.try_get("expires_at")?)?,
+        state: row.try_get("state")?,
+        decided_by: row.try_get("decided_by")?,
+        decided_at: optional_time(row, "decided_at")?,
     })
 }

@@ -85,7 +85,13 @@ impl Permission {
             | Action::RevokePrincipal
             | Action::CreateApiKey
             | Action::RevokeApiKey
-            | Action::MintHoneytoken => Permission::KeysAdmin,
+            | Action::MintHoneytoken
+            | Action::RotateKek
+            | Action::RotateDeks
+            | Action::KeyStatus
+            | Action::RequestKeyOperation
+            | Action::ApproveKeyOperation
+            | Action::KeyJob => Permission::KeysAdmin,
         }
     }
 }

@@ -36,7 +36,7 @@ pub struct CreatedApiKey {
     pub row: ApiKeyRow,
 }
 
-fn admin_event(op: &Operator, action: Action, outcome: Outcome) -> AuditEvent {
+pub(super) fn admin_event(op: &Operator, action: Action, outcome: Outcome) -> AuditEvent {
     let mut event = AuditEvent::now(action, outcome);
     event.principal = Some(op.principal.clone());
     event.peer = op.peer.clone();

@@ -24,6 +24,14 @@ pub enum VaultError {
     /// An administrative change conflicts with what exists, e.g. `"tenant already exists"`.
     #[error("{0}")]
     Conflict(&'static str),
+    /// The system is not in a state that allows the operation, e.g. a KEK version still
+    /// wraps keys, or a dual-control request has expired. The text says what to do.
+    #[error("{0}")]
+    Precondition(String),
+    /// Dual control: the operation needs another principal than this one (e.g. approving
+    /// one's own request).
+    #[error("{0}")]
+    SeparationOfDuties(&'static str),
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -64,6 +72,8 @@ impl VaultError {
                 | VaultError::RateLimited
                 | VaultError::Missing(_)
                 | VaultError::Conflict(_)
+                | VaultError::Precondition(_)
+                | VaultError::SeparationOfDuties(_)
         )
     }
 }

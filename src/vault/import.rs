@@ -270,9 +270,12 @@ impl Vault {
         }
         let tenant = auth.caller().tenant().clone();
         let keys = self.keys.tenant(&tenant).await?;
-        let dek_id = keys.active_dek;
+        let (dek_id, dek) = self
+            .keys
+            .encryptions(&tenant, &keys, entries.len() as u64)
+            .await?;
         let chunk_keys = Arc::new(ChunkKeys {
-            dek: self.keys.dek(&tenant, dek_id).await?,
+            dek,
             tenant,
             keys,
             dek_id,

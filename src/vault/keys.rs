@@ -5,7 +5,8 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::Instant,
 };
 
 use time::OffsetDateTime;
@@ -19,12 +20,72 @@ use crate::{
     store::{DekRow, Store, TenantRow},
 };
 
+/// How data keys are used up and replaced (DESIGN §3: a new DEK after a number of
+/// encryptions or an age, well under AES-GCM's 2^32 random-nonce limit).
+#[derive(Debug, Clone)]
+pub struct DekPolicy {
+    /// Encryptions under one DEK before a new one takes over.
+    pub max_encryptions: u64,
+    /// Age after which a new DEK takes over.
+    pub max_age: std::time::Duration,
+    /// How long a replica may seal under a DEK before it checks again that the DEK is still
+    /// active. Bounds how long replicas keep using a DEK another replica retired.
+    pub reservation: std::time::Duration,
+    /// Encryptions reserved from the database at a time.
+    pub reserve_block: u64,
+}
+
+impl Default for DekPolicy {
+    fn default() -> Self {
+        DekPolicy {
+            // 2^32 random 96-bit nonces give a collision chance of 2^-32 (NIST SP 800-38D
+            // §8.3); 100 million keeps it below 2^-40.
+            max_encryptions: 100_000_000,
+            max_age: std::time::Duration::from_secs(90 * 24 * 3600),
+            reservation: std::time::Duration::from_secs(30),
+            reserve_block: 1024,
+        }
+    }
+}
+
 /// A tenant's unwrapped key state.
 pub(crate) struct TenantKeys {
     /// Keyed fingerprints of PANs.
     pub fingerprint: FingerprintKey,
-    /// The DEK new records are sealed with.
-    pub active_dek: DekId,
+    /// The DEK new records are sealed with, and how many more encryptions this replica has
+    /// reserved under it.
+    active: Mutex<Budget>,
+    /// One refill (a reservation or a rotation) at a time per tenant.
+    refill: tokio::sync::Mutex<()>,
+}
+
+/// Encryptions this replica may still perform under a DEK.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    dek: DekId,
+    /// When the DEK reaches its maximum age.
+    retires_at: OffsetDateTime,
+    /// Encryptions reserved and not used yet.
+    remaining: u64,
+    /// When the reservation must be renewed (checking the DEK is still active).
+    valid_until: Instant,
+}
+
+impl Budget {
+    fn take(&mut self, count: u64, now: Instant) -> Option<DekId> {
+        if self.remaining >= count && now < self.valid_until {
+            self.remaining -= count;
+            Some(self.dek)
+        } else {
+            None
+        }
+    }
+}
+
+impl TenantKeys {
+    fn budget(&self) -> std::sync::MutexGuard<'_, Budget> {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Loads, creates and caches tenant keys and data keys.
@@ -33,6 +94,7 @@ pub(crate) struct KeyManager {
     store: Arc<dyn Store>,
     deks: DekCache,
     tenants: RwLock<HashMap<TenantId, Arc<TenantKeys>>>,
+    policy: DekPolicy,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -45,12 +107,18 @@ impl std::fmt::Debug for KeyManager {
 }
 
 impl KeyManager {
-    pub fn new(provider: Arc<dyn KeyProvider>, store: Arc<dyn Store>, cache_size: usize) -> Self {
+    pub fn new(
+        provider: Arc<dyn KeyProvider>,
+        store: Arc<dyn Store>,
+        cache_size: usize,
+        policy: DekPolicy,
+    ) -> Self {
         Self {
             provider,
             store,
             deks: DekCache::new(cache_size),
             tenants: RwLock::new(HashMap::new()),
+            policy,
         }
     }
 
@@ -59,16 +127,23 @@ impl KeyManager {
         &self.provider
     }
 
+    /// The DEK policy.
+    pub fn policy(&self) -> &DekPolicy {
+        &self.policy
+    }
+
     /// The tenant's keys, loading or creating them on first use.
     pub async fn tenant(&self, tenant: &TenantId) -> Result<Arc<TenantKeys>, VaultError> {
         if let Some(keys) = self.cached_tenant(tenant) {
             return Ok(keys);
         }
         let fingerprint = self.fingerprint_key(tenant).await?;
-        let active_dek = self.active_dek_id(tenant).await?;
+        let row = self.active_dek_row(tenant).await?;
         let keys = Arc::new(TenantKeys {
             fingerprint,
-            active_dek,
+            // Nothing reserved yet: the first encryption reserves a block.
+            active: Mutex::new(self.budget_of(&row, 0)),
+            refill: tokio::sync::Mutex::new(()),
         });
         let mut tenants = self
             .tenants
@@ -83,6 +158,154 @@ impl KeyManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(tenant)
             .cloned()
+    }
+
+    /// Forgets a tenant's cached keys and every cached DEK in `deks` (after a shred).
+    pub fn forget_tenant(&self, tenant: &TenantId, deks: &[DekId]) {
+        self.tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(tenant);
+        for id in deks {
+            self.deks.remove(id);
+        }
+    }
+
+    /// Forgets one cached DEK (it was destroyed).
+    pub fn forget_dek(&self, id: DekId) {
+        self.deks.remove(&id);
+    }
+
+    fn budget_of(&self, row: &DekRow, remaining: u64) -> Budget {
+        let max_age = time::Duration::try_from(self.policy.max_age).unwrap_or(time::Duration::MAX);
+        Budget {
+            dek: DekId(row.id),
+            retires_at: row.created_at.saturating_add(max_age),
+            remaining,
+            valid_until: Instant::now() + self.policy.reservation,
+        }
+    }
+
+    /// The DEK to seal `count` new records with, and the key itself: counts the encryptions
+    /// against the DEK's limit, reserving more from the database (or rotating to a new DEK
+    /// when this one is used up or too old) when this replica's reservation runs out.
+    pub async fn encryptions(
+        &self,
+        tenant: &TenantId,
+        keys: &TenantKeys,
+        count: u64,
+    ) -> Result<(DekId, Arc<DataKey>), VaultError> {
+        let taken = keys.budget().take(count, Instant::now());
+        let id = match taken {
+            Some(id) => id,
+            None => self.refill(tenant, keys, count).await?,
+        };
+        Ok((id, self.dek(tenant, id).await?))
+    }
+
+    async fn refill(
+        &self,
+        tenant: &TenantId,
+        keys: &TenantKeys,
+        count: u64,
+    ) -> Result<DekId, VaultError> {
+        let _one_at_a_time = keys.refill.lock().await;
+        // Another caller may have refilled while this one waited.
+        if let Some(id) = keys.budget().take(count, Instant::now()) {
+            return Ok(id);
+        }
+        if count > self.policy.max_encryptions {
+            return Err(VaultError::Precondition(format!(
+                "{count} records at once exceed keys.dek_max_encryptions ({})",
+                self.policy.max_encryptions
+            )));
+        }
+        let block = count
+            .max(self.policy.reserve_block)
+            .min(self.policy.max_encryptions);
+        let mut current = *keys.budget();
+        // A few rounds at most: each either reserves, or moves to a newer DEK.
+        for _ in 0..8 {
+            let now = OffsetDateTime::now_utc();
+            if now < current.retires_at {
+                let reserved = self
+                    .store
+                    .reserve_encryptions(current.dek.0, block, self.policy.max_encryptions)
+                    .await?;
+                if reserved.is_some() {
+                    let mut budget = keys.budget();
+                    *budget = Budget {
+                        remaining: block - count,
+                        valid_until: Instant::now() + self.policy.reservation,
+                        ..current
+                    };
+                    return Ok(budget.dek);
+                }
+            }
+            // Used up, too old, or retired by another replica: move to the tenant's active
+            // DEK, making a new one if the active one is this very DEK.
+            let active = self.store.active_dek(tenant.as_str()).await?;
+            let next = match active {
+                Some(row) if row.id != current.dek.0 => row,
+                _ => self.rotate(tenant, Some(current.dek)).await?,
+            };
+            current = self.budget_of(&next, 0);
+            *keys.budget() = current;
+        }
+        Err(VaultError::internal(
+            "could not reserve encryptions under any data key",
+            "rotation kept racing",
+        ))
+    }
+
+    /// Makes a new DEK the tenant's active one, retiring `old` (or expecting none). When
+    /// another replica rotated first, returns its active DEK instead.
+    pub async fn rotate(
+        &self,
+        tenant: &TenantId,
+        old: Option<DekId>,
+    ) -> Result<DekRow, VaultError> {
+        let (row, key) = self.new_dek(tenant).await?;
+        if self
+            .store
+            .rotate_dek(
+                tenant.as_str(),
+                old.map(|id| id.0),
+                &row,
+                OffsetDateTime::now_utc(),
+            )
+            .await?
+        {
+            tracing::info!(tenant = %tenant, dek_id = %row.id, "new active data key");
+            metrics::counter!("cardvault_dek_rotations_total").increment(1);
+            self.deks.insert(DekId(row.id), key);
+            return Ok(row);
+        }
+        if let Some(active) = self.store.active_dek(tenant.as_str()).await? {
+            return Ok(active);
+        }
+        // No rotation won: the tenant was shredded under this replica's cached keys.
+        match self.store.tenant(tenant.as_str()).await? {
+            Some(row) if row.shredded_at.is_some() => {
+                self.forget_tenant(tenant, &old.into_iter().collect::<Vec<_>>());
+                Err(shredded(tenant))
+            }
+            _ => Err(VaultError::internal(
+                "no active DEK after a lost rotation race",
+                "race",
+            )),
+        }
+    }
+
+    /// Rotates the tenant's DEK now (an operator asked), and makes this replica use the new
+    /// one at once.
+    pub async fn rotate_now(&self, tenant: &TenantId) -> Result<DekRow, VaultError> {
+        let keys = self.tenant(tenant).await?;
+        let _one_at_a_time = keys.refill.lock().await;
+        let old = keys.budget().dek;
+        let row = self.rotate(tenant, Some(old)).await?;
+        *keys.budget() = self.budget_of(&row, 0);
+        Ok(row)
     }
 
     /// A new tenant's row: a fresh tenant secret wrapped by the primary KEK.
@@ -102,6 +325,7 @@ impl KeyManager {
             wrapped_secret: wrapped.bytes,
             secret_kek_version: wrapped.kek_version.0,
             created_at: OffsetDateTime::now_utc(),
+            shredded_at: None,
         })
     }
 
@@ -122,6 +346,9 @@ impl KeyManager {
                 }
             }
         };
+        if row.shredded_at.is_some() {
+            return Err(shredded(tenant));
+        }
         let wrapped = WrappedKey {
             kek_version: KekVersion(row.secret_kek_version),
             bytes: row.wrapped_secret,
@@ -136,10 +363,16 @@ impl KeyManager {
         Ok(secret.fingerprint_key(tenant.as_str()))
     }
 
-    async fn active_dek_id(&self, tenant: &TenantId) -> Result<DekId, VaultError> {
+    /// The tenant's active DEK row, creating the first one.
+    async fn active_dek_row(&self, tenant: &TenantId) -> Result<DekRow, VaultError> {
         if let Some(row) = self.store.active_dek(tenant.as_str()).await? {
-            return Ok(DekId(row.id));
+            return Ok(row);
         }
+        self.rotate(tenant, None).await
+    }
+
+    /// A fresh DEK wrapped by the primary KEK: its row (active) and the key.
+    async fn new_dek(&self, tenant: &TenantId) -> Result<(DekRow, DataKey), VaultError> {
         let id =
             DekId::generate().map_err(|e| VaultError::internal("failed to draw a DEK id", e))?;
         let key =
@@ -156,20 +389,10 @@ impl KeyManager {
             wrapped_key: wrapped.bytes,
             active: true,
             created_at: OffsetDateTime::now_utc(),
+            reserved: 0,
+            retired_at: None,
         };
-        if self.store.insert_active_dek(&row).await? {
-            tracing::info!(tenant = %tenant, dek_id = %id.0, "created data key");
-            self.deks.insert(id, key);
-            return Ok(id);
-        }
-        let row = self
-            .store
-            .active_dek(tenant.as_str())
-            .await?
-            .ok_or_else(|| {
-                VaultError::internal("active DEK vanished while being created", "race")
-            })?;
-        Ok(DekId(row.id))
+        Ok((row, key))
     }
 
     /// An unwrapped DEK of this tenant, from the cache or unwrapped by the key provider.
@@ -195,4 +418,11 @@ impl KeyManager {
             .map_err(|e| VaultError::internal("unwrapped DEK has the wrong size", e))?;
         Ok(self.deks.insert(id, key))
     }
+}
+
+/// The refusal for a crypto-shredded tenant.
+fn shredded(tenant: &TenantId) -> VaultError {
+    VaultError::Precondition(format!(
+        "tenant {tenant} was crypto-shredded; its keys are gone and it takes no new cards"
+    ))
 }

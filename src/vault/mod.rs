@@ -12,6 +12,8 @@ mod authn;
 mod batch;
 mod error;
 mod import;
+pub mod key_admin;
+pub mod key_jobs;
 mod keys;
 pub mod limits;
 pub mod metadata;
@@ -34,6 +36,9 @@ pub use self::{
     batch::BatchOptions,
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
+    key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
+    key_jobs::{JobKind, KeyJobOptions},
+    keys::DekPolicy,
     limits::Rate,
     metadata::Metadata,
     tenant::{InvalidTenantId, TenantId},
@@ -136,6 +141,12 @@ pub struct VaultOptions {
     pub credential_cache_ttl: Duration,
     /// Group commit of new cards and audit records.
     pub batch: BatchOptions,
+    /// When data keys are replaced automatically.
+    pub dek_policy: DekPolicy,
+    /// Background key jobs (rewrap, re-encryption).
+    pub key_jobs: KeyJobOptions,
+    /// How long a dual-control request waits for its approval.
+    pub approval_ttl: Duration,
 }
 
 impl Default for VaultOptions {
@@ -154,6 +165,9 @@ impl Default for VaultOptions {
             },
             credential_cache_ttl: Duration::from_secs(5),
             batch: BatchOptions::default(),
+            dek_policy: DekPolicy::default(),
+            key_jobs: KeyJobOptions::default(),
+            approval_ttl: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -182,7 +196,12 @@ impl Vault {
         options: VaultOptions,
     ) -> Vault {
         Vault {
-            keys: KeyManager::new(provider, store.clone(), options.dek_cache_size),
+            keys: KeyManager::new(
+                provider,
+                store.clone(),
+                options.dek_cache_size,
+                options.dek_policy.clone(),
+            ),
             store,
             auditor: OnceCell::new(),
             batcher: OnceCell::new(),
@@ -286,8 +305,7 @@ impl Vault {
     ) -> Result<Tokenized, VaultError> {
         let keys = self.keys.tenant(tenant).await?;
         let card = &command.card;
-        let dek_id = keys.active_dek;
-        let dek = self.keys.dek(tenant, dek_id).await?;
+        let (dek_id, dek) = self.keys.encryptions(tenant, &keys, 1).await?;
         let sealer = Sealer {
             tenant,
             card,

@@ -6,6 +6,10 @@ mod helpers;
 mod pki;
 #[path = "../support/postgres.rs"]
 mod postgres;
+// Shared with tests/pkcs11.rs, which uses the rest of it.
+#[allow(dead_code)]
+#[path = "../support/softhsm.rs"]
+mod softhsm;
 
 mod access;
 mod audit;
@@ -16,6 +20,9 @@ mod expiry;
 mod group_commit;
 mod honeytoken;
 mod import;
+mod key_admin_api;
+mod key_store;
+mod keys;
 mod lifecycle;
 mod loadgen;
 mod reflection;

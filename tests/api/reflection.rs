@@ -6,7 +6,11 @@ use tonic_reflection::pb::{v1, v1alpha};
 
 use crate::helpers::{Backend, spawn_app};
 
-const EXPECTED: [&str; 2] = ["cardvault.v1.CardVault", "grpc.health.v1.Health"];
+const EXPECTED: [&str; 3] = [
+    "cardvault.v1.CardVault",
+    "cardvault.v1.KeyAdmin",
+    "grpc.health.v1.Health",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services_on_v1_and_v1alpha() {

@@ -30,12 +30,12 @@ on_both_backends!(
 
 /// A fixed, whole-second instant: both backends store microseconds, so rows read back
 /// compare equal to rows written.
-fn t0() -> OffsetDateTime {
+pub(crate) fn t0() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("valid timestamp")
 }
 
 /// A migrated store on a fresh database. The state owns the database; keep it alive.
-async fn open(backend: Backend) -> (AppState, Arc<dyn Store>) {
+pub(crate) async fn open(backend: Backend) -> (AppState, Arc<dyn Store>) {
     let state = AppState::new(backend).await;
     let store = store::connect(&state.database_url, &StoreOptions::default())
         .await
@@ -44,12 +44,13 @@ async fn open(backend: Backend) -> (AppState, Arc<dyn Store>) {
     (state, store)
 }
 
-fn tenant(id: &str) -> TenantRow {
+pub(crate) fn tenant(id: &str) -> TenantRow {
     TenantRow {
         id: id.to_owned(),
         wrapped_secret: vec![0; 8],
         secret_kek_version: 1,
         created_at: t0(),
+        shredded_at: None,
     }
 }
 
@@ -64,12 +65,14 @@ async fn tenant_with_dek(store: &dyn Store) -> uuid::Uuid {
         wrapped_key: vec![0; 8],
         active: true,
         created_at: t0(),
+        reserved: 0,
+        retired_at: None,
     };
     assert!(store.insert_active_dek(&row).await.expect("dek"));
     dek
 }
 
-fn card(token: &str, canonical: bool, dek: uuid::Uuid) -> CardRow {
+pub(crate) fn card(token: &str, canonical: bool, dek: uuid::Uuid) -> CardRow {
     CardRow {
         token: token.to_owned(),
         tenant_id: "t".to_owned(),
@@ -91,7 +94,7 @@ fn card(token: &str, canonical: bool, dek: uuid::Uuid) -> CardRow {
     }
 }
 
-fn principal(id: &str, tenant_id: &str, name: &str, mtls: Option<&str>) -> PrincipalRow {
+pub(crate) fn principal(id: &str, tenant_id: &str, name: &str, mtls: Option<&str>) -> PrincipalRow {
     PrincipalRow {
         id: id.to_owned(),
         tenant_id: tenant_id.to_owned(),
@@ -103,7 +106,7 @@ fn principal(id: &str, tenant_id: &str, name: &str, mtls: Option<&str>) -> Princ
     }
 }
 
-fn api_key(id: &str, principal_id: &str, created_at: OffsetDateTime) -> ApiKeyRow {
+pub(crate) fn api_key(id: &str, principal_id: &str, created_at: OffsetDateTime) -> ApiKeyRow {
     ApiKeyRow {
         id: id.to_owned(),
         principal_id: principal_id.to_owned(),
@@ -189,6 +192,8 @@ async fn token_and_canonical_conflicts_are_told_apart(backend: Backend) {
         wrapped_key: vec![0; 8],
         active: true,
         created_at: now,
+        reserved: 0,
+        retired_at: None,
     };
     assert!(
         !store.insert_active_dek(&second).await.expect("second dek"),

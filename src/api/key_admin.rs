@@ -1,0 +1,427 @@
+//! `cardvault.v1.KeyAdmin`: KEK and DEK rotation, key status, and the dual-controlled
+//! retire / shred requests and their approval.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+use super::{auth::RequestCredentials, convert::to_timestamp, error::ApiError, rpc};
+use crate::{
+    audit::Action,
+    card::FieldViolation,
+    crypto::KekVersion,
+    pb::v1::{self as pb, key_admin_server::KeyAdmin},
+    store::{DekRow, DekUsage, KeyJobRow, KeyRequestRow, Shredded},
+    vault::{KekStatus, KeyOperation, KeyStatus, Operator, TenantId, Vault},
+};
+
+/// Longest request id accepted; real ones are `kr_` and 16 characters.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// The operators' service for key management.
+#[derive(Debug, Clone)]
+pub struct KeyAdminService {
+    vault: Arc<Vault>,
+}
+
+impl KeyAdminService {
+    /// A service over a vault.
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+fn invalid(field: &'static str, description: impl Into<String>) -> ApiError {
+    ApiError::Invalid(vec![FieldViolation {
+        field,
+        description: description.into(),
+    }])
+}
+
+/// A tenant filter: `None` when empty.
+fn tenant_filter(text: &str) -> Result<Option<TenantId>, ApiError> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        tenant(text).map(Some)
+    }
+}
+
+fn tenant(text: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(text).map_err(|e| ApiError::Invalid(vec![FieldViolation::new("tenant", &e)]))
+}
+
+fn kek_version_info(kek: KekStatus) -> pb::KekVersionInfo {
+    pb::KekVersionInfo {
+        version: kek.version.0,
+        primary: kek.primary,
+        data_keys: kek.usage.deks,
+        tenant_secrets: kek.usage.tenant_secrets,
+        audit_keys: kek.usage.audit_keys,
+        records: kek.usage.records,
+    }
+}
+
+fn data_key_info(dek: DekRow, records: u64) -> pb::DataKeyInfo {
+    pb::DataKeyInfo {
+        id: dek.id.to_string(),
+        tenant: dek.tenant_id,
+        kek_version: dek.kek_version,
+        active: dek.active,
+        records,
+        encryptions_reserved: dek.reserved,
+        created_at: Some(to_timestamp(dek.created_at)),
+        retired_at: dek.retired_at.map(to_timestamp),
+    }
+}
+
+fn dek_usage(usage: DekUsage) -> pb::DataKeyInfo {
+    data_key_info(usage.dek, usage.records)
+}
+
+fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
+    use pb::key_job::{Kind, State};
+    let kind = match row.kind.as_str() {
+        "rewrap" => Kind::Rewrap,
+        "reencrypt" => Kind::Reencrypt,
+        _ => Kind::Unspecified,
+    };
+    let state = match row.state.as_str() {
+        "running" => State::Running,
+        "done" => State::Done,
+        "failed" => State::Failed,
+        _ => State::Unspecified,
+    };
+    // A lapsed lease names a replica that is no longer working on the job.
+    let worker = match (row.lease_owner, row.lease_until) {
+        (Some(owner), Some(until)) if state == State::Running && until > now => owner,
+        _ => String::new(),
+    };
+    pb::KeyJob {
+        id: row.id,
+        kind: kind.into(),
+        state: state.into(),
+        tenant: row.tenant_id.unwrap_or_default(),
+        done: row.done,
+        total: row.total,
+        requested_by: row.requested_by,
+        worker,
+        created_at: Some(to_timestamp(row.created_at)),
+        updated_at: Some(to_timestamp(row.updated_at)),
+        finished_at: row.finished_at.map(to_timestamp),
+        error: row.error.unwrap_or_default(),
+    }
+}
+
+fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
+    use pb::key_request::{Kind, State};
+    let kind = match row.kind.as_str() {
+        "retire_kek" => Kind::RetireKek,
+        "shred_tenant" => Kind::ShredTenant,
+        _ => Kind::Unspecified,
+    };
+    let state = match row.state.as_str() {
+        "pending" => State::Pending,
+        "executed" => State::Executed,
+        "expired" => State::Expired,
+        _ => State::Unspecified,
+    };
+    pb::KeyRequest {
+        id: row.id,
+        kind: kind.into(),
+        target: row.target,
+        requested_by: row.requested_by,
+        requested_at: Some(to_timestamp(row.requested_at)),
+        expires_at: Some(to_timestamp(row.expires_at)),
+        state: state.into(),
+        approved_by: row.decided_by.unwrap_or_default(),
+        decided_at: row.decided_at.map(to_timestamp),
+    }
+}
+
+fn shred_result(shredded: Shredded) -> pb::ShredResult {
+    pb::ShredResult {
+        cards: shredded.cards,
+        data_keys: shredded.deks,
+        principals: shredded.principals,
+    }
+}
+
+fn key_status(status: KeyStatus, now: OffsetDateTime) -> pb::GetKeyStatusResponse {
+    pb::GetKeyStatusResponse {
+        provider: status.provider.to_owned(),
+        primary_kek_version: status.primary.0,
+        kek_versions: status.keks.into_iter().map(kek_version_info).collect(),
+        deks: status.deks.into_iter().map(dek_usage).collect(),
+        jobs: status
+            .jobs
+            .into_iter()
+            .map(|job| key_job(job, now))
+            .collect(),
+        pending_requests: status.requests.into_iter().map(key_request).collect(),
+        dek_max_encryptions: status.policy.max_encryptions,
+        // Configured in days, so always in range; unset rather than wrong if it ever is not.
+        dek_max_age: prost_types::Duration::try_from(status.policy.max_age).ok(),
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn rotate_kek(
+        &self,
+        request: Request<pb::RotateKekRequest>,
+    ) -> Result<Response<pb::RotateKekResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        rpc::run(
+            &self.vault,
+            Action::RotateKek,
+            credentials,
+            |auth| async move {
+                let (version, job) = self
+                    .vault
+                    .rotate_kek(&Operator::from_authorized(&auth))
+                    .await?;
+                Ok(pb::RotateKekResponse {
+                    kek_version: version.0,
+                    job: Some(key_job(job, OffsetDateTime::now_utc())),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn rotate_deks(
+        &self,
+        request: Request<pb::RotateDeksRequest>,
+    ) -> Result<Response<pb::RotateDeksResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::RotateDeks,
+            credentials,
+            |auth| async move {
+                let filter = tenant_filter(&message.tenant)?;
+                let rotated = self
+                    .vault
+                    .rotate_deks(
+                        &Operator::from_authorized(&auth),
+                        filter.as_ref(),
+                        message.reencrypt,
+                    )
+                    .await?;
+                let now = OffsetDateTime::now_utc();
+                Ok(pb::RotateDeksResponse {
+                    // New keys: nothing is sealed under them yet.
+                    deks: rotated
+                        .deks
+                        .into_iter()
+                        .map(|dek| data_key_info(dek, 0))
+                        .collect(),
+                    job: rotated.job.map(|job| key_job(job, now)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn get_key_status(
+        &self,
+        request: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::KeyStatus,
+            credentials,
+            |auth| async move {
+                let filter = tenant_filter(&message.tenant)?;
+                let status = self
+                    .vault
+                    .key_status(&Operator::from_authorized(&auth), filter.as_ref())
+                    .await?;
+                Ok(key_status(status, OffsetDateTime::now_utc()))
+            },
+        )
+        .await
+    }
+
+    async fn request_retire_kek(
+        &self,
+        request: Request<pb::RequestRetireKekRequest>,
+    ) -> Result<Response<pb::KeyRequestResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::RequestKeyOperation,
+            credentials,
+            |auth| async move {
+                if message.kek_version == 0 {
+                    return Err(invalid("kek_version", "a KEK version (from 1) is required"));
+                }
+                let row = self
+                    .vault
+                    .request_key_operation(
+                        &Operator::from_authorized(&auth),
+                        KeyOperation::RetireKek(KekVersion(message.kek_version)),
+                    )
+                    .await?;
+                Ok(pb::KeyRequestResponse {
+                    request: Some(key_request(row)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn request_shred_tenant(
+        &self,
+        request: Request<pb::RequestShredTenantRequest>,
+    ) -> Result<Response<pb::KeyRequestResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::RequestKeyOperation,
+            credentials,
+            |auth| async move {
+                let tenant = tenant(&message.tenant)?;
+                let row = self
+                    .vault
+                    .request_key_operation(
+                        &Operator::from_authorized(&auth),
+                        KeyOperation::ShredTenant(tenant),
+                    )
+                    .await?;
+                Ok(pb::KeyRequestResponse {
+                    request: Some(key_request(row)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn approve_key_request(
+        &self,
+        request: Request<pb::ApproveKeyRequestRequest>,
+    ) -> Result<Response<pb::ApproveKeyRequestResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::ApproveKeyOperation,
+            credentials,
+            |auth| async move {
+                if message.request_id.is_empty() || message.request_id.len() > MAX_REQUEST_ID_LEN {
+                    return Err(invalid("request_id", "a key request id (kr_…) is required"));
+                }
+                let approved = self
+                    .vault
+                    .approve_key_request(&Operator::from_authorized(&auth), &message.request_id)
+                    .await?;
+                Ok(pb::ApproveKeyRequestResponse {
+                    request: Some(key_request(approved.request)),
+                    shredded: approved.shredded.map(shred_result),
+                })
+            },
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn job(lease_until: Option<OffsetDateTime>) -> KeyJobRow {
+        KeyJobRow {
+            id: "kj_0123456789abcdef".to_owned(),
+            kind: "reencrypt".to_owned(),
+            state: "running".to_owned(),
+            tenant_id: Some("acme".to_owned()),
+            done: 3,
+            total: 10,
+            requested_by: "p_admin".to_owned(),
+            lease_owner: Some("pod-1".to_owned()),
+            lease_until,
+            created_at: datetime!(2026-01-01 0:00 UTC),
+            updated_at: datetime!(2026-01-01 0:01 UTC),
+            finished_at: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_job_names_its_worker_only_while_the_lease_lasts() {
+        let now = datetime!(2026-01-01 0:02 UTC);
+        let live = key_job(job(Some(datetime!(2026-01-01 0:03 UTC))), now);
+        assert_eq!(live.worker, "pod-1");
+        assert_eq!(live.kind(), pb::key_job::Kind::Reencrypt);
+        assert_eq!(live.state(), pb::key_job::State::Running);
+        assert_eq!(
+            (live.tenant.as_str(), live.done, live.total),
+            ("acme", 3, 10)
+        );
+        let lapsed = key_job(job(Some(datetime!(2026-01-01 0:01 UTC))), now);
+        assert_eq!(lapsed.worker, "");
+        assert_eq!(key_job(job(None), now).worker, "");
+    }
+
+    #[test]
+    fn request_kinds_and_states_map_to_their_enums() {
+        let row = KeyRequestRow {
+            id: "kr_0123456789abcdef".to_owned(),
+            kind: "shred_tenant".to_owned(),
+            target: "acme".to_owned(),
+            requested_by: "p_a".to_owned(),
+            requested_at: datetime!(2026-01-01 0:00 UTC),
+            expires_at: datetime!(2026-01-01 1:00 UTC),
+            state: "expired".to_owned(),
+            decided_by: Some("p_b".to_owned()),
+            decided_at: Some(datetime!(2026-01-01 1:01 UTC)),
+        };
+        let request = key_request(row.clone());
+        assert_eq!(request.kind(), pb::key_request::Kind::ShredTenant);
+        assert_eq!(request.state(), pb::key_request::State::Expired);
+        assert_eq!(request.approved_by, "p_b");
+        let retire = key_request(KeyRequestRow {
+            kind: "retire_kek".to_owned(),
+            state: "pending".to_owned(),
+            decided_by: None,
+            decided_at: None,
+            ..row
+        });
+        assert_eq!(retire.kind(), pb::key_request::Kind::RetireKek);
+        assert_eq!(retire.state(), pb::key_request::State::Pending);
+        assert_eq!(retire.approved_by, "");
+        assert!(retire.decided_at.is_none());
+    }
+
+    #[test]
+    fn a_data_key_shows_its_id_as_a_uuid_and_never_its_wrapped_bytes() {
+        let id = Uuid::new_v4();
+        let info = data_key_info(
+            DekRow {
+                id,
+                tenant_id: "acme".to_owned(),
+                kek_version: 2,
+                wrapped_key: vec![7; 40],
+                active: false,
+                created_at: datetime!(2026-01-01 0:00 UTC),
+                reserved: 1024,
+                retired_at: Some(datetime!(2026-02-01 0:00 UTC)),
+            },
+            12,
+        );
+        assert_eq!(info.id, id.to_string());
+        assert_eq!((info.kek_version, info.records), (2, 12));
+        assert_eq!(info.encryptions_reserved, 1024);
+        assert!(!info.active && info.retired_at.is_some());
+    }
+}
