@@ -129,9 +129,11 @@ enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Creates a new local keyring (mode 0600) with one KEK; refuses to overwrite one.
+    /// Creates KEK version 1: a new local keyring file (mode 0600), or, with
+    /// keys.provider = "pkcs11", a key generated inside the HSM token. Refuses if one exists.
     Init {
-        /// Where to write it (default: keys.keyring, else <data.dir>/keyring.toml).
+        /// Local keyring only: where to write it (default: keys.keyring, else
+        /// <data.dir>/keyring.toml).
         #[arg(long, value_name = "FILE")]
         keyring: Option<PathBuf>,
     },

@@ -426,3 +426,111 @@ fn shredded(tenant: &TenantId) -> VaultError {
         "tenant {tenant} was crypto-shredded; its keys are gone and it takes no new cards"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        crypto::LocalKeyring,
+        store::{self, StoreOptions},
+    };
+
+    /// A key manager over a fresh SQLite file and an ephemeral keyring.
+    async fn manager(policy: DekPolicy) -> (tempfile::TempDir, KeyManager) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+        let store = store::connect(&url, &StoreOptions::default())
+            .await
+            .expect("open store");
+        store.migrate().await.expect("migrate");
+        let provider = Arc::new(LocalKeyring::ephemeral().expect("keyring"));
+        (dir, KeyManager::new(provider, store, 16, policy))
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::parse("t").expect("tenant")
+    }
+
+    async fn seal_one(keys: &KeyManager) -> DekId {
+        let tenant = tenant();
+        let tenant_keys = keys.tenant(&tenant).await.expect("tenant keys");
+        keys.encryptions(&tenant, &tenant_keys, 1)
+            .await
+            .expect("encryption")
+            .0
+    }
+
+    #[tokio::test]
+    async fn a_dek_is_replaced_after_its_encryption_limit_and_never_over_reserved() {
+        let (_dir, keys) = manager(DekPolicy {
+            max_encryptions: 4,
+            reserve_block: 3,
+            ..DekPolicy::default()
+        })
+        .await;
+        let mut used = Vec::new();
+        for _ in 0..10 {
+            used.push(seal_one(&keys).await);
+        }
+        let mut per_dek: HashMap<DekId, usize> = HashMap::new();
+        for id in &used {
+            *per_dek.entry(*id).or_default() += 1;
+        }
+        assert!(per_dek.values().all(|&n| n <= 4), "{per_dek:?}");
+        assert!(
+            per_dek.len() >= 3,
+            "10 encryptions at 4 per DEK: {per_dek:?}"
+        );
+        let deks = keys.store.dek_usage(Some("t")).await.expect("usage");
+        assert_eq!(deks.iter().filter(|d| d.dek.active).count(), 1);
+        assert!(deks.iter().all(|d| d.dek.reserved <= 4), "{deks:?}");
+        // A request larger than the limit can never be served by one DEK.
+        let tenant_keys = keys.tenant(&tenant()).await.expect("tenant keys");
+        assert!(matches!(
+            keys.encryptions(&tenant(), &tenant_keys, 5).await,
+            Err(VaultError::Precondition(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dek_is_replaced_once_it_reaches_its_maximum_age() {
+        let (_dir, keys) = manager(DekPolicy {
+            max_age: Duration::from_millis(300),
+            reservation: Duration::from_millis(100),
+            ..DekPolicy::default()
+        })
+        .await;
+        let first = seal_one(&keys).await;
+        assert_eq!(seal_one(&keys).await, first);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let second = seal_one(&keys).await;
+        assert_ne!(second, first, "a DEK older than max_age kept sealing");
+        let retired = keys.store.retired_deks(Some("t")).await.expect("retired");
+        assert_eq!(retired.len(), 1);
+        assert_eq!(DekId(retired[0].id), first);
+    }
+
+    #[tokio::test]
+    async fn a_replica_moves_to_a_dek_another_replica_rotated_in_within_its_reservation() {
+        let (_dir, keys) = manager(DekPolicy {
+            reservation: Duration::from_millis(100),
+            ..DekPolicy::default()
+        })
+        .await;
+        let other = KeyManager::new(
+            keys.provider.clone(),
+            keys.store.clone(),
+            16,
+            keys.policy.clone(),
+        );
+        let first = seal_one(&keys).await;
+        let rotated = other.rotate_now(&tenant()).await.expect("rotate");
+        // Within its reservation this replica still seals under the DEK it reserved…
+        assert_eq!(seal_one(&keys).await, first);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // …and once the reservation lapses, under the one the other replica made.
+        assert_eq!(seal_one(&keys).await, DekId(rotated.id));
+    }
+}
