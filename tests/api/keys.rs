@@ -619,7 +619,9 @@ async fn jobs_killed_mid_way_finish_after_a_restart(backend: Backend, provider: 
     let server = rig.start(&settings);
     let mut keys = server.keys().await;
     let done = wait_for_job(&mut keys, &alice, &job.id).await;
-    assert!(done.done >= 41, "{done:?}");
+    // 41 DEKs, 2 tenant secrets, the audit key; the batch committed just before the kill
+    // may be missing from the count (its progress update died with the server).
+    assert!(done.done + 4 >= 44, "{done:?}");
     let v1 = usage(&status(&mut keys, &alice).await, 1).expect("version 1");
     assert_eq!((v1.data_keys, v1.tenant_secrets, v1.audit_keys), (0, 0, 0));
     assert_all_reveal(&mut server.cards().await, &stored).await;
@@ -643,7 +645,7 @@ async fn jobs_killed_mid_way_finish_after_a_restart(backend: Backend, provider: 
     let server = rig.start(&settings);
     let mut keys = server.keys().await;
     let done = wait_for_job(&mut keys, &alice, &job.id).await;
-    assert!(done.done >= 160, "{done:?}");
+    assert!(done.done + 4 >= stored.len() as u64, "{done:?}");
     assert_all_reveal(&mut server.cards().await, &stored).await;
     // Every retired DEK of `dev` was destroyed: one DEK left, and it seals every card.
     let deks: Vec<pb::DataKeyInfo> = status(&mut keys, &alice)
@@ -721,7 +723,7 @@ async fn only_one_of_two_replicas_runs_a_job(backend: Backend, provider: Provide
 async fn dual_control_guards_retiring_and_shredding(backend: Backend, provider: Provider) {
     let rig = Rig::new(backend, provider).await;
     let (alice, bob) = (rig.operator("alice"), rig.operator("bob"));
-    let server = rig.start(&[("KEYS_APPROVAL_TTL_SECS", "2")]);
+    let server = rig.start(&[("KEYS_APPROVAL_TTL_SECS", "3")]);
     let mut cards = server.cards().await;
     let mut keys = server.keys().await;
     let stored = tokenize_many(&mut cards, 5).await;
@@ -766,7 +768,7 @@ async fn dual_control_guards_retiring_and_shredding(backend: Backend, provider: 
         .expect_err("self-approval");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // An expired request cannot be approved by anyone.
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     let err = keys
         .approve_key_request(approve(&own.id, &bob))
         .await
