@@ -131,6 +131,7 @@ async fn tokenize_for(vault: &Arc<Vault>, args: &Args) -> f64 {
                         &auth,
                         TokenizeCommand {
                             card: card(&mut generator),
+                            cvc: None,
                             format: TokenFormat::Opaque,
                             reuse_existing: false,
                             metadata: Metadata::default(),

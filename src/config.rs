@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, DEFAULT_KEY_LABEL, PinSource, Pkcs11Config};
+use crate::gateway::GatewaySettings;
 
 /// Everything `serve`, `migrate` and `keys` read.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +35,12 @@ pub struct Settings {
     pub keys: KeySettings,
     /// Token lifetime housekeeping.
     pub tokens: TokenSettings,
+    /// Charge forwarding: CVC holds and sends.
+    pub charges: ChargeSettings,
+    /// `[[gateways]]`: the payment gateways charges may go to (TOML only: a list has no
+    /// `CARDVAULT_*` form; secrets come from files or variables they name).
+    #[serde(default)]
+    pub gateways: Vec<GatewaySettings>,
     /// TLS of both listeners.
     pub tls: TlsSettings,
     /// Who callers are.
@@ -174,6 +181,18 @@ pub enum KeyProviderKind {
     Pkcs11,
 }
 
+/// `[charges]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargeSettings {
+    /// Seconds a CVC hold waits for the card's next charge (PCI DSS 3.3: no longer than
+    /// needed).
+    pub cvc_hold_secs: u64,
+    /// Seconds one request may be sending a charge before another may send it again; must
+    /// exceed every gateway's `timeout_ms`.
+    pub send_lease_secs: u64,
+}
+
 /// `[tokens]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -275,6 +294,7 @@ struct Defaults {
     data: DataSettings,
     keys: KeySettings,
     tokens: TokenSettings,
+    charges: ChargeSettings,
     tls: TlsSettings,
     auth: AuthSettings,
     limits: LimitSettings,
@@ -339,6 +359,10 @@ fn defaults() -> Defaults {
         tokens: TokenSettings {
             sweep_interval_secs: 60,
             sweep_batch: 500,
+        },
+        charges: ChargeSettings {
+            cvc_hold_secs: 600,
+            send_lease_secs: 60,
         },
         tls: TlsSettings {
             reload_interval_secs: 10,
@@ -474,6 +498,24 @@ impl Settings {
             return Err(ConfigError::Rejected(
                 "tls.require_client_cert needs tls.client_ca_file".to_owned(),
             ));
+        }
+        if self.charges.cvc_hold_secs == 0 || self.charges.cvc_hold_secs > 3600 {
+            return Err(ConfigError::Rejected(
+                "charges.cvc_hold_secs must be 1 to 3600: a CVC is kept no longer than a \
+                 checkout needs"
+                    .to_owned(),
+            ));
+        }
+        let longest = self
+            .gateways
+            .iter()
+            .map(|g| g.timeout_ms)
+            .max()
+            .unwrap_or(0);
+        if self.charges.send_lease_secs.saturating_mul(1000) <= longest {
+            return Err(ConfigError::Rejected(format!(
+                "charges.send_lease_secs must exceed the longest gateway timeout_ms ({longest})"
+            )));
         }
         if !self.auth.principals.is_empty() && self.tls.client_ca_file.is_none() {
             return Err(ConfigError::Rejected(

@@ -14,12 +14,17 @@
 //! - [`crypto`] — key providers, data-key cache, AEAD records, fingerprints. Knows no cards.
 //! - [`store`] — one trait, PostgreSQL and SQLite backends.
 //! - [`audit`] — the HMAC-chained audit log and its verifier.
+//! - [`gateway`] — charge forwarding: connectors (`stripe`, `generic`) that send a charge to a
+//!   configured payment gateway over HTTPS, with per-gateway TLS, timeouts, no redirects and
+//!   a response cap. Never logs or returns a PAN.
 //! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
 //!   TLS listeners, start-up and drain.
 //! - [`client`] — `cardvault keys …`, the operators' client of the `KeyAdmin` service, and
 //!   the connection flags (target, TLS, API key) it shares with `bench`.
 //! - [`loadgen`] — `cardvault bench`, a load generator: a gRPC client of the vault, beside
 //!   the layers rather than in them (it uses only [`pb`], [`client`] and [`card::luhn`]).
+//! - [`testgw`] — `cardvault test-gateway`, a Stripe-compatible test payment gateway (test
+//!   cards, idempotency keys) for the charge tests and demos; beside the layers too.
 //!
 //! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
 
@@ -31,10 +36,12 @@ pub mod card;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod gateway;
 pub mod loadgen;
 pub mod pb;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod testgw;
 pub mod tls;
 pub mod vault;

@@ -9,7 +9,7 @@ use cardvault::{
     client,
     config::{KeyProviderKind, LogFormat, Settings},
     crypto::{LocalKeyring, Pkcs11Provider},
-    loadgen, server, telemetry,
+    loadgen, server, telemetry, testgw,
     vault::{self, Metadata, NewPrincipal, Operator, Permissions, TenantId},
 };
 use clap::{Parser, Subcommand};
@@ -61,6 +61,14 @@ enum Command {
     /// Load-generates against a running vault over gRPC and reports throughput and latency
     /// percentiles (needs no configuration file and no database).
     Bench(Box<loadgen::BenchArgs>),
+    /// Runs a Stripe-compatible test payment gateway (Stripe's test cards, idempotency keys)
+    /// until Ctrl-C, for demos (needs no configuration file and no database).
+    TestGateway(testgw::TestGatewayArgs),
+    /// Charges, through a running vault over gRPC (needs no configuration file).
+    Charges {
+        #[command(subcommand)]
+        command: client::charges::ChargesCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +161,24 @@ fn main() -> ExitCode {
     } = &cli.command
     {
         return keys_client(cli.config.as_deref(), command);
+    }
+    if let Command::TestGateway(args) = &cli.command {
+        return test_gateway(cli.config.as_deref(), args);
+    }
+    if let Command::Charges { command } = &cli.command {
+        if cli.config.is_some() {
+            eprintln!(
+                "cardvault charges: --config is not used: this command calls a running vault"
+            );
+            return ExitCode::from(2);
+        }
+        return match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(client::charges::run_cli(command)),
+            Err(err) => {
+                eprintln!("cardvault charges: cannot start the async runtime: {err}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let settings = match load_settings(&cli) {
         Ok(settings) => settings,
@@ -258,9 +284,11 @@ async fn run(command: Command, settings: Settings) -> Result<ExitCode, Box<dyn s
         },
         // Dispatched in `main` before settings load; it never gets here.
         Command::Bench(_) => return Err("bench runs without settings".into()),
+        Command::TestGateway(_) => return Err("test-gateway runs without settings".into()),
         Command::Keys {
             command: KeysCommand::KeyAdmin(_),
         } => return Err("keys commands of a running vault run without settings".into()),
+        Command::Charges { .. } => return Err("charges commands run without settings".into()),
         Command::Admin { command } => admin(command, &settings).await?,
         Command::Audit {
             command: AuditCommand::Verify,
@@ -401,6 +429,31 @@ fn bench(config: Option<&std::path::Path>, args: &loadgen::BenchArgs) -> ExitCod
         Ok(runtime) => runtime.block_on(loadgen::run_cli(args)),
         Err(err) => {
             eprintln!("cardvault bench: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cardvault test-gateway`: a stand-alone server, like `bench` without settings; logs go to
+/// stderr, the URL and secret key to stdout.
+fn test_gateway(config: Option<&std::path::Path>, args: &testgw::TestGatewayArgs) -> ExitCode {
+    if config.is_some() {
+        eprintln!(
+            "cardvault test-gateway: --config is not used by test-gateway; its options are flags"
+        );
+        return ExitCode::from(2);
+    }
+    telemetry::init(telemetry::subscriber(
+        LogFormat::Pretty,
+        "info",
+        std::io::stderr,
+    ));
+    // Card data passes through this process: panics must not print it.
+    telemetry::install_panic_hook();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(testgw::run_cli(args, shutdown_signal())),
+        Err(err) => {
+            eprintln!("cardvault test-gateway: cannot start the async runtime: {err}");
             ExitCode::FAILURE
         }
     }

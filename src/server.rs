@@ -21,6 +21,7 @@ use crate::{
     api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
     crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
+    gateway::Gateways,
     pb::{
         self,
         v1::{
@@ -311,6 +312,12 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
             rate: keys.job_rate,
         },
         approval_ttl: Duration::from_secs(keys.approval_ttl_secs),
+        gateways: Arc::new(
+            Gateways::from_settings(&settings.gateways)
+                .map_err(|e| StartupError::Invalid(format!("gateways: {e}")))?,
+        ),
+        cvc_hold_ttl: Duration::from_secs(settings.charges.cvc_hold_secs),
+        charge_send_lease: Duration::from_secs(settings.charges.send_lease_secs),
     })
 }
 

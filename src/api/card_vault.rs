@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::Action,
-    card::FieldViolation,
+    card::{Cvc, FieldViolation},
     pb::v1::{self as pb, card_vault_server::CardVault},
     vault::{Authorized, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError},
 };
@@ -28,6 +28,9 @@ use crate::{
 /// the next ones are being parsed and sealed, so neither the vault's CPU nor the database
 /// waits for the other; more would only hold more database connections per stream.
 const IMPORT_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Most charges one ReconcileCharges call settles.
+const MAX_RECONCILE: u32 = 100;
 
 type ImportStream = Pin<Box<dyn Stream<Item = Result<pb::ImportCardsResponse, Status>> + Send>>;
 
@@ -47,6 +50,101 @@ impl CardVaultService {
 #[tonic::async_trait]
 impl CardVault for CardVaultService {
     type ImportCardsStream = ImportStream;
+
+    async fn charge(
+        &self,
+        request: Request<pb::ChargeRequest>,
+    ) -> Result<Response<pb::ChargeResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::Charge,
+            credentials,
+            |auth| async move {
+                let command = convert::charge_command(message, &self.vault.gateway_names())
+                    .map_err(ApiError::Invalid)?;
+                let charged = self.vault.charge(&auth, command).await?;
+                let charge = charged.charge;
+                Ok(pb::ChargeResponse {
+                    status: convert::charge_status(&charge.status).into(),
+                    charge_id: charge.id,
+                    gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),
+                    decline_code: charge.decline_code.unwrap_or_default(),
+                    message: charge.message.unwrap_or_default(),
+                    card: Some(convert::card(charged.card)),
+                    created: charged.created,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn hold_cvc(
+        &self,
+        request: Request<pb::HoldCvcRequest>,
+    ) -> Result<Response<pb::HoldCvcResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::HoldCvc,
+            credentials,
+            |auth| async move {
+                let token = convert::token(&message.token);
+                let cvc = match Cvc::parse(&message.cvc) {
+                    Ok(Some(cvc)) => Ok(cvc),
+                    Ok(None) => Err(FieldViolation::new("cvc", &"cvc is required")),
+                    Err(e) => Err(FieldViolation::new("cvc", &e)),
+                };
+                let (token, cvc) = match (token, cvc) {
+                    (Ok(token), Ok(cvc)) => (token, cvc),
+                    (token, cvc) => {
+                        let mut violations = token.err().unwrap_or_default();
+                        violations.extend(cvc.err());
+                        return Err(ApiError::Invalid(violations));
+                    }
+                };
+                let expires_at = self.vault.hold_cvc(&auth, &token, &cvc).await?;
+                Ok(pb::HoldCvcResponse {
+                    expires_at: Some(convert::to_timestamp(expires_at)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn reconcile_charges(
+        &self,
+        request: Request<pb::ReconcileChargesRequest>,
+    ) -> Result<Response<pb::ReconcileChargesResponse>, Status> {
+        let credentials = RequestCredentials::of(&request);
+        let message = request.into_inner();
+        rpc::run(
+            &self.vault,
+            Action::ReconcileCharges,
+            credentials,
+            |auth| async move {
+                let limit = match message.limit {
+                    0 => MAX_RECONCILE,
+                    n => n.min(MAX_RECONCILE),
+                };
+                let charges = self.vault.reconcile_charges(&auth, limit).await?;
+                Ok(pb::ReconcileChargesResponse {
+                    charges: charges
+                        .into_iter()
+                        .map(|charge| pb::ReconciledCharge {
+                            status: convert::charge_status(&charge.status).into(),
+                            charge_id: charge.id,
+                            idempotency_key: charge.idempotency_key,
+                            gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+            },
+        )
+        .await
+    }
 
     async fn tokenize(
         &self,

@@ -4,10 +4,12 @@
 use time::{Date, Duration, OffsetDateTime};
 
 use crate::{
-    card::{Brand, Card, CardInput, FieldViolation, Token, TokenFormat},
+    card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat},
+    gateway::Capture,
     pb::v1 as pb,
     vault::{
-        CardView, ImportCommand, ImportEntry, ImportId, ImportOutcome, Metadata, TokenizeCommand,
+        CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome, Metadata,
+        TokenizeCommand, metadata::contains_card_number,
     },
 };
 
@@ -50,12 +52,10 @@ pub fn tokenize_command(
         }
     };
 
-    if !request.cvc.is_empty() {
-        violations.push(violation(
-            "cvc",
-            "this vault does not accept a CVC yet: it is never stored with the card; omit it",
-        ));
-    }
+    let cvc = Cvc::parse(&request.cvc)
+        .map_err(|e| violations.push(violation("cvc", &e.to_string())))
+        .ok()
+        .flatten();
 
     let format = token_format(request.token_format)
         .map_err(|v| violations.push(v))
@@ -98,6 +98,7 @@ pub fn tokenize_command(
         (Some(card), Some(format), Some(metadata)) if violations.is_empty() => {
             Ok(TokenizeCommand {
                 card,
+                cvc,
                 format,
                 reuse_existing: request.reuse_existing,
                 metadata,
@@ -282,6 +283,93 @@ pub fn card(view: CardView) -> pb::Card {
     }
 }
 
+/// Parses a `ChargeRequest`, reporting every bad field; `gateways` are the configured
+/// gateway names.
+pub fn charge_command(
+    request: pb::ChargeRequest,
+    gateways: &[&str],
+) -> Result<ChargeCommand, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let token = token(&request.token).map_err(|v| violations.extend(v)).ok();
+    if request.amount == 0 {
+        violations.push(violation(
+            "amount",
+            "amount must be at least 1 (minor units)",
+        ));
+    }
+    let currency = request.currency.to_ascii_uppercase();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        violations.push(violation(
+            "currency",
+            "currency must be a three-letter ISO 4217 code",
+        ));
+    }
+    if !gateways.contains(&request.gateway.as_str()) {
+        violations.push(violation(
+            "gateway",
+            &format!(
+                "gateway must be one of the configured gateways: {}",
+                gateways.join(", ")
+            ),
+        ));
+    }
+    let key = &request.idempotency_key;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        violations.push(violation(
+            "idempotency_key",
+            "idempotency_key is required: 1 to 255 printable ASCII characters",
+        ));
+    }
+    let capture = match pb::Capture::try_from(request.capture) {
+        Ok(pb::Capture::Unspecified | pb::Capture::Automatic) => Some(Capture::Automatic),
+        Ok(pb::Capture::Manual) => Some(Capture::Manual),
+        Err(_) => {
+            violations.push(violation("capture", "capture must be AUTOMATIC or MANUAL"));
+            None
+        }
+    };
+    if request.description.chars().count() > 500 || contains_card_number(&request.description) {
+        violations.push(violation(
+            "description",
+            "description must be at most 500 characters and must not contain a card number",
+        ));
+    }
+    let metadata = match Metadata::parse(request.metadata) {
+        Ok(m) => Some(m),
+        Err(v) => {
+            violations.extend(v);
+            None
+        }
+    };
+    match (token, capture, metadata) {
+        (Some(token), Some(capture), Some(metadata)) if violations.is_empty() => {
+            Ok(ChargeCommand {
+                token,
+                amount: request.amount,
+                currency,
+                gateway: request.gateway,
+                idempotency_key: request.idempotency_key,
+                capture,
+                description: request.description,
+                metadata,
+            })
+        }
+        _ => Err(violations),
+    }
+}
+
+/// The API status of a stored charge status.
+pub fn charge_status(status: &str) -> pb::ChargeStatus {
+    match status {
+        "succeeded" => pb::ChargeStatus::Succeeded,
+        "requires_action" => pb::ChargeStatus::RequiresAction,
+        "declined" => pb::ChargeStatus::Declined,
+        "failed" => pb::ChargeStatus::Failed,
+        // `pending` is only seen while another request sends it: its outcome is not known.
+        _ => pb::ChargeStatus::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
@@ -316,7 +404,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_at_once() {
         let mut req = request("4242424242424241");
-        req.cvc = "123".to_owned();
+        req.cvc = "12a".to_owned();
         req.token_format = 42;
         req.expiration = Some(pb::tokenize_request::Expiration::Ttl(
             prost_types::Duration {
@@ -327,6 +415,15 @@ mod tests {
         let v = tokenize_command(req, NOW).expect_err("invalid");
         assert_eq!(fields(&v), ["card.number", "cvc", "token_format", "ttl"]);
         assert!(!format!("{v:?}").contains("4242424242424241"));
+    }
+
+    #[test]
+    fn a_cvc_is_parsed_and_kept_apart_from_the_card() {
+        let mut req = request("4242 4242 4242 4242");
+        req.cvc = "123".to_owned();
+        let cmd = tokenize_command(req, NOW).expect("valid");
+        assert_eq!(cmd.cvc.as_ref().map(Cvc::expose), Some("123"));
+        assert!(!format!("{cmd:?}").contains("123"));
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub enum Action {
     ApproveKeyOperation,
     /// A background key job (rewrap, re-encryption) finishing or failing.
     KeyJob,
+    /// Holding a CVC for a card's next charge.
+    HoldCvc,
+    /// Settling charges whose outcome was unknown.
+    ReconcileCharges,
 }
 
 impl Action {
@@ -109,6 +113,8 @@ impl Action {
             Action::RequestKeyOperation => "keys.request",
             Action::ApproveKeyOperation => "keys.approve",
             Action::KeyJob => "keys.job",
+            Action::HoldCvc => "hold_cvc",
+            Action::ReconcileCharges => "charges.reconcile",
         }
     }
 }

@@ -5,7 +5,7 @@
 //! - [`Pan`] is the only way to hold a card number. It is validated on construction
 //!   (digits, length, Luhn), zeroized on drop, masked in `Debug`, and has no `Display`;
 //!   the digits come out only through [`Pan::expose_digits`], to encrypt or fingerprint.
-//! - [`CardholderName`] is zeroized and redacted the same way.
+//! - [`CardholderName`] and [`Cvc`] are zeroized and redacted the same way.
 //! - [`Card::parse`] validates a whole [`CardInput`] and reports every broken field as a
 //!   [`FieldViolation`] whose description explains the rule and never repeats the value.
 //! - [`Token`]s come from the CSPRNG, never from the PAN; a PAN-shaped token always fails
@@ -18,11 +18,13 @@
 //! - `brand` — [`Brand`] from IIN ranges, kept as a data table.
 //! - `expiry` — [`Expiry`] and [`ExpiryError`].
 //! - `holder` — [`CardholderName`] and [`HolderError`].
+//! - `cvc` — [`Cvc`] and [`CvcError`].
 //! - `input` — [`Card`] and [`CardInput`]: all fields validated together.
 //! - `error` — [`FieldViolation`] and [`InvalidCard`], the report sent back to callers.
 //! - `token` — [`Token`], [`TokenFormat`] and [`TokenError`].
 
 mod brand;
+mod cvc;
 mod error;
 mod expiry;
 mod holder;
@@ -32,6 +34,7 @@ mod pan;
 mod token;
 
 pub use brand::Brand;
+pub use cvc::{Cvc, CvcError};
 pub use error::{FieldViolation, InvalidCard};
 pub use expiry::{Expiry, ExpiryError};
 pub use holder::{CardholderName, HolderError};

@@ -7,10 +7,12 @@
 //! live database of each kind at build time; every query is covered by the integration
 //! suite, which runs against both backends.
 
+mod charges;
 mod keys;
 pub mod postgres;
 pub mod sqlite;
 
+pub use self::charges::{ChargeRow, ChargeSettlement, CvcHoldRow};
 pub use self::keys::{
     DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
 };
@@ -596,6 +598,83 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         now: OffsetDateTime,
     ) -> Result<Vec<KeyRequestRow>, StoreError>;
+
+    // --- Charge forwarding (see `charges`). -------------------------------------------------
+
+    /// Inserts a charge unless the tenant already has one with that idempotency key; returns
+    /// `None` when it inserted, else the existing row.
+    async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError>;
+    /// The tenant's charge with this idempotency key.
+    async fn charge_by_key(
+        &self,
+        tenant_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ChargeRow>, StoreError>;
+    /// A charge by id.
+    async fn charge(&self, id: &str) -> Result<Option<ChargeRow>, StoreError>;
+    /// Takes the right to send a `pending` or `unknown` charge to the gateway until `until`:
+    /// sets `sending_until` and counts an attempt, only if no other request holds that right
+    /// (`sending_until` unset or before `now`). Returns whether it took it. Of concurrent
+    /// callers exactly one gets it.
+    async fn claim_charge_send(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Records how a send ended and clears `sending_until`; only a `pending` or `unknown`
+    /// charge changes. A final status (anything but `unknown`) also erases the CVC attached
+    /// to the charge (`cvc_*` columns set to NULL). Returns whether it did.
+    async fn settle_charge(
+        &self,
+        id: &str,
+        settlement: &ChargeSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Up to `limit` charges (of one tenant or all) that are `unknown`, or `pending` with no
+    /// live send (`sending_until` unset or before `now`), oldest first.
+    async fn unsettled_charges(
+        &self,
+        tenant_id: Option<&str>,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<ChargeRow>, StoreError>;
+
+    /// Attaches a taken CVC hold to a charge (its `cvc_dek_id`, `cvc_ciphertext`,
+    /// `cvc_expires_at` from the hold), for the charge's own re-sends.
+    async fn attach_charge_cvc(&self, charge_id: &str, hold: &CvcHoldRow)
+    -> Result<(), StoreError>;
+    /// The CVC attached to a charge, as a hold row (token and tenant from the charge), if
+    /// it has one that has not expired at `now`.
+    async fn charge_cvc(
+        &self,
+        charge_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CvcHoldRow>, StoreError>;
+    /// Erases CVCs attached to charges that expired at `now` (sets the `cvc_*` columns to
+    /// NULL), up to `limit`; returns how many.
+    async fn erase_expired_charge_cvcs(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores (or replaces) the CVC hold of a token.
+    async fn put_cvc_hold(&self, row: &CvcHoldRow) -> Result<(), StoreError>;
+    /// Removes and returns the tenant's live (not expired at `now`) CVC hold of a token, so
+    /// it is used at most once.
+    async fn take_cvc_hold(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CvcHoldRow>, StoreError>;
+    /// Deletes up to `limit` holds expired at `now`; returns how many.
+    async fn delete_expired_cvc_holds(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 }
 
 /// One database transaction. Dropped without [`StoreTx::commit`], it rolls back.

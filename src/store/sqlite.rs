@@ -13,10 +13,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    DekUsage, ImportedCard, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, ReuseKey, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow,
-    metadata_from_json, metadata_to_json, narrow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, ChargeRow,
+    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard, KekUsage, KeyJobRow,
+    KeyRequestRow, PrincipalRow, ReuseKey, Rewrap, SealedRecord, Shredded, Store, StoreError,
+    StoreOptions, StoreTx, TenantRow, metadata_from_json, metadata_to_json, narrow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -82,6 +82,21 @@ macro_rules! api_key_columns {
 macro_rules! audit_columns {
     () => {
         "shard, seq, at, tenant_id, principal, action, token, outcome, alarm, peer, request_id, detail, mac"
+    };
+}
+
+/// Columns of a charge row, as `charge_from_row` reads them.
+macro_rules! charge_columns {
+    () => {
+        "id, tenant_id, idempotency_key, request_hash, token, gateway, amount, currency, capture, description, metadata, status, gateway_payment_id, decline_code, message, attempts, sending_until, created_at, updated_at"
+    };
+}
+
+/// Columns of a CVC hold row, as `cvc_hold_from_row` reads them (the sealed CVC is never
+/// selected with a charge: only `charge_cvc` reads it, under these names).
+macro_rules! cvc_hold_columns {
+    () => {
+        "token, tenant_id, dek_id, ciphertext, expires_at"
     };
 }
 
@@ -250,6 +265,57 @@ fn dek_from_row(row: &SqliteRow) -> Result<DekRow, StoreError> {
         reserved: narrow(row.try_get::<i64, _>("reserved")?, "reserved")?,
         retired_at: optional_time(row, "retired_at")?,
     })
+}
+
+fn charge_from_row(row: &SqliteRow) -> Result<ChargeRow, StoreError> {
+    Ok(ChargeRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_hash: row.try_get("request_hash")?,
+        token: row.try_get("token")?,
+        gateway: row.try_get("gateway")?,
+        amount: narrow(row.try_get::<i64, _>("amount")?, "charge amount")?,
+        currency: row.try_get("currency")?,
+        capture: row.try_get("capture")?,
+        description: row.try_get("description")?,
+        metadata: metadata_from_json(row.try_get::<&str, _>("metadata")?)?,
+        status: row.try_get("status")?,
+        gateway_payment_id: row.try_get("gateway_payment_id")?,
+        decline_code: row.try_get("decline_code")?,
+        message: row.try_get("message")?,
+        attempts: narrow(row.try_get::<i64, _>("attempts")?, "charge attempts")?,
+        sending_until: optional_time(row, "sending_until")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        updated_at: from_micros(row.try_get("updated_at")?)?,
+    })
+}
+
+fn cvc_hold_from_row(row: &SqliteRow) -> Result<CvcHoldRow, StoreError> {
+    Ok(CvcHoldRow {
+        token: row.try_get("token")?,
+        tenant_id: row.try_get("tenant_id")?,
+        dek_id: uuid_from_blob(row.try_get::<&[u8], _>("dek_id")?)?,
+        ciphertext: row.try_get("ciphertext")?,
+        expires_at: from_micros(row.try_get("expires_at")?)?,
+    })
+}
+
+/// Deletes the CVC holds of these tokens (cards just deleted in the same transaction), so
+/// no hold outlives its card. One statement however many tokens: they travel as one JSON
+/// array, as in `imported_cards`.
+async fn delete_holds_of<'e, E>(executor: E, tokens: &[String]) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM cvc_holds WHERE token IN (SELECT value FROM json_each(?1))")
+        .bind(serde_json::Value::from(tokens.to_vec()).to_string())
+        .execute(executor)
+        .await?;
+    Ok(())
 }
 
 /// SQLite names the violated index by its exact column list ("UNIQUE constraint failed:
@@ -531,15 +597,20 @@ impl Store for SqliteStore {
     }
 
     async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        // The cards and the CVC holds of their tokens in one transaction: the tokens the first
+        // statement returns are the ones whose holds go.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let tokens: Vec<String> = sqlx::query_scalar(
             "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
-             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2) RETURNING token",
         )
         .bind(micros(now))
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        delete_holds_of(&mut *tx, &tokens).await?;
+        tx.commit().await?;
+        Ok(u64::try_from(tokens.len()).unwrap_or(u64::MAX))
     }
 
     async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
@@ -980,6 +1051,281 @@ impl Store for SqliteStore {
         .map(key_request_from_row)
         .collect()
     }
+
+    async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError> {
+        // The conflict target is the idempotency index only: a clash on the primary key stays
+        // an error.
+        let done = sqlx::query(
+            "INSERT INTO charges (id, tenant_id, idempotency_key, request_hash, token, gateway, \
+             amount, currency, capture, description, metadata, status, gateway_payment_id, \
+             decline_code, message, attempts, sending_until, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+             ?18, ?19) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.tenant_id)
+        .bind(&row.idempotency_key)
+        .bind(&row.request_hash)
+        .bind(&row.token)
+        .bind(&row.gateway)
+        .bind(int8_param(row.amount, "charge amount out of range")?)
+        .bind(&row.currency)
+        .bind(&row.capture)
+        .bind(&row.description)
+        .bind(metadata_to_json(&row.metadata))
+        .bind(&row.status)
+        .bind(&row.gateway_payment_id)
+        .bind(&row.decline_code)
+        .bind(&row.message)
+        .bind(i64::from(row.attempts))
+        .bind(row.sending_until.map(micros))
+        .bind(micros(row.created_at))
+        .bind(micros(row.updated_at))
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(None);
+        }
+        // Charges are never deleted, so the row that clashed is there to read.
+        match self
+            .charge_by_key(&row.tenant_id, &row.idempotency_key)
+            .await?
+        {
+            Some(existing) => Ok(Some(existing)),
+            None => Err(StoreError::Corrupt(
+                "charge clashed on its key but is not there",
+            )),
+        }
+    }
+
+    async fn charge_by_key(
+        &self,
+        tenant_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ChargeRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_columns!(),
+            " FROM charges WHERE tenant_id = ?1 AND idempotency_key = ?2"
+        ))
+        .bind(tenant_id)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(charge_from_row)
+        .transpose()
+    }
+
+    async fn charge(&self, id: &str) -> Result<Option<ChargeRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_columns!(),
+            " FROM charges WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(charge_from_row)
+        .transpose()
+    }
+
+    async fn claim_charge_send(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // One statement, and SQLite serializes writers: two claims cannot both see the charge
+        // free.
+        let done = sqlx::query(
+            "UPDATE charges SET sending_until = ?3, attempts = attempts + 1, updated_at = ?2 \
+             WHERE id = ?1 AND status IN ('pending', 'unknown') \
+             AND (sending_until IS NULL OR sending_until < ?2)",
+        )
+        .bind(id)
+        .bind(micros(now))
+        .bind(micros(until))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn settle_charge(
+        &self,
+        id: &str,
+        settlement: &ChargeSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // A payment id learnt by an earlier send is kept when this one brought none. A final
+        // status ends the re-sends, and with them the need for the attached CVC.
+        let done = sqlx::query(
+            "UPDATE charges SET status = ?2, gateway_payment_id = COALESCE(?3, gateway_payment_id), \
+             decline_code = ?4, message = ?5, sending_until = NULL, updated_at = ?6, \
+             cvc_dek_id = CASE WHEN ?7 THEN NULL ELSE cvc_dek_id END, \
+             cvc_ciphertext = CASE WHEN ?7 THEN NULL ELSE cvc_ciphertext END, \
+             cvc_expires_at = CASE WHEN ?7 THEN NULL ELSE cvc_expires_at END \
+             WHERE id = ?1 AND status IN ('pending', 'unknown')",
+        )
+        .bind(id)
+        .bind(&settlement.status)
+        .bind(&settlement.gateway_payment_id)
+        .bind(&settlement.decline_code)
+        .bind(&settlement.message)
+        .bind(micros(now))
+        .bind(settlement.status != "unknown")
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unsettled_charges(
+        &self,
+        tenant_id: Option<&str>,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<ChargeRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_columns!(),
+            " FROM charges WHERE (status = 'unknown' OR (status = 'pending' \
+             AND (sending_until IS NULL OR sending_until < ?2))) \
+             AND (?1 IS NULL OR tenant_id = ?1) ORDER BY created_at, id LIMIT ?3"
+        ))
+        .bind(tenant_id)
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(charge_from_row)
+        .collect()
+    }
+
+    async fn attach_charge_cvc(
+        &self,
+        charge_id: &str,
+        hold: &CvcHoldRow,
+    ) -> Result<(), StoreError> {
+        // Only to an unsettled charge of the hold's own tenant and token: a charge that
+        // settled meanwhile must not get a CVC back (settling erased it), and a hold never
+        // moves to another card. Otherwise nothing is stored.
+        sqlx::query(
+            "UPDATE charges SET cvc_dek_id = ?4, cvc_ciphertext = ?5, cvc_expires_at = ?6 \
+             WHERE id = ?1 AND tenant_id = ?2 AND token = ?3 \
+             AND status IN ('pending', 'unknown')",
+        )
+        .bind(charge_id)
+        .bind(&hold.tenant_id)
+        .bind(&hold.token)
+        .bind(hold.dek_id.as_bytes().as_slice())
+        .bind(&hold.ciphertext)
+        .bind(micros(hold.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn charge_cvc(
+        &self,
+        charge_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CvcHoldRow>, StoreError> {
+        sqlx::query(
+            "SELECT token, tenant_id, cvc_dek_id AS dek_id, cvc_ciphertext AS ciphertext, \
+             cvc_expires_at AS expires_at FROM charges \
+             WHERE id = ?1 AND cvc_dek_id IS NOT NULL AND cvc_ciphertext IS NOT NULL \
+             AND cvc_expires_at > ?2",
+        )
+        .bind(charge_id)
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(cvc_hold_from_row)
+        .transpose()
+    }
+
+    async fn erase_expired_charge_cvcs(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // Bounded per statement like the other sweeps. No index serves `cvc_expires_at`: the
+        // subquery scans the charges.
+        let done = sqlx::query(
+            "UPDATE charges SET cvc_dek_id = NULL, cvc_ciphertext = NULL, cvc_expires_at = NULL \
+             WHERE id IN (SELECT id FROM charges WHERE cvc_expires_at <= ?1 \
+             ORDER BY cvc_expires_at LIMIT ?2)",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn put_cvc_hold(&self, row: &CvcHoldRow) -> Result<(), StoreError> {
+        // A token belongs to one tenant; the update's WHERE keeps a put naming another tenant
+        // from replacing (and so destroying) that tenant's hold: it changes nothing instead.
+        sqlx::query(
+            "INSERT INTO cvc_holds (token, tenant_id, dek_id, ciphertext, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (token) DO UPDATE SET dek_id = excluded.dek_id, \
+             ciphertext = excluded.ciphertext, expires_at = excluded.expires_at \
+             WHERE cvc_holds.tenant_id = excluded.tenant_id",
+        )
+        .bind(&row.token)
+        .bind(&row.tenant_id)
+        .bind(row.dek_id.as_bytes().as_slice())
+        .bind(&row.ciphertext)
+        .bind(micros(row.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_cvc_hold(
+        &self,
+        tenant_id: &str,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<CvcHoldRow>, StoreError> {
+        // The tenant's hold is deleted whether or not it is still live, and returned only if
+        // it is: an expired CVC goes at the first chance rather than waiting for the sweeper.
+        // One statement, and writers are serialized: of two takes, one gets the hold.
+        let Some(row) = sqlx::query(concat!(
+            "DELETE FROM cvc_holds WHERE token = ?1 AND tenant_id = ?2 RETURNING ",
+            cvc_hold_columns!()
+        ))
+        .bind(token)
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let hold = cvc_hold_from_row(&row)?;
+        Ok((hold.expires_at > now).then_some(hold))
+    }
+
+    async fn delete_expired_cvc_holds(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM cvc_holds WHERE token IN (SELECT token FROM cvc_holds \
+             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// One SQLite transaction (`BEGIN IMMEDIATE`).
@@ -1154,17 +1500,21 @@ impl StoreTx for SqliteTx {
         key: ReuseKey<'_>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        bind_reuse_key(
+        let tokens = bind_reuse_key(
             sqlx::query(
                 "DELETE FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 AND exp_month = ?3 \
-             AND exp_year = ?4 AND token_format = ?5 AND canonical = 1 AND expires_at <= ?6",
+             AND exp_year = ?4 AND token_format = ?5 AND canonical = 1 AND expires_at <= ?6 \
+             RETURNING token",
             ),
             key,
         )
         .bind(micros(now))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        .fetch_all(&mut *self.tx)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("token"))
+        .collect::<Result<Vec<_>, _>>()?;
+        delete_holds_of(&mut *self.tx, &tokens).await
     }
 
     async fn delete_card(
@@ -1182,7 +1532,16 @@ impl StoreTx for SqliteTx {
         .bind(micros(now))
         .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            // The hold goes only with the card: another tenant naming this token deletes
+            // neither.
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM cvc_holds WHERE token = ?1")
+            .bind(token)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(true)
     }
 
     async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError> {
@@ -1308,12 +1667,27 @@ impl StoreTx for SqliteTx {
         tenant_id: &str,
         at: OffsetDateTime,
     ) -> Result<Shredded, StoreError> {
-        // Cards first: they reference the data keys.
+        // Cards first: they reference the data keys. CVC holds are sealed by the data keys
+        // too (without a foreign key): they go before the keys, like the cards.
         let cards = sqlx::query("DELETE FROM cards WHERE tenant_id = ?1")
             .bind(tenant_id)
             .execute(&mut *self.tx)
             .await?
             .rows_affected();
+        sqlx::query("DELETE FROM cvc_holds WHERE tenant_id = ?1")
+            .bind(tenant_id)
+            .execute(&mut *self.tx)
+            .await?;
+        // The tenant's charges stay: without their CVCs they hold no card data (token,
+        // amounts, gateway ids and outcomes), and they are its financial record, which
+        // outlives its cards (no foreign key ties a charge to a card). Their CVCs go.
+        sqlx::query(
+            "UPDATE charges SET cvc_dek_id = NULL, cvc_ciphertext = NULL, cvc_expires_at = NULL \
+             WHERE tenant_id = ?1 AND cvc_ciphertext IS NOT NULL",
+        )
+        .bind(tenant_id)
+        .execute(&mut *self.tx)
+        .await?;
         let deks = sqlx::query("DELETE FROM data_keys WHERE tenant_id = ?1")
             .bind(tenant_id)
             .execute(&mut *self.tx)

@@ -71,11 +71,11 @@ impl Permission {
     /// The permission an action needs.
     pub fn for_action(action: Action) -> Permission {
         match action {
-            // Importing stores cards, exactly as tokenizing does.
-            Action::Tokenize | Action::ImportCards => Permission::Tokenize,
+            // Importing stores cards, and a CVC hold serves a card just stored.
+            Action::Tokenize | Action::ImportCards | Action::HoldCvc => Permission::Tokenize,
             Action::GetCard => Permission::Read,
             Action::Reveal => Permission::Reveal,
-            Action::Charge => Permission::Charge,
+            Action::Charge | Action::ReconcileCharges => Permission::Charge,
             Action::DeleteCard => Permission::Delete,
             Action::ReadAudit => Permission::AuditRead,
             Action::Authenticate

@@ -245,6 +245,7 @@ impl Vault {
         event.tenant = Some(tenant.to_string());
         let command = TokenizeCommand {
             card,
+            cvc: None,
             format,
             reuse_existing: false,
             metadata,

@@ -10,6 +10,7 @@ pub mod access;
 pub mod admin;
 mod authn;
 mod batch;
+mod charge;
 mod error;
 mod import;
 pub mod key_admin;
@@ -34,6 +35,7 @@ pub use self::{
     },
     admin::{CreatedApiKey, NewPrincipal},
     batch::BatchOptions,
+    charge::{ChargeCommand, Charged},
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
@@ -52,8 +54,9 @@ use self::{
 };
 use crate::{
     audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
-    card::{Brand, Card, CardholderName, Pan, Token, TokenFormat},
+    card::{Brand, Card, CardholderName, Cvc, Pan, Token, TokenFormat},
     crypto::{self, DekId, Fingerprint, KeyProvider},
+    gateway::Gateways,
     store::{AuditCursor, CardInsert, CardRow, ReuseKey, Store, StoreTx},
 };
 
@@ -67,6 +70,8 @@ const TOKEN_ATTEMPTS: usize = 8;
 pub struct TokenizeCommand {
     /// The validated card.
     pub card: Card,
+    /// A CVC to hold for the card's next charge (never stored with the card).
+    pub cvc: Option<Cvc>,
     /// Shape of the token to issue.
     pub format: TokenFormat,
     /// Return an existing live token for the same PAN, expiry and format instead of
@@ -147,6 +152,13 @@ pub struct VaultOptions {
     pub key_jobs: KeyJobOptions,
     /// How long a dual-control request waits for its approval.
     pub approval_ttl: Duration,
+    /// The payment gateways charges may go to.
+    pub gateways: Arc<Gateways>,
+    /// How long a CVC hold waits for its charge.
+    pub cvc_hold_ttl: Duration,
+    /// How long one request may be sending a charge before another may send it again (must
+    /// exceed the gateways' total timeouts).
+    pub charge_send_lease: Duration,
 }
 
 impl Default for VaultOptions {
@@ -168,6 +180,9 @@ impl Default for VaultOptions {
             dek_policy: DekPolicy::default(),
             key_jobs: KeyJobOptions::default(),
             approval_ttl: Duration::from_secs(15 * 60),
+            gateways: Arc::new(Gateways::empty()),
+            cvc_hold_ttl: Duration::from_secs(10 * 60),
+            charge_send_lease: Duration::from_secs(60),
         }
     }
 }
@@ -291,8 +306,16 @@ impl Vault {
     ) -> Result<Tokenized, VaultError> {
         expect_action(auth, Action::Tokenize)?;
         let tenant = auth.caller().tenant().clone();
-        self.store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
-            .await
+        let mut command = command;
+        let cvc = command.cvc.take();
+        let tokenized = self
+            .store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
+            .await?;
+        if let Some(cvc) = cvc {
+            self.put_cvc_hold(&tenant, &tokenized.card.token, &cvc)
+                .await?;
+        }
+        Ok(tokenized)
     }
 
     /// Stores a card and appends `audit` (with the token filled in) in the same transaction.
@@ -428,17 +451,13 @@ impl Vault {
         view_of(row)
     }
 
-    /// The card's secret fields, decrypted inside the vault. They leave this function only
-    /// after the audit record of the reveal has committed.
-    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
-    pub async fn reveal(
+    /// Decrypts a card's record (inside the vault: for reveal and charge).
+    async fn open_card(
         &self,
-        auth: &Authorized,
+        tenant: &TenantId,
         token: &Token,
-    ) -> Result<RevealedCard, VaultError> {
-        expect_action(auth, Action::Reveal)?;
-        let tenant = auth.caller().tenant();
-        let row = self.live_row(auth, token).await?;
+        row: &CardRow,
+    ) -> Result<record::CardSecret, VaultError> {
         let sealed_by = crypto::record_dek_id(&row.ciphertext)
             .map_err(|e| VaultError::internal("a card record has a malformed header", e))?;
         if sealed_by != DekId(row.dek_id) {
@@ -455,8 +474,22 @@ impl Vault {
                 tracing::error!(token = token.as_str(), "card record failed authentication");
                 VaultError::internal("failed to open a card record", e)
             })?;
-        let secret = record::decode(&plaintext)
-            .map_err(|e| VaultError::internal("failed to decode a card record", e))?;
+        record::decode(&plaintext)
+            .map_err(|e| VaultError::internal("failed to decode a card record", e))
+    }
+
+    /// The card's secret fields, decrypted inside the vault. They leave this function only
+    /// after the audit record of the reveal has committed.
+    #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
+    pub async fn reveal(
+        &self,
+        auth: &Authorized,
+        token: &Token,
+    ) -> Result<RevealedCard, VaultError> {
+        expect_action(auth, Action::Reveal)?;
+        let tenant = auth.caller().tenant();
+        let row = self.live_row(auth, token).await?;
+        let secret = self.open_card(tenant, token, &row).await?;
         let honeytoken = row.honeytoken;
         self.batcher()
             .await?

@@ -14,6 +14,8 @@ mod softhsm;
 mod access;
 mod audit;
 mod canary;
+mod charge;
+mod charge_store;
 mod dedup;
 mod errors;
 mod expiry;

@@ -1,0 +1,104 @@
+//! `cardvault charges …`: the caller-side tool for charges, a gRPC client of a running vault
+//! (the vault holds the cards and talks to the gateways).
+
+use std::process::ExitCode;
+
+use tonic::transport::Channel;
+
+use super::{ConnectArgs, Connection, keys::describe};
+use crate::pb::v1::{self as pb, card_vault_client::CardVaultClient};
+
+/// A `cardvault charges` command.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ChargesCommand {
+    /// Settles the caller's tenant's charges whose outcome is unknown (timeouts, lost
+    /// connections) by sending them again under their gateway idempotency keys; prints one
+    /// line per charge: `charge <id> <idempotency key> <status> <gateway payment id>`.
+    Reconcile {
+        /// At most this many charges (1 to 100).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+        limit: u32,
+        /// The vault (a principal with the `charge` permission).
+        #[command(flatten)]
+        connection: ConnectArgs,
+    },
+}
+
+/// Runs `command`; returns 0 on success, 1 when the vault could not be reached or refused
+/// the call, 2 for unusable flags.
+pub async fn run_cli(command: &ChargesCommand) -> ExitCode {
+    let ChargesCommand::Reconcile { limit, connection } = command;
+    let connection = match Connection::prepare(connection, "charges") {
+        Ok(connection) => connection,
+        Err(err) => {
+            eprintln!("cardvault charges reconcile: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let channel: Channel = match connection.connect().await {
+        Ok(channel) => channel,
+        Err(err) => {
+            eprintln!("cardvault charges reconcile: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = CardVaultClient::new(channel)
+        .reconcile_charges(connection.request(pb::ReconcileChargesRequest { limit: *limit }))
+        .await;
+    match answer {
+        Ok(response) => {
+            let charges = response.into_inner().charges;
+            for charge in &charges {
+                println!("{}", line(charge));
+            }
+            eprintln!("{} charges reconciled", charges.len());
+            ExitCode::SUCCESS
+        }
+        Err(status) => {
+            eprintln!("cardvault charges reconcile: {}", describe(&status));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `charge <id> <key> <status> <payment id or ->`, tab-separated.
+fn line(charge: &pb::ReconciledCharge) -> String {
+    let status = pb::ChargeStatus::try_from(charge.status)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("CHARGE_STATUS_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unspecified".to_owned());
+    let payment = if charge.gateway_payment_id.is_empty() {
+        "-"
+    } else {
+        &charge.gateway_payment_id
+    };
+    format!(
+        "charge\t{}\t{}\t{status}\t{payment}",
+        charge.charge_id, charge.idempotency_key
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconciled_charge_is_one_tab_separated_line() {
+        let charge = pb::ReconciledCharge {
+            charge_id: "ch_1".to_owned(),
+            idempotency_key: "order-7".to_owned(),
+            status: pb::ChargeStatus::Succeeded.into(),
+            gateway_payment_id: "pi_9".to_owned(),
+        };
+        assert_eq!(line(&charge), "charge\tch_1\torder-7\tsucceeded\tpi_9");
+        let unknown = pb::ReconciledCharge {
+            status: pb::ChargeStatus::Unknown.into(),
+            gateway_payment_id: String::new(),
+            ..charge
+        };
+        assert_eq!(line(&unknown), "charge\tch_1\torder-7\tunknown\t-");
+    }
+}

@@ -1,0 +1,500 @@
+//! The gateway layer: configured connectors that send a charge to a payment gateway over
+//! HTTPS (DESIGN §5). It never logs a card number or returns one.
+//!
+//! - [`config`] — `[[gateways]]` settings and their start-up checks.
+//! - [`Gateways`] — the connectors by name, built once at start-up; nothing else is reachable
+//!   (callers name a gateway, never a URL).
+//! - [`Connector`] — one charge: [`ChargeCard`] + [`ChargeParams`] → [`Outcome`]. Two kinds:
+//!   `stripe` (the public Stripe API: a card PaymentMethod, then a confirmed PaymentIntent)
+//!   and `generic` (a request template and a response mapping by JSON pointer).
+//! - The outbound client (private `client` module): one `reqwest::Client` per gateway with its
+//!   own rustls configuration (ring; per-gateway CA bundle and client certificate), no
+//!   redirects, no proxies, connect and total timeouts, and a response size cap.
+//!
+//! # When is an outcome `Unknown`?
+//!
+//! Whenever the gateway may have charged the card but we cannot tell: a timeout or a broken
+//! connection after the charge request was sent, a 5xx answer, a redirect, a response over
+//! `max_response_bytes`, or one we cannot parse. The caller must then re-send with the *same*
+//! [`ChargeParams::idempotency_key`] (the gateway deduplicates) or reconcile, never charge
+//! again under a new key. An outcome is `Failed` only when nothing can have been charged:
+//! the connection could not be opened (the request was not sent), the gateway refused the
+//! request with a 4xx error, or — for `stripe` — a step before the PaymentIntent failed.
+//!
+//! # Card data
+//!
+//! Request bodies are built in zeroizing buffers of exact size and handed to the HTTP client
+//! without copies of ours (what hyper and rustls copy internally for sending is beyond our
+//! reach). Logs carry the gateway name, step, HTTP status, latency and the last characters
+//! of the idempotency key; never URLs with data, headers or bodies. Every text an [`Outcome`]
+//! takes from a gateway is scrubbed of the PAN (replaced by its masked form) and of the CVC,
+//! in case a gateway echoes them.
+
+pub mod config;
+
+mod client;
+mod encode;
+mod generic;
+mod stripe;
+mod template;
+
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Instant};
+
+pub use config::{GatewayKind, GatewaySettings};
+
+use crate::card::Pan;
+
+/// When the gateway takes the money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capture {
+    /// Authorize and capture in one step.
+    Automatic,
+    /// Authorize only; the merchant captures later.
+    Manual,
+}
+
+impl Capture {
+    /// `"automatic"` or `"manual"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Automatic => "automatic",
+            Capture::Manual => "manual",
+        }
+    }
+}
+
+/// What became of a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChargeStatus {
+    /// Charged — or, with [`Capture::Manual`], authorized and waiting to be captured.
+    Succeeded,
+    /// The cardholder must act (e.g. 3-D Secure); not charged yet.
+    RequiresAction,
+    /// The issuer or the gateway declined the card; see [`Outcome::decline_code`].
+    Declined,
+    /// Nothing was charged: the gateway was unreachable or refused the request.
+    Failed,
+    /// The gateway may or may not have charged: re-send with the same idempotency key or
+    /// reconcile (see the [module docs](self)).
+    Unknown,
+}
+
+impl ChargeStatus {
+    /// Lower-case name, as used in the `outcome` metric label: `succeeded`,
+    /// `requires_action`, `declined`, `failed`, `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeStatus::Succeeded => "succeeded",
+            ChargeStatus::RequiresAction => "requires_action",
+            ChargeStatus::Declined => "declined",
+            ChargeStatus::Failed => "failed",
+            ChargeStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// The card as the connector needs it. Holds borrowed secrets; never Debug-prints them:
+/// `Debug` shows the masked PAN and whether a CVC is present, nothing else.
+pub struct ChargeCard<'a> {
+    /// The card number.
+    pub pan: &'a Pan,
+    /// Expiry month, 1 to 12.
+    pub exp_month: u8,
+    /// Expiry year, four digits.
+    pub exp_year: u16,
+    /// The CVC (3 or 4 digits, already validated), when the charge has one.
+    pub cvc: Option<&'a str>,
+    /// The cardholder name, when known.
+    pub holder: Option<&'a str>,
+}
+
+impl fmt::Debug for ChargeCard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChargeCard")
+            .field("pan", &self.pan)
+            .field("has_cvc", &self.cvc.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to charge, and the key that makes re-sending safe.
+#[derive(Debug, Clone, Copy)]
+pub struct ChargeParams<'a> {
+    /// Amount in minor units (cents for USD, yen for JPY).
+    pub amount: u64,
+    /// ISO 4217 code, upper-case (`"EUR"`).
+    pub currency: &'a str,
+    /// Capture now or later.
+    pub capture: Capture,
+    /// Shown to the merchant in the gateway's dashboard; may be empty.
+    pub description: &'a str,
+    /// Key/value pairs the gateway stores with the payment (`stripe` sends them as
+    /// `metadata[k]=v`; `generic` templates have no placeholder for them).
+    pub metadata: &'a [(String, String)],
+    /// The vault's per-charge gateway key, stable across re-sends: printable ASCII, 1 to
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`] characters. Connectors derive the gateway's idempotency
+    /// keys from it, so a re-send is recognized by the gateway.
+    pub idempotency_key: &'a str,
+}
+
+/// Longest accepted [`ChargeParams::idempotency_key`]: Stripe allows 255 characters and the
+/// `stripe` connector appends `-pm` / `-pi`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 252;
+
+/// The result of one charge. Free of card data (gateway texts are scrubbed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// What became of the charge.
+    pub status: ChargeStatus,
+    /// The gateway's id of the payment (Stripe: the PaymentIntent `pi_…`), when it gave one.
+    pub payment_id: Option<String>,
+    /// Why it was declined, in the gateway's words (Stripe: `decline_code`, else `code`).
+    pub decline_code: Option<String>,
+    /// A human-readable message from the gateway, or ours when there was no usable answer
+    /// (e.g. `"gateway unreachable"`). Never contains the request body.
+    pub message: Option<String>,
+    /// HTTP status of the gateway's last answer, if it answered.
+    pub http_status: Option<u16>,
+}
+
+impl Outcome {
+    /// An outcome with a status and our own message, nothing from the gateway.
+    pub(crate) fn ours(
+        status: ChargeStatus,
+        message: impl Into<String>,
+        http_status: Option<u16>,
+    ) -> Outcome {
+        Outcome {
+            status,
+            payment_id: None,
+            decline_code: None,
+            message: Some(message.into()),
+            http_status,
+        }
+    }
+
+    /// Replaces the PAN in every gateway-supplied text, and the CVC in all but the payment
+    /// id (an id must stay usable, and a short digit run in one is no CVC), and bounds
+    /// their length.
+    fn scrubbed(mut self, card: &ChargeCard<'_>) -> Outcome {
+        if let Some(id) = &mut self.payment_id {
+            *id = scrub(id, card, false);
+        }
+        for text in [&mut self.decline_code, &mut self.message]
+            .into_iter()
+            .flatten()
+        {
+            *text = scrub(text, card, true);
+        }
+        self
+    }
+}
+
+/// Longest gateway-supplied text kept in an [`Outcome`], in characters.
+const MAX_TEXT_CHARS: usize = 500;
+
+/// `text` with every run of digits equal to the PAN replaced by the masked PAN, every run
+/// equal to the CVC replaced by `***` (when `hide_cvc`), cut to [`MAX_TEXT_CHARS`].
+fn scrub(text: &str, card: &ChargeCard<'_>, hide_cvc: bool) -> String {
+    let digits = card.pan.expose_digits();
+    let mut out = String::with_capacity(text.len().min(MAX_TEXT_CHARS * 4));
+    let mut rest = text;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+        out.push_str(&rest[..start]);
+        let run_len = rest[start..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len() - start);
+        let run = &rest[start..start + run_len];
+        if run == digits {
+            out.push_str(&card.pan.masked());
+        } else if hide_cvc && card.cvc == Some(run) {
+            out.push_str("***");
+        } else {
+            out.push_str(run);
+        }
+        rest = &rest[start + run_len..];
+    }
+    out.push_str(rest);
+    if out.chars().count() > MAX_TEXT_CHARS {
+        out = out.chars().take(MAX_TEXT_CHARS).collect();
+        out.push('…');
+    }
+    out
+}
+
+/// Sends charges to one configured gateway.
+#[async_trait::async_trait]
+pub trait Connector: Send + Sync + fmt::Debug {
+    /// The gateway's configured name.
+    fn name(&self) -> &str;
+
+    /// Sends one charge and reports what became of it; never fails otherwise (every
+    /// problem is an [`Outcome`], see [`ChargeStatus`]). Re-sending with the same
+    /// [`ChargeParams::idempotency_key`] and parameters never charges twice, as far as the
+    /// gateway honours idempotency keys.
+    async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome;
+}
+
+/// Why the gateways could not be set up. Names the gateway and the setting or file, never a
+/// secret or a template's rendering.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// A setting breaks a rule of [`config`].
+    #[error("gateway {gateway:?}: {reason}")]
+    Config {
+        /// The gateway's name.
+        gateway: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The API secret could not be read.
+    #[error("gateway {gateway:?}: {reason}")]
+    Secret {
+        /// The gateway's name.
+        gateway: String,
+        /// Which file or variable, and what went wrong (never its contents).
+        reason: String,
+    },
+    /// The CA bundle or client certificate could not be loaded.
+    #[error("gateway {gateway:?}: {reason}")]
+    Tls {
+        /// The gateway's name.
+        gateway: String,
+        /// Which file, and what went wrong.
+        reason: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("gateway {gateway:?}: cannot build the HTTP client")]
+    Client {
+        /// The gateway's name.
+        gateway: String,
+        /// reqwest's reason.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// The configured connectors, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Gateways {
+    by_name: BTreeMap<String, Arc<dyn Connector>>,
+}
+
+impl Gateways {
+    /// Checks the settings, reads secrets and certificates and builds one connector per
+    /// gateway. Any problem stops here, at start-up.
+    pub fn from_settings(settings: &[GatewaySettings]) -> Result<Gateways, GatewayError> {
+        config::check_all(settings)?;
+        let mut gateways = Gateways::empty();
+        for gateway in settings {
+            let connector: Arc<dyn Connector> = match gateway.kind {
+                GatewayKind::Stripe => Arc::new(stripe::StripeConnector::new(gateway)?),
+                GatewayKind::Generic => Arc::new(generic::GenericConnector::new(gateway)?),
+            };
+            gateways.insert(connector);
+        }
+        Ok(gateways)
+    }
+
+    /// No gateways: every charge names an unknown gateway.
+    pub fn empty() -> Gateways {
+        Gateways::default()
+    }
+
+    /// Adds (or replaces) a connector under its [`Connector::name`]; for tests that charge
+    /// through a fake.
+    pub fn insert(&mut self, connector: Arc<dyn Connector>) {
+        self.by_name.insert(connector.name().to_owned(), connector);
+    }
+
+    /// The connector named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Connector>> {
+        self.by_name.get(name)
+    }
+
+    /// The configured names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+}
+
+/// Checks what every connector needs of the parameters before anything is sent; `None` when
+/// they are usable.
+fn invalid_params(params: &ChargeParams<'_>) -> Option<Outcome> {
+    let key = params.idempotency_key;
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Some(Outcome::ours(
+            ChargeStatus::Failed,
+            "invalid idempotency key: 1 to 252 printable ASCII characters",
+            None,
+        ));
+    }
+    if params.currency.len() != 3 || !params.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Some(Outcome::ours(
+            ChargeStatus::Failed,
+            "invalid currency: three upper-case letters (ISO 4217)",
+            None,
+        ));
+    }
+    None
+}
+
+/// The last characters of an idempotency key, enough to find a charge in logs.
+fn key_suffix(key: &str) -> &str {
+    const SHOWN: usize = 6;
+    let start = key
+        .char_indices()
+        .rev()
+        .nth(SHOWN - 1)
+        .map_or(0, |(i, _)| i);
+    &key[start..]
+}
+
+/// Runs one charge with its log line and metrics, and scrubs the outcome.
+async fn observed(
+    gateway: &str,
+    card: &ChargeCard<'_>,
+    params: &ChargeParams<'_>,
+    charge: impl Future<Output = Outcome>,
+) -> Outcome {
+    let started = Instant::now();
+    let outcome = match invalid_params(params) {
+        Some(refused) => refused,
+        None => charge.await,
+    }
+    .scrubbed(card);
+    let elapsed = started.elapsed();
+    metrics::counter!(
+        "cardvault_gateway_requests_total",
+        "gateway" => gateway.to_owned(),
+        "outcome" => outcome.status.as_str(),
+    )
+    .increment(1);
+    metrics::histogram!("cardvault_gateway_latency_seconds", "gateway" => gateway.to_owned())
+        .record(elapsed.as_secs_f64());
+    let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    let key = key_suffix(params.idempotency_key);
+    match outcome.status {
+        ChargeStatus::Succeeded | ChargeStatus::RequiresAction | ChargeStatus::Declined => {
+            tracing::info!(
+                gateway,
+                outcome = outcome.status.as_str(),
+                http_status = outcome.http_status,
+                latency_ms,
+                idempotency_key_suffix = key,
+                "gateway charge"
+            );
+        }
+        ChargeStatus::Failed | ChargeStatus::Unknown => {
+            tracing::warn!(
+                gateway,
+                outcome = outcome.status.as_str(),
+                http_status = outcome.http_status,
+                latency_ms,
+                idempotency_key_suffix = key,
+                reason = outcome.message.as_deref().unwrap_or(""),
+                "gateway charge"
+            );
+        }
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card<'a>(pan: &'a Pan, cvc: Option<&'a str>) -> ChargeCard<'a> {
+        ChargeCard {
+            pan,
+            exp_month: 12,
+            exp_year: 2030,
+            cvc,
+            holder: Some("Ada Lovelace"),
+        }
+    }
+
+    #[test]
+    fn charge_card_debug_shows_only_the_masked_pan() {
+        let pan = Pan::parse("4242424242424242").unwrap();
+        let text = format!("{:?}", card(&pan, Some("987")));
+        assert_eq!(
+            text,
+            "ChargeCard { pan: Pan(424242******4242), has_cvc: true, .. }"
+        );
+    }
+
+    #[test]
+    fn scrubbing_masks_the_pan_and_hides_the_cvc_but_keeps_other_numbers() {
+        let pan = Pan::parse("4242424242424242").unwrap();
+        let c = card(&pan, Some("987"));
+        assert_eq!(
+            scrub("card 4242424242424242 cvc 987 amount 9870 x987", &c, true),
+            "card 424242******4242 cvc *** amount 9870 x***"
+        );
+        assert_eq!(
+            scrub("pi_987 4242424242424242", &c, false),
+            "pi_987 424242******4242"
+        );
+        assert_eq!(scrub("no digits", &c, true), "no digits");
+        let long = "é".repeat(600);
+        assert_eq!(scrub(&long, &c, true).chars().count(), MAX_TEXT_CHARS + 1);
+    }
+
+    #[test]
+    fn outcome_scrubbing_covers_every_gateway_text() {
+        let pan = Pan::parse("4242424242424242").unwrap();
+        let outcome = Outcome {
+            status: ChargeStatus::Declined,
+            payment_id: Some("pi_4242424242424242".to_owned()),
+            decline_code: Some("987".to_owned()),
+            message: Some("bad card 4242424242424242".to_owned()),
+            http_status: Some(402),
+        }
+        .scrubbed(&card(&pan, Some("987")));
+        let text = format!("{outcome:?}");
+        assert!(
+            !text.contains("4242424242424242") && !text.contains("987"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn parameters_are_checked_before_sending() {
+        let params = |key: &'static str, currency: &'static str| ChargeParams {
+            amount: 100,
+            currency,
+            capture: Capture::Automatic,
+            description: "",
+            metadata: &[],
+            idempotency_key: key,
+        };
+        assert!(invalid_params(&params("k-1", "EUR")).is_none());
+        for bad in [params("", "EUR"), params("a b", "EUR"), params("k", "eur")] {
+            let refused = invalid_params(&bad).expect("refused");
+            assert_eq!(refused.status, ChargeStatus::Failed);
+        }
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
+        let mut p = params("k", "EUR");
+        p.idempotency_key = &long;
+        assert!(invalid_params(&p).is_some());
+    }
+
+    #[test]
+    fn only_a_short_suffix_of_the_idempotency_key_is_logged() {
+        assert_eq!(key_suffix("order-1234567"), "234567");
+        assert_eq!(key_suffix("abc"), "abc");
+        assert_eq!(key_suffix("ééééééé"), "éééééé");
+    }
+
+    #[test]
+    fn gateways_are_found_by_name() {
+        let gateways = Gateways::from_settings(&[]).unwrap();
+        assert!(gateways.names().is_empty());
+        assert!(gateways.get("stripe").is_none());
+    }
+}

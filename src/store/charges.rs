@@ -1,0 +1,88 @@
+//! Rows of charge forwarding: charges (one per tenant and idempotency key) and CVC holds.
+
+use std::fmt;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A charge as stored. `status` is `"pending"`, `"succeeded"`, `"requires_action"`,
+/// `"declined"`, `"failed"` or `"unknown"`; `capture` is `"automatic"` or `"manual"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRow {
+    /// `ch_` and 16 letters or digits.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// The caller's idempotency key, unique per tenant.
+    pub idempotency_key: String,
+    /// SHA-256 of the charge's parameters.
+    pub request_hash: Vec<u8>,
+    /// The charged card's token.
+    pub token: String,
+    /// The configured gateway's name.
+    pub gateway: String,
+    /// Minor units.
+    pub amount: u64,
+    /// ISO 4217, upper case.
+    pub currency: String,
+    /// Automatic or manual capture.
+    pub capture: String,
+    /// The description sent to the gateway (re-sent identical).
+    pub description: String,
+    /// The metadata sent to the gateway, sorted by key (re-sent identical).
+    pub metadata: Vec<(String, String)>,
+    /// Where the charge is.
+    pub status: String,
+    /// The gateway's id of the payment, once known.
+    pub gateway_payment_id: Option<String>,
+    /// The gateway's decline code.
+    pub decline_code: Option<String>,
+    /// The gateway's message (never card data: connectors pass gateway text only).
+    pub message: Option<String>,
+    /// How many times the charge was sent to the gateway.
+    pub attempts: u32,
+    /// While in the future, a request is sending this charge to the gateway.
+    pub sending_until: Option<OffsetDateTime>,
+    /// When the charge was first asked for.
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    pub updated_at: OffsetDateTime,
+}
+
+/// How a send to the gateway ended, to settle a charge with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeSettlement {
+    /// `"succeeded"`, `"requires_action"`, `"declined"`, `"failed"` or `"unknown"`.
+    pub status: String,
+    /// The gateway's payment id, if it gave one.
+    pub gateway_payment_id: Option<String>,
+    /// The gateway's decline code.
+    pub decline_code: Option<String>,
+    /// The gateway's message.
+    pub message: Option<String>,
+}
+
+/// A sealed CVC waiting for the next charge of its token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CvcHoldRow {
+    /// The card's token.
+    pub token: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// The DEK that sealed `ciphertext`.
+    pub dek_id: Uuid,
+    /// The sealed CVC.
+    pub ciphertext: Vec<u8>,
+    /// When the hold lapses.
+    pub expires_at: OffsetDateTime,
+}
+
+impl fmt::Debug for CvcHoldRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CvcHoldRow")
+            .field("token", &self.token)
+            .field("tenant_id", &self.tenant_id)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}

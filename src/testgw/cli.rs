@@ -1,0 +1,118 @@
+//! `cardvault test-gateway`: runs the test gateway until Ctrl-C, for demos.
+//!
+//! There is no `--tls-self-signed`: making a certificate needs an X.509 encoder, and the
+//! crate has one (rcgen) only as a dev-dependency. Without `--cert-file` the gateway speaks
+//! plain HTTP on loopback, which the vault accepts only for a gateway marked as a loopback
+//! test gateway; for HTTPS, pass a certificate (e.g. from `openssl req -x509` or mkcert).
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use super::{TestGateway, TestGatewayOptions, cards};
+use crate::tls::TlsFiles;
+
+/// Runs a Stripe-compatible test payment gateway (test cards, idempotency keys) until
+/// Ctrl-C.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TestGatewayArgs {
+    /// Address to listen on; without TLS it must be loopback.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub addr: SocketAddr,
+    /// Certificate chain (PEM) to serve HTTPS with; without it, plain HTTP on loopback.
+    #[arg(long, value_name = "PEM", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// Require client certificates chaining to this CA (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    pub client_ca_file: Option<PathBuf>,
+    /// The API key clients must send as `Authorization: Bearer …`; a random `sk_test_…`
+    /// when unset.
+    #[arg(
+        long,
+        env = "CARDVAULT_TEST_GATEWAY_SECRET_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub secret_key: Option<String>,
+    /// How long the hang card (4000000000001117) waits before answering.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub hang_secs: u64,
+}
+
+/// Starts the gateway, prints its URL, secret key and test cards, and serves until
+/// `shutdown` completes. Exit code 2 for unusable arguments, 1 when it cannot start.
+pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>) -> ExitCode {
+    let secret_key = match &args.secret_key {
+        Some(key) if !key.is_empty() => key.clone(),
+        Some(_) => {
+            eprintln!("cardvault test-gateway: --secret-key must not be empty");
+            return ExitCode::from(2);
+        }
+        None => match crate::crypto::random_base62(24) {
+            Ok(random) => format!("sk_test_{random}"),
+            Err(err) => {
+                eprintln!("cardvault test-gateway: cannot make a secret key: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let tls = match (&args.cert_file, &args.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            client_ca_file: args.client_ca_file.clone(),
+        }),
+        _ => None,
+    };
+    let options = TestGatewayOptions {
+        addr: args.addr,
+        secret_key,
+        hang: Duration::from_secs(args.hang_secs),
+        tls,
+    };
+    let gateway = match TestGateway::start(options).await {
+        Ok(gateway) => gateway,
+        Err(err) => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("cardvault test-gateway: {text}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("cardvault test gateway listening on {}", gateway.url());
+    if !gateway.is_tls() {
+        println!(
+            "  plain HTTP, loopback only: mark the vault's gateway as a loopback test gateway"
+        );
+    }
+    println!("  secret key: {}", gateway.secret_key());
+    println!("  test cards (any future expiry, any CVC):");
+    for (card, outcome) in [
+        (
+            cards::SUCCESS,
+            "succeeds (requires_capture with capture_method=manual)",
+        ),
+        (cards::DECLINED, "card_declined / generic_decline"),
+        (
+            cards::INSUFFICIENT_FUNDS,
+            "card_declined / insufficient_funds",
+        ),
+        (cards::EXPIRED, "expired_card"),
+        (cards::INCORRECT_CVC, "incorrect_cvc"),
+        (cards::PROCESSING_ERROR, "processing_error"),
+        (cards::REQUIRES_ACTION, "requires_action (3-D Secure)"),
+        (cards::HANG, "waits --hang-secs, then succeeds"),
+    ] {
+        println!("    {card}  {outcome}");
+    }
+    println!("Ctrl-C stops it.");
+    shutdown.await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,474 @@
+//! A test payment gateway: a small HTTPS server speaking the subset of Stripe's API that the
+//! `stripe` connector uses, behaving like Stripe's test mode for its documented test cards.
+//! The vault's tests run it in-process; `cardvault test-gateway` runs it for demos.
+//!
+//! # API
+//!
+//! Requests need `Authorization: Bearer <secret key>` (else 401 with a Stripe error
+//! object). Bodies are `application/x-www-form-urlencoded` with Stripe's bracketed nested
+//! keys (`card[number]`, `metadata[order]`); unknown parameters are refused as Stripe
+//! refuses them. Every answer is JSON.
+//!
+//! - `POST /v1/payment_methods` — `type=card`, `card[number]`, `card[exp_month]`,
+//!   `card[exp_year]`, `card[cvc]` → a card PaymentMethod (`pm_…`). A bad number is a 402
+//!   `incorrect_number`. The card is kept in memory, keyed by id, for the next endpoint.
+//! - `POST /v1/payment_intents` — `amount`, `currency`, `payment_method`, `confirm`,
+//!   `capture_method` (`automatic` | `automatic_async` | `manual`), `description`,
+//!   `metadata[…]` → a PaymentIntent (`pi_…`). Confirming decides by the card's number, see
+//!   [`cards`]: [`cards::SUCCESS`] → `succeeded` (`requires_capture` when manual),
+//!   [`cards::DECLINED`], [`cards::INSUFFICIENT_FUNDS`], [`cards::EXPIRED`],
+//!   [`cards::INCORRECT_CVC`] → 402 `card_error` with Stripe's code, decline code and message
+//!   and the PaymentIntent back in `requires_payment_method`, [`cards::PROCESSING_ERROR`] →
+//!   402 `processing_error`, [`cards::REQUIRES_ACTION`] → 200 `requires_action`, and
+//!   [`cards::HANG`] (this gateway's own card) waits [`TestGatewayOptions::hang`] — the
+//!   PaymentIntent meanwhile `processing` — then succeeds. Any other valid card succeeds.
+//!   Missing `amount`, `currency` or `payment_method` is a 400 `parameter_missing` naming
+//!   the `param`.
+//! - `GET /v1/payment_intents/{id}`, `GET /v1/payment_methods/{id}` — the stored object
+//!   (for reconciliation; `card.checks.cvc_check` says whether a CVC came with the card).
+//!
+//! # Idempotency
+//!
+//! As Stripe documents it: an `Idempotency-Key` header on a POST saves the answer under
+//! (path, key) — paths standing in for Stripe's per-account scope — once the endpoint has
+//! begun executing, 402 declines included (a 400 from validation saves nothing). A repeat
+//! with the same parameters gets the saved answer again (same ids, same status) with
+//! `Idempotent-Replayed: true` and does nothing; different parameters get a 400
+//! `idempotency_error`; a repeat while the first is still running (the hang card) gets a
+//! 409 `idempotency_error`. The endpoint runs in a task of its own, so a client that times
+//! out does not stop it: its answer is saved and a later retry replays it. Keys never
+//! expire (Stripe keeps them 24 hours).
+//!
+//! # Misbehaviour for the outbound-safety tests
+//!
+//! Without authentication: `POST /test/redirect` → 302 to `/v1/payment_intents`;
+//! `POST /test/huge` → 200 with a [`HUGE_BODY_BYTES`] JSON body (with `Content-Length`;
+//! `?chunked=true` streams it without one); `POST /test/slow` → waits like the hang card,
+//! then a `succeeded` PaymentIntent-shaped body (not stored).
+//!
+//! # Observing
+//!
+//! [`TestGateway::stats`] counts POSTs per path, executions and replays and distinct
+//! idempotency keys; [`TestGateway::requests`] logs method, path, idempotency key and
+//! `Stripe-Version` of every request. Neither ever holds card data, and logs (`tracing`)
+//! name only ids and statuses: card numbers and CVCs live only in the in-memory
+//! PaymentMethods, as [`crate::card::Pan`] and [`crate::card::Cvc`] (zeroized, redacted).
+//!
+//! # TLS
+//!
+//! With [`TestGatewayOptions::tls`] the gateway serves HTTPS (rustls with ring, HTTP/1.1)
+//! from PEM files through the same listener as the admin port ([`crate::tls::TlsListener`]);
+//! a `client_ca_file` there makes client certificates mandatory, for testing a gateway's
+//! client certificate. Without it the gateway speaks plain HTTP and refuses to listen on
+//! anything but loopback: the vault allows `http://127.0.0.1` only for a gateway marked as a
+//! loopback test gateway.
+
+pub mod cards;
+mod cli;
+mod form;
+mod handlers;
+mod stripe;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    routing::{get, post},
+};
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+pub use self::cli::{TestGatewayArgs, run_cli};
+use self::stripe::ApiResponse;
+use crate::{
+    card::{Cvc, Pan},
+    tls::{self, ClientAuth, ReloadingAcceptor, TlsError, TlsFiles},
+};
+
+/// Size of the `POST /test/huge` body: 10 MiB.
+pub const HUGE_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// The secret key of [`TestGatewayOptions::default`].
+pub const DEFAULT_SECRET_KEY: &str = "sk_test_cardvault_test_gateway";
+
+/// How long the hang card waits unless told otherwise.
+pub const DEFAULT_HANG: Duration = Duration::from_secs(30);
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`TestGateway::shutdown`] waits for open connections before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Paths of the API, as recorded in [`GatewayStats`].
+pub mod paths {
+    /// Creates card PaymentMethods.
+    pub const PAYMENT_METHODS: &str = "/v1/payment_methods";
+    /// Creates (and confirms) PaymentIntents.
+    pub const PAYMENT_INTENTS: &str = "/v1/payment_intents";
+    /// Answers with a redirect.
+    pub const TEST_REDIRECT: &str = "/test/redirect";
+    /// Answers with an oversized body.
+    pub const TEST_HUGE: &str = "/test/huge";
+    /// Answers after the hang duration.
+    pub const TEST_SLOW: &str = "/test/slow";
+    /// A JSON charge API of another shape, for the `generic` connector.
+    pub const GENERIC_CHARGES: &str = "/generic/charges";
+}
+
+/// How to run a [`TestGateway`].
+#[derive(Clone)]
+pub struct TestGatewayOptions {
+    /// Where to listen; port 0 picks a free port. Without TLS it must be a loopback
+    /// address. Default `127.0.0.1:0`.
+    pub addr: SocketAddr,
+    /// The API key every `/v1` request must bear (`Authorization: Bearer …`). Default
+    /// [`DEFAULT_SECRET_KEY`].
+    pub secret_key: String,
+    /// How long the hang card and `/test/slow` wait before answering. Default
+    /// [`DEFAULT_HANG`].
+    pub hang: Duration,
+    /// Certificate chain and key (PEM files) to serve HTTPS with; with `client_ca_file`,
+    /// client certificates chaining to it are required. `None`: plain HTTP, loopback only.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for TestGatewayOptions {
+    fn default() -> Self {
+        TestGatewayOptions {
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            secret_key: DEFAULT_SECRET_KEY.to_owned(),
+            hang: DEFAULT_HANG,
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Debug for TestGatewayOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestGatewayOptions")
+            .field("addr", &self.addr)
+            .field("hang", &self.hang)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TestGatewayError {
+    /// Plain HTTP was asked for on an address that is not loopback.
+    #[error("refusing plain HTTP on {addr}: without TLS the test gateway listens on loopback only")]
+    PlainHttpNotLoopback {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The certificate or key could not be loaded.
+    #[error("cannot load the test gateway's TLS files")]
+    Tls(#[from] TlsError),
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GatewayStats {
+    /// Every POST received, by path: refused, replayed and executed alike.
+    pub posts: BTreeMap<String, u64>,
+    /// POSTs to the API that ran the endpoint, by path: not refused for authentication or an
+    /// idempotency conflict, not answered from an idempotency key. One per PaymentIntent
+    /// attempt on [`paths::PAYMENT_INTENTS`].
+    pub executed: BTreeMap<String, u64>,
+    /// Answers replayed from an idempotency key.
+    pub replays: u64,
+    /// Distinct (path, idempotency key) pairs seen on POSTs.
+    pub idempotency_keys: usize,
+}
+
+impl GatewayStats {
+    /// POSTs received on `path`.
+    pub fn posts_to(&self, path: &str) -> u64 {
+        self.posts.get(path).copied().unwrap_or(0)
+    }
+
+    /// Executions of the endpoint at `path`.
+    pub fn executed_on(&self, path: &str) -> u64 {
+        self.executed.get(path).copied().unwrap_or(0)
+    }
+}
+
+/// One request as the gateway saw it: never its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordedRequest {
+    /// `POST`, `GET`, …
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+    /// The `Stripe-Version` header (recorded, never required).
+    pub stripe_version: Option<String>,
+}
+
+/// A running test gateway. Stops on [`TestGateway::shutdown`], or when dropped.
+pub struct TestGateway {
+    addr: SocketAddr,
+    tls: bool,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for TestGateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestGateway")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestGateway {
+    /// Binds `options.addr` and serves in a background task. Must be called inside a
+    /// Tokio runtime.
+    pub async fn start(options: TestGatewayOptions) -> Result<TestGateway, TestGatewayError> {
+        let TestGatewayOptions {
+            addr,
+            secret_key,
+            hang,
+            tls,
+        } = options;
+        if tls.is_none() && !addr.ip().is_loopback() {
+            return Err(TestGatewayError::PlainHttpNotLoopback { addr });
+        }
+        let acceptor = tls
+            .map(|files| {
+                let client_auth = if files.client_ca_file.is_some() {
+                    ClientAuth::Required
+                } else {
+                    ClientAuth::None
+                };
+                ReloadingAcceptor::new(files, client_auth, &[tls::ALPN_HTTP1])
+            })
+            .transpose()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TestGatewayError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| TestGatewayError::Bind { addr, source })?;
+
+        let (stop, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            secret_key,
+            hang,
+            stop: stopped.clone(),
+            state: Mutex::default(),
+        });
+        let app = router(shared.clone());
+        let is_tls = acceptor.is_some();
+        let task = tokio::spawn(serve(listener, acceptor, app, stopped));
+        tracing::info!(addr = %bound, tls = is_tls, "test gateway listening");
+        Ok(TestGateway {
+            addr: bound,
+            tls: is_tls,
+            shared,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL, `https://127.0.0.1:<port>` (`http://…` without TLS). An unspecified
+    /// bind address (`0.0.0.0`, `::`) is given as loopback.
+    pub fn url(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            });
+        }
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    }
+
+    /// Whether the gateway serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The API key requests must bear.
+    pub fn secret_key(&self) -> &str {
+        &self.shared.secret_key
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> GatewayStats {
+        let state = self.shared.lock();
+        GatewayStats {
+            posts: state.posts.clone(),
+            executed: state.executed.clone(),
+            replays: state.replays,
+            idempotency_keys: state.keys_seen.len(),
+        }
+    }
+
+    /// Every request so far, oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().log.clone()
+    }
+
+    /// The stored PaymentIntent `id`, as `GET /v1/payment_intents/{id}` returns it.
+    pub fn payment_intent(&self, id: &str) -> Option<Value> {
+        self.shared.lock().payment_intents.get(id).cloned()
+    }
+
+    /// Stops accepting, lets requests in flight finish (hanging ones answer at once) and
+    /// waits for open connections to close, at most a few seconds.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+        tracing::info!(addr = %self.addr, "test gateway stopped");
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        // The server task notices and drains on its own.
+        let _ = self.stop.send(true);
+    }
+}
+
+/// What the handlers share.
+struct Shared {
+    secret_key: String,
+    hang: Duration,
+    /// Changes (or closes) when the gateway stops; hanging requests watch it.
+    stop: watch::Receiver<bool>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    /// The state; never held across an `.await`. A handler that panicked left a whole
+    /// value behind (every update is a single map operation), so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for the hang duration, or less if the gateway stops.
+    async fn hang(&self) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            () = tokio::time::sleep(self.hang) => {}
+            _ = stop.wait_for(|stopped| *stopped) => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    payment_methods: HashMap<String, StoredCard>,
+    payment_intents: HashMap<String, Value>,
+    idempotency: HashMap<(String, String), Idempotent>,
+    posts: BTreeMap<String, u64>,
+    executed: BTreeMap<String, u64>,
+    replays: u64,
+    keys_seen: HashSet<(String, String)>,
+    log: Vec<RecordedRequest>,
+}
+
+/// A card PaymentMethod: the card data the PaymentIntent needs, and the public view.
+struct StoredCard {
+    pan: Pan,
+    /// Kept as Stripe keeps it for the first charge; only its presence is ever shown
+    /// (`checks.cvc_check`).
+    #[allow(
+        dead_code,
+        reason = "held like Stripe holds it; test mode never checks it"
+    )]
+    cvc: Option<Cvc>,
+    /// The JSON returned for it: brand, last four digits, expiry.
+    view: Value,
+}
+
+/// An idempotency key's state, with the fingerprint of the parameters it was first used
+/// with.
+enum Idempotent {
+    InProgress([u8; 32]),
+    Done([u8; 32], ApiResponse),
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    use handlers as h;
+    Router::new()
+        .route(paths::PAYMENT_METHODS, post(h::create_payment_method))
+        .route("/v1/payment_methods/{id}", get(h::get_payment_method))
+        .route(paths::PAYMENT_INTENTS, post(h::create_payment_intent))
+        .route("/v1/payment_intents/{id}", get(h::get_payment_intent))
+        .route(paths::TEST_REDIRECT, post(h::redirect))
+        .route(paths::TEST_HUGE, post(h::huge))
+        .route(paths::TEST_SLOW, post(h::slow))
+        .route(paths::GENERIC_CHARGES, post(h::generic_charge))
+        .fallback(h::not_found)
+        .method_not_allowed_fallback(h::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            h::record,
+        ))
+        .with_state(shared)
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: Option<ReloadingAcceptor>,
+    app: Router,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let shutdown = async move {
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    };
+    let result = match acceptor {
+        Some(acceptor) => {
+            axum::serve(
+                tls::TlsListener::new(listener, acceptor, HANDSHAKE_TIMEOUT),
+                app,
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    if let Err(err) = result {
+        tracing::error!(error = %err, "test gateway failed");
+    }
+}

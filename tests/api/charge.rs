@@ -1,0 +1,493 @@
+//! Charge forwarding end to end (DESIGN §5, issue 7): the vault charges cards through the
+//! project's Stripe-compatible test gateway over real TLS, with the `stripe` connector and a
+//! `generic` one configured for the gateway's JSON API; exactly once per idempotency key;
+//! unknown outcomes settled by reconciliation; outbound safety; tenant isolation; and no
+//! card number or CVC anywhere it must not be.
+
+use std::{sync::Arc, time::Duration};
+
+use cardvault::{
+    config::Settings,
+    pb::v1::{self as pb, card_vault_client::CardVaultClient},
+    testgw::{TestGateway, TestGatewayOptions, cards, paths},
+    tls::TlsFiles,
+};
+use tonic::{Code, transport::Channel};
+
+use crate::{
+    access::{operator, secure_with},
+    canary::read_sqlite_files,
+    helpers::{
+        AppState, Backend, TestApp, captured_logs, spawn_with, tokenize_request, unique_pan,
+        with_key,
+    },
+    on_both_backends,
+    pki::Pki,
+    postgres::PgServer,
+};
+
+on_both_backends!(
+    every_outcome_comes_back_through_the_stripe_connector,
+    every_outcome_comes_back_through_the_generic_connector,
+    concurrent_duplicates_make_one_gateway_call,
+    a_reused_key_with_other_parameters_is_refused,
+    a_timeout_is_unknown_until_reconciled,
+    redirects_and_oversized_answers_are_refused,
+    a_cvc_is_held_once_and_never_stored_or_logged,
+);
+
+/// A vault (tenant `dev`) whose gateways reach one test gateway over TLS.
+struct Rig {
+    app: TestApp,
+    gateway: TestGateway,
+}
+
+/// The test gateway's TLS certificate, signed by the test CA the vault trusts.
+async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
+    TestGateway::start(TestGatewayOptions {
+        hang,
+        tls: Some(TlsFiles {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            client_ca_file: None,
+        }),
+        ..TestGatewayOptions::default()
+    })
+    .await
+    .expect("test gateway starts")
+}
+
+/// `[[gateways]]` for `gateway`: `stripe` (the stripe connector), `generic` (the generic
+/// connector on the gateway's JSON API), and the misbehaving `redirect` and `huge`.
+fn gateways(dir: &std::path::Path, pki: &Pki, gateway: &TestGateway, timeout_ms: u64) -> String {
+    let secret = dir.join("gateway.key");
+    std::fs::write(&secret, format!("{}\n", gateway.secret_key())).expect("secret file");
+    let common = format!(
+        "base_url = \"{}\"\nca_file = \"{}\"\nsecret_file = \"{}\"\ntimeout_ms = {timeout_ms}\n",
+        gateway.url(),
+        pki.ca_file.display(),
+        secret.display()
+    );
+    let generic = |name: &str, path: &str| {
+        format!(
+            r#"[[gateways]]
+name = "{name}"
+kind = "generic"
+{common}path = "{path}"
+headers = {{ Authorization = "Bearer {{{{secret}}}}" }}
+idempotency_header = "Idempotency-Key"
+body_format = "json"
+body = '{{"amount": {{{{amount}}}}, "currency": "{{{{currency}}}}", "card": {{"number": "{{{{card.number}}}}", "exp_month": {{{{card.exp_month}}}}, "exp_year": {{{{card.exp_year}}}}, "cvc": "{{{{card.cvc}}}}"}}}}'
+status_pointer = "/status"
+status_map = {{ approved = "succeeded", declined = "declined", challenge = "requires_action" }}
+payment_id_pointer = "/id"
+decline_code_pointer = "/reason_code"
+message_pointer = "/reason"
+"#
+        )
+    };
+    format!(
+        "[[gateways]]\nname = \"stripe\"\nkind = \"stripe\"\n{common}\n{}\n{}\n{}",
+        generic("generic", paths::GENERIC_CHARGES),
+        generic("redirect", paths::TEST_REDIRECT),
+        generic("huge", paths::TEST_HUGE),
+    )
+}
+
+/// Puts the gateways of `toml` into `settings`.
+fn with_gateways(settings: &mut Settings, toml: &str) {
+    #[derive(serde::Deserialize)]
+    struct File {
+        gateways: Vec<cardvault::gateway::GatewaySettings>,
+    }
+    let file: File = toml::from_str(toml).expect("gateway settings parse");
+    settings.gateways = file.gateways;
+}
+
+async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
+    let state = Arc::new(AppState::new(backend).await);
+    let pki = Pki::new(state.dir.path());
+    let gateway = start_gateway(&pki, hang).await;
+    let mut settings = state.settings("dev");
+    with_gateways(
+        &mut settings,
+        &gateways(state.dir.path(), &pki, &gateway, timeout_ms),
+    );
+    let app = spawn_with(state, "dev", settings).await;
+    Rig { app, gateway }
+}
+
+async fn rig(backend: Backend) -> Rig {
+    rig_with(backend, Duration::from_secs(30), 5_000).await
+}
+
+/// Tokenizes `number` (with `cvc` held, if given) and returns the token.
+async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) -> String {
+    let mut request = tokenize_request(number);
+    request.cvc = cvc.to_owned();
+    client
+        .tokenize(request)
+        .await
+        .expect("tokenize")
+        .into_inner()
+        .token
+}
+
+fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
+    pb::ChargeRequest {
+        token: token.to_owned(),
+        amount: 1999,
+        currency: "eur".to_owned(),
+        gateway: gateway.to_owned(),
+        idempotency_key: key.to_owned(),
+        capture: pb::Capture::Automatic.into(),
+        description: "order 42".to_owned(),
+        metadata: [("order".to_owned(), "42".to_owned())].into(),
+    }
+}
+
+async fn charge(
+    client: &mut CardVaultClient<Channel>,
+    token: &str,
+    gateway: &str,
+    key: &str,
+) -> pb::ChargeResponse {
+    client
+        .charge(charge_request(token, gateway, key))
+        .await
+        .unwrap_or_else(|e| panic!("charge via {gateway}: {e:?}"))
+        .into_inner()
+}
+
+fn status(response: &pb::ChargeResponse) -> pb::ChargeStatus {
+    pb::ChargeStatus::try_from(response.status).expect("known status")
+}
+
+/// Charges one card of each test-card kind through `gateway`; checks status, decline code
+/// and that a gateway payment id came back where the gateway gives one.
+async fn every_outcome_through(backend: Backend, gateway: &str) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let cases: [(&str, pb::ChargeStatus, &str); 7] = [
+        (cards::SUCCESS, pb::ChargeStatus::Succeeded, ""),
+        (
+            cards::DECLINED,
+            pb::ChargeStatus::Declined,
+            "generic_decline",
+        ),
+        (
+            cards::INSUFFICIENT_FUNDS,
+            pb::ChargeStatus::Declined,
+            "insufficient_funds",
+        ),
+        (cards::EXPIRED, pb::ChargeStatus::Declined, "expired_card"),
+        (
+            cards::INCORRECT_CVC,
+            pb::ChargeStatus::Declined,
+            "incorrect_cvc",
+        ),
+        (
+            cards::PROCESSING_ERROR,
+            pb::ChargeStatus::Declined,
+            "processing_error",
+        ),
+        (cards::REQUIRES_ACTION, pb::ChargeStatus::RequiresAction, ""),
+    ];
+    for (i, (number, expected, decline_code)) in cases.into_iter().enumerate() {
+        let token = card(client, number, "123").await;
+        let answer = charge(client, &token, gateway, &format!("order-{i}")).await;
+        assert_eq!(
+            status(&answer),
+            expected,
+            "card #{i} via {gateway}: {answer:?}"
+        );
+        assert_eq!(answer.decline_code, decline_code, "card #{i} via {gateway}");
+        if expected == pb::ChargeStatus::Declined {
+            assert!(
+                !answer.message.is_empty(),
+                "a decline carries the gateway's message"
+            );
+        } else {
+            assert!(!answer.gateway_payment_id.is_empty(), "{answer:?}");
+        }
+        assert!(answer.created);
+        let masked = answer.card.expect("masked card");
+        assert_eq!(masked.last4, &number[number.len() - 4..]);
+        assert!(!format!("{masked:?}").contains(number));
+    }
+}
+
+async fn every_outcome_comes_back_through_the_stripe_connector(backend: Backend) {
+    every_outcome_through(backend, "stripe").await;
+}
+
+async fn every_outcome_comes_back_through_the_generic_connector(backend: Backend) {
+    every_outcome_through(backend, "generic").await;
+}
+
+async fn concurrent_duplicates_make_one_gateway_call(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let token = card(&mut rig.app.client, cards::SUCCESS, "").await;
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut client = rig.app.client.clone();
+        let token = token.clone();
+        calls.push(tokio::spawn(async move {
+            charge(&mut client, &token, "stripe", "once").await
+        }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("charge task"));
+    }
+    let first = &answers[0];
+    assert_eq!(status(first), pb::ChargeStatus::Succeeded);
+    for answer in &answers {
+        assert_eq!(answer.charge_id, first.charge_id);
+        assert_eq!(answer.gateway_payment_id, first.gateway_payment_id);
+        assert_eq!(answer.status, first.status);
+    }
+    assert_eq!(answers.iter().filter(|a| a.created).count(), 1);
+    let stats = rig.gateway.stats();
+    assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 1, "{stats:?}");
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 1, "{stats:?}");
+    // A later retry is answered from the vault's record, without a gateway call.
+    let again = charge(&mut rig.app.client, &token, "stripe", "once").await;
+    assert_eq!(again.charge_id, first.charge_id);
+    assert!(!again.created);
+    assert_eq!(rig.gateway.stats().posts_to(paths::PAYMENT_INTENTS), 1);
+}
+
+async fn a_reused_key_with_other_parameters_is_refused(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::SUCCESS, "").await;
+    charge(client, &token, "stripe", "k1").await;
+    let mut other = charge_request(&token, "stripe", "k1");
+    other.amount += 1;
+    let err = client.charge(other).await.expect_err("other amount");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Missing key, zero amount, bad currency, unknown gateway: INVALID_ARGUMENT per field.
+    let mut bad = charge_request(&token, "nowhere", "");
+    bad.amount = 0;
+    bad.currency = "euro".to_owned();
+    let err = client.charge(bad).await.expect_err("bad request");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut fields = crate::helpers::violated_fields(&err);
+    fields.sort();
+    assert_eq!(fields, ["amount", "currency", "gateway", "idempotency_key"]);
+    // An unknown token is NOT_FOUND, and nothing reached the gateway for any of this.
+    let err = client
+        .charge(charge_request("tok_0000000000000000000000", "stripe", "k2"))
+        .await
+        .expect_err("unknown token");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(rig.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+async fn a_timeout_is_unknown_until_reconciled(backend: Backend) {
+    // The gateway answers the hang card after 1.5 s; the vault gives up after 0.5 s.
+    let mut rig = rig_with(backend, Duration::from_millis(1_500), 500).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::HANG, "321").await;
+    let answer = charge(client, &token, "stripe", "slow-1").await;
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let reconciled = client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges;
+    assert_eq!(reconciled.len(), 1, "{reconciled:?}");
+    assert_eq!(reconciled[0].charge_id, answer.charge_id);
+    assert_eq!(
+        pb::ChargeStatus::try_from(reconciled[0].status),
+        Ok(pb::ChargeStatus::Succeeded)
+    );
+    // The gateway ran the PaymentIntent once; the re-send was a replay of its record.
+    let stats = rig.gateway.stats();
+    assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 1, "{stats:?}");
+    assert!(stats.replays >= 1, "{stats:?}");
+    // The caller's retry now gets the settled outcome; nothing is left to reconcile.
+    let again = charge(client, &token, "stripe", "slow-1").await;
+    assert_eq!(status(&again), pb::ChargeStatus::Succeeded);
+    assert_eq!(again.gateway_payment_id, reconciled[0].gateway_payment_id);
+    let left = client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges;
+    assert!(left.is_empty(), "{left:?}");
+}
+
+async fn redirects_and_oversized_answers_are_refused(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::SUCCESS, "").await;
+    for gateway in ["redirect", "huge"] {
+        let answer = charge(client, &token, gateway, &format!("refused-{gateway}")).await;
+        // The gateway may have acted before answering badly: never SUCCEEDED, never a
+        // followed redirect; the outcome is unknown until reconciled.
+        assert_eq!(
+            status(&answer),
+            pb::ChargeStatus::Unknown,
+            "{gateway}: {answer:?}"
+        );
+        assert!(answer.gateway_payment_id.is_empty(), "{answer:?}");
+    }
+    // The redirect's target was never requested.
+    let stats = rig.gateway.stats();
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 0, "{stats:?}");
+}
+
+async fn a_cvc_is_held_once_and_never_stored_or_logged(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let pan = unique_pan();
+    let cvc = "7391";
+    let token = card(client, &pan, cvc).await;
+    let first = charge(client, &token, "stripe", "cvc-1").await;
+    assert_eq!(status(&first), pb::ChargeStatus::Succeeded);
+    // The hold was used by that charge: the next charge of the card goes without a CVC.
+    charge(client, &token, "stripe", "cvc-2").await;
+    let checks: Vec<String> = rig
+        .gateway
+        .requests()
+        .iter()
+        .filter(|r| r.path == paths::PAYMENT_METHODS)
+        .map(|r| format!("{r:?}"))
+        .collect();
+    assert_eq!(checks.len(), 2);
+    // HoldCvc holds one for the card's next charge, and refuses what is not a CVC without
+    // echoing it.
+    let held = client
+        .hold_cvc(pb::HoldCvcRequest {
+            token: token.clone(),
+            cvc: "4821".to_owned(),
+        })
+        .await
+        .expect("hold")
+        .into_inner();
+    assert!(held.expires_at.is_some());
+    let err = client
+        .hold_cvc(pb::HoldCvcRequest {
+            token: token.clone(),
+            cvc: "48a1".to_owned(),
+        })
+        .await
+        .expect_err("bad cvc");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(!format!("{err:?}").contains("48a1"));
+    let declined = card(client, cards::DECLINED, "5550").await;
+    let err_answer = charge(client, &declined, "stripe", "cvc-3").await;
+    assert!(!format!("{err_answer:?}").contains(cards::DECLINED));
+
+    // Nowhere: logs (every app and the test gateway in this process), audit records, rows.
+    let standalone = |haystack: &str, needle: &str| {
+        haystack.match_indices(needle).any(|(i, _)| {
+            let before = haystack[..i].chars().next_back();
+            let after = haystack[i + needle.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric())
+                && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+        })
+    };
+    let logs = String::from_utf8_lossy(&captured_logs()).into_owned();
+    assert!(
+        logs.contains("cvc-1") || logs.contains("charge"),
+        "no charge lines captured"
+    );
+    for secret in [pan.as_str(), &pan[..12], cvc, "4821", "5550"] {
+        assert!(!standalone(&logs, secret), "a card secret is in the logs");
+    }
+    let state = &rig.app.state;
+    let details = audit_details(state).await;
+    assert!(details.iter().any(|d| d.contains("charge ")), "{details:?}");
+    for secret in [pan.as_str(), cvc, "4821", "5550"] {
+        assert!(
+            details.iter().all(|d| !standalone(d, secret)),
+            "a card secret is in the audit log"
+        );
+    }
+    let stored = database_text(state);
+    for secret in [pan.as_str(), &pan[..12], cvc, "4821", "5550"] {
+        assert!(
+            !standalone(&stored, secret),
+            "a card secret is in the database"
+        );
+    }
+}
+
+/// A charge by a principal of another tenant is NOT_FOUND, like a missing token, and
+/// reaches no gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_card_cannot_be_charged() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = Pki::new(dir.path());
+    let gateway = start_gateway(&pki, Duration::from_secs(30)).await;
+    let toml = gateways(dir.path(), &pki, &gateway, 5_000);
+    let s = secure_with(Backend::Postgres, |settings| with_gateways(settings, &toml)).await;
+    let (_, acme) = s.api_key("acme", "shop", &["tokenize", "charge"]).await;
+    let (_, globex) = s.api_key("globex", "shop", &["tokenize", "charge"]).await;
+    let mut client = s.vault().await;
+    let token = client
+        .tokenize(with_key(tokenize_request(cards::SUCCESS), &acme))
+        .await
+        .expect("tokenize")
+        .into_inner()
+        .token;
+    let err = client
+        .charge(with_key(charge_request(&token, "stripe", "x"), &globex))
+        .await
+        .expect_err("other tenant");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "token not found");
+    let ok = client
+        .charge(with_key(charge_request(&token, "stripe", "x"), &acme))
+        .await
+        .expect("own tenant")
+        .into_inner();
+    assert_eq!(
+        pb::ChargeStatus::try_from(ok.status),
+        Ok(pb::ChargeStatus::Succeeded)
+    );
+    assert_eq!(gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+    let _ = operator();
+}
+
+/// The `detail` of every audit record.
+async fn audit_details(state: &AppState) -> Vec<String> {
+    let sql = "SELECT COALESCE(detail, '') FROM audit_records";
+    match state.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&state.database_url)
+                .await
+                .expect("open sqlite");
+            sqlx::query_scalar(sql)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&state.database_url)
+                .await
+                .expect("open postgres");
+            sqlx::query_scalar(sql)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+    }
+}
+
+/// Everything the database holds, as text: the SQLite files, or a `pg_dump`.
+fn database_text(state: &AppState) -> String {
+    let bytes = match state.backend {
+        Backend::Sqlite => read_sqlite_files(|| state.sqlite_files()),
+        Backend::Postgres => {
+            PgServer::get().dump(state.pg_database.as_deref().expect("database name"))
+        }
+    };
+    String::from_utf8_lossy(&bytes).into_owned()
+}

@@ -1,0 +1,863 @@
+//! The gateway layer against real servers over real TLS: the `stripe` connector through the
+//! project's test gateway (`cardvault::testgw`), the `generic` connector through the test
+//! gateway's misbehaving endpoints and through a small JSON gateway started in each test.
+//!
+//! Every server here is HTTPS with a throwaway CA (`support/pki.rs`) except where plain
+//! HTTP to a loopback test gateway is the point.
+
+#[path = "support/pki.rs"]
+mod pki;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use cardvault::{
+    card::Pan,
+    gateway::{
+        Capture, ChargeCard, ChargeParams, ChargeStatus, Connector, GatewayKind, GatewaySettings,
+        Gateways, Outcome, config::MappedStatus,
+    },
+    testgw::{TestGateway, TestGatewayOptions, cards, paths},
+    tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles, TlsListener},
+};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// How long the hang card and `/test/slow` wait in these tests.
+const HANG: Duration = Duration::from_millis(1500);
+/// The connector timeout of the timeout tests: well below [`HANG`].
+const SHORT_TIMEOUT_MS: u64 = 300;
+/// A CVC unlikely to appear by chance in logs (no timestamps are logged).
+const CANARY_CVC: &str = "9731";
+
+/// A test gateway over TLS, its PKI and a secret file holding its API key.
+struct Harness {
+    dir: TempDir,
+    pki: pki::Pki,
+    gateway: TestGateway,
+    secret_file: PathBuf,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Harness::start_with(false).await
+    }
+
+    /// With `mtls`, the gateway requires client certificates from the test CA.
+    async fn start_with(mtls: bool) -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = pki::Pki::new(dir.path());
+        let gateway = TestGateway::start(TestGatewayOptions {
+            hang: HANG,
+            tls: Some(TlsFiles {
+                cert_file: pki.server_cert.clone(),
+                key_file: pki.server_key.clone(),
+                client_ca_file: mtls.then(|| pki.ca_file.clone()),
+            }),
+            ..TestGatewayOptions::default()
+        })
+        .await
+        .expect("start the test gateway");
+        let secret_file = dir.path().join("stripe-secret");
+        std::fs::write(&secret_file, format!("{}\n", gateway.secret_key())).expect("secret");
+        Harness {
+            dir,
+            pki,
+            gateway,
+            secret_file,
+        }
+    }
+
+    /// A `stripe` gateway named `stripe` pointed at the test gateway, trusting the test CA.
+    fn stripe(&self) -> GatewaySettings {
+        GatewaySettings {
+            ca_file: Some(self.pki.ca_file.clone()),
+            secret_file: Some(self.secret_file.clone()),
+            ..GatewaySettings::new("stripe", GatewayKind::Stripe, &self.gateway.url())
+        }
+    }
+
+    /// A `generic` gateway posting `{}` to `path` of the test gateway, reading `/status`.
+    fn generic_at(&self, path: &str) -> GatewaySettings {
+        GatewaySettings {
+            ca_file: Some(self.pki.ca_file.clone()),
+            path: Some(path.to_owned()),
+            body: Some(r#"{"amount": {{amount}}}"#.to_owned()),
+            status_pointer: Some("/status".to_owned()),
+            status_map: Some(BTreeMap::from([(
+                "succeeded".to_owned(),
+                MappedStatus::Succeeded,
+            )])),
+            payment_id_pointer: Some("/id".to_owned()),
+            ..GatewaySettings::new("misbehaving", GatewayKind::Generic, &self.gateway.url())
+        }
+    }
+}
+
+/// The one connector of `settings`. Every test builds one, so every test logs into
+/// [`logs`].
+fn connector(settings: GatewaySettings) -> Arc<dyn Connector> {
+    logs();
+    let name = settings.name.clone();
+    let gateways = Gateways::from_settings(&[settings]).expect("valid gateway settings");
+    assert_eq!(gateways.names(), [name.as_str()]);
+    gateways.get(&name).expect("configured").clone()
+}
+
+fn card<'a>(pan: &'a Pan, cvc: Option<&'a str>) -> ChargeCard<'a> {
+    ChargeCard {
+        pan,
+        exp_month: 12,
+        exp_year: 2034,
+        cvc,
+        holder: Some("Ada Lovelace"),
+    }
+}
+
+fn params(idempotency_key: &str) -> ChargeParams<'_> {
+    ChargeParams {
+        amount: 1999,
+        currency: "EUR",
+        capture: Capture::Automatic,
+        description: "order 42",
+        metadata: &[],
+        idempotency_key,
+    }
+}
+
+/// Charges `digits` once with `key`.
+async fn charge(connector: &dyn Connector, digits: &str, key: &str) -> Outcome {
+    let pan = Pan::parse(digits).expect("valid test card");
+    connector
+        .charge(&card(&pan, Some("123")), &params(key))
+        .await
+}
+
+// ---------------------------------------------------------------------------------------
+// stripe through the test gateway
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn stripe_charges_a_good_card_with_per_step_idempotency_keys_and_the_pinned_version() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-1").await;
+
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.http_status, Some(200));
+    let id = outcome.payment_id.expect("a PaymentIntent id");
+    assert!(id.starts_with("pi_"), "{id}");
+    let intent = h.gateway.payment_intent(&id).expect("stored");
+    assert_eq!(intent["status"], "succeeded");
+    assert_eq!(intent["amount"], 1999);
+    assert_eq!(intent["currency"], "eur");
+    assert_eq!(intent["capture_method"], "automatic");
+    assert_eq!(intent["description"], "order 42");
+
+    let posts: Vec<_> = h
+        .gateway
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(posts[0].path, paths::PAYMENT_METHODS);
+    assert_eq!(posts[0].idempotency_key.as_deref(), Some("order-1-pm"));
+    assert_eq!(posts[1].path, paths::PAYMENT_INTENTS);
+    assert_eq!(posts[1].idempotency_key.as_deref(), Some("order-1-pi"));
+    for post in &posts {
+        assert_eq!(post.stripe_version.as_deref(), Some("2024-06-20"));
+    }
+}
+
+#[tokio::test]
+async fn stripe_sends_metadata_and_a_card_without_cvc() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let metadata = [
+        ("order".to_owned(), "42 & more".to_owned()),
+        ("note".to_owned(), "ü=€".to_owned()),
+    ];
+    let outcome = stripe
+        .charge(
+            &card(&pan, None),
+            &ChargeParams {
+                metadata: &metadata,
+                ..params("order-meta")
+            },
+        )
+        .await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+    let intent = h
+        .gateway
+        .payment_intent(outcome.payment_id.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(
+        intent["metadata"],
+        json!({"order": "42 & more", "note": "ü=€"})
+    );
+}
+
+#[tokio::test]
+async fn stripe_maps_every_declining_test_card_to_its_decline_code() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    for (digits, decline_code, message) in [
+        (
+            cards::DECLINED,
+            "generic_decline",
+            "Your card was declined.",
+        ),
+        (
+            cards::INSUFFICIENT_FUNDS,
+            "insufficient_funds",
+            "Your card has insufficient funds.",
+        ),
+        (cards::EXPIRED, "expired_card", "Your card has expired."),
+        (
+            cards::INCORRECT_CVC,
+            "incorrect_cvc",
+            "Your card's security code is incorrect.",
+        ),
+        (
+            cards::PROCESSING_ERROR,
+            "processing_error",
+            "An error occurred while processing your card. Try again in a little bit.",
+        ),
+    ] {
+        let outcome = charge(stripe.as_ref(), digits, &format!("key-{digits}")).await;
+        assert_eq!(
+            outcome.status,
+            ChargeStatus::Declined,
+            "{digits}: {outcome:?}"
+        );
+        assert_eq!(outcome.decline_code.as_deref(), Some(decline_code));
+        assert_eq!(outcome.message.as_deref(), Some(message));
+        assert_eq!(outcome.http_status, Some(402));
+        let id = outcome.payment_id.expect("the declined PaymentIntent");
+        assert_eq!(
+            h.gateway.payment_intent(&id).unwrap()["status"],
+            "requires_payment_method"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stripe_reports_a_card_needing_3ds_as_requires_action() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let outcome = charge(stripe.as_ref(), cards::REQUIRES_ACTION, "order-3ds").await;
+    assert_eq!(outcome.status, ChargeStatus::RequiresAction, "{outcome:?}");
+    assert!(outcome.payment_id.is_some());
+}
+
+#[tokio::test]
+async fn stripe_manual_capture_is_an_authorization_reported_as_succeeded() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let outcome = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                capture: Capture::Manual,
+                ..params("order-auth")
+            },
+        )
+        .await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+    let intent = h
+        .gateway
+        .payment_intent(outcome.payment_id.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(intent["status"], "requires_capture");
+    assert_eq!(intent["capture_method"], "manual");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_makes_one_payment_intent() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let first = charge(stripe.as_ref(), cards::SUCCESS, "order-twice").await;
+    let second = charge(stripe.as_ref(), cards::SUCCESS, "order-twice").await;
+    assert_eq!(first.status, ChargeStatus::Succeeded);
+    assert_eq!(second, first, "the re-send gets the same answer");
+
+    let stats = h.gateway.stats();
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 2);
+    assert_eq!(
+        stats.executed_on(paths::PAYMENT_INTENTS),
+        1,
+        "one PaymentIntent"
+    );
+    assert_eq!(stats.executed_on(paths::PAYMENT_METHODS), 1);
+    assert_eq!(stats.replays, 2);
+
+    let other = charge(stripe.as_ref(), cards::SUCCESS, "order-other").await;
+    assert_ne!(
+        other.payment_id, first.payment_id,
+        "a new key is a new charge"
+    );
+}
+
+#[tokio::test]
+async fn reusing_a_key_with_other_parameters_is_refused_without_a_second_charge() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let first = stripe
+        .charge(&card(&pan, Some("123")), &params("order-reuse"))
+        .await;
+    assert_eq!(first.status, ChargeStatus::Succeeded);
+    let changed = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                amount: 5000,
+                ..params("order-reuse")
+            },
+        )
+        .await;
+    assert_eq!(changed.status, ChargeStatus::Failed, "{changed:?}");
+    assert!(changed.message.unwrap().contains("same parameters"));
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn a_timeout_is_unknown_and_a_resend_with_the_same_key_settles_it() {
+    let h = Harness::start().await;
+    let stripe = connector(GatewaySettings {
+        timeout_ms: SHORT_TIMEOUT_MS,
+        ..h.stripe()
+    });
+
+    let timed_out = charge(stripe.as_ref(), cards::HANG, "order-hang").await;
+    assert_eq!(timed_out.status, ChargeStatus::Unknown, "{timed_out:?}");
+    assert_eq!(timed_out.message.as_deref(), Some("gateway timed out"));
+    assert_eq!(timed_out.http_status, None);
+
+    // Still running at the gateway: Stripe says so (409), which is still unknown.
+    let busy = charge(stripe.as_ref(), cards::HANG, "order-hang").await;
+    assert_eq!(busy.status, ChargeStatus::Unknown, "{busy:?}");
+    assert_eq!(busy.http_status, Some(409));
+
+    tokio::time::sleep(HANG + Duration::from_millis(300)).await;
+    let settled = charge(stripe.as_ref(), cards::HANG, "order-hang").await;
+    assert_eq!(settled.status, ChargeStatus::Succeeded, "{settled:?}");
+    assert_eq!(
+        h.gateway.stats().executed_on(paths::PAYMENT_INTENTS),
+        1,
+        "the timed-out attempt was the only charge"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_secret_key_fails_without_echoing_the_key() {
+    let h = Harness::start().await;
+    let wrong = h.dir.path().join("wrong-secret");
+    std::fs::write(&wrong, "sk_test_wrong_key_0123456789").unwrap();
+    let stripe = connector(GatewaySettings {
+        secret_file: Some(wrong),
+        ..h.stripe()
+    });
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-auth-fail").await;
+    assert_eq!(outcome.status, ChargeStatus::Failed, "{outcome:?}");
+    assert_eq!(outcome.http_status, Some(401));
+    let message = outcome.message.unwrap();
+    assert!(message.contains("Invalid API Key"), "{message}");
+    assert!(
+        !message.contains("sk_test_wrong_key_0123456789"),
+        "{message}"
+    );
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_gateway_fails_because_nothing_was_sent() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "sk_test_x").unwrap();
+    let stripe = connector(GatewaySettings {
+        secret_file: Some(secret),
+        ..GatewaySettings::new("stripe", GatewayKind::Stripe, &format!("https://{closed}"))
+    });
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-closed").await;
+    assert_eq!(outcome.status, ChargeStatus::Failed, "{outcome:?}");
+    assert_eq!(
+        outcome.message.as_deref(),
+        Some("payment method not created: gateway unreachable")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_gateway_certificate_from_an_untrusted_ca_is_refused() {
+    let h = Harness::start().await;
+    // The built-in roots (no ca_file) do not know the test CA; neither does another CA.
+    for ca_file in [None, Some(h.pki.other_ca_file.clone())] {
+        let stripe = connector(GatewaySettings {
+            ca_file,
+            ..h.stripe()
+        });
+        let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-untrusted").await;
+        assert_eq!(outcome.status, ChargeStatus::Failed, "{outcome:?}");
+    }
+    assert_eq!(h.gateway.stats().posts_to(paths::PAYMENT_METHODS), 0);
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_when_configured() {
+    let h = Harness::start_with(true).await;
+    let (cert, key) = h.pki.client_cert("vault", None, "cardvault");
+    let with_cert = connector(GatewaySettings {
+        client_cert_file: Some(cert),
+        client_key_file: Some(key),
+        ..h.stripe()
+    });
+    let outcome = charge(with_cert.as_ref(), cards::SUCCESS, "order-mtls").await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+
+    let without = connector(h.stripe());
+    let outcome = charge(without.as_ref(), cards::SUCCESS, "order-no-cert").await;
+    assert_eq!(outcome.status, ChargeStatus::Failed, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn plain_http_works_only_for_a_loopback_test_gateway() {
+    let gateway = TestGateway::start(TestGatewayOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, gateway.secret_key()).unwrap();
+    let settings = GatewaySettings {
+        secret_file: Some(secret),
+        ..GatewaySettings::new("stripe", GatewayKind::Stripe, &gateway.url())
+    };
+    assert!(gateway.url().starts_with("http://127.0.0.1:"));
+    let err = Gateways::from_settings(std::slice::from_ref(&settings)).unwrap_err();
+    assert!(err.to_string().contains("https://"), "{err}");
+
+    let stripe = connector(GatewaySettings {
+        loopback_test_gateway: true,
+        ..settings
+    });
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-http").await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn start_up_refuses_unreadable_tls_files_and_secrets() {
+    let h = Harness::start().await;
+    let missing = h.dir.path().join("missing.pem");
+    let err = Gateways::from_settings(&[GatewaySettings {
+        ca_file: Some(missing.clone()),
+        ..h.stripe()
+    }])
+    .unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    let err = Gateways::from_settings(&[GatewaySettings {
+        secret_file: Some(missing),
+        ..h.stripe()
+    }])
+    .unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    let err = Gateways::from_settings(&[GatewaySettings {
+        ca_file: Some(h.secret_file.clone()),
+        ..h.stripe()
+    }])
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("no certificate"), "{text}");
+    assert!(!text.contains(h.gateway.secret_key()), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbound safety through the test gateway's misbehaving endpoints (generic connector)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_redirect_is_refused_and_not_followed() {
+    let h = Harness::start().await;
+    let generic = connector(h.generic_at(paths::TEST_REDIRECT));
+    let outcome = charge(generic.as_ref(), cards::SUCCESS, "order-redirect").await;
+    assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+    assert_eq!(outcome.http_status, Some(302));
+    assert!(outcome.message.unwrap().contains("redirect"));
+    let stats = h.gateway.stats();
+    assert_eq!(stats.posts_to(paths::TEST_REDIRECT), 1);
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 0, "not followed");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_with_or_without_content_length() {
+    let h = Harness::start().await;
+    for path in [paths::TEST_HUGE, "/test/huge?chunked=true"] {
+        let generic = connector(h.generic_at(path));
+        let outcome = charge(generic.as_ref(), cards::SUCCESS, "order-huge").await;
+        assert_eq!(outcome.status, ChargeStatus::Unknown, "{path}: {outcome:?}");
+        assert_eq!(outcome.http_status, Some(200));
+        assert!(outcome.message.unwrap().contains("too large"));
+    }
+    // The cap is the reason: with room for it, the same answer is read and mapped.
+    let roomy = connector(GatewaySettings {
+        max_response_bytes: 16 * 1024 * 1024,
+        ..h.generic_at(paths::TEST_HUGE)
+    });
+    let outcome = charge(roomy.as_ref(), cards::SUCCESS, "order-huge").await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.payment_id.as_deref(), Some("pi_huge"));
+}
+
+#[tokio::test]
+async fn a_slow_generic_gateway_times_out_as_unknown() {
+    let h = Harness::start().await;
+    let generic = connector(GatewaySettings {
+        timeout_ms: SHORT_TIMEOUT_MS,
+        ..h.generic_at(paths::TEST_SLOW)
+    });
+    let outcome = charge(generic.as_ref(), cards::SUCCESS, "order-slow").await;
+    assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+    assert_eq!(outcome.message.as_deref(), Some("gateway timed out"));
+}
+
+// ---------------------------------------------------------------------------------------
+// generic against a small JSON gateway started in the test, over TLS
+// ---------------------------------------------------------------------------------------
+
+/// What the JSON gateway received.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A JSON gateway on `POST /charges`: `4000000000000002` is refused (402, with the card
+/// number echoed in its message, as a careless gateway might), `4000000000000069` is
+/// pending, anything else approved. Form bodies are always approved.
+async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let log = received.clone();
+    let app = Router::new().route(
+        "/charges",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(Received {
+                    headers: headers.clone(),
+                    body: body.clone(),
+                });
+                let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+                    return (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_form", "state": "APPROVED"}}).to_string(),
+                    );
+                };
+                let number = request["card"]["number"].as_str().unwrap_or_default();
+                let (status, answer) = match number {
+                    "4000000000000002" => (
+                        StatusCode::PAYMENT_REQUIRED,
+                        json!({"payment": {"id": "pay_2", "state": "REFUSED"},
+                               "error": {"code": "05", "message": format!("Do not honor: card {number}")}}),
+                    ),
+                    "4000000000000069" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
+                    ),
+                    _ => (
+                        StatusCode::CREATED,
+                        json!({"payment": {"id": "pay_1", "state": "APPROVED"}}),
+                    ),
+                };
+                (status, answer.to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = ReloadingAcceptor::new(
+        TlsFiles {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            client_ca_file: None,
+        },
+        ClientAuth::None,
+        &[tls::ALPN_HTTP1],
+    )
+    .unwrap();
+    let listener = TlsListener::new(listener, acceptor, Duration::from_secs(5));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("https://{addr}"), received)
+}
+
+/// The documented example of a generic JSON gateway, from TOML.
+fn generic_json_settings(url: &str, pki: &pki::Pki, secret_file: &std::path::Path) -> String {
+    format!(
+        r#"
+        name = "acme"
+        kind = "generic"
+        base_url = "{url}"
+        ca_file = "{ca}"
+        secret_file = "{secret}"
+        path = "/charges"
+        headers = {{ Authorization = "Bearer {{{{secret}}}}", X-Amount = "{{{{amount}}}} {{{{currency}}}}" }}
+        idempotency_header = "Idempotency-Key"
+        body = '''{{"amount": {{{{amount}}}}, "currency": "{{{{currency}}}}", "capture": "{{{{capture}}}}",
+                  "description": "{{{{description}}}}", "reference": "{{{{idempotency_key}}}}",
+                  "card": {{"number": "{{{{card.number}}}}", "exp_month": {{{{card.exp_month}}}},
+                           "exp_year": {{{{card.exp_year}}}}, "cvc": "{{{{card.cvc}}}}",
+                           "holder": "{{{{card.holder}}}}"}}}}'''
+        status_pointer = "/payment/state"
+        status_map = {{ APPROVED = "succeeded", REFUSED = "declined", CHALLENGE = "requires_action" }}
+        payment_id_pointer = "/payment/id"
+        decline_code_pointer = "/error/code"
+        message_pointer = "/error/message"
+        "#,
+        ca = pki.ca_file.display(),
+        secret = secret_file.display(),
+    )
+}
+
+#[tokio::test]
+async fn generic_renders_the_json_template_with_escaping_headers_and_idempotency() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let (url, received) = json_gateway(&pki).await;
+    let secret = dir.path().join("acme-secret");
+    std::fs::write(&secret, "acme_live_key\n").unwrap();
+    let settings: GatewaySettings =
+        toml::from_str(&generic_json_settings(&url, &pki, &secret)).expect("parse TOML");
+    let acme = connector(settings);
+
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let outcome = acme
+        .charge(
+            &ChargeCard {
+                holder: Some("Dr. \"Ada\" O'Brien\\"),
+                ..card(&pan, Some("123"))
+            },
+            &ChargeParams {
+                description: "line1\nline2 \u{1}",
+                ..params("order-g1")
+            },
+        )
+        .await;
+    assert_eq!(
+        outcome,
+        Outcome {
+            status: ChargeStatus::Succeeded,
+            payment_id: Some("pay_1".to_owned()),
+            decline_code: None,
+            message: None,
+            http_status: Some(201),
+        }
+    );
+
+    let received = received.lock().unwrap()[0].clone();
+    let body: Value = serde_json::from_slice(&received.body).expect("valid JSON on the wire");
+    assert_eq!(
+        body,
+        json!({
+            "amount": 1999, "currency": "EUR", "capture": "automatic",
+            "description": "line1\nline2 \u{1}", "reference": "order-g1",
+            "card": {"number": cards::SUCCESS, "exp_month": 12, "exp_year": 2034, "cvc": "123",
+                     "holder": "Dr. \"Ada\" O'Brien\\"}
+        })
+    );
+    let header = |name: &str| received.headers.get(name).unwrap().to_str().unwrap();
+    assert_eq!(header("authorization"), "Bearer acme_live_key");
+    assert_eq!(header("x-amount"), "1999 EUR");
+    assert_eq!(header("idempotency-key"), "order-g1");
+    assert_eq!(header("content-type"), "application/json");
+}
+
+#[tokio::test]
+async fn generic_maps_declines_and_unmapped_states_by_json_pointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let (url, _received) = json_gateway(&pki).await;
+    let secret = dir.path().join("acme-secret");
+    std::fs::write(&secret, "acme_live_key").unwrap();
+    let acme = connector(toml::from_str(&generic_json_settings(&url, &pki, &secret)).unwrap());
+
+    let declined = charge(acme.as_ref(), cards::DECLINED, "order-g2").await;
+    assert_eq!(
+        declined,
+        Outcome {
+            status: ChargeStatus::Declined,
+            payment_id: Some("pay_2".to_owned()),
+            decline_code: Some("05".to_owned()),
+            // The gateway echoed the card number; the outcome masks it.
+            message: Some("Do not honor: card 400000******0002".to_owned()),
+            http_status: Some(402),
+        }
+    );
+
+    let pending = charge(acme.as_ref(), cards::EXPIRED, "order-g3").await;
+    assert_eq!(pending.status, ChargeStatus::Unknown, "{pending:?}");
+    assert_eq!(pending.payment_id.as_deref(), Some("pay_3"));
+    assert!(pending.message.unwrap().contains("PENDING"));
+}
+
+#[tokio::test]
+async fn generic_form_bodies_are_percent_encoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let (url, received) = json_gateway(&pki).await;
+    let mut settings: GatewaySettings = toml::from_str(&format!(
+        r#"
+        name = "formpay"
+        kind = "generic"
+        base_url = "{url}"
+        ca_file = "{ca}"
+        path = "/charges"
+        body_format = "form"
+        body = "card[number]={{{{card.number}}}}&amount={{{{amount}}}}&desc={{{{description}}}}&cvc={{{{card.cvc}}}}"
+        status_pointer = "/payment/state"
+        status_map = {{ APPROVED = "succeeded" }}
+        "#,
+        ca = pki.ca_file.display(),
+    ))
+    .unwrap();
+    settings.success_http_statuses = Some(vec![200]);
+    let formpay = connector(settings);
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let outcome = formpay
+        .charge(
+            &card(&pan, None),
+            &ChargeParams {
+                description: "a&b=c d+é",
+                ..params("order-f1")
+            },
+        )
+        .await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+    let received = received.lock().unwrap()[0].clone();
+    assert_eq!(
+        std::str::from_utf8(&received.body).unwrap(),
+        "card[number]=4242424242424242&amount=1999&desc=a%26b%3Dc+d%2B%C3%A9&cvc="
+    );
+    assert_eq!(
+        received.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Card data stays out of logs, outcomes and errors
+// ---------------------------------------------------------------------------------------
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Everything every test in this binary logs, at every level, from every crate (hyper, h2
+/// and rustls included), without timestamps. One global subscriber: a thread-local one
+/// misses events whose callsites other test threads registered first.
+fn logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(captured.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        captured
+    })
+}
+
+#[tokio::test]
+async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
+    let canary = "5555555555554444";
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let slow = connector(GatewaySettings {
+        timeout_ms: SHORT_TIMEOUT_MS,
+        ..h.stripe()
+    });
+    let huge = connector(h.generic_at(paths::TEST_HUGE));
+    let pan = Pan::parse(canary).unwrap();
+    let hang = Pan::parse(cards::HANG).unwrap();
+    let mut outcomes = Vec::new();
+    for (connector, pan, key) in [
+        (&stripe, &pan, "canary-1"),
+        (&slow, &hang, "canary-2"),
+        (&huge, &pan, "canary-3"),
+    ] {
+        let outcome = connector
+            .charge(&card(pan, Some(CANARY_CVC)), &params(key))
+            .await;
+        outcomes.push(format!("{outcome:?}"));
+    }
+    outcomes.push(format!("{stripe:?} {huge:?}"));
+    outcomes.push(format!("{:?}", card(&pan, Some(CANARY_CVC))));
+
+    let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+    for key in ["nary-1", "nary-2", "nary-3"] {
+        let line = format!("idempotency_key_suffix=\"{key}\"");
+        assert!(logs.contains(&line), "the charge {key} was logged");
+    }
+    // Every card number any test here uses, the canary CVC and the API key: none may
+    // appear, whichever test logged it.
+    let secrets = [
+        canary,
+        cards::SUCCESS,
+        cards::DECLINED,
+        cards::INSUFFICIENT_FUNDS,
+        cards::EXPIRED,
+        cards::INCORRECT_CVC,
+        cards::PROCESSING_ERROR,
+        cards::REQUIRES_ACTION,
+        cards::HANG,
+        CANARY_CVC,
+        h.gateway.secret_key(),
+    ];
+    for text in outcomes.iter().chain([&logs]) {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret} leaked");
+        }
+    }
+}

@@ -1,0 +1,807 @@
+//! The test payment gateway over real TLS: authentication, every test card, idempotency as
+//! Stripe documents it, the misbehaving endpoints, and plain HTTP on loopback.
+
+#[path = "support/pki.rs"]
+mod pki;
+
+use std::time::{Duration, Instant};
+
+use cardvault::{
+    testgw::{
+        GatewayStats, HUGE_BODY_BYTES, TestGateway, TestGatewayError, TestGatewayOptions, cards,
+        paths,
+    },
+    tls::TlsFiles,
+};
+use reqwest::{StatusCode, header::HeaderMap};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The secret key of every gateway here.
+const KEY: &str = "sk_test_4eC39HqLyjWDarjtT1zdp7dc";
+
+/// A future expiry year for the cards.
+const EXP_YEAR: &str = "2099";
+
+/// A gateway over TLS and a client that trusts its CA.
+struct Harness {
+    gateway: TestGateway,
+    client: reqwest::Client,
+    pki: pki::Pki,
+    _dir: TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Self::start_with(Duration::from_secs(30), false).await
+    }
+
+    async fn start_with(hang: Duration, require_client_certs: bool) -> Harness {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki::Pki::new(dir.path());
+        let gateway = TestGateway::start(TestGatewayOptions {
+            secret_key: KEY.to_owned(),
+            hang,
+            tls: Some(TlsFiles {
+                cert_file: pki.server_cert.clone(),
+                key_file: pki.server_key.clone(),
+                client_ca_file: require_client_certs.then(|| pki.ca_file.clone()),
+            }),
+            ..TestGatewayOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = client_trusting(&pki, None);
+        Harness {
+            gateway,
+            client,
+            pki,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway.url())
+    }
+
+    /// POSTs a form with the secret key and, when given, an idempotency key.
+    async fn post(&self, path: &str, params: &[(&str, &str)], key: Option<&str>) -> Answer {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(KEY)
+            .header("Stripe-Version", "2024-06-20")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(encode(params));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        Answer::of(request.send().await.unwrap()).await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        Answer::of(response).await
+    }
+
+    /// A card PaymentMethod for `number`; returns its id.
+    async fn payment_method(&self, number: &str) -> String {
+        let answer = self
+            .post(paths::PAYMENT_METHODS, &card_params(number), None)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        answer.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates and confirms a PaymentIntent of 1234 usd paid with `number`.
+    async fn charge(&self, number: &str, capture_method: &str) -> Answer {
+        let pm = self.payment_method(number).await;
+        self.post(
+            paths::PAYMENT_INTENTS,
+            &intent_params(&pm, capture_method),
+            None,
+        )
+        .await
+    }
+
+    fn stats(&self) -> GatewayStats {
+        self.gateway.stats()
+    }
+}
+
+/// A reqwest client trusting the test CA only, presenting `identity` (cert, key) if given.
+fn client_trusting(
+    pki: &pki::Pki,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some((cert, key)) = identity {
+        let mut pem = std::fs::read(cert).unwrap();
+        pem.extend(std::fs::read(key).unwrap());
+        builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// Status, headers and JSON body of a response.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    async fn of(response: reqwest::Response) -> Answer {
+        let status = response.status();
+        let headers = response.headers().clone();
+        if status.is_success() || status.is_client_error() || status.is_server_error() {
+            assert_eq!(
+                headers.get("content-type").unwrap(),
+                "application/json",
+                "every answer is JSON"
+            );
+        }
+        let bytes = response.bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn error(&self) -> &Value {
+        &self.body["error"]
+    }
+
+    fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+}
+
+/// Form-encodes `params`, escaping everything but unreserved characters (brackets too, so
+/// the gateway's decoding of keys is exercised).
+fn encode(params: &[(&str, &str)]) -> String {
+    fn escape(text: &str) -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                b' ' => "+".to_owned(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    params
+        .iter()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn card_params(number: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("type", "card"),
+        ("card[number]", number),
+        ("card[exp_month]", "12"),
+        ("card[exp_year]", EXP_YEAR),
+        ("card[cvc]", "123"),
+    ]
+}
+
+fn intent_params<'a>(pm: &'a str, capture_method: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("amount", "1234"),
+        ("currency", "usd"),
+        ("payment_method", pm),
+        ("confirm", "true"),
+        ("capture_method", capture_method),
+        ("description", "Order #42 café"),
+        ("metadata[order]", "42"),
+    ]
+}
+
+/// `prefix` and 24 base62 characters.
+fn assert_id(id: &Value, prefix: &str) {
+    let id = id.as_str().unwrap_or_else(|| panic!("no id: {id}"));
+    let rest = id
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{id} lacks {prefix}"));
+    assert_eq!(rest.len(), 24, "{id}");
+    assert!(rest.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+}
+
+#[tokio::test]
+async fn requests_without_the_right_secret_key_are_refused_with_401() {
+    let h = Harness::start().await;
+    let body = encode(&card_params(cards::SUCCESS));
+
+    let missing = h
+        .client
+        .post(h.url(paths::PAYMENT_METHODS))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let missing = Answer::of(missing).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.error()["type"], "invalid_request_error");
+    assert!(missing.error()["code"].is_null());
+
+    let wrong = h
+        .client
+        .post(h.url(paths::PAYMENT_METHODS))
+        .bearer_auth("sk_test_wrongwrongwrong9876")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let wrong = Answer::of(wrong).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.error()["type"], "invalid_request_error");
+    assert!(wrong.error()["code"].is_null());
+    let message = wrong.error()["message"].as_str().unwrap();
+    assert!(message.starts_with("Invalid API Key provided"), "{message}");
+    assert!(
+        message.ends_with("9876") && !message.contains("wrongwrong"),
+        "{message}"
+    );
+
+    let get = h
+        .client
+        .get(h.url("/v1/payment_intents/pi_x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_METHODS), 0);
+}
+
+#[tokio::test]
+async fn a_payment_method_shows_brand_last4_and_expiry_but_never_the_number() {
+    let h = Harness::start().await;
+    let answer = h
+        .post(paths::PAYMENT_METHODS, &card_params(cards::SUCCESS), None)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_id(&answer.body["id"], "pm_");
+    assert_eq!(answer.body["object"], "payment_method");
+    assert_eq!(answer.body["type"], "card");
+    let card = &answer.body["card"];
+    assert_eq!(card["brand"], "visa");
+    assert_eq!(card["last4"], "4242");
+    assert_eq!(card["exp_month"], 12);
+    assert_eq!(card["exp_year"], 2099);
+    let text = answer.body.to_string();
+    assert!(
+        !text.contains(cards::SUCCESS) && !text.contains("\"123\""),
+        "{text}"
+    );
+
+    let id = answer.body["id"].as_str().unwrap();
+    let fetched = h.get(&format!("/v1/payment_methods/{id}")).await;
+    assert_eq!(fetched.body, answer.body);
+}
+
+#[tokio::test]
+async fn missing_or_invalid_card_numbers_are_402_incorrect_number() {
+    let h = Harness::start().await;
+    let without: Vec<_> = card_params(cards::SUCCESS)
+        .into_iter()
+        .filter(|(k, _)| *k != "card[number]")
+        .collect();
+    for params in [without, card_params("4242424242424241"), card_params("42x")] {
+        let answer = h.post(paths::PAYMENT_METHODS, &params, None).await;
+        assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(answer.error()["type"], "card_error");
+        assert_eq!(answer.error()["code"], "incorrect_number");
+    }
+}
+
+#[tokio::test]
+async fn each_test_card_confirms_as_stripe_documents() {
+    let h = Harness::start().await;
+
+    let ok = h.charge(cards::SUCCESS, "automatic").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    assert_id(&ok.body["id"], "pi_");
+    assert_eq!(ok.body["object"], "payment_intent");
+    assert_eq!(ok.body["status"], "succeeded");
+    assert_eq!(ok.body["amount"], 1234);
+    assert_eq!(ok.body["amount_received"], 1234);
+    assert_eq!(ok.body["currency"], "usd");
+    assert_eq!(ok.body["description"], "Order #42 café");
+    assert_eq!(ok.body["metadata"]["order"], "42");
+
+    // Any other valid card succeeds too.
+    let other = h.charge("5555555555554444", "automatic").await;
+    assert_eq!(other.body["status"], "succeeded");
+
+    let action = h.charge(cards::REQUIRES_ACTION, "automatic").await;
+    assert_eq!(action.status, StatusCode::OK);
+    assert_eq!(action.body["status"], "requires_action");
+
+    let declines = [
+        (
+            cards::DECLINED,
+            "card_declined",
+            "generic_decline",
+            "Your card was declined.",
+        ),
+        (
+            cards::INSUFFICIENT_FUNDS,
+            "card_declined",
+            "insufficient_funds",
+            "Your card has insufficient funds.",
+        ),
+        (
+            cards::EXPIRED,
+            "expired_card",
+            "expired_card",
+            "Your card has expired.",
+        ),
+        (
+            cards::INCORRECT_CVC,
+            "incorrect_cvc",
+            "incorrect_cvc",
+            "Your card's security code is incorrect.",
+        ),
+        (
+            cards::PROCESSING_ERROR,
+            "processing_error",
+            "processing_error",
+            "An error occurred while processing your card. Try again in a little bit.",
+        ),
+    ];
+    for (card, code, decline_code, message) in declines {
+        let answer = h.charge(card, "automatic").await;
+        assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED, "{card}");
+        let error = answer.error();
+        assert_eq!(error["type"], "card_error", "{card}");
+        assert_eq!(error["code"], code, "{card}");
+        assert_eq!(error["decline_code"], decline_code, "{card}");
+        assert_eq!(error["message"], message, "{card}");
+        assert_id(&error["payment_intent"]["id"], "pi_");
+        assert_eq!(error["payment_intent"]["status"], "requires_payment_method");
+        assert!(!answer.body.to_string().contains(card), "{card} echoed");
+
+        // The declined PaymentIntent is stored as such.
+        let id = error["payment_intent"]["id"].as_str().unwrap();
+        let stored = h.get(&format!("/v1/payment_intents/{id}")).await;
+        assert_eq!(stored.body["status"], "requires_payment_method");
+        assert_eq!(stored.body["last_payment_error"]["code"], code);
+    }
+}
+
+#[tokio::test]
+async fn manual_capture_leaves_the_intent_requires_capture() {
+    let h = Harness::start().await;
+    let answer = h.charge(cards::SUCCESS, "manual").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body["status"], "requires_capture");
+    assert_eq!(answer.body["capture_method"], "manual");
+    assert_eq!(answer.body["amount_capturable"], 1234);
+    assert_eq!(answer.body["amount_received"], 0);
+}
+
+#[tokio::test]
+async fn missing_amount_currency_or_payment_method_is_400_naming_the_param() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    for missing in ["amount", "currency", "payment_method"] {
+        let params: Vec<_> = intent_params(&pm, "automatic")
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
+        let answer = h.post(paths::PAYMENT_INTENTS, &params, None).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{missing}");
+        assert_eq!(answer.error()["type"], "invalid_request_error");
+        assert_eq!(answer.error()["code"], "parameter_missing");
+        assert_eq!(answer.error()["param"], missing);
+    }
+
+    let mut unknown_pm = intent_params("pm_doesnotexist", "automatic");
+    unknown_pm.push(("statement_descriptor", "SHOP"));
+    let answer = h.post(paths::PAYMENT_INTENTS, &unknown_pm, None).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.error()["code"], "resource_missing");
+    assert_eq!(answer.error()["param"], "payment_method");
+}
+
+#[tokio::test]
+async fn unknown_parameters_are_refused_as_stripe_refuses_them() {
+    let h = Harness::start().await;
+    let mut params = card_params(cards::SUCCESS);
+    params.push(("card[pin]", "0000"));
+    let answer = h.post(paths::PAYMENT_METHODS, &params, None).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.error()["code"], "parameter_unknown");
+    assert_eq!(answer.error()["param"], "card[pin]");
+}
+
+#[tokio::test]
+async fn an_idempotent_replay_returns_the_same_answer_without_doing_anything_again() {
+    let h = Harness::start().await;
+    let first_pm = h
+        .post(
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("order-1-pm"),
+        )
+        .await;
+    let again_pm = h
+        .post(
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("order-1-pm"),
+        )
+        .await;
+    assert!(!first_pm.replayed());
+    assert!(again_pm.replayed());
+    assert_eq!(again_pm.body, first_pm.body);
+
+    let pm = first_pm.body["id"].as_str().unwrap();
+    let params = intent_params(pm, "automatic");
+    let first = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("order-1-pi"))
+        .await;
+    // Same parameters in another order are the same parameters.
+    let mut reordered = params.clone();
+    reordered.reverse();
+    let again = h
+        .post(paths::PAYMENT_INTENTS, &reordered, Some("order-1-pi"))
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.replayed());
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(again.body, first.body);
+
+    // Declines are saved and replayed too.
+    let declined_pm = h.payment_method(cards::DECLINED).await;
+    let declined_params = intent_params(&declined_pm, "automatic");
+    let declined = h
+        .post(paths::PAYMENT_INTENTS, &declined_params, Some("order-2-pi"))
+        .await;
+    let declined_again = h
+        .post(paths::PAYMENT_INTENTS, &declined_params, Some("order-2-pi"))
+        .await;
+    assert_eq!(declined_again.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(declined_again.replayed());
+    assert_eq!(declined_again.body, declined.body);
+
+    let stats = h.stats();
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 4);
+    assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 2);
+    assert_eq!(stats.replays, 3);
+    assert_eq!(stats.idempotency_keys, 3);
+}
+
+#[tokio::test]
+async fn the_same_key_with_other_parameters_is_an_idempotency_error() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    let first = h
+        .post(
+            paths::PAYMENT_INTENTS,
+            &intent_params(&pm, "automatic"),
+            Some("k1"),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    let mut other = intent_params(&pm, "automatic");
+    other[0] = ("amount", "999");
+    let answer = h.post(paths::PAYMENT_INTENTS, &other, Some("k1")).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.error()["type"], "idempotency_error");
+    let message = answer.error()["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Keys for idempotent requests can only be used with the same parameters they \
+             were first used with"
+        ),
+        "{message}"
+    );
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn keys_are_scoped_per_path_and_validation_failures_are_not_saved() {
+    let h = Harness::start().await;
+    let pm = h
+        .post(
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("shared-key"),
+        )
+        .await;
+    let pm = pm.body["id"].as_str().unwrap().to_owned();
+
+    // A 400 saves nothing: the same key may be retried with corrected parameters.
+    let mut bad = intent_params(&pm, "automatic");
+    bad.retain(|(k, _)| *k != "amount");
+    let refused = h
+        .post(paths::PAYMENT_INTENTS, &bad, Some("shared-key"))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let answer = h
+        .post(
+            paths::PAYMENT_INTENTS,
+            &intent_params(&pm, "automatic"),
+            Some("shared-key"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(!answer.replayed());
+    assert_eq!(answer.body["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_of_a_hanging_request_is_409_and_the_first_still_succeeds() {
+    let h = Harness::start_with(Duration::from_secs(2), false).await;
+    let pm = h.payment_method(cards::HANG).await;
+    let params = intent_params(&pm, "automatic");
+
+    let started = Instant::now();
+    let (first, second) = tokio::join!(
+        h.post(paths::PAYMENT_INTENTS, &params, Some("hang-1")),
+        async {
+            // Let the first arrive and start hanging.
+            while h.stats().executed_on(paths::PAYMENT_INTENTS) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            h.post(paths::PAYMENT_INTENTS, &params, Some("hang-1"))
+                .await
+        }
+    );
+    assert_eq!(second.status, StatusCode::CONFLICT);
+    assert_eq!(second.error()["type"], "idempotency_error");
+    assert!(
+        second.error()["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("another request with the same key is in progress"),
+        "{}",
+        second.body
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body["status"], "succeeded");
+
+    let replay = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("hang-1"))
+        .await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body["id"], first.body["id"]);
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_times_out_finds_the_result_under_its_key_later() {
+    let h = Harness::start_with(Duration::from_secs(2), false).await;
+    let pm = h.payment_method(cards::HANG).await;
+    let params = intent_params(&pm, "manual");
+    let timed_out = h
+        .client
+        .post(h.url(paths::PAYMENT_INTENTS))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "timeout-1")
+        .body(encode(&params))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(timed_out.unwrap_err().is_timeout());
+
+    // The gateway carries on without the client; a retry while it does is a 409.
+    let busy = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("timeout-1"))
+        .await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+
+    // Retry as a reconciler would, until the first attempt has finished.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        let retry = h
+            .post(paths::PAYMENT_INTENTS, &params, Some("timeout-1"))
+            .await;
+        if retry.status != StatusCode::CONFLICT || Instant::now() > deadline {
+            break retry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.body);
+    assert!(retry.replayed());
+    assert_eq!(retry.body["status"], "requires_capture");
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn get_payment_intent_returns_the_stored_intent() {
+    let h = Harness::start().await;
+    let created = h.charge(cards::SUCCESS, "manual").await;
+    let id = created.body["id"].as_str().unwrap();
+    let fetched = h.get(&format!("/v1/payment_intents/{id}")).await;
+    assert_eq!(fetched.status, StatusCode::OK);
+    assert_eq!(fetched.body, created.body);
+    assert_eq!(h.gateway.payment_intent(id).unwrap(), created.body);
+
+    let missing = h.get("/v1/payment_intents/pi_nope").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.error()["type"], "invalid_request_error");
+    assert_eq!(missing.error()["code"], "resource_missing");
+}
+
+#[tokio::test]
+async fn the_redirect_endpoint_answers_302_to_payment_intents() {
+    let h = Harness::start().await;
+    let response = h
+        .client
+        .post(h.url(paths::TEST_REDIRECT))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(
+        response.headers().get("location").unwrap(),
+        paths::PAYMENT_INTENTS
+    );
+}
+
+#[tokio::test]
+async fn the_huge_endpoint_answers_with_ten_mebibytes_of_json() {
+    let h = Harness::start().await;
+    let response = h.client.post(h.url(paths::TEST_HUGE)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.content_length(), Some(HUGE_BODY_BYTES as u64));
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.len(), HUGE_BODY_BYTES);
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["object"], "payment_intent");
+
+    let mut streamed = h
+        .client
+        .post(h.url("/test/huge?chunked=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.content_length(), None, "no length announced");
+    let mut total = 0;
+    while let Some(chunk) = streamed.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    assert_eq!(total, HUGE_BODY_BYTES);
+}
+
+#[tokio::test]
+async fn the_slow_endpoint_answers_after_the_hang_duration() {
+    let h = Harness::start_with(Duration::from_millis(300), false).await;
+    let started = Instant::now();
+    let response = h.client.post(h.url(paths::TEST_SLOW)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn requests_are_logged_with_keys_and_stripe_version_but_no_card_data() {
+    let h = Harness::start().await;
+    h.post(
+        paths::PAYMENT_METHODS,
+        &card_params(cards::SUCCESS),
+        Some("log-1"),
+    )
+    .await;
+    let log = h.gateway.requests();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].method, "POST");
+    assert_eq!(log[0].path, paths::PAYMENT_METHODS);
+    assert_eq!(log[0].idempotency_key.as_deref(), Some("log-1"));
+    assert_eq!(log[0].stripe_version.as_deref(), Some("2024-06-20"));
+    let text = format!("{log:?} {:?} {:?}", h.stats(), h.gateway);
+    assert!(
+        !text.contains(cards::SUCCESS) && !text.contains("123"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_when_a_client_ca_is_given() {
+    let h = Harness::start_with(Duration::from_secs(30), true).await;
+    let refused = h.client.get(h.url("/v1/payment_intents/pi_x")).send().await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got through"
+    );
+
+    let (cert, key) = h.pki.client_cert("vault", None, "vault");
+    let client = client_trusting(&h.pki, Some((&cert, &key)));
+    let response = client
+        .get(h.url("/v1/payment_intents/pi_x"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn plain_http_works_on_loopback() {
+    let gateway = TestGateway::start(TestGatewayOptions {
+        secret_key: KEY.to_owned(),
+        ..TestGatewayOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(gateway.url().starts_with("http://127.0.0.1:"));
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}{}", gateway.url(), paths::PAYMENT_METHODS))
+        .bearer_auth(KEY)
+        .body(encode(&card_params(cards::SUCCESS)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["card"]["last4"], "4242");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_http_is_refused_off_loopback() {
+    let err = TestGateway::start(TestGatewayOptions {
+        addr: "0.0.0.0:0".parse().unwrap(),
+        ..TestGatewayOptions::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, TestGatewayError::PlainHttpNotLoopback { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_answers_hanging_requests_at_once() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::HANG).await;
+    let body = encode(&intent_params(&pm, "automatic"));
+    let started = Instant::now();
+    let Harness {
+        gateway, client, ..
+    } = h;
+    let url = format!("{}{}", gateway.url(), paths::PAYMENT_INTENTS);
+    let pending = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(KEY)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    while gateway.stats().executed_on(paths::PAYMENT_INTENTS) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.shutdown().await;
+    let status = pending.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
