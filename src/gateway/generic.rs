@@ -297,6 +297,17 @@ impl Connector for GenericConnector {
         &self.name
     }
 
+    /// Only when the key reaches the gateway: as `idempotency_header`, or as
+    /// `{{idempotency_key}}` in a header or the body.
+    fn resends_safely(&self) -> bool {
+        self.idempotency_header.is_some()
+            || self
+                .body
+                .fields()
+                .chain(self.templated_headers.iter().flat_map(|(_, t)| t.fields()))
+                .any(|field| field == Field::IdempotencyKey)
+    }
+
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
         observed(&self.name, card, params, self.send_charge(card, params)).await
     }

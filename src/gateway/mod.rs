@@ -233,6 +233,13 @@ pub trait Connector: Send + Sync + fmt::Debug {
     /// [`ChargeParams::idempotency_key`] and parameters never charges twice, as far as the
     /// gateway honours idempotency keys.
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome;
+
+    /// Whether the gateway receives the charge's idempotency key, so that sending a charge
+    /// again (after an unknown outcome) cannot charge twice. The vault re-sends only through
+    /// connectors that say so.
+    fn resends_safely(&self) -> bool {
+        true
+    }
 }
 
 /// Why the gateways could not be set up. Names the gateway and the setting or file, never a

@@ -161,6 +161,22 @@ impl Vault {
     ) -> Result<ChargeRow, VaultError> {
         let lease = time::Duration::try_from(self.options.charge_send_lease)
             .map_err(|e| VaultError::internal("charge send lease out of range", e))?;
+        let connector = self
+            .options
+            .gateways
+            .get(&charge.gateway)
+            .ok_or_else(|| {
+                VaultError::Precondition(format!(
+                    "gateway {:?} is not configured on this replica",
+                    charge.gateway
+                ))
+            })?
+            .clone();
+        if charge.attempts > 0 && !connector.resends_safely() {
+            // Sent once already, to a gateway that cannot tell a re-send from a new charge:
+            // the outcome stays unknown until an operator settles it at the gateway.
+            return Ok(charge.clone());
+        }
         loop {
             let now = OffsetDateTime::now_utc();
             if self
@@ -181,17 +197,6 @@ impl Vault {
                 return Ok(current);
             }
         }
-        let connector = self
-            .options
-            .gateways
-            .get(&charge.gateway)
-            .ok_or_else(|| {
-                VaultError::Precondition(format!(
-                    "gateway {:?} is not configured on this replica",
-                    charge.gateway
-                ))
-            })?
-            .clone();
         let secret = self.open_card(tenant, token, card_row).await?;
         let cvc = self.charge_cvc(tenant, token, &charge.id).await?;
         let card = ChargeCard {

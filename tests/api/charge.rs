@@ -32,6 +32,7 @@ on_both_backends!(
     concurrent_duplicates_make_one_gateway_call,
     a_reused_key_with_other_parameters_is_refused,
     a_timeout_is_unknown_until_reconciled,
+    a_gateway_without_idempotency_keys_is_never_sent_a_charge_twice,
     redirects_and_oversized_answers_are_refused,
     a_cvc_is_held_once_and_never_stored_or_logged,
 );
@@ -68,14 +69,14 @@ fn gateways(dir: &std::path::Path, pki: &Pki, gateway: &TestGateway, timeout_ms:
         pki.ca_file.display(),
         secret.display()
     );
-    let generic = |name: &str, path: &str| {
+    let generic_with = |name: &str, path: &str, idempotency: &str| {
         format!(
             r#"[[gateways]]
 name = "{name}"
 kind = "generic"
 {common}path = "{path}"
 headers = {{ Authorization = "Bearer {{{{secret}}}}" }}
-idempotency_header = "Idempotency-Key"
+{idempotency}
 body_format = "json"
 body = '{{"amount": {{{{amount}}}}, "currency": "{{{{currency}}}}", "card": {{"number": "{{{{card.number}}}}", "exp_month": {{{{card.exp_month}}}}, "exp_year": {{{{card.exp_year}}}}, "cvc": "{{{{card.cvc}}}}"}}}}'
 status_pointer = "/status"
@@ -86,11 +87,16 @@ message_pointer = "/reason"
 "#
         )
     };
+    let generic = |name: &str, path: &str| {
+        generic_with(name, path, "idempotency_header = \"Idempotency-Key\"")
+    };
     format!(
-        "[[gateways]]\nname = \"stripe\"\nkind = \"stripe\"\n{common}\n{}\n{}\n{}",
+        "[[gateways]]\nname = \"stripe\"\nkind = \"stripe\"\n{common}\n{}\n{}\n{}\n{}",
         generic("generic", paths::GENERIC_CHARGES),
         generic("redirect", paths::TEST_REDIRECT),
         generic("huge", paths::TEST_HUGE),
+        // A gateway that never sees the idempotency key: a charge to it is never re-sent.
+        generic_with("blind", paths::GENERIC_CHARGES, ""),
     )
 }
 
@@ -320,6 +326,31 @@ async fn a_timeout_is_unknown_until_reconciled(backend: Backend) {
         .into_inner()
         .charges;
     assert!(left.is_empty(), "{left:?}");
+}
+
+async fn a_gateway_without_idempotency_keys_is_never_sent_a_charge_twice(backend: Backend) {
+    let mut rig = rig_with(backend, Duration::from_millis(1_500), 500).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::HANG, "").await;
+    let answer = charge(client, &token, "blind", "blind-1").await;
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    // Neither a retry nor a reconciliation sends it again: the gateway could not tell a
+    // re-send from a second charge.
+    let again = charge(client, &token, "blind", "blind-1").await;
+    assert_eq!(status(&again), pb::ChargeStatus::Unknown);
+    let reconciled = client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges;
+    assert_eq!(reconciled.len(), 1);
+    assert_eq!(
+        pb::ChargeStatus::try_from(reconciled[0].status),
+        Ok(pb::ChargeStatus::Unknown)
+    );
+    assert_eq!(rig.gateway.stats().executed_on(paths::GENERIC_CHARGES), 1);
 }
 
 async fn redirects_and_oversized_answers_are_refused(backend: Backend) {
