@@ -323,9 +323,6 @@ async fn admin(
     settings: &Settings,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let vault = server::open_vault(settings).await?;
-    // Load (on a new database: create) the audit key before any change begins its
-    // transaction: creating it inside one would wait on that very transaction on SQLite.
-    vault.warm_up(None).await?;
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".to_owned());

@@ -57,7 +57,7 @@ impl Vault {
     /// Creates a tenant and its key material.
     pub async fn create_tenant(&self, op: &Operator, tenant: &TenantId) -> Result<(), VaultError> {
         let row = self.keys.new_tenant_row(tenant).await?;
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let created = tx.insert_tenant(&row).await?;
         let outcome = if created {
             Outcome::Ok
@@ -99,7 +99,7 @@ impl Vault {
             created_at: OffsetDateTime::now_utc(),
             revoked_at: None,
         };
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let mut event = admin_event(op, Action::CreatePrincipal, Outcome::Ok);
         event.tenant = Some(row.tenant_id.clone());
         event.detail = Some(format!(
@@ -131,7 +131,7 @@ impl Vault {
     ) -> Result<Vec<PrincipalRow>, VaultError> {
         let mut event = admin_event(op, Action::ListPrincipals, Outcome::Ok);
         event.tenant = tenant.map(TenantId::to_string);
-        self.commit_with(self.store.begin().await?, &event).await?;
+        self.commit_with(self.begin().await?, &event).await?;
         Ok(self.store.principals(tenant.map(TenantId::as_str)).await?)
     }
 
@@ -142,7 +142,7 @@ impl Vault {
 
     /// Revokes a principal and all its API keys.
     pub async fn revoke_principal(&self, op: &Operator, id: &str) -> Result<(), VaultError> {
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let revoked = tx.revoke_principal(id, OffsetDateTime::now_utc()).await?;
         let outcome = if revoked {
             Outcome::Ok
@@ -183,7 +183,7 @@ impl Vault {
             expires_at: valid_for.map(|d| now + d),
             revoked_at: None,
         };
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let mut event = admin_event(op, Action::CreateApiKey, Outcome::Ok);
         event.detail = Some(format!("API key {} for principal {principal_id}", row.id));
         let result = match &principal {
@@ -206,7 +206,7 @@ impl Vault {
 
     /// Revokes an API key.
     pub async fn revoke_api_key(&self, op: &Operator, key_id: &str) -> Result<(), VaultError> {
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let revoked = tx.revoke_api_key(key_id, OffsetDateTime::now_utc()).await?;
         let outcome = if revoked {
             Outcome::Ok

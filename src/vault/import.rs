@@ -313,7 +313,7 @@ impl Vault {
         // What holds each position's import id, once known (`First` positions only).
         let mut holders: Vec<Option<Holder>> =
             std::iter::repeat_with(|| None).take(slots.len()).collect();
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;

@@ -4,7 +4,7 @@
 //! one `keys:admin` principal requests, a different one approves before the request expires,
 //! and the approval carries the operation out. Every step writes an audit record.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use time::OffsetDateTime;
 
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
-    crypto::{self, CryptoError, DekId, KekVersion},
+    crypto::{self, CryptoError, DekId, KekVersion, KeyProvider},
     store::{DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Shredded},
 };
 
@@ -128,12 +128,7 @@ impl Vault {
     /// — or, if one is running, joins — the job that rewraps every DEK, tenant secret and the
     /// audit key under it.
     pub async fn rotate_kek(&self, op: &Operator) -> Result<(KekVersion, KeyJobRow), VaultError> {
-        let provider = self.keys.provider();
-        // Another replica may have rotated since this one last looked.
-        provider
-            .refresh()
-            .await
-            .map_err(|e| VaultError::internal("failed to refresh the key provider", e))?;
+        let provider = self.refreshed_provider().await?;
         let mut event = admin_event(op, Action::RotateKek, Outcome::Ok);
         let version = match provider.rotate().await {
             Ok(version) => version,
@@ -220,11 +215,7 @@ impl Vault {
         op: &Operator,
         tenant: Option<&TenantId>,
     ) -> Result<KeyStatus, VaultError> {
-        let provider = self.keys.provider();
-        provider
-            .refresh()
-            .await
-            .map_err(|e| VaultError::internal("failed to refresh the key provider", e))?;
+        let provider = self.refreshed_provider().await?;
         let primary = provider.primary_version();
         let mut usage = self.store.kek_usage().await?;
         let mut keks: Vec<KekStatus> = provider
@@ -300,7 +291,7 @@ impl Vault {
             decided_by: None,
             decided_at: None,
         };
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         tx.insert_key_request(&row).await?;
         event.detail = Some(format!("request {}: {operation}", row.id));
         self.commit_with(tx, &event).await?;
@@ -311,11 +302,7 @@ impl Vault {
     async fn check_operation(&self, operation: &KeyOperation) -> Result<(), VaultError> {
         match operation {
             KeyOperation::RetireKek(version) => {
-                let provider = self.keys.provider();
-                provider
-                    .refresh()
-                    .await
-                    .map_err(|e| VaultError::internal("failed to refresh the key provider", e))?;
+                let provider = self.refreshed_provider().await?;
                 if !provider.versions().contains(version) {
                     return Err(VaultError::Missing("KEK version not found"));
                 }
@@ -386,7 +373,7 @@ impl Vault {
         }
         let now = OffsetDateTime::now_utc();
         if now >= request.expires_at {
-            let mut tx = self.store.begin().await?;
+            let mut tx = self.begin().await?;
             tx.decide_key_request(id, "expired", &op.principal, now)
                 .await?;
             tx.commit().await?;
@@ -398,7 +385,7 @@ impl Vault {
         let shredded = match &operation {
             KeyOperation::RetireKek(version) => {
                 self.retire_kek(*version).await?;
-                let mut tx = self.store.begin().await?;
+                let mut tx = self.begin().await?;
                 if !tx
                     .decide_key_request(id, "executed", &op.principal, now)
                     .await?
@@ -418,7 +405,7 @@ impl Vault {
                     .into_iter()
                     .map(|usage| DekId(usage.dek.id))
                     .collect();
-                let mut tx = self.store.begin().await?;
+                let mut tx = self.begin().await?;
                 if !tx
                     .decide_key_request(id, "executed", &op.principal, now)
                     .await?
@@ -474,11 +461,22 @@ impl Vault {
         }
     }
 
+    /// The key provider, after picking up versions another replica may have created or
+    /// retired since this one last looked.
+    async fn refreshed_provider(&self) -> Result<&Arc<dyn KeyProvider>, VaultError> {
+        let provider = self.keys.provider();
+        provider
+            .refresh()
+            .await
+            .map_err(|e| VaultError::internal("failed to refresh the key provider", e))?;
+        Ok(provider)
+    }
+
     /// Records an event whose action already happened; unlike [`Vault::record`], a failure
     /// to record fails the request, so an operator never gets a success that is not in the
     /// audit log.
     async fn record_or_fail(&self, event: &AuditEvent) -> Result<(), VaultError> {
-        let tx = self.store.begin().await?;
+        let tx = self.begin().await?;
         self.commit_with(tx, event).await
     }
 }

@@ -254,6 +254,14 @@ impl Vault {
             .await)
     }
 
+    /// Starts a transaction that will end in [`Vault::commit_with`]. The audit key is loaded
+    /// (on a new database: created, in a transaction of its own) first: creating it inside
+    /// the caller's transaction would wait on that very transaction on SQLite.
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, VaultError> {
+        self.shared_auditor().await?;
+        Ok(self.store.begin().await?)
+    }
+
     /// Appends `event` in `tx` (last, as the audit design requires) and commits.
     async fn commit_with(
         &self,
@@ -379,7 +387,7 @@ impl Vault {
             token_format: format_name(sealer.format),
         };
         let now = sealer.now;
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         // Canonical rows are exactly the `reuse_existing` ones.
         if sealer.canonical
             && let Some(row) = tx.reusable_card(reuse_key, now).await?
@@ -509,7 +517,7 @@ impl Vault {
         expect_action(auth, Action::DeleteCard)?;
         let now = OffsetDateTime::now_utc();
         let tenant = auth.caller().tenant().as_str();
-        let mut tx = self.store.begin().await?;
+        let mut tx = self.begin().await?;
         let Some(row) = tx.card(tenant, token.as_str(), now).await? else {
             drop(tx);
             return Err(self.not_found(auth, token).await);
