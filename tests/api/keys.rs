@@ -686,8 +686,12 @@ async fn only_one_of_two_replicas_runs_a_job(backend: Backend, provider: Provide
         ("KEYS_JOB_BATCH", "5"),
         ("KEYS_JOB_POLL_MS", "100"),
     ];
-    let (one, two) = (rig.start(&settings), rig.start(&settings));
+    // One after the other: SoftHSM2's file-backed token store is not safe for two processes
+    // opening it at the same instant (CI once saw C_GetTokenInfo fail with GeneralError); a
+    // network HSM is, and the replicas' lease logic is what this test is about.
+    let one = rig.start(&settings);
     let mut keys = one.keys().await;
+    let two = rig.start(&settings);
     let _ = two.channel().await;
     let mut cards = one.cards().await;
     let stored = tokenize_many(&mut cards, 10).await;
