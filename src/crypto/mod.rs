@@ -33,7 +33,9 @@
 //!   HKDF-SHA256 and never stored.
 //!
 //! * The **audit key** ([`AuditKey`]) MACs the audit chains; it is stored wrapped by a KEK
-//!   with [`audit_key_wrap_aad`] binding the number of chains.
+//!   with [`audit_key_wrap_aad`] binding the number of chains. The **anchor key**
+//!   ([`AnchorKey`], HKDF-SHA256 of the audit key) MACs the chain-head anchors exported out of
+//!   the database.
 //! * **API keys** ([`ApiKey`]) are bearer credentials stored only as SHA-256 hashes.
 //!
 //! # Hygiene
@@ -50,7 +52,7 @@ mod api_key;
 mod audit_key;
 mod error;
 mod fingerprint;
-mod hex;
+pub(crate) mod hex;
 mod keys;
 mod local;
 mod pkcs11;
@@ -60,7 +62,7 @@ mod secret;
 
 pub use self::aead::{RECORD_FORMAT_V1, open_record, record_dek_id, seal_record};
 pub use self::api_key::{ApiKey, random_base62};
-pub use self::audit_key::{AUDIT_MAC_LEN, AuditKey, audit_key_wrap_aad};
+pub use self::audit_key::{AUDIT_MAC_LEN, AnchorKey, AuditKey, audit_key_wrap_aad};
 pub use self::error::CryptoError;
 pub use self::fingerprint::{Fingerprint, FingerprintKey, TenantSecret};
 pub use self::keys::{DataKey, DekCache, DekId, dek_wrap_aad, tenant_secret_wrap_aad};
