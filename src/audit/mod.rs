@@ -16,9 +16,15 @@
 //! the tail and winding the head back needs the key too. The audit key is wrapped by the KEK
 //! and the wrapping binds the number of chains. [`verify`] checks all of it.
 //!
+//! A database writer who saved an older copy of the head rows and the records up to them can
+//! still restore it: an older history verifies as well as the current one. [`anchor`]s,
+//! MAC'd statements of every chain's head exported out of the database, catch that:
+//! [`verify_anchored`] checks the chains against them.
+//!
 //! Appends always come last in a transaction, so a transaction holding a head lock waits for
 //! nothing but its commit, and no two transactions can wait on each other in a cycle.
 
+mod anchor;
 mod chain;
 mod verify;
 
@@ -26,11 +32,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use time::OffsetDateTime;
 
-pub use self::verify::{Break, Report, verify};
+pub use self::anchor::{
+    ANCHOR_FORMAT_V1, ANCHOR_KIND, Anchor, AnchorRef, AnchorSink, AnchoredHead, Anchors,
+    BadAnchorLine,
+};
+pub use self::verify::{AnchorBreak, Break, Report, verify, verify_anchored};
 /// A stored audit record, as read back.
 pub use crate::store::AuditRow as AuditRecord;
 use crate::{
-    crypto::{AuditKey, CryptoError, KekVersion, KeyProvider, WrappedKey, audit_key_wrap_aad},
+    crypto::{
+        AnchorKey, AuditKey, CryptoError, KekVersion, KeyProvider, WrappedKey, audit_key_wrap_aad,
+    },
     store::{AuditHeadRow, AuditKeyRow, AuditRow, Store, StoreError, StoreTx},
 };
 
@@ -219,11 +231,24 @@ pub enum AuditError {
     /// `audit verify` on a database where no audit key was ever created.
     #[error("this database has no audit key yet: no record was ever written")]
     NoAuditKey,
+    /// An anchor line is not one the vault writes (the reason never holds more than the
+    /// line's structure: anchors carry no secrets anyway).
+    #[error("{0}")]
+    BadAnchor(String),
+    /// An anchor file could not be read or written.
+    #[error("anchor file {}: {source}", path.display())]
+    AnchorFile {
+        /// The file (`-` for standard output).
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Appends audit records; holds the unwrapped audit key.
 pub struct Auditor {
     key: AuditKey,
+    anchor_key: AnchorKey,
     shards: u32,
     next: AtomicU32,
 }
@@ -295,6 +320,7 @@ impl Auditor {
         let mut start = [0u8; 4];
         let _ = crate::crypto::fill_random(&mut start);
         Auditor {
+            anchor_key: key.anchor_key(),
             key,
             shards,
             next: AtomicU32::new(u32::from_be_bytes(start)),
@@ -378,5 +404,9 @@ impl Auditor {
 
     pub(crate) fn key(&self) -> &AuditKey {
         &self.key
+    }
+
+    fn anchor_key(&self) -> &AnchorKey {
+        &self.anchor_key
     }
 }
