@@ -49,6 +49,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Audit log anchors.
+    pub audit: AuditSettings,
     /// Set by `serve --dev` only (never from the file): development mode.
     #[serde(skip)]
     pub dev: bool,
@@ -275,6 +277,20 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// `[audit]`: anchors, MAC'd statements of every audit chain's head, appended out of the
+/// database so that restoring an older copy of the audit log shows (`audit verify --anchor`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Where the vault appends an anchor every `anchor_interval_secs` (and at start and
+    /// stop): a file of JSON lines (created mode 0600, each line fsynced), or `-` for standard
+    /// output among the log lines, for a log shipper into WORM storage. Unset: no anchors.
+    pub anchor_file: Option<PathBuf>,
+    /// Seconds between anchors; a rollback is seen if an anchor was made after the records
+    /// it removes.
+    pub anchor_interval_secs: u64,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -299,6 +315,7 @@ struct Defaults {
     auth: AuthSettings,
     limits: LimitSettings,
     log: LogSettings,
+    audit: AuditSettings,
 }
 
 #[derive(Serialize)]
@@ -381,6 +398,10 @@ fn defaults() -> Defaults {
         log: LogSettings {
             format: LogFormat::Json,
             level: "info".to_owned(),
+        },
+        audit: AuditSettings {
+            anchor_file: None,
+            anchor_interval_secs: 300,
         },
     }
 }
@@ -563,6 +584,7 @@ impl Settings {
                     .to_owned(),
             ));
         }
+        self.audit.check()?;
         self.keys.check()
     }
 
@@ -588,6 +610,26 @@ impl Settings {
     /// Per-request deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.grpc.request_timeout_ms)
+    }
+}
+
+impl AuditSettings {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.anchor_interval_secs == 0 {
+            return Err(ConfigError::Rejected(
+                "audit.anchor_interval_secs must be positive".to_owned(),
+            ));
+        }
+        if self
+            .anchor_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(ConfigError::Rejected(
+                "audit.anchor_file must be a path, or - for standard output".to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -868,6 +910,33 @@ mod tests {
             jail.set_env("CARDVAULT_KEYS_PKCS11_MODULE", "/x.so");
             let err = Settings::load(None).expect_err("provider is local");
             assert!(err.to_string().contains("keys.provider"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn audit_anchors_are_off_by_default_and_set_from_the_environment() {
+        Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.audit.anchor_file, None);
+            assert_eq!(s.audit.anchor_interval_secs, 300);
+            jail.set_env(
+                "CARDVAULT_AUDIT_ANCHOR_FILE",
+                "/var/log/cardvault/anchors.jsonl",
+            );
+            jail.set_env("CARDVAULT_AUDIT_ANCHOR_INTERVAL_SECS", "60");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.audit.anchor_file,
+                Some(PathBuf::from("/var/log/cardvault/anchors.jsonl"))
+            );
+            assert_eq!(s.audit.anchor_interval_secs, 60);
+            jail.set_env("CARDVAULT_AUDIT_ANCHOR_INTERVAL_SECS", "0");
+            let err = Settings::load(None).expect_err("zero interval");
+            assert!(
+                err.to_string().contains("audit.anchor_interval_secs"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -19,6 +19,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
+    audit::AnchorSink,
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
     crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
     gateway::Gateways,
@@ -409,6 +410,14 @@ impl Application {
                 stop_rx.clone(),
             )),
         ];
+        if let Some(path) = &settings.audit.anchor_file {
+            tasks.push(tokio::spawn(audit_anchors(
+                vault.clone(),
+                AnchorSink::from_path(path),
+                Duration::from_secs(settings.audit.anchor_interval_secs),
+                stop_rx.clone(),
+            )));
+        }
         if let Some((grpc_tls, admin_tls)) = &tls {
             let interval = Duration::from_secs(settings.tls.reload_interval_secs);
             tasks.push(tokio::spawn(
@@ -499,6 +508,54 @@ async fn readiness(
         };
         health.set_service_status("", status).await;
         health.set_service_status(SERVICE_NAME, status).await;
+    }
+}
+
+/// Appends an anchor of the audit chains' heads to `sink` at start, every `interval`, and
+/// once more at stop (after the last request drained, so it covers every record this replica
+/// wrote). Anchoring reads the head rows without locking them, in a task of its own, so it
+/// never holds up a request; a failure is logged, counted, and retried at the next tick.
+async fn audit_anchors(
+    vault: Arc<Vault>,
+    sink: AnchorSink,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => *stop.borrow(),
+            _ = stop.changed() => true,
+        };
+        write_anchor(&vault, &sink).await;
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn write_anchor(vault: &Vault, sink: &AnchorSink) {
+    let written = match vault.auditor().await {
+        Ok(auditor) => match auditor.anchor(vault.store().as_ref()).await {
+            Ok(anchor) => sink.append(&anchor).await.map(|()| anchor),
+            Err(err) => Err(err),
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot anchor the audit log yet; will retry");
+            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "failed").increment(1);
+            return;
+        }
+    };
+    match written {
+        Ok(anchor) => {
+            tracing::debug!(seq = anchor.seq, "audit anchor written");
+            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "written").increment(1);
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "writing an audit anchor failed; will retry");
+            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "failed").increment(1);
+        }
     }
 }
 
