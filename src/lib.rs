@@ -18,7 +18,8 @@
 //!   configured payment gateway over HTTPS, with per-gateway TLS, timeouts, no redirects and
 //!   a response cap. Never logs or returns a PAN.
 //! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
-//!   TLS listeners, start-up and drain.
+//!   TLS listeners, start-up and drain. [`secret_file`] reads key, PIN and secret files and
+//!   refuses those group or others may read.
 //! - [`client`] — `cardvault keys …`, the operators' client of the `KeyAdmin` service, and
 //!   the connection flags (target, TLS, API key) it shares with `bench`.
 //! - [`loadgen`] — `cardvault bench`, a load generator: a gRPC client of the vault, beside
@@ -39,6 +40,7 @@ pub mod crypto;
 pub mod gateway;
 pub mod loadgen;
 pub mod pb;
+pub mod secret_file;
 pub mod server;
 pub mod store;
 pub mod telemetry;

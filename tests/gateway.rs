@@ -70,7 +70,7 @@ impl Harness {
         .await
         .expect("start the test gateway");
         let secret_file = dir.path().join("stripe-secret");
-        std::fs::write(&secret_file, format!("{}\n", gateway.secret_key())).expect("secret");
+        write_secret(&secret_file, format!("{}\n", gateway.secret_key()));
         Harness {
             dir,
             pki,
@@ -367,7 +367,7 @@ async fn a_timeout_is_unknown_and_a_resend_with_the_same_key_settles_it() {
 async fn a_wrong_secret_key_fails_without_echoing_the_key() {
     let h = Harness::start().await;
     let wrong = h.dir.path().join("wrong-secret");
-    std::fs::write(&wrong, "sk_test_wrong_key_0123456789").unwrap();
+    write_secret(&wrong, "sk_test_wrong_key_0123456789");
     let stripe = connector(GatewaySettings {
         secret_file: Some(wrong),
         ..h.stripe()
@@ -392,7 +392,7 @@ async fn an_unreachable_gateway_fails_because_nothing_was_sent() {
     };
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "sk_test_x").unwrap();
+    write_secret(&secret, "sk_test_x");
     let stripe = connector(GatewaySettings {
         secret_file: Some(secret),
         ..GatewaySettings::new("stripe", GatewayKind::Stripe, &format!("https://{closed}"))
@@ -448,7 +448,7 @@ async fn plain_http_works_only_for_a_loopback_test_gateway() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, gateway.secret_key()).unwrap();
+    write_secret(&secret, gateway.secret_key());
     let settings = GatewaySettings {
         secret_file: Some(secret),
         ..GatewaySettings::new("stripe", GatewayKind::Stripe, &gateway.url())
@@ -645,7 +645,7 @@ async fn generic_renders_the_json_template_with_escaping_headers_and_idempotency
     let pki = pki::Pki::new(dir.path());
     let (url, received) = json_gateway(&pki).await;
     let secret = dir.path().join("acme-secret");
-    std::fs::write(&secret, "acme_live_key\n").unwrap();
+    write_secret(&secret, "acme_live_key\n");
     let settings: GatewaySettings =
         toml::from_str(&generic_json_settings(&url, &pki, &secret)).expect("parse TOML");
     let acme = connector(settings);
@@ -698,7 +698,7 @@ async fn generic_maps_declines_and_unmapped_states_by_json_pointer() {
     let pki = pki::Pki::new(dir.path());
     let (url, _received) = json_gateway(&pki).await;
     let secret = dir.path().join("acme-secret");
-    std::fs::write(&secret, "acme_live_key").unwrap();
+    write_secret(&secret, "acme_live_key");
     let acme = connector(toml::from_str(&generic_json_settings(&url, &pki, &secret)).unwrap());
 
     let declined = charge(acme.as_ref(), cards::DECLINED, "order-g2").await;
@@ -860,4 +860,17 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             assert!(!text.contains(secret), "{secret} leaked");
         }
     }
+}
+
+/// Writes a secret file as the vault demands: mode 0600.
+fn write_secret(path: &std::path::Path, contents: impl AsRef<[u8]>) {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents.as_ref()))
+        .expect("write secret file");
 }

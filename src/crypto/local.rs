@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
@@ -113,8 +113,7 @@ impl LocalKeyring {
                 path.display()
             )));
         }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = crate::secret_file::exposed_mode(&meta) {
             return Err(CryptoError::KeyringPermissions {
                 path: path.to_path_buf(),
                 mode,

@@ -18,8 +18,6 @@
 //! the caller and are meant for start-up and the CLI.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Read;
 use std::os::raw::c_ulong;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
@@ -947,22 +945,8 @@ fn list(versions: &[KekVersion]) -> String {
 }
 
 fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, CryptoError> {
-    let file = File::open(path)
-        .map_err(|e| CryptoError::io(format!("cannot open PIN file {}", path.display()), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| CryptoError::io(format!("cannot inspect PIN file {}", path.display()), e))?;
-    if !meta.is_file() || meta.len() > MAX_PIN_FILE_BYTES {
-        return Err(CryptoError::Hsm(format!(
-            "PIN file {} is not a regular file of at most {MAX_PIN_FILE_BYTES} bytes",
-            path.display()
-        )));
-    }
-    // Sized up front so reading never reallocates and leaves copies of the PIN behind.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE_BYTES as usize + 1));
-    file.take(MAX_PIN_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| CryptoError::io(format!("cannot read PIN file {}", path.display()), e))?;
+    let bytes = crate::secret_file::read(path, MAX_PIN_FILE_BYTES)
+        .map_err(|e| CryptoError::Hsm(format!("PIN file: {e}")))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| CryptoError::Hsm(format!("PIN file {} is not valid UTF-8", path.display())))?;
     let line = text

@@ -287,9 +287,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// Largest client key file read: an RSA-8192 PEM is under 7 KB.
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem =
-        Zeroizing::new(fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?);
+    let pem = crate::secret_file::read(path, MAX_KEY_FILE_BYTES)
+        .map_err(|e| format!("client key: {e}"))?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
         format!(
             "no private key (PKCS#8, SEC1 or PKCS#1 PEM) in {}",

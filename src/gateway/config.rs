@@ -526,25 +526,16 @@ impl SecretSource {
 }
 
 fn read_secret_file(gateway: &str, path: &Path) -> Result<secrecy::SecretString, GatewayError> {
-    use std::io::Read as _;
     let invalid = |reason: String| GatewayError::Secret {
         gateway: gateway.to_owned(),
         reason: format!("secret file {}: {reason}", path.display()),
     };
-    let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| invalid(format!("cannot inspect: {e}")))?;
-    if !meta.is_file() || meta.len() > MAX_SECRET_FILE_BYTES {
-        return Err(invalid(format!(
-            "not a regular file of at most {MAX_SECRET_FILE_BYTES} bytes"
-        )));
-    }
-    // Sized up front so reading never reallocates and leaves copies of the secret behind.
-    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(MAX_SECRET_FILE_BYTES as usize + 1));
-    file.take(MAX_SECRET_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| invalid(format!("cannot read: {e}")))?;
+    let bytes = crate::secret_file::read(path, MAX_SECRET_FILE_BYTES).map_err(|e| {
+        GatewayError::Secret {
+            gateway: gateway.to_owned(),
+            reason: format!("secret file: {e}"),
+        }
+    })?;
     let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not valid UTF-8".to_owned()))?;
     let line = text
         .strip_suffix('\n')
@@ -805,6 +796,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
         std::fs::write(&path, "sk_test_abc\r\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let secret = SecretSource::File(path.clone()).read("g").unwrap();
         assert_eq!(secret.expose_secret(), "sk_test_abc");
 
@@ -817,7 +810,14 @@ mod tests {
         );
 
         std::fs::write(&path, "\n").unwrap();
-        assert!(SecretSource::File(path).read("g").is_err());
+        assert!(SecretSource::File(path.clone()).read("g").is_err());
+
+        // The attack: a secret any local user may read is refused, naming the fix.
+        std::fs::write(&path, "sk_test_abc\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let err = SecretSource::File(path.clone()).read("g").unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
         let missing = SecretSource::File(dir.path().join("absent")).read("g");
         assert!(missing.unwrap_err().to_string().contains("absent"));
     }

@@ -63,6 +63,8 @@ async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
 fn gateways(dir: &std::path::Path, pki: &Pki, gateway: &TestGateway, timeout_ms: u64) -> String {
     let secret = dir.join("gateway.key");
     std::fs::write(&secret, format!("{}\n", gateway.secret_key())).expect("secret file");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("secret file mode");
     let common = format!(
         "base_url = \"{}\"\nca_file = \"{}\"\nsecret_file = \"{}\"\ntimeout_ms = {timeout_ms}\n",
         gateway.url(),

@@ -176,9 +176,19 @@ fn issue_client(
 }
 
 /// Writes through a temporary file and a rename, so readers see the old or the new file.
+/// Mode 0600, as the vault demands of key files (certificates do not need it, but one mode for
+/// every file keeps this simple).
 fn write_atomically(path: &Path, contents: &str) {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(contents.as_bytes()))
+        .unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
 }
 
