@@ -32,7 +32,6 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
-use zeroize::Zeroizing;
 
 /// ALPN name of HTTP/2, which gRPC requires.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -50,6 +49,9 @@ const ACCEPTED_QUEUE: usize = 64;
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so the loop does not spin; the same pause as axum and hyper.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Largest private key file read: an RSA-8192 PEM is under 7 KB.
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// Where the PEM files of a TLS listener are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +164,9 @@ pub enum TlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    /// The private key file is unreadable, or group or others may read it.
+    #[error("TLS private key: {0}")]
+    KeyFile(#[source] crate::secret_file::SecretFileError),
     /// rustls refused the protocol versions (only with a broken crypto provider).
     #[error("TLS configuration rejected")]
     Config(#[source] rustls::Error),
@@ -226,7 +231,8 @@ fn load(files: &TlsFiles, client_auth: ClientAuth, alpn: Vec<Vec<u8>>) -> Result
 /// The chain and key of `files`, checked to belong together.
 fn certified_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let chain = read_certs(&files.cert_file)?;
-    let key_pem = Zeroizing::new(read_file(&files.key_file)?);
+    let key_pem =
+        crate::secret_file::read(&files.key_file, MAX_KEY_FILE_BYTES).map_err(TlsError::KeyFile)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| match err {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
             path: files.key_file.clone(),
@@ -659,6 +665,11 @@ fn is_connection_error(err: &io::Error) -> bool {
 /// DER does not parse, or its SAN extension is malformed (better no identity than one read
 /// past a confusing extension).
 ///
+/// A SPIFFE ID comes only from a URI SAN, which is what SPIFFE's X.509-SVID defines and what
+/// a SPIFFE-aware CA controls. A Common Name that looks like one (`spiffe://…`) is no
+/// identity at all: a CA that lets requesters pick their subject (cert-manager's default
+/// issuers do) would otherwise hand out every workload's SPIFFE principal.
+///
 /// Call it only on certificates the TLS layer verified (`Request::peer_certs()[0]`); it
 /// checks no signature.
 pub fn peer_identity(cert_der: &[u8]) -> Option<String> {
@@ -682,8 +693,14 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<String> {
         }
     }
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    (!cn.is_empty()).then(|| cn.to_owned())
+    let looks_spiffe = cn
+        .get(..SPIFFE_SCHEME.len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(SPIFFE_SCHEME));
+    (!cn.is_empty() && !looks_spiffe).then(|| cn.to_owned())
 }
+
+/// The scheme of a SPIFFE ID.
+const SPIFFE_SCHEME: &str = "spiffe://";
 
 #[cfg(test)]
 #[path = "../tests/support/pki.rs"]
@@ -1022,6 +1039,36 @@ mod tests {
         assert!(acceptor.reload().is_err());
     }
 
+    #[test]
+    fn start_up_and_reload_refuse_a_key_group_or_others_may_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let acceptor = acceptor(&pki, ClientAuth::Optional);
+        let before = acceptor.current();
+
+        // The attack surface: a rotated key dropped in world-readable.
+        pki.reissue_server_cert();
+        fs::set_permissions(&pki.server_key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = acceptor
+            .reload()
+            .expect_err("a world-readable key must not load");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("chmod 600 {}", pki.server_key.display())),
+            "{message}"
+        );
+        assert!(
+            Arc::ptr_eq(&acceptor.current(), &before),
+            "the old key stays"
+        );
+        let err = server_config(&files(&pki, None), ClientAuth::None, &[ALPN_H2]).unwrap_err();
+        assert!(matches!(err, TlsError::KeyFile(_)), "{err:?}");
+
+        fs::set_permissions(&pki.server_key, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(acceptor.reload().expect("a private key loads"));
+    }
+
     #[tokio::test]
     async fn watch_picks_up_a_new_certificate_and_stops_when_told() {
         let dir = tempfile::tempdir().unwrap();
@@ -1157,6 +1204,30 @@ mod tests {
         );
         let (bare, _) = pki.client_cert("bare", Some("https://shop.test/x"), "");
         assert_eq!(peer_identity(&Pki::cert_der(&bare)), None);
+    }
+
+    #[test]
+    fn a_common_name_that_looks_like_a_spiffe_id_is_no_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        // The attack: a certificate without a URI SAN, its CN set to a workload's SPIFFE ID.
+        for cn in [
+            "spiffe://shop.test/ns/pay/sa/checkout",
+            "SPIFFE://shop.test/ns/pay/sa/checkout",
+        ] {
+            let (cert, _) = pki.client_cert("forged", None, cn);
+            assert_eq!(peer_identity(&Pki::cert_der(&cert)), None, "{cn}");
+        }
+        // With a real URI SAN the SAN is the identity, whatever the CN says.
+        let (cert, _) = pki.client_cert(
+            "svc",
+            Some("spiffe://shop.test/ns/pay/sa/checkout"),
+            "spiffe://shop.test/ns/pay/sa/admin",
+        );
+        assert_eq!(
+            peer_identity(&Pki::cert_der(&cert)).as_deref(),
+            Some("spiffe://shop.test/ns/pay/sa/checkout")
+        );
     }
 
     #[test]
