@@ -104,6 +104,7 @@ async fn authorized(vault: &Vault, i: usize, action: Action) -> cardvault::vault
                 bearer: None,
                 mtls_identity: Some(&identity),
                 peer: None,
+                forwarded_for: None,
             },
             None,
         )

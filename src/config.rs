@@ -68,6 +68,10 @@ pub struct GrpcSettings {
     pub request_timeout_ms: u64,
     /// Concurrent requests per connection before callers queue.
     pub concurrency_per_connection: usize,
+    /// Serve gRPC server reflection (the schema, for grpcurl and similar tools). Unset means
+    /// on with `serve --dev` only: in production it maps the attack surface for anyone who
+    /// can connect.
+    pub reflection: Option<bool>,
 }
 
 /// `[admin]`
@@ -228,8 +232,9 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    /// Tenant of callers that present no credentials, holding every permission. Allowed only
-    /// when the gRPC listener is on a loopback address; `serve --dev` sets it to `dev`.
+    /// Tenant of callers that present no credentials from a loopback address, holding every
+    /// permission but `keys:admin`. Set by `serve --dev` only (to `dev`): configuring it
+    /// anywhere else is an error.
     pub unauthenticated_tenant: Option<String>,
     /// Milliseconds a verified API key is trusted before its row is read again; bounds how
     /// long a revocation made through another replica (or the CLI) takes to apply here.
@@ -237,6 +242,12 @@ pub struct AuthSettings {
     /// Principals declared in configuration (GitOps), authenticating by mTLS identity.
     #[serde(default)]
     pub principals: Vec<PrincipalSettings>,
+    /// Networks of proxies in front of the vault (CIDRs, e.g. `["10.0.0.0/8"]`). A request
+    /// from one of them is counted against the client its `x-forwarded-for` names (the
+    /// rightmost hop outside these networks); from anyone else the header is ignored. Empty:
+    /// the TCP peer is always the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[[auth.principals]]`
@@ -265,6 +276,9 @@ pub struct LimitSettings {
     pub failed_auth_per_minute: u32,
     /// Failed authentications allowed back to back before refusals start.
     pub failed_auth_burst: u32,
+    /// Seconds over which refusals of one source (an address, an API key, a principal) are
+    /// recorded as one audit record at once plus one with the count of the rest.
+    pub refusal_window_secs: u64,
 }
 
 /// `[log]`
@@ -339,6 +353,7 @@ fn defaults() -> Defaults {
             max_message_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
             concurrency_per_connection: 256,
+            reflection: None,
         },
         admin: AdminSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
@@ -394,6 +409,7 @@ fn defaults() -> Defaults {
             reveal_burst: 60,
             failed_auth_per_minute: 10,
             failed_auth_burst: 10,
+            refusal_window_secs: 60,
         },
         log: LogSettings {
             format: LogFormat::Json,
@@ -472,13 +488,7 @@ impl Settings {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        if self.auth.unauthenticated_tenant.is_some() && !self.grpc.addr.ip().is_loopback() {
-            return Err(ConfigError::Rejected(format!(
-                "auth.unauthenticated_tenant lets callers in without credentials and is only \
-                 allowed on a loopback grpc.addr, not {}",
-                self.grpc.addr
-            )));
-        }
+        self.check_unauthenticated_tenant()?;
         if self.tokens.sweep_batch == 0 || self.tokens.sweep_interval_secs == 0 {
             return Err(ConfigError::Rejected(
                 "tokens.sweep_batch and tokens.sweep_interval_secs must be positive".to_owned(),
@@ -492,6 +502,7 @@ impl Settings {
             l.failed_auth_burst,
         ]
         .contains(&0)
+            || l.refusal_window_secs == 0
         {
             return Err(ConfigError::Rejected(
                 "every [limits] value must be positive".to_owned(),
@@ -537,6 +548,10 @@ impl Settings {
             return Err(ConfigError::Rejected(format!(
                 "charges.send_lease_secs must exceed the longest gateway timeout_ms ({longest})"
             )));
+        }
+        for proxy in &self.auth.trusted_proxies {
+            crate::vault::Cidr::parse(proxy)
+                .map_err(|e| ConfigError::Rejected(format!("auth.trusted_proxies: {e}")))?;
         }
         if !self.auth.principals.is_empty() && self.tls.client_ca_file.is_none() {
             return Err(ConfigError::Rejected(
@@ -588,6 +603,30 @@ impl Settings {
         self.keys.check()
     }
 
+    /// `auth.unauthenticated_tenant` lets callers in without credentials: only `serve --dev`
+    /// may set it, and only on a loopback listener. A file or variable setting it is refused
+    /// (loading never sets `dev`), so no production configuration can carry it by mistake.
+    pub fn check_unauthenticated_tenant(&self) -> Result<(), ConfigError> {
+        if self.auth.unauthenticated_tenant.is_none() {
+            return Ok(());
+        }
+        if !self.dev {
+            return Err(ConfigError::Rejected(
+                "auth.unauthenticated_tenant lets callers in without credentials and is set by \
+                 `serve --dev` only; remove it from the configuration"
+                    .to_owned(),
+            ));
+        }
+        if !self.grpc.addr.ip().is_loopback() {
+            return Err(ConfigError::Rejected(format!(
+                "auth.unauthenticated_tenant lets callers in without credentials and is only \
+                 allowed on a loopback grpc.addr, not {}",
+                self.grpc.addr
+            )));
+        }
+        Ok(())
+    }
+
     /// The database URL, defaulting to the embedded SQLite file in `data.dir`.
     pub fn database_url(&self) -> SecretString {
         match &self.database.url {
@@ -610,6 +649,11 @@ impl Settings {
     /// Per-request deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.grpc.request_timeout_ms)
+    }
+
+    /// Whether the gRPC listener serves reflection: as set, else only in `--dev`.
+    pub fn reflection(&self) -> bool {
+        self.grpc.reflection.unwrap_or(self.dev)
     }
 }
 
@@ -826,12 +870,72 @@ mod tests {
     }
 
     #[test]
-    fn unauthenticated_tenant_on_a_public_address_is_refused() {
+    fn unauthenticated_tenant_outside_dev_is_refused_by_name() {
         Jail::expect_with(|jail| {
-            let toml =
-                "[grpc]\naddr = \"0.0.0.0:50051\"\n[auth]\nunauthenticated_tenant = \"dev\"\n";
+            // The attack: a production config (loopback listener behind a sidecar) that
+            // lets every caller in.
+            let toml = "[auth]\nunauthenticated_tenant = \"shop\"\n";
             let err = load_in(jail, toml).expect_err("refused");
-            assert!(err.to_string().contains("loopback"), "{err}");
+            assert!(
+                err.to_string().contains("auth.unauthenticated_tenant"),
+                "{err}"
+            );
+            assert!(err.to_string().contains("--dev"), "{err}");
+            jail.set_env("CARDVAULT_AUTH_UNAUTHENTICATED_TENANT", "shop");
+            let err = Settings::load(None).expect_err("refused from the environment too");
+            assert!(
+                err.to_string().contains("auth.unauthenticated_tenant"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dev_mode_sets_the_unauthenticated_tenant_and_reflection() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert!(!s.reflection(), "reflection is off by default");
+            let dev = s.into_dev().map_err(|e| e.to_string())?;
+            assert_eq!(dev.auth.unauthenticated_tenant.as_deref(), Some("dev"));
+            assert!(dev.reflection());
+            dev.check_unauthenticated_tenant()
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks() {
+        Jail::expect_with(|jail| {
+            let s = load_in(
+                jail,
+                "[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7\"]\n",
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(s.auth.trusted_proxies.len(), 3);
+            let err = load_in(jail, "[auth]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")
+                .expect_err("bad prefix");
+            assert!(err.to_string().contains("auth.trusted_proxies"), "{err}");
+            jail.set_env("CARDVAULT_AUTH_TRUSTED_PROXIES", "[\"172.16.0.0/12\"]");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.auth.trusted_proxies, ["172.16.0.0/12"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn reflection_is_a_setting() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CARDVAULT_GRPC_REFLECTION", "true");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert!(s.reflection());
+            let s = load_in(jail, "[grpc]\nreflection = false\n").map_err(|e| e.to_string())?;
+            assert!(s.reflection(), "the environment wins over the file");
+            jail.clear_env();
+            let s = load_in(jail, "[grpc]\nreflection = false\n").map_err(|e| e.to_string())?;
+            let dev = s.into_dev().map_err(|e| e.to_string())?;
+            assert!(!dev.reflection(), "an explicit false holds under --dev too");
             Ok(())
         });
     }
@@ -850,6 +954,8 @@ mod tests {
     fn pkcs11_settings_come_from_the_environment_and_read_the_pin() {
         Jail::expect_with(|jail| {
             jail.create_file("pin", "1234\n")?;
+            std::fs::set_permissions("pin", std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
             jail.set_env("CARDVAULT_KEYS_PROVIDER", "pkcs11");
             jail.set_env(
                 "CARDVAULT_KEYS_PKCS11_MODULE",

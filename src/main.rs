@@ -30,7 +30,8 @@ enum Command {
     /// Runs the vault.
     Serve {
         /// Development mode: no TLS, loopback only, embedded SQLite and a generated keyring
-        /// in --data-dir, every caller is tenant `dev` with every permission.
+        /// in --data-dir, every loopback caller without credentials is tenant `dev` with every
+        /// permission but keys:admin, gRPC reflection on.
         #[arg(long)]
         dev: bool,
         /// Directory for the embedded database and the dev keyring (data.dir).

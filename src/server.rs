@@ -33,8 +33,8 @@ use crate::{
     store::{self, Store, StoreOptions, StoreTls},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
     vault::{
-        BatchOptions, ConfigPrincipal, DekPolicy, KeyJobOptions, Permissions, Principal, Rate,
-        TenantId, Vault, VaultOptions, key_jobs, sweeper,
+        BatchOptions, Cidr, ConfigPrincipal, DekPolicy, KeyJobOptions, Permissions, Principal,
+        Rate, TenantId, Vault, VaultOptions, key_jobs, refusals, sweeper,
     },
 };
 
@@ -174,10 +174,13 @@ pub async fn build(settings: Settings) -> Result<Application, StartupError> {
     // One TLS crypto provider for the whole process (sqlx's PostgreSQL TLS, tonic).
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    // Settings built by hand skip loading's checks; this one must hold whatever built them.
+    settings.check_unauthenticated_tenant()?;
     if settings.dev {
         tracing::warn!(
-            "DEVELOPMENT MODE: no TLS, no authentication (every caller is tenant `dev` with \
-             every permission), loopback only. Never use --dev for real card data."
+            "DEVELOPMENT MODE: no TLS, no authentication (every loopback caller without \
+             credentials is tenant `dev` with every permission but keys:admin), loopback only. \
+             Never use --dev for real card data."
         );
     }
     if settings.database.url.is_none() {
@@ -280,11 +283,20 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
             mtls_identity: p.mtls_identity.clone(),
         });
     }
+    let trusted_proxies = settings
+        .auth
+        .trusted_proxies
+        .iter()
+        .map(|proxy| Cidr::parse(proxy))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartupError::Invalid(format!("auth.trusted_proxies: {e}")))?;
     let limits = &settings.limits;
     let keys = &settings.keys;
     Ok(VaultOptions {
         dek_cache_size: settings.keys.dek_cache_size,
         unauthenticated_tenant,
+        trusted_proxies,
+        refusal_window: Duration::from_secs(limits.refusal_window_secs),
         config_principals,
         reveal_rate: Rate {
             per_minute: limits.reveal_per_minute,
@@ -386,8 +398,14 @@ impl Application {
                 // google.rpc error details, so clients can decode BadRequest and RequestInfo.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1().ok();
-        let reflection_v1alpha = reflection().build_v1alpha().ok();
+        let (reflection_v1, reflection_v1alpha) = if settings.reflection() {
+            (
+                reflection().build_v1().ok(),
+                reflection().build_v1alpha().ok(),
+            )
+        } else {
+            (None, None)
+        };
 
         let mut tasks: Vec<JoinHandle<()>> = vec![
             tokio::spawn(sweeper::run(
@@ -397,6 +415,7 @@ impl Application {
                 stop_rx.clone(),
             )),
             tokio::spawn(key_jobs::run(vault.clone(), job_owner(), stop_rx.clone())),
+            tokio::spawn(refusals::run(vault.clone(), stop_rx.clone())),
             tokio::spawn(readiness(
                 vault.store().clone(),
                 health.clone(),

@@ -74,11 +74,12 @@ impl Audit for AuditService {
     ) -> Result<Response<Self::ListAuditRecordsStream>, Status> {
         let credentials = RequestCredentials::of(&request);
         let message = request.into_inner();
-        rpc::run(
+        rpc::run_rechecked(
             &self.vault,
             Action::ReadAudit,
             credentials,
-            |auth| async move {
+            |mut recheck| async move {
+                let auth = recheck.auth().clone();
                 let bad_time = |field| {
                     ApiError::Invalid(vec![FieldViolation::new(field, &"not a valid timestamp")])
                 };
@@ -110,6 +111,14 @@ impl Audit for AuditService {
                         }
                         let Some(cursor) = cursor.filter(|_| full) else {
                             return;
+                        };
+                        // A reader whose key was revoked meanwhile gets no further page.
+                        let auth = match recheck.recheck().await {
+                            Ok(auth) => auth.clone(),
+                            Err(err) => {
+                                let _ = tx.send(Err(recheck.status(err))).await;
+                                return;
+                            }
                         };
                         page = match vault
                             .audit_records(&auth, from, to, Some(cursor), PAGE)

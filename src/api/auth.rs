@@ -15,6 +15,7 @@ pub struct RequestCredentials {
     malformed_header: bool,
     mtls_identity: Option<String>,
     peer: Option<SocketAddr>,
+    forwarded_for: Option<String>,
 }
 
 impl std::fmt::Debug for RequestCredentials {
@@ -23,13 +24,16 @@ impl std::fmt::Debug for RequestCredentials {
             .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
             .field("mtls_identity", &self.mtls_identity)
             .field("peer", &self.peer)
+            .field("forwarded_for", &self.forwarded_for)
             .finish()
     }
 }
 
 impl RequestCredentials {
     /// Reads `authorization: Bearer …`, the identity of a client certificate the TLS layer
-    /// verified against the client CA (SPIFFE URI SAN, else CN), and the peer address.
+    /// verified against the client CA (SPIFFE URI SAN, else CN), the peer address, and
+    /// `x-forwarded-for` (every such header, in order; the vault decides whether to believe
+    /// it).
     pub fn of<T>(request: &Request<T>) -> RequestCredentials {
         let mut credentials = RequestCredentials {
             peer: request.remote_addr(),
@@ -43,6 +47,15 @@ impl RequestCredentials {
                 Some(token) => credentials.bearer = Some(Zeroizing::new(token.trim().to_owned())),
                 None => credentials.malformed_header = true,
             }
+        }
+        let forwarded: Vec<&str> = request
+            .metadata()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        if !forwarded.is_empty() {
+            credentials.forwarded_for = Some(forwarded.join(","));
         }
         credentials.mtls_identity = request.peer_certs().and_then(|certs| {
             certs
@@ -63,6 +76,7 @@ impl RequestCredentials {
             },
             mtls_identity: self.mtls_identity.as_deref(),
             peer: self.peer,
+            forwarded_for: self.forwarded_for.as_deref(),
         }
     }
 }

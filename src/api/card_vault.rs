@@ -253,7 +253,8 @@ impl CardVault for CardVaultService {
             // vault reading its requests, and HTTP/2 flow control pushes back from there.
             let (responses, stream) = mpsc::channel(IMPORT_CHUNKS_IN_FLIGHT);
             tokio::spawn(async move {
-                let (result, answered) = import(&vault, &scope, requests, &responses).await;
+                let mut scope = scope;
+                let (result, answered) = import(&vault, &mut scope, requests, &responses).await;
                 if let Some(status) = scope.end(result, answered).await {
                     // Nobody to tell if the caller is gone.
                     let _ = responses.send(Err(status)).await;
@@ -269,10 +270,12 @@ impl CardVault for CardVaultService {
 /// [`IMPORT_CHUNKS_IN_FLIGHT`] chunks processed at once. Returns how the stream ended and how
 /// many chunks were answered. A chunk is answered only after its transaction committed; when
 /// the stream fails, chunks still in flight go unanswered (each commits whole or not at all,
-/// and a caller resending them gets `ALREADY_IMPORTED` for those that did).
+/// and a caller resending them gets `ALREADY_IMPORTED` for those that did). Each chunk is
+/// taken only while the caller's credentials hold: they are checked again once the last
+/// check is older than the credential cache time.
 async fn import(
     vault: &Arc<Vault>,
-    scope: &StreamScope,
+    scope: &mut StreamScope,
     mut requests: Streaming<pb::ImportCardsRequest>,
     responses: &mpsc::Sender<Result<pb::ImportCardsResponse, Status>>,
 ) -> (Result<(), StreamError>, u64) {
@@ -302,8 +305,11 @@ async fn import(
             message = requests.next(), if reading && in_flight.len() < IMPORT_CHUNKS_IN_FLIGHT => {
                 match message {
                     Some(Ok(request)) => {
+                        let auth = match scope.recheck().await {
+                            Ok(auth) => auth.clone(),
+                            Err(err) => break Err(err.into()),
+                        };
                         received += 1;
-                        let auth = scope.auth().clone();
                         let chunk = import_chunk(vault.clone(), auth, received, request)
                             .instrument(scope.span().clone());
                         in_flight.push_back(tokio::spawn(chunk));

@@ -1,6 +1,7 @@
 //! The life of one RPC, shared by every service: request id, authentication, authorization,
 //! a span, failure auditing, one log line with the outcome, and the status mapping. Streaming
-//! calls ([`run_stream`]) get the same, once per stream.
+//! calls ([`run_stream`], [`run_rechecked`]) get the same, and keep the credentials to check
+//! them again while the stream runs ([`Recheck`]): a key revoked mid-stream stops it.
 
 use std::{future::Future, sync::Arc, time::Instant};
 
@@ -30,7 +31,8 @@ where
 {
     let call = Call::new(action);
     let result = async {
-        let auth = call.authorize(vault, action, credentials).await?;
+        let auth = call.authorize(vault, action, &credentials).await?;
+        drop(credentials);
         match body(auth.clone()).await {
             Err(err) => Err(record_unaudited(vault, &auth, err).await),
             other => other,
@@ -41,10 +43,98 @@ where
     call.respond(result)
 }
 
-/// Runs a streaming call: authentication and authorization once, for the whole stream, as
-/// [`run`] does for one call; then `body` starts the response stream, handing the
-/// [`StreamScope`] to whatever produces it, so the stream's end is logged, audited and
-/// turned into a status the way [`run`] ends a call.
+/// As [`run`], for a call whose response outlives its first check (a server stream produced
+/// after `body` returns): `body` gets a [`Recheck`] holding the credentials, to check them
+/// again as the stream goes on.
+pub async fn run_rechecked<T, F, Fut>(
+    vault: &Arc<Vault>,
+    action: Action,
+    credentials: RequestCredentials,
+    body: F,
+) -> Result<Response<T>, Status>
+where
+    F: FnOnce(Recheck) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let call = Call::new(action);
+    let result = async {
+        let auth = call.authorize(vault, action, &credentials).await?;
+        let recheck = Recheck {
+            vault: vault.clone(),
+            credentials,
+            request_id: call.request_id.clone(),
+            auth: auth.clone(),
+            checked: Instant::now(),
+        };
+        match body(recheck).await {
+            Err(err) => Err(record_unaudited(vault, &auth, err).await),
+            other => other,
+        }
+    }
+    .instrument(call.span.clone())
+    .await;
+    call.respond(result)
+}
+
+/// The credentials of a call in progress, to authenticate and authorize it again: a stream
+/// outlives one check, and must end once its key is revoked or its principal is.
+pub struct Recheck {
+    vault: Arc<Vault>,
+    credentials: RequestCredentials,
+    request_id: RequestId,
+    auth: Authorized,
+    checked: Instant,
+}
+
+impl std::fmt::Debug for Recheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recheck")
+            .field("credentials", &self.credentials)
+            .field("request_id", &self.request_id)
+            .field("checked", &self.checked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recheck {
+    /// The authorization of the last check.
+    pub fn auth(&self) -> &Authorized {
+        &self.auth
+    }
+
+    /// Checks the credentials again if the last check is older than the vault's credential
+    /// cache time, through that cache: a revocation on this replica ends the stream at its
+    /// next step after that time, one on another replica within twice that time. A refusal
+    /// is recorded by the vault, as for any call.
+    pub async fn recheck(&mut self) -> Result<&Authorized, ApiError> {
+        if self.checked.elapsed() >= self.vault.credential_cache_ttl() {
+            let caller = self
+                .vault
+                .authenticate(
+                    self.credentials.as_credentials(),
+                    Some(self.request_id.as_str()),
+                )
+                .await?;
+            self.auth = self.vault.authorize(caller, self.auth.action()).await?;
+            self.checked = Instant::now();
+        }
+        Ok(&self.auth)
+    }
+
+    /// The status that ends a stream with `err`, carrying the request id.
+    pub fn status(&self, err: ApiError) -> Status {
+        let mut status = err.into_status(&self.request_id);
+        if let Ok(id) = MetadataValue::try_from(self.request_id.as_str()) {
+            status.metadata_mut().insert("x-request-id", id);
+        }
+        status
+    }
+}
+
+/// Runs a streaming call: authentication and authorization as [`run`] does for one call, and
+/// again as the stream goes on ([`StreamScope::recheck`]); then `body` starts the response
+/// stream, handing the [`StreamScope`] to whatever produces it, so the stream's end is
+/// logged, audited and turned into a status the way [`run`] ends a call.
 pub async fn run_stream<T, F>(
     vault: &Arc<Vault>,
     action: Action,
@@ -56,14 +146,20 @@ where
 {
     let call = Call::new(action);
     let authorized = call
-        .authorize(vault, action, credentials)
+        .authorize(vault, action, &credentials)
         .instrument(call.span.clone())
         .await;
     match authorized {
         Ok(auth) => {
             let scope = StreamScope {
                 vault: vault.clone(),
-                auth,
+                recheck: Recheck {
+                    vault: vault.clone(),
+                    credentials,
+                    request_id: call.request_id.clone(),
+                    auth,
+                    checked: Instant::now(),
+                },
                 request_id: call.request_id.clone(),
                 span: call.span.clone(),
                 started: call.started,
@@ -100,16 +196,17 @@ impl From<ApiError> for StreamError {
 #[derive(Debug)]
 pub struct StreamScope {
     vault: Arc<Vault>,
-    auth: Authorized,
+    recheck: Recheck,
     request_id: RequestId,
     span: tracing::Span,
     started: Instant,
 }
 
 impl StreamScope {
-    /// The caller's authorization, checked once for the whole stream.
-    pub fn auth(&self) -> &Authorized {
-        &self.auth
+    /// Checks the caller's credentials again if the last check is older than the credential
+    /// cache time (see [`Recheck::recheck`]); call it before each step of the stream.
+    pub async fn recheck(&mut self) -> Result<&Authorized, ApiError> {
+        self.recheck.recheck().instrument(self.span.clone()).await
     }
 
     /// The call's span (request id, tenant, principal); work spawned for the stream runs in
@@ -124,11 +221,12 @@ impl StreamScope {
     pub async fn end(self, result: Result<(), StreamError>, messages: u64) -> Option<Status> {
         let StreamScope {
             vault,
-            auth,
+            recheck,
             request_id,
             span,
             started,
         } = self;
+        let auth = recheck.auth;
         let status = match result {
             Ok(()) => None,
             Err(StreamError::Api(err)) => {
@@ -184,12 +282,11 @@ impl Call {
         &self,
         vault: &Vault,
         action: Action,
-        credentials: RequestCredentials,
+        credentials: &RequestCredentials,
     ) -> Result<Authorized, ApiError> {
         let caller = vault
             .authenticate(credentials.as_credentials(), Some(self.request_id.as_str()))
             .await?;
-        drop(credentials);
         let span = tracing::Span::current();
         span.record("tenant", caller.tenant().as_str());
         span.record("principal", caller.principal.id.as_str());

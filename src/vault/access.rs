@@ -194,15 +194,28 @@ impl Caller {
     }
 }
 
-/// What a request presented to prove who it is.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a request presented to prove who it is. Debug never prints the bearer token.
+#[derive(Clone, Copy, Default)]
 pub struct Credentials<'a> {
     /// The bearer token of an `authorization: Bearer …` header. Secret: never logged.
     pub bearer: Option<&'a str>,
-    /// The identity of a verified client certificate (SPIFFE ID, else CN).
+    /// The identity of a verified client certificate (a SPIFFE ID from a URI SAN, else CN).
     pub mtls_identity: Option<&'a str>,
-    /// The caller's network address.
+    /// The TCP peer: the caller, or a proxy in front of it.
     pub peer: Option<std::net::SocketAddr>,
+    /// The `x-forwarded-for` header as sent, believed only when `peer` is a trusted proxy.
+    pub forwarded_for: Option<&'a str>,
+}
+
+impl fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("bearer", &self.bearer.map(|_| "<redacted>"))
+            .field("mtls_identity", &self.mtls_identity)
+            .field("peer", &self.peer)
+            .field("forwarded_for", &self.forwarded_for)
+            .finish()
+    }
 }
 
 /// Proof that a caller holds the permission for one action and is within its limits. Only
@@ -287,6 +300,21 @@ mod tests {
         assert_eq!(set.names(), vec!["read", "reveal"]);
         assert_eq!(Permissions::all().names().len(), 7);
         assert!(Permissions::default().is_empty());
+    }
+
+    #[test]
+    fn credentials_debug_does_not_print_the_bearer_token() {
+        let credentials = Credentials {
+            bearer: Some("cv_k0123456789abcdef_s3cretS3cretS3cret"),
+            mtls_identity: Some("spiffe://shop.test/checkout"),
+            peer: Some(([127, 0, 0, 1], 4000).into()),
+            forwarded_for: None,
+        };
+        let printed = format!("{credentials:?} {credentials:#?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(!printed.contains("cv_k0123"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+        assert!(printed.contains("spiffe://shop.test/checkout"), "{printed}");
     }
 
     #[test]

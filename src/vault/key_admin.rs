@@ -422,6 +422,8 @@ impl Vault {
                 // The record commits with the shred: both happen or neither.
                 self.commit_with(tx, event).await?;
                 self.keys.forget_tenant(tenant, &deks);
+                // The shred revoked the tenant's principals: their keys stop here at once.
+                self.credentials.forget_tenant(tenant);
                 tracing::warn!(tenant = %tenant, cards = shredded.cards, deks = shredded.deks, "tenant crypto-shredded");
                 Some(shredded)
             }

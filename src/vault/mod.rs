@@ -18,7 +18,9 @@ pub mod key_jobs;
 mod keys;
 pub mod limits;
 pub mod metadata;
+pub mod peer;
 mod record;
+pub mod refusals;
 mod seal;
 pub mod sweeper;
 mod tenant;
@@ -43,6 +45,7 @@ pub use self::{
     keys::DekPolicy,
     limits::Rate,
     metadata::Metadata,
+    peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
 };
 use self::{
@@ -50,6 +53,7 @@ use self::{
     batch::Batcher,
     keys::KeyManager,
     limits::RateLimiter,
+    refusals::Refusals,
     seal::{Sealer, format_name},
 };
 use crate::{
@@ -133,8 +137,13 @@ pub struct RevealedCard {
 pub struct VaultOptions {
     /// How many unwrapped data keys to keep in memory.
     pub dek_cache_size: usize,
-    /// Tenant of callers without credentials (holding every permission); loopback only.
+    /// Tenant of callers without credentials on a loopback connection (`--dev` only),
+    /// holding every permission but `keys:admin`.
     pub unauthenticated_tenant: Option<TenantId>,
+    /// Proxies whose `x-forwarded-for` names the client; every other peer is the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// How long refusals of one source are counted into one audit record.
+    pub refusal_window: Duration,
     /// Principals declared in configuration.
     pub config_principals: Vec<ConfigPrincipal>,
     /// Reveals per principal.
@@ -166,6 +175,8 @@ impl Default for VaultOptions {
         VaultOptions {
             dek_cache_size: 1024,
             unauthenticated_tenant: None,
+            trusted_proxies: Vec::new(),
+            refusal_window: Duration::from_secs(60),
             config_principals: Vec::new(),
             reveal_rate: Rate {
                 per_minute: 600,
@@ -200,6 +211,7 @@ pub struct Vault {
     options: VaultOptions,
     reveals: RateLimiter,
     failed_auth: RateLimiter,
+    refusals: Refusals,
     credentials: CredentialCache,
 }
 
@@ -222,6 +234,7 @@ impl Vault {
             batcher: OnceCell::new(),
             reveals: RateLimiter::new(options.reveal_rate),
             failed_auth: RateLimiter::new(options.failed_auth_rate),
+            refusals: Refusals::new(options.refusal_window),
             credentials: CredentialCache::default(),
             options,
         }
