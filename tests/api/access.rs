@@ -485,34 +485,3 @@ async fn reveals_over_the_rate_are_refused_and_recorded() {
         .await;
     assert_eq!(limited, 1);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_failed_authentication_locks_the_peer_out() {
-    let s = secure_with(Backend::Sqlite, |settings| {
-        settings.limits.failed_auth_burst = 3;
-        settings.limits.failed_auth_per_minute = 1;
-    })
-    .await;
-    let (_, good) = s.api_key("acme", "a", &["read"]).await;
-    let mut client = s.vault().await;
-    let get = |key: &str| {
-        with_key(
-            pb::GetCardRequest {
-                token: "tok_0000000000000000000000".to_owned(),
-            },
-            key,
-        )
-    };
-    for _ in 0..3 {
-        let err = client.get_card(get("cv_guess")).await.unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
-    }
-    // Now even a valid key from this address is refused for a while.
-    let err = client.get_card(get(&good)).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    let recorded = s
-        .state
-        .count("SELECT COUNT(*) FROM audit_records WHERE action = 'authenticate' AND outcome = 'rate_limited'")
-        .await;
-    assert_eq!(recorded, 1);
-}

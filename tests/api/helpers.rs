@@ -14,6 +14,7 @@ use cardvault::{
     crypto::LocalKeyring,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
     server, telemetry,
+    vault::{NewPrincipal, Operator, Permissions, TenantId},
 };
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -349,6 +350,37 @@ impl TestApp {
             Some((cert_pem, key_pem)),
         )
         .await
+    }
+
+    /// The API key of a new `keys:admin` principal of this app's tenant, made as
+    /// `cardvault admin` makes one: the unauthenticated `--dev` caller may not administer
+    /// keys, so key-admin calls of a dev app need a real operator too.
+    pub async fn operator_key(&self) -> String {
+        let ops = server::open_vault(&self.state.settings(&self.tenant))
+            .await
+            .expect("operator vault");
+        let op = Operator::local("test");
+        let tenant = TenantId::parse(&self.tenant).expect("tenant");
+        // The dev tenant exists once the app has warmed up; another may not yet.
+        let _ = ops.create_tenant(&op, &tenant).await;
+        let principal = ops
+            .create_principal(
+                &op,
+                NewPrincipal {
+                    tenant,
+                    name: format!("ops-{}", uuid::Uuid::new_v4().simple()),
+                    permissions: Permissions::parse(["keys:admin"]).expect("permission"),
+                    mtls_identity: None,
+                },
+            )
+            .await
+            .expect("operator principal");
+        ops.create_api_key(&op, &principal.id, None)
+            .await
+            .expect("operator API key")
+            .key
+            .expose()
+            .to_owned()
     }
 
     /// Tokenizes a card with default options.

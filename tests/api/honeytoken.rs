@@ -101,7 +101,7 @@ async fn touching_a_honeytoken_raises_an_alarm_but_looks_like_any_card() {
 }
 
 /// GET over TLS from the admin listener, trusting the test CA.
-async fn https_get(s: &crate::access::Secure, path: &str) -> String {
+pub(crate) async fn https_get(s: &crate::access::Secure, path: &str) -> String {
     let ca = s.app.ca_pem.clone().expect("ca");
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {

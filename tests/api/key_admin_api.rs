@@ -102,51 +102,64 @@ async fn every_key_admin_call_needs_keys_admin(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_key_admin_requests_are_invalid_arguments_naming_the_field() {
-    // Dev mode: the caller holds every permission, so only the request itself is wrong.
+    // An operator holds keys:admin, so only the request itself is wrong.
     let app = spawn_app(Backend::Sqlite).await;
+    let admin = app.operator_key().await;
     let mut keys = KeyAdminClient::new(app.channel().await);
     let bad_tenant = || "Not A Tenant!".to_owned();
 
     let refusals = [
         (
-            keys.rotate_deks(pb::RotateDeksRequest {
-                tenant: bad_tenant(),
-                reencrypt: false,
-            })
+            keys.rotate_deks(with_key(
+                pb::RotateDeksRequest {
+                    tenant: bad_tenant(),
+                    reencrypt: false,
+                },
+                &admin,
+            ))
             .await
             .map(drop),
             "tenant",
         ),
         (
-            keys.get_key_status(pb::GetKeyStatusRequest {
-                tenant: bad_tenant(),
-            })
+            keys.get_key_status(with_key(
+                pb::GetKeyStatusRequest {
+                    tenant: bad_tenant(),
+                },
+                &admin,
+            ))
             .await
             .map(drop),
             "tenant",
         ),
         (
-            keys.request_shred_tenant(pb::RequestShredTenantRequest {
-                tenant: bad_tenant(),
-            })
+            keys.request_shred_tenant(with_key(
+                pb::RequestShredTenantRequest {
+                    tenant: bad_tenant(),
+                },
+                &admin,
+            ))
             .await
             .map(drop),
             "tenant",
         ),
         (
-            keys.request_shred_tenant(pb::RequestShredTenantRequest::default())
+            keys.request_shred_tenant(with_key(pb::RequestShredTenantRequest::default(), &admin))
                 .await
                 .map(drop),
             "tenant",
         ),
         (
-            keys.request_retire_kek(pb::RequestRetireKekRequest { kek_version: 0 })
-                .await
-                .map(drop),
+            keys.request_retire_kek(with_key(
+                pb::RequestRetireKekRequest { kek_version: 0 },
+                &admin,
+            ))
+            .await
+            .map(drop),
             "kek_version",
         ),
         (
-            keys.approve_key_request(pb::ApproveKeyRequestRequest::default())
+            keys.approve_key_request(with_key(pb::ApproveKeyRequestRequest::default(), &admin))
                 .await
                 .map(drop),
             "request_id",
@@ -442,13 +455,15 @@ async fn a_request_cannot_be_approved_by_its_requester(backend: Backend) {
     assert_eq!(nobody.code(), Code::NotFound);
 }
 
-/// Runs the `cardvault` binary with `args` and no environment; returns (exit code, stdout,
-/// stderr). Off the async workers, so the server in this process keeps answering.
-async fn cardvault(args: Vec<String>) -> (Option<i32>, String, String) {
+/// Runs the `cardvault` binary with `args` and no environment but `api_key`; returns (exit
+/// code, stdout, stderr). Off the async workers, so the server in this process keeps answering.
+async fn cardvault(args: Vec<String>, api_key: &str) -> (Option<i32>, String, String) {
+    let api_key = api_key.to_owned();
     tokio::task::spawn_blocking(move || {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_cardvault"))
             .args(&args)
             .env_clear()
+            .env("CARDVAULT_API_KEY", api_key)
             .output()
             .expect("run cardvault");
         (
@@ -465,6 +480,7 @@ async fn cardvault(args: Vec<String>) -> (Option<i32>, String, String) {
 async fn the_keys_cli_shows_the_status_of_a_running_vault_and_its_refusals() {
     let mut app = spawn_app(Backend::Sqlite).await;
     app.tokenize(&unique_pan()).await;
+    let admin = app.operator_key().await;
     let target = format!("http://{}", app.grpc_addr);
     let args = |extra: &[&str]| -> Vec<String> {
         ["keys"]
@@ -475,7 +491,7 @@ async fn the_keys_cli_shows_the_status_of_a_running_vault_and_its_refusals() {
             .collect()
     };
 
-    let (code, stdout, stderr) = cardvault(args(&["status"])).await;
+    let (code, stdout, stderr) = cardvault(args(&["status"]), &admin).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("provider: local"), "{stdout}");
     assert!(stdout.contains("primary KEK: v1"), "{stdout}");
@@ -491,7 +507,7 @@ async fn the_keys_cli_shows_the_status_of_a_running_vault_and_its_refusals() {
         "a data key of tenant dev: {stdout}"
     );
 
-    let (code, stdout, stderr) = cardvault(args(&["status", "--json"])).await;
+    let (code, stdout, stderr) = cardvault(args(&["status", "--json"]), &admin).await;
     assert_eq!(code, Some(0), "{stderr}");
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
     assert_eq!(json["provider"], "local");
@@ -499,13 +515,14 @@ async fn the_keys_cli_shows_the_status_of_a_running_vault_and_its_refusals() {
     assert_eq!(json["deks"][0]["records"], 1);
 
     // A refusal exits 1 with the gRPC status.
-    let (code, _, stderr) = cardvault(args(&["approve", "kr_0000000000000000"])).await;
+    let (code, _, stderr) = cardvault(args(&["approve", "kr_0000000000000000"]), &admin).await;
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains("NotFound: key request not found"),
         "{stderr}"
     );
-    let (code, _, stderr) = cardvault(args(&["request-shred-tenant", "Not A Tenant"])).await;
+    let (code, _, stderr) =
+        cardvault(args(&["request-shred-tenant", "Not A Tenant"]), &admin).await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("InvalidArgument"), "{stderr}");
     assert!(stderr.contains("tenant:"), "{stderr}");

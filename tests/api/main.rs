@@ -13,6 +13,7 @@ mod softhsm;
 
 mod access;
 mod audit;
+mod authn;
 mod canary;
 mod charge;
 mod charge_store;
