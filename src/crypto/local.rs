@@ -163,10 +163,15 @@ impl LocalKeyring {
     /// Adds a random KEK with the next version and makes it primary, rewriting the file
     /// atomically (temporary file with mode 0600, fsync, rename, fsync of the directory).
     ///
-    /// Only one process should rotate a given keyring file; replicas sharing the file must
-    /// reload it to see the new version.
+    /// Processes sharing the file take turns: each holds the keyring's lock file
+    /// (`<keyring>.lock`) while it reads the file afresh, picks the version after the highest
+    /// one there, and writes it back, so two rotating at once make two versions rather than
+    /// two different keys under one version number. Other replicas reload the file to see
+    /// the new version.
     pub fn rotate_now(&self) -> Result<KekVersion, CryptoError> {
+        let _lock = self.path.as_deref().map(FileLock::acquire).transpose()?;
         let mut state = self.write();
+        self.reread(&mut state)?;
         let last = state.keks.keys().next_back().map_or(0, |v| v.0);
         let version = KekVersion(last.checked_add(1).ok_or_else(|| {
             CryptoError::Keyring("no KEK version left after u32::MAX".to_string())
@@ -195,7 +200,9 @@ impl LocalKeyring {
     ///
     /// Refuses the primary version and a version the keyring does not hold.
     pub fn retire_now(&self, version: KekVersion) -> Result<(), CryptoError> {
+        let _lock = self.path.as_deref().map(FileLock::acquire).transpose()?;
         let mut state = self.write();
+        self.reread(&mut state)?;
         if version == state.primary {
             return Err(CryptoError::Keyring(format!(
                 "KEK version {} is primary; rotate before retiring it",
@@ -224,6 +231,16 @@ impl LocalKeyring {
         let fresh = LocalKeyring::load(path)?;
         let state = std::mem::replace(&mut *fresh.write(), State::empty());
         *self.write() = state;
+        Ok(())
+    }
+
+    /// Replaces `state` with the file's contents, under the lock file, before a change: the
+    /// change then applies to what another process may have written meanwhile.
+    fn reread(&self, state: &mut State) -> Result<(), CryptoError> {
+        if let Some(path) = &self.path {
+            let fresh = LocalKeyring::load(path)?;
+            *state = std::mem::replace(&mut *fresh.write(), State::empty());
+        }
         Ok(())
     }
 
@@ -520,6 +537,71 @@ fn describe_toml_error(err: &toml::de::Error, text: &str) -> String {
         out.push_str("…\"");
     }
     out
+}
+
+/// How long a change waits for another process's lock on the keyring file.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A lock file older than this was left by a process that died while holding it: a change
+/// holds the lock for the time of one small file write.
+const LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The keyring's lock file (`<keyring>.lock`), held while it exists: made with
+/// `create_new`, which exactly one process wins, and removed when dropped.
+struct FileLock {
+    path: PathBuf,
+}
+
+impl FileLock {
+    fn acquire(keyring: &Path) -> Result<FileLock, CryptoError> {
+        let mut name = keyring.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => return Ok(FileLock { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|at| at.elapsed().ok())
+                        .is_some_and(|age| age > LOCK_STALE);
+                    if stale {
+                        tracing::warn!(lock = %path.display(), "removing a stale keyring lock file");
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(CryptoError::Keyring(format!(
+                            "{} is locked by another process changing the keyring; try again \
+                             (remove {} only if no cardvault process is running)",
+                            keyring.display(),
+                            path.display()
+                        )));
+                    }
+                    // A change holds the lock for milliseconds; rotations are rare.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(CryptoError::io(
+                        format!("failed to create lock file {}", path.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn parent_dir(path: &Path) -> Option<&Path> {
@@ -961,6 +1043,71 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let hex = text.split("key = \"").nth(1).unwrap();
         assert!(!debug.contains(&hex[..64]));
+    }
+
+    #[test]
+    fn two_processes_rotating_one_keyring_at_once_make_distinct_versions_with_one_key_each() {
+        let dir = dir();
+        let path = dir.path().join("keyring.toml");
+        LocalKeyring::init(&path).unwrap();
+        // Two processes' views of one file, each rotating as fast as it can.
+        let rings = [
+            std::sync::Arc::new(LocalKeyring::load(&path).unwrap()),
+            std::sync::Arc::new(LocalKeyring::load(&path).unwrap()),
+        ];
+        const ROUNDS: usize = 25;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = rings
+            .iter()
+            .map(|ring| {
+                let (ring, barrier) = (ring.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    (0..ROUNDS)
+                        .map(|_| {
+                            barrier.wait();
+                            ring.rotate_now().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut made: Vec<KekVersion> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        made.sort();
+        let expected: Vec<KekVersion> = (2..=2 + 2 * ROUNDS as u32 - 1).map(KekVersion).collect();
+        assert_eq!(made, expected, "every rotation made its own version");
+        let file = LocalKeyring::load(&path).unwrap();
+        let mut all = vec![KekVersion(1)];
+        all.extend(expected);
+        assert_eq!(file.versions(), all);
+        assert!(!dir.path().join("keyring.toml.lock").exists());
+        // Each process's key for a version it made is the one in the file.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for ring in &rings {
+                let wrapped = ring.wrap(b"a data key", b"aad").await.unwrap();
+                file.unwrap(&wrapped, b"aad")
+                    .await
+                    .expect("the file opens what the process wrapped");
+            }
+        });
+    }
+
+    #[test]
+    fn a_stale_lock_file_left_by_a_dead_process_is_broken() {
+        let dir = dir();
+        let path = dir.path().join("keyring.toml");
+        let ring = LocalKeyring::init(&path).unwrap();
+        let lock = dir.path().join("keyring.toml.lock");
+        let file = File::create(&lock).unwrap();
+        file.set_modified(std::time::SystemTime::now() - 2 * LOCK_STALE)
+            .unwrap();
+        assert_eq!(ring.rotate_now().unwrap(), KekVersion(2));
+        assert!(!lock.exists());
     }
 
     #[test]
