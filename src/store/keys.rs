@@ -117,9 +117,10 @@ pub struct KeyJobRow {
     pub error: Option<String>,
 }
 
-/// A dual-control request as stored. `kind` is `"retire_kek"` (target: the version number)
-/// or `"shred_tenant"` (target: the tenant id); `state` is `"pending"`, `"executed"` or
-/// `"expired"`. A request whose execution fails stays pending (it can be approved again once
+/// A dual-control request as stored. `kind` is `"retire_kek"` (target: the version number),
+/// `"shred_tenant"` (target: the tenant id), `"create_principal"` (target: the new
+/// principal's tenant, `params`: what to create) or `"revoke_principal"` (target: the
+/// principal id); `state` is `"pending"`, `"executed"` or `"expired"`. A request whose execution fails stays pending (it can be approved again once
 /// the cause is fixed, until it expires).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRequestRow {
@@ -141,6 +142,11 @@ pub struct KeyRequestRow {
     pub decided_by: Option<String>,
     /// When.
     pub decided_at: Option<OffsetDateTime>,
+    /// The tenant it acts on; `None` for a vault-wide operation, which only a global
+    /// operator may request or approve.
+    pub tenant_id: Option<String>,
+    /// What a `create_principal` request creates (JSON); `None` for the other kinds.
+    pub params: Option<String>,
 }
 
 /// What shredding a tenant removed.

@@ -149,6 +149,11 @@ pub struct PrincipalRow {
     pub created_at: OffsetDateTime,
     /// When it was revoked; a revoked principal never authenticates again.
     pub revoked_at: Option<OffsetDateTime>,
+    /// The operator that created it (a principal id, or `local:unverified:<user>` for the
+    /// CLI); `None` for principals made before this was recorded.
+    pub created_by: Option<String>,
+    /// A `keys:admin` principal that manages every tenant, not only its own.
+    pub global_operator: bool,
 }
 
 /// An API key as stored: only a hash of the secret, never the key itself.
@@ -166,6 +171,9 @@ pub struct ApiKeyRow {
     pub expires_at: Option<OffsetDateTime>,
     /// When it was revoked.
     pub revoked_at: Option<OffsetDateTime>,
+    /// The operator that created it, who was shown the key (a principal id, or
+    /// `local:unverified:<user>` for the CLI); `None` for keys made before this was recorded.
+    pub created_by: Option<String>,
 }
 
 impl fmt::Debug for ApiKeyRow {
@@ -175,6 +183,7 @@ impl fmt::Debug for ApiKeyRow {
             .field("principal_id", &self.principal_id)
             .field("expires_at", &self.expires_at)
             .field("revoked_at", &self.revoked_at)
+            .field("created_by", &self.created_by)
             .finish_non_exhaustive()
     }
 }
@@ -598,6 +607,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         now: OffsetDateTime,
     ) -> Result<Vec<KeyRequestRow>, StoreError>;
+    /// Takes the lease on KEK rotation for `owner` until `until`, unless another owner holds
+    /// a lease that has not run out at `now`; returns whether it took it. Of replicas
+    /// claiming at once, exactly one gets it.
+    async fn claim_kek_rotation(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Ends `owner`'s lease on KEK rotation, recording `version` (when the rotation made
+    /// one) as the primary version; returns whether `owner` still held the lease.
+    async fn release_kek_rotation(
+        &self,
+        owner: &str,
+        version: Option<u32>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// The primary KEK version the last rotation recorded, if any rotation did.
+    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError>;
 
     // --- Charge forwarding (see `charges`). -------------------------------------------------
 

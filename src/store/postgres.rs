@@ -46,19 +46,19 @@ macro_rules! key_job_columns {
 
 macro_rules! key_request_columns {
     () => {
-        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at"
+        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at, tenant_id, params"
     };
 }
 
 macro_rules! principal_columns {
     () => {
-        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at"
+        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at, created_by, global_operator"
     };
 }
 
 macro_rules! api_key_columns {
     () => {
-        "id, principal_id, secret_hash, created_at, expires_at, revoked_at"
+        "id, principal_id, secret_hash, created_at, expires_at, revoked_at, created_by"
     };
 }
 
@@ -1251,6 +1251,54 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn claim_kek_rotation(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // The first claim ever creates the row; later ones take it over only from a lease
+        // that ran out. The row lock of the upsert serializes claimants.
+        let done = sqlx::query(
+            "INSERT INTO kek_rotation (id, version, lease_owner, lease_until, updated_at) \
+             VALUES (1, 0, $1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET lease_owner = $1, lease_until = $2, updated_at = $3 \
+             WHERE kek_rotation.lease_until IS NULL OR kek_rotation.lease_until <= $3",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_kek_rotation(
+        &self,
+        owner: &str,
+        version: Option<u32>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE kek_rotation SET version = COALESCE($2, version), lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = 1 AND lease_owner = $1",
+        )
+        .bind(owner)
+        .bind(version.map(i64::from))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
+                .fetch_optional(&self.pool)
+                .await?;
+        version.map(|v| narrow(v, "kek_version")).transpose()
+    }
+
     async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError> {
         // The arbiter is the idempotency index only: a clash on the primary key stays an
         // error. Of two requests racing with one key, the second waits for the first to
@@ -1604,7 +1652,7 @@ impl StoreTx for PgTx {
             .await?;
         let result = sqlx::query(
             "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
-             revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             revoked_at, created_by, global_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&row.id)
         .bind(&row.tenant_id)
@@ -1613,6 +1661,8 @@ impl StoreTx for PgTx {
         .bind(row.permissions.join(" "))
         .bind(row.created_at)
         .bind(row.revoked_at)
+        .bind(&row.created_by)
+        .bind(row.global_operator)
         .execute(&mut *self.tx)
         .await;
         let outcome = match result {
@@ -1657,7 +1707,7 @@ impl StoreTx for PgTx {
     async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
-             revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+             revoked_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&row.id)
         .bind(&row.principal_id)
@@ -1665,6 +1715,7 @@ impl StoreTx for PgTx {
         .bind(row.created_at)
         .bind(row.expires_at)
         .bind(row.revoked_at)
+        .bind(&row.created_by)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -1902,7 +1953,8 @@ impl StoreTx for PgTx {
     async fn insert_key_request(&mut self, row: &KeyRequestRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO key_requests (id, kind, target, requested_by, requested_at, expires_at, \
-             state, decided_by, decided_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             state, decided_by, decided_at, tenant_id, params) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&row.id)
         .bind(&row.kind)
@@ -1913,6 +1965,8 @@ impl StoreTx for PgTx {
         .bind(&row.state)
         .bind(&row.decided_by)
         .bind(row.decided_at)
+        .bind(&row.tenant_id)
+        .bind(&row.params)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -2035,6 +2089,8 @@ fn principal_from_row(row: &PgRow) -> Result<PrincipalRow, StoreError> {
         permissions: super::split_permissions(row.try_get("permissions")?),
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        created_by: row.try_get("created_by")?,
+        global_operator: row.try_get("global_operator")?,
     })
 }
 
@@ -2046,6 +2102,7 @@ fn api_key_from_row(row: &PgRow) -> Result<ApiKeyRow, StoreError> {
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        created_by: row.try_get("created_by")?,
     })
 }
 
@@ -2115,5 +2172,7 @@ fn key_request_from_row(row: &PgRow) -> Result<KeyRequestRow, StoreError> {
         state: row.try_get("state")?,
         decided_by: row.try_get("decided_by")?,
         decided_at: row.try_get("decided_at")?,
+        tenant_id: row.try_get("tenant_id")?,
+        params: row.try_get("params")?,
     })
 }

@@ -63,19 +63,19 @@ macro_rules! key_job_columns {
 
 macro_rules! key_request_columns {
     () => {
-        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at"
+        "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at, tenant_id, params"
     };
 }
 
 macro_rules! principal_columns {
     () => {
-        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at"
+        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at, created_by, global_operator"
     };
 }
 
 macro_rules! api_key_columns {
     () => {
-        "id, principal_id, secret_hash, created_at, expires_at, revoked_at"
+        "id, principal_id, secret_hash, created_at, expires_at, revoked_at, created_by"
     };
 }
 
@@ -1052,6 +1052,54 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn claim_kek_rotation(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // The first claim ever creates the row; later ones take it over only from a lease
+        // that ran out. SQLite runs one writer at a time, so claimants are serialized.
+        let done = sqlx::query(
+            "INSERT INTO kek_rotation (id, version, lease_owner, lease_until, updated_at) \
+             VALUES (1, 0, ?1, ?2, ?3) \
+             ON CONFLICT (id) DO UPDATE SET lease_owner = ?1, lease_until = ?2, updated_at = ?3 \
+             WHERE kek_rotation.lease_until IS NULL OR kek_rotation.lease_until <= ?3",
+        )
+        .bind(owner)
+        .bind(micros(until))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_kek_rotation(
+        &self,
+        owner: &str,
+        version: Option<u32>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE kek_rotation SET version = COALESCE(?2, version), lease_owner = NULL, \
+             lease_until = NULL, updated_at = ?3 WHERE id = 1 AND lease_owner = ?1",
+        )
+        .bind(owner)
+        .bind(version.map(i64::from))
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
+                .fetch_optional(&self.pool)
+                .await?;
+        version.map(|v| narrow(v, "kek_version")).transpose()
+    }
+
     async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError> {
         // The conflict target is the idempotency index only: a clash on the primary key stays
         // an error.
@@ -1355,7 +1403,7 @@ impl StoreTx for SqliteTx {
     async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
-             revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             revoked_at, created_by, global_operator) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .bind(&row.id)
         .bind(&row.tenant_id)
@@ -1364,6 +1412,8 @@ impl StoreTx for SqliteTx {
         .bind(row.permissions.join(" "))
         .bind(micros(row.created_at))
         .bind(row.revoked_at.map(micros))
+        .bind(&row.created_by)
+        .bind(row.global_operator)
         .execute(&mut *self.tx)
         .await;
         match result {
@@ -1399,7 +1449,7 @@ impl StoreTx for SqliteTx {
     async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
-             revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             revoked_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .bind(&row.id)
         .bind(&row.principal_id)
@@ -1407,6 +1457,7 @@ impl StoreTx for SqliteTx {
         .bind(micros(row.created_at))
         .bind(row.expires_at.map(micros))
         .bind(row.revoked_at.map(micros))
+        .bind(&row.created_by)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -1626,7 +1677,8 @@ impl StoreTx for SqliteTx {
     async fn insert_key_request(&mut self, row: &KeyRequestRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO key_requests (id, kind, target, requested_by, requested_at, expires_at, \
-             state, decided_by, decided_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             state, decided_by, decided_at, tenant_id, params) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(&row.id)
         .bind(&row.kind)
@@ -1637,6 +1689,8 @@ impl StoreTx for SqliteTx {
         .bind(&row.state)
         .bind(&row.decided_by)
         .bind(row.decided_at.map(micros))
+        .bind(&row.tenant_id)
+        .bind(&row.params)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -1765,6 +1819,8 @@ fn principal_from_row(row: &SqliteRow) -> Result<PrincipalRow, StoreError> {
             .try_get::<Option<i64>, _>("revoked_at")?
             .map(from_micros)
             .transpose()?,
+        created_by: row.try_get("created_by")?,
+        global_operator: row.try_get("global_operator")?,
     })
 }
 
@@ -1776,6 +1832,7 @@ fn api_key_from_row(row: &SqliteRow) -> Result<ApiKeyRow, StoreError> {
         created_at: from_micros(row.try_get("created_at")?)?,
         expires_at: optional_time(row, "expires_at")?,
         revoked_at: optional_time(row, "revoked_at")?,
+        created_by: row.try_get("created_by")?,
     })
 }
 
@@ -1845,5 +1902,7 @@ fn key_request_from_row(row: &SqliteRow) -> Result<KeyRequestRow, StoreError> {
         state: row.try_get("state")?,
         decided_by: row.try_get("decided_by")?,
         decided_at: optional_time(row, "decided_at")?,
+        tenant_id: row.try_get("tenant_id")?,
+        params: row.try_get("params")?,
     })
 }

@@ -110,6 +110,8 @@ fn request(id: &str, requested_at: OffsetDateTime, expires_at: OffsetDateTime) -
         state: "pending".to_owned(),
         decided_by: None,
         decided_at: None,
+        tenant_id: Some("t".to_owned()),
+        params: Some("{\"name\":\"x\"}".to_owned()),
     }
 }
 

@@ -103,6 +103,9 @@ pub(crate) fn principal(id: &str, tenant_id: &str, name: &str, mtls: Option<&str
         permissions: vec!["read".to_owned(), "tokenize".to_owned()],
         created_at: t0(),
         revoked_at: None,
+        created_by: Some("local:unverified:test".to_owned()),
+        // Round-trips a true flag on one of them (the store does not check permissions).
+        global_operator: name == "alice",
     }
 }
 
@@ -114,6 +117,7 @@ pub(crate) fn api_key(id: &str, principal_id: &str, created_at: OffsetDateTime) 
         created_at,
         expires_at: Some(created_at + Duration::days(90)),
         revoked_at: None,
+        created_by: Some("p_admin".to_owned()),
     }
 }
 
