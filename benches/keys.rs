@@ -198,6 +198,7 @@ async fn vault_with(
                     tenant: tenant(i),
                     name: format!("bench-{i}"),
                     permissions: Permissions::all(),
+                    global_operator: false,
                 },
                 mtls_identity: format!("bench-{i}"),
             })

@@ -262,6 +262,9 @@ pub struct PrincipalSettings {
     pub mtls_identity: String,
     /// Permission names.
     pub permissions: Vec<String>,
+    /// With `keys:admin`: an operator of every tenant, not only of `tenant`.
+    #[serde(default)]
+    pub global_operator: bool,
 }
 
 /// `[limits]`: abuse limits, per replica.

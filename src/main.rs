@@ -10,7 +10,7 @@ use cardvault::{
     config::{KeyProviderKind, LogFormat, Settings},
     crypto::{LocalKeyring, Pkcs11Provider},
     loadgen, server, telemetry, testgw,
-    vault::{self, Metadata, NewPrincipal, Operator, Permissions, TenantId},
+    vault::{self, DualControlled, Metadata, NewPrincipal, Operator, Permissions, TenantId},
 };
 use clap::{Parser, Subcommand};
 
@@ -47,9 +47,10 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Tenants, principals, API keys and honeytokens, straight on the database (needs the
-    /// database and the key provider; every action is written to the audit log as
-    /// `local:<user>`).
+    /// Tenants, principals, API keys and honeytokens, straight on the database: the bootstrap
+    /// and break-glass path (needs the database and the key provider, so it can do everything
+    /// and acts without dual control). Every action is written to the audit log as
+    /// `local:unverified:<user>`: the OS user is not an identity the vault checks.
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
@@ -88,11 +89,16 @@ enum AdminCommand {
         #[arg(long)]
         name: String,
         /// Comma-separated: tokenize, read, reveal, charge, delete, keys:admin, audit:read.
+        /// The CLI creates operators and card-data principals at once (the API only requests
+        /// them): it is how the first operators are made.
         #[arg(long, value_delimiter = ',', required = true)]
         permissions: Vec<String>,
         /// SPIFFE ID or certificate CN it authenticates as over mTLS.
         #[arg(long)]
         mtls_identity: Option<String>,
+        /// With keys:admin: an operator of every tenant, not only of --tenant.
+        #[arg(long)]
+        global_operator: bool,
     },
     /// Lists principals and their API key ids.
     ListPrincipals {
@@ -404,6 +410,9 @@ async fn audit_verify(
     })
 }
 
+/// The CLI acts at once; a request under dual control would be a bug.
+const LOCAL_IS_DIRECT: &str = "the local CLI acts without dual control, yet a request was made";
+
 async fn admin(
     command: AdminCommand,
     settings: &Settings,
@@ -423,12 +432,13 @@ async fn admin(
             name,
             permissions,
             mtls_identity,
+            global_operator,
         } => {
             if !vault::admin::valid_principal_name(&name) {
                 return Err("--name must be 1 to 64 of A-Z a-z 0-9 . _ -".into());
             }
             let permissions = Permissions::parse(permissions.iter().map(String::as_str))?;
-            let row = vault
+            let created = vault
                 .create_principal(
                     &op,
                     NewPrincipal {
@@ -436,10 +446,14 @@ async fn admin(
                         name,
                         permissions,
                         mtls_identity,
+                        global_operator,
                     },
                 )
                 .await?;
-            println!("{}", row.id);
+            match created {
+                DualControlled::Done(row) => println!("{}", row.id),
+                DualControlled::Pending(_) => return Err(LOCAL_IS_DIRECT.into()),
+            }
         }
         AdminCommand::ListPrincipals { tenant } => {
             let tenant = tenant.as_deref().map(TenantId::parse).transpose()?;
@@ -451,11 +465,12 @@ async fn admin(
                     .map(|k| k.id.as_str())
                     .collect();
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\tkeys:{}",
+                    "{}\t{}\t{}\t{}{}\t{}\t{}\tkeys:{}",
                     p.id,
                     p.tenant_id,
                     p.name,
                     p.permissions.join(","),
+                    if p.global_operator { " (global)" } else { "" },
                     p.mtls_identity.as_deref().unwrap_or("-"),
                     if p.revoked_at.is_some() {
                         "revoked"
@@ -467,15 +482,23 @@ async fn admin(
             }
         }
         AdminCommand::RevokePrincipal { principal_id } => {
-            vault.revoke_principal(&op, &principal_id).await?;
-            println!("revoked principal {principal_id} and its API keys");
+            match vault.revoke_principal(&op, &principal_id).await? {
+                DualControlled::Done(()) => {
+                    println!("revoked principal {principal_id} and its API keys");
+                }
+                DualControlled::Pending(_) => return Err(LOCAL_IS_DIRECT.into()),
+            }
         }
         AdminCommand::CreateApiKey {
             principal_id,
             valid_for_days,
         } => {
             let valid_for = valid_for_days.map(|d| time::Duration::days(i64::from(d)));
-            let created = vault.create_api_key(&op, &principal_id, valid_for).await?;
+            let DualControlled::Done(created) =
+                vault.create_api_key(&op, &principal_id, valid_for).await?
+            else {
+                return Err(LOCAL_IS_DIRECT.into());
+            };
             eprintln!(
                 "API key {} for {principal_id}: shown once, store it in your secret manager",
                 created.row.id

@@ -273,12 +273,16 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
                 "name must be 1 to 64 of A-Z a-z 0-9 . _ -".to_owned(),
             ));
         }
+        if p.global_operator && !permissions.contains(crate::vault::Permission::KeysAdmin) {
+            return Err(invalid("global_operator needs keys:admin".to_owned()));
+        }
         config_principals.push(ConfigPrincipal {
             principal: Principal {
                 id: format!("config:{}", p.name),
                 tenant,
                 name: p.name.clone(),
                 permissions,
+                global_operator: p.global_operator,
             },
             mtls_identity: p.mtls_identity.clone(),
         });

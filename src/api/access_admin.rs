@@ -8,6 +8,7 @@ use super::{
     auth::RequestCredentials,
     convert::{self, to_timestamp},
     error::ApiError,
+    key_admin::key_request,
     rpc,
 };
 use crate::{
@@ -15,7 +16,10 @@ use crate::{
     card::FieldViolation,
     pb::v1::{self as pb, access_admin_server::AccessAdmin},
     store::{ApiKeyRow, PrincipalRow},
-    vault::{Metadata, NewPrincipal, Operator, Permissions, TenantId, Vault, admin},
+    vault::{
+        DualControlled, Metadata, NewPrincipal, Operator, Permission, Permissions, TenantId, Vault,
+        admin,
+    },
 };
 
 /// The operators' service for access control.
@@ -54,6 +58,8 @@ fn api_key_info(row: &ApiKeyRow) -> pb::ApiKeyInfo {
 
 fn principal(row: PrincipalRow, keys: &[ApiKeyRow]) -> pb::Principal {
     pb::Principal {
+        created_by: row.created_by.unwrap_or_default(),
+        global_operator: row.global_operator,
         id: row.id,
         tenant: row.tenant_id,
         name: row.name,
@@ -131,6 +137,14 @@ impl AccessAdmin for AccessAdminService {
                         &"at most 1024 characters",
                     ));
                 }
+                if message.global_operator
+                    && permissions.is_some_and(|p| !p.contains(Permission::KeysAdmin))
+                {
+                    violations.push(FieldViolation::new(
+                        "global_operator",
+                        &"a global operator needs the keys:admin permission",
+                    ));
+                }
                 let (Some(tenant), Some(permissions), true) =
                     (tenant, permissions, violations.is_empty())
                 else {
@@ -145,11 +159,19 @@ impl AccessAdmin for AccessAdminService {
                             name: message.name,
                             permissions,
                             mtls_identity: (!identity.is_empty()).then(|| identity.to_owned()),
+                            global_operator: message.global_operator,
                         },
                     )
                     .await?;
-                Ok(pb::CreatePrincipalResponse {
-                    principal: Some(principal(row, &[])),
+                Ok(match row {
+                    DualControlled::Done(row) => pb::CreatePrincipalResponse {
+                        principal: Some(principal(row, &[])),
+                        pending_request: None,
+                    },
+                    DualControlled::Pending(request) => pb::CreatePrincipalResponse {
+                        principal: None,
+                        pending_request: Some(key_request(*request)),
+                    },
                 })
             },
         )
@@ -201,10 +223,16 @@ impl AccessAdmin for AccessAdminService {
                 if message.principal_id.is_empty() || message.principal_id.len() > 64 {
                     return Err(invalid("principal_id", "a principal id (p_…) is required"));
                 }
-                self.vault
+                let revoked = self
+                    .vault
                     .revoke_principal(&Operator::from_authorized(&auth), &message.principal_id)
                     .await?;
-                Ok(pb::RevokePrincipalResponse {})
+                Ok(pb::RevokePrincipalResponse {
+                    pending_request: match revoked {
+                        DualControlled::Done(()) => None,
+                        DualControlled::Pending(request) => Some(key_request(*request)),
+                    },
+                })
             },
         )
         .await
@@ -239,10 +267,18 @@ impl AccessAdmin for AccessAdminService {
                         valid_for,
                     )
                     .await?;
-                Ok(pb::CreateApiKeyResponse {
-                    // The one place the key leaves the vault: this RPC's purpose.
-                    api_key: created.key.expose().to_owned(),
-                    info: Some(api_key_info(&created.row)),
+                Ok(match created {
+                    DualControlled::Done(created) => pb::CreateApiKeyResponse {
+                        // One of the two places a key leaves the vault: this RPC's purpose.
+                        api_key: created.key.expose().to_owned(),
+                        info: Some(api_key_info(&created.row)),
+                        pending_request: None,
+                    },
+                    DualControlled::Pending(request) => pb::CreateApiKeyResponse {
+                        api_key: String::new(),
+                        info: None,
+                        pending_request: Some(key_request(*request)),
+                    },
                 })
             },
         )

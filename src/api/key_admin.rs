@@ -114,12 +114,37 @@ fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
     }
 }
 
-fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
+pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
     use pb::key_request::{Kind, State};
     let kind = match row.kind.as_str() {
         "retire_kek" => Kind::RetireKek,
         "shred_tenant" => Kind::ShredTenant,
+        "create_principal" => Kind::CreatePrincipal,
+        "revoke_principal" => Kind::RevokePrincipal,
+        "create_api_key" => Kind::CreateApiKey,
         _ => Kind::Unspecified,
+    };
+    // What the approver is asked to approve, in full.
+    let (principal, api_key_valid_for) = match KeyOperation::of(&row) {
+        Ok(KeyOperation::CreatePrincipal(new)) => (
+            Some(pb::RequestedPrincipal {
+                name: new.name,
+                permissions: new
+                    .permissions
+                    .names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                mtls_identity: new.mtls_identity.unwrap_or_default(),
+                global_operator: new.global_operator,
+            }),
+            None,
+        ),
+        Ok(KeyOperation::CreateApiKey { valid_for, .. }) => (
+            None,
+            valid_for.and_then(|d| prost_types::Duration::try_from(d.unsigned_abs()).ok()),
+        ),
+        _ => (None, None),
     };
     let state = match row.state.as_str() {
         "pending" => State::Pending,
@@ -137,6 +162,9 @@ fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
         state: state.into(),
         approved_by: row.decided_by.unwrap_or_default(),
         decided_at: row.decided_at.map(to_timestamp),
+        tenant: row.tenant_id.unwrap_or_default(),
+        principal,
+        api_key_valid_for,
     }
 }
 
@@ -322,9 +350,18 @@ impl KeyAdmin for KeyAdminService {
                     .vault
                     .approve_key_request(&Operator::from_authorized(&auth), &message.request_id)
                     .await?;
+                let (api_key, api_key_id) = match approved.api_key {
+                    // One of the two places an API key leaves the vault: shown to the approver
+                    // of its creation.
+                    Some(created) => (created.key.expose().to_owned(), created.row.id),
+                    None => (String::new(), String::new()),
+                };
                 Ok(pb::ApproveKeyRequestResponse {
                     request: Some(key_request(approved.request)),
                     shredded: approved.shredded.map(shred_result),
+                    principal_id: approved.principal.map(|p| p.id).unwrap_or_default(),
+                    api_key,
+                    api_key_id,
                 })
             },
         )
@@ -385,6 +422,8 @@ mod tests {
             state: "expired".to_owned(),
             decided_by: Some("p_b".to_owned()),
             decided_at: Some(datetime!(2026-01-01 1:01 UTC)),
+            tenant_id: Some("acme".to_owned()),
+            params: None,
         };
         let request = key_request(row.clone());
         assert_eq!(request.kind(), pb::key_request::Kind::ShredTenant);

@@ -175,7 +175,7 @@ pub struct AuditEvent {
     pub at: OffsetDateTime,
     /// Tenant acted on.
     pub tenant: Option<String>,
-    /// Principal id that acted (`p_…`, `config:<name>`, or `local:<user>` for the CLI).
+    /// Principal id that acted (`p_…`, `config:<name>`, or `local:unverified:<user>` for the CLI, whose OS user the vault does not verify).
     pub principal: Option<String>,
     /// What was done.
     pub action: Action,

@@ -294,7 +294,8 @@ fn requested(response: pb::KeyRequestResponse) -> Output {
         out.stdout.push_str(&request_line(request));
         let _ = writeln!(
             out.note,
-            "another keys:admin principal must approve before {}: cardvault keys approve {}",
+            "another, independent keys:admin principal must approve before {}: cardvault keys \
+             approve {}",
             time(request.expires_at.as_ref()),
             request.id
         );
@@ -324,6 +325,22 @@ fn approved(response: &pb::ApproveKeyRequestResponse) -> Output {
             out.note,
             "{} cards deleted, {} data keys destroyed, {} principals revoked",
             shredded.cards, shredded.data_keys, shredded.principals
+        );
+    }
+    if !response.principal_id.is_empty() {
+        let _ = writeln!(out.stdout, "principal\t{}", response.principal_id);
+    }
+    if !response.api_key.is_empty() {
+        // This approval's purpose: the approver is the one shown the new key.
+        let _ = writeln!(
+            out.stdout,
+            "api_key\t{}\t{}",
+            response.api_key_id, response.api_key
+        );
+        let _ = writeln!(
+            out.note,
+            "API key {} shown once: hand it to its principal's owner through your secret manager",
+            response.api_key_id
         );
     }
     out
@@ -845,6 +862,7 @@ mod tests {
                 data_keys: 1,
                 principals: 2,
             }),
+            ..pb::ApproveKeyRequestResponse::default()
         });
         assert_eq!(
             out.stdout,

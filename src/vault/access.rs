@@ -147,6 +147,20 @@ impl FromIterator<Permission> for Permissions {
     }
 }
 
+/// Whether giving a principal `permissions` is an act of two operators: the principal would
+/// administer the vault (`keys:admin`) or read or move card data (`reveal`, `charge`). Creating
+/// such a principal, and revoking an operator, are dual-controlled requests; a new
+/// card-data permission belongs here too.
+pub fn needs_dual_control(permissions: &Permissions) -> bool {
+    [
+        Permission::KeysAdmin,
+        Permission::Reveal,
+        Permission::Charge,
+    ]
+    .into_iter()
+    .any(|p| permissions.contains(p))
+}
+
 impl fmt::Debug for Permissions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_set().entries(self.names()).finish()
@@ -165,6 +179,8 @@ pub struct Principal {
     pub name: String,
     /// What it may do.
     pub permissions: Permissions,
+    /// With `keys:admin`: manages every tenant, not only its own.
+    pub global_operator: bool,
 }
 
 /// A principal declared in configuration (GitOps): authenticates by mTLS identity.
@@ -237,43 +253,87 @@ impl Authorized {
         self.action
     }
 
-    /// Whether the caller is an operator (holds `keys:admin`): operators manage every tenant
-    /// and read every tenant's audit records.
-    pub fn is_operator(&self) -> bool {
-        self.caller
-            .principal
-            .permissions
-            .contains(Permission::KeysAdmin)
+    /// Whether the caller is a global operator (holds `keys:admin` and manages every
+    /// tenant): it reads every tenant's audit records. A tenant's operator reads its own.
+    pub fn is_global_operator(&self) -> bool {
+        let principal = &self.caller.principal;
+        principal.global_operator && principal.permissions.contains(Permission::KeysAdmin)
+    }
+}
+
+/// The tenants an operator manages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorScope {
+    /// Every tenant, and what belongs to no tenant: tenants themselves, KEK versions, global
+    /// operators.
+    Global,
+    /// One tenant: its principals, API keys, honeytokens, data keys, shredding and audit
+    /// records.
+    Tenant(TenantId),
+}
+
+impl OperatorScope {
+    /// Whether this scope covers `tenant` (`None`: something vault-wide).
+    pub fn covers(&self, tenant: Option<&TenantId>) -> bool {
+        match (self, tenant) {
+            (OperatorScope::Global, _) => true,
+            (OperatorScope::Tenant(own), Some(tenant)) => own == tenant,
+            (OperatorScope::Tenant(_), None) => false,
+        }
     }
 }
 
 /// Who performs an administrative action: an authorized `keys:admin` caller over the API, or
-/// an operator on the vault's host through the `cardvault admin` CLI (which needs the
-/// database and the KEK, so it can do everything anyway).
+/// an operator on the vault's host through the `cardvault admin` CLI.
+///
+/// The CLI needs the database and the KEK, so it can do everything anyway: it is the
+/// bootstrap and break-glass path, acts without dual control, and its name — the OS user — is
+/// not authenticated by the vault, so it is recorded as `local:unverified:<user>`.
 #[derive(Debug, Clone)]
 pub struct Operator {
     pub(super) principal: String,
     pub(super) peer: Option<String>,
     pub(super) request_id: Option<String>,
+    pub(super) scope: OperatorScope,
+    pub(super) local: bool,
 }
 
 impl Operator {
-    /// The local operator of the CLI, named by the OS user for the audit log.
+    /// The local operator of the CLI, named (unverified) by the OS user for the audit log.
     pub fn local(user: &str) -> Operator {
         Operator {
-            principal: format!("local:{user}"),
+            principal: format!("local:unverified:{user}"),
             peer: Some("cli".to_owned()),
             request_id: None,
+            scope: OperatorScope::Global,
+            local: true,
         }
     }
 
-    /// The operator behind an authorized administrative request.
+    /// The operator behind an authorized administrative request: global, or its tenant's.
     pub fn from_authorized(auth: &Authorized) -> Operator {
+        let principal = &auth.caller.principal;
         Operator {
-            principal: auth.caller.principal.id.clone(),
+            principal: principal.id.clone(),
             peer: auth.caller.peer.clone(),
             request_id: auth.caller.request_id.clone(),
+            scope: if principal.global_operator {
+                OperatorScope::Global
+            } else {
+                OperatorScope::Tenant(principal.tenant.clone())
+            },
+            local: false,
         }
+    }
+
+    /// The principal id it acts as (`local:unverified:<user>` for the CLI).
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
+    /// The tenants it manages.
+    pub fn scope(&self) -> &OperatorScope {
+        &self.scope
     }
 }
 
@@ -315,6 +375,34 @@ mod tests {
         assert!(!printed.contains("cv_k0123"), "{printed}");
         assert!(printed.contains("<redacted>"), "{printed}");
         assert!(printed.contains("spiffe://shop.test/checkout"), "{printed}");
+    }
+
+    #[test]
+    fn operators_and_card_data_permissions_need_dual_control() {
+        for name in ["keys:admin", "reveal", "charge"] {
+            assert!(
+                needs_dual_control(&Permissions::parse([name, "read"]).unwrap()),
+                "{name}"
+            );
+        }
+        for name in ["tokenize", "read", "delete", "audit:read"] {
+            assert!(
+                !needs_dual_control(&Permissions::parse([name]).unwrap()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tenant_scope_covers_its_tenant_only() {
+        let acme = TenantId::parse("acme").unwrap();
+        let globex = TenantId::parse("globex").unwrap();
+        let scope = OperatorScope::Tenant(acme.clone());
+        assert!(scope.covers(Some(&acme)));
+        assert!(!scope.covers(Some(&globex)));
+        assert!(!scope.covers(None));
+        assert!(OperatorScope::Global.covers(None));
+        assert!(OperatorScope::Global.covers(Some(&globex)));
     }
 
     #[test]

@@ -1,21 +1,24 @@
 //! Administration: tenants, principals, API keys and honeytokens. Each change commits with
-//! its audit record; refusals (a duplicate, a missing target) are recorded too.
+//! its audit record; refusals (a duplicate, a missing target, an operator outside its scope)
+//! are recorded too. Changes that hand out operator or card-data power go through dual
+//! control (see `key_admin`) unless made by the CLI on the vault's host.
 
 use time::{Duration, OffsetDateTime};
 use zeroize::Zeroizing;
 
 use super::{
-    CardView, Metadata, Operator, Permissions, TenantId, TokenizeCommand, Vault, VaultError,
+    CardView, KeyOperation, Metadata, Operator, OperatorScope, Permission, Permissions, TenantId,
+    TokenizeCommand, Vault, VaultError, needs_dual_control,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::{Card, Expiry, Pan, TokenFormat, luhn},
     crypto::{self, ApiKey},
-    store::{ApiKeyRow, PrincipalRow},
+    store::{ApiKeyRow, KeyRequestRow, PrincipalRow, StoreTx},
 };
 
 /// A principal to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewPrincipal {
     /// Its tenant, which must exist.
     pub tenant: TenantId,
@@ -25,6 +28,16 @@ pub struct NewPrincipal {
     pub permissions: Permissions,
     /// SPIFFE ID or certificate CN it authenticates as over mTLS, if any.
     pub mtls_identity: Option<String>,
+    /// With `keys:admin`: an operator of every tenant, not only of `tenant`.
+    pub global_operator: bool,
+}
+
+impl NewPrincipal {
+    /// The tenant whose operators may create it; `None` for a global operator, which only a
+    /// global operator may create.
+    pub fn scope_tenant(&self) -> Option<&TenantId> {
+        (!self.global_operator).then_some(&self.tenant)
+    }
 }
 
 /// A new API key: the key itself, shown once, and what is stored.
@@ -34,6 +47,16 @@ pub struct CreatedApiKey {
     pub key: ApiKey,
     /// The stored row.
     pub row: ApiKeyRow,
+}
+
+/// What an administrative change that may need dual control did.
+#[derive(Debug)]
+pub enum DualControlled<T> {
+    /// Done at once.
+    Done(T),
+    /// Recorded as a request that another operator must approve (`ApproveKeyRequest`); the
+    /// approval carries it out.
+    Pending(Box<KeyRequestRow>),
 }
 
 pub(super) fn admin_event(op: &Operator, action: Action, outcome: Outcome) -> AuditEvent {
@@ -53,19 +76,61 @@ pub fn valid_principal_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
+/// The tenant whose operators manage a stored principal; `None` for a global operator (or a
+/// row whose tenant id is malformed, which only a global operator may then touch).
+pub(super) fn scope_of(row: &PrincipalRow) -> Option<TenantId> {
+    if row.global_operator {
+        None
+    } else {
+        TenantId::parse(&row.tenant_id).ok()
+    }
+}
+
+/// The permissions of a stored principal (unknown names count as none).
+pub(super) fn permissions_of(row: &PrincipalRow) -> Permissions {
+    row.permissions
+        .iter()
+        .filter_map(|name| Permission::parse(name).ok())
+        .collect()
+}
+
 impl Vault {
-    /// Creates a tenant and its key material.
+    /// Refuses, and records, an action on `tenant` (`None`: something vault-wide) that lies
+    /// outside the operator's scope.
+    pub(super) async fn within_scope(
+        &self,
+        op: &Operator,
+        tenant: Option<&TenantId>,
+        event: &AuditEvent,
+    ) -> Result<(), VaultError> {
+        if op.scope.covers(tenant) {
+            return Ok(());
+        }
+        let mut event = event.clone();
+        event.outcome = Outcome::PermissionDenied;
+        let why = match tenant {
+            Some(_) => "operator scope: a tenant's operator manages its own tenant only",
+            None => "operator scope: only a global operator may do this",
+        };
+        event.detail = Some(match &event.detail {
+            Some(detail) => format!("{detail}; refused: {why}"),
+            None => format!("refused: {why}"),
+        });
+        self.record(&event).await;
+        Err(VaultError::SeparationOfDuties(why))
+    }
+
+    /// Creates a tenant and its key material. Global operators only.
     pub async fn create_tenant(&self, op: &Operator, tenant: &TenantId) -> Result<(), VaultError> {
+        let mut event = admin_event(op, Action::CreateTenant, Outcome::Ok);
+        event.tenant = Some(tenant.to_string());
+        self.within_scope(op, None, &event).await?;
         let row = self.keys.new_tenant_row(tenant).await?;
         let mut tx = self.begin().await?;
         let created = tx.insert_tenant(&row).await?;
-        let outcome = if created {
-            Outcome::Ok
-        } else {
-            Outcome::Conflict
-        };
-        let mut event = admin_event(op, Action::CreateTenant, outcome);
-        event.tenant = Some(tenant.to_string());
+        if !created {
+            event.outcome = Outcome::Conflict;
+        }
         self.commit_with(tx, &event).await?;
         if created {
             Ok(())
@@ -74,41 +139,67 @@ impl Vault {
         }
     }
 
-    /// Creates a principal of an existing tenant.
+    /// Creates a principal of an existing tenant. Over the API, a principal that would hold
+    /// `keys:admin` or a card-data permission (see
+    /// [`needs_dual_control`](super::needs_dual_control)) is not created but requested: a
+    /// second operator's approval creates it. The CLI creates it at once.
     pub async fn create_principal(
         &self,
         op: &Operator,
         new: NewPrincipal,
-    ) -> Result<PrincipalRow, VaultError> {
-        let mut id = String::from("p_");
-        id.push_str(
-            &crypto::random_base62(16)
-                .map_err(|e| VaultError::internal("failed to draw a principal id", e))?,
-        );
-        let row = PrincipalRow {
-            id,
-            tenant_id: new.tenant.to_string(),
-            name: new.name,
-            mtls_identity: new.mtls_identity,
-            permissions: new
-                .permissions
-                .names()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-            created_at: OffsetDateTime::now_utc(),
-            revoked_at: None,
-        };
-        let mut tx = self.begin().await?;
+    ) -> Result<DualControlled<PrincipalRow>, VaultError> {
         let mut event = admin_event(op, Action::CreatePrincipal, Outcome::Ok);
-        event.tenant = Some(row.tenant_id.clone());
+        event.tenant = Some(new.tenant.to_string());
         event.detail = Some(format!(
-            "principal {} name {} permissions {}",
+            "principal {} permissions {}{}",
+            new.name,
+            new.permissions.names().join(","),
+            if new.global_operator {
+                " (global operator)"
+            } else {
+                ""
+            }
+        ));
+        self.within_scope(op, new.scope_tenant(), &event).await?;
+        if new.global_operator && !new.permissions.contains(Permission::KeysAdmin) {
+            event.outcome = Outcome::Conflict;
+            self.record(&event).await;
+            return Err(VaultError::Precondition(
+                "a global operator must hold keys:admin".to_owned(),
+            ));
+        }
+        if !op.local && needs_dual_control(&new.permissions) {
+            return self
+                .request_key_operation(op, KeyOperation::CreatePrincipal(new))
+                .await
+                .map(|request| DualControlled::Pending(Box::new(request)));
+        }
+        let row = new_principal_row(new, &op.principal)?;
+        let mut tx = self.begin().await?;
+        event.detail = Some(format!(
+            "principal {} name {} permissions {}{}",
             row.id,
             row.name,
-            row.permissions.join(",")
+            row.permissions.join(","),
+            if row.global_operator {
+                " (global operator)"
+            } else {
+                ""
+            }
         ));
-        let result = if !tx.tenant_exists(&row.tenant_id).await? {
+        let result = self.insert_principal(tx.as_mut(), row, &mut event).await;
+        self.commit_with(tx, &event).await?;
+        result.map(DualControlled::Done)
+    }
+
+    /// Inserts a principal in `tx`, noting a refusal in `event`.
+    pub(super) async fn insert_principal(
+        &self,
+        tx: &mut dyn StoreTx,
+        row: PrincipalRow,
+        event: &mut AuditEvent,
+    ) -> Result<PrincipalRow, VaultError> {
+        if !tx.tenant_exists(&row.tenant_id).await? {
             event.outcome = Outcome::NotFound;
             Err(VaultError::Missing("tenant not found"))
         } else if !tx.insert_principal(&row).await? {
@@ -118,19 +209,23 @@ impl Vault {
             ))
         } else {
             Ok(row)
-        };
-        self.commit_with(tx, &event).await?;
-        result
+        }
     }
 
-    /// Principals of one tenant, or of every tenant.
+    /// Principals of one tenant, or of every tenant the operator manages (a tenant's
+    /// operator: its own).
     pub async fn list_principals(
         &self,
         op: &Operator,
         tenant: Option<&TenantId>,
     ) -> Result<Vec<PrincipalRow>, VaultError> {
+        let tenant = match (tenant, &op.scope) {
+            (None, OperatorScope::Tenant(own)) => Some(own),
+            (tenant, _) => tenant,
+        };
         let mut event = admin_event(op, Action::ListPrincipals, Outcome::Ok);
         event.tenant = tenant.map(TenantId::to_string);
+        self.within_scope(op, tenant, &event).await?;
         self.commit_with(self.begin().await?, &event).await?;
         Ok(self.store.principals(tenant.map(TenantId::as_str)).await?)
     }
@@ -140,81 +235,121 @@ impl Vault {
         Ok(self.store.api_keys_of(principal_id).await?)
     }
 
-    /// Revokes a principal and all its API keys.
-    pub async fn revoke_principal(&self, op: &Operator, id: &str) -> Result<(), VaultError> {
+    /// A live principal the operator manages, or the refusal (recorded).
+    async fn managed_principal(
+        &self,
+        op: &Operator,
+        id: &str,
+        event: &mut AuditEvent,
+    ) -> Result<PrincipalRow, VaultError> {
+        let Some(row) = self
+            .store
+            .principal(id)
+            .await?
+            .filter(|p| p.revoked_at.is_none())
+        else {
+            event.outcome = Outcome::NotFound;
+            self.record(event).await;
+            return Err(VaultError::Missing("no live principal with that id"));
+        };
+        event.tenant = Some(row.tenant_id.clone());
+        self.within_scope(op, scope_of(&row).as_ref(), event)
+            .await?;
+        Ok(row)
+    }
+
+    /// Revokes a principal and all its API keys. Over the API, revoking another operator
+    /// (a principal holding `keys:admin`) is requested, and a second operator's approval
+    /// revokes it; revoking oneself, or anyone through the CLI, happens at once.
+    pub async fn revoke_principal(
+        &self,
+        op: &Operator,
+        id: &str,
+    ) -> Result<DualControlled<()>, VaultError> {
+        let mut event = admin_event(op, Action::RevokePrincipal, Outcome::Ok);
+        event.detail = Some(format!("principal {id}"));
+        let row = self.managed_principal(op, id, &mut event).await?;
+        if !op.local
+            && row.id != op.principal
+            && permissions_of(&row).contains(Permission::KeysAdmin)
+        {
+            return self
+                .request_key_operation(op, KeyOperation::revoke_principal(&row))
+                .await
+                .map(|request| DualControlled::Pending(Box::new(request)));
+        }
         let mut tx = self.begin().await?;
         let revoked = tx.revoke_principal(id, OffsetDateTime::now_utc()).await?;
-        let outcome = if revoked {
-            Outcome::Ok
-        } else {
-            Outcome::NotFound
-        };
-        let mut event = admin_event(op, Action::RevokePrincipal, outcome);
-        event.detail = Some(format!("principal {id}"));
+        if !revoked {
+            event.outcome = Outcome::NotFound;
+        }
         self.commit_with(tx, &event).await?;
         self.credentials.forget(None, Some(id));
         if revoked {
-            Ok(())
+            Ok(DualControlled::Done(()))
         } else {
             Err(VaultError::Missing("no live principal with that id"))
         }
     }
 
-    /// Creates an API key for a live principal, valid for `valid_for` if given.
+    /// Creates an API key for a live principal, valid for `valid_for` if given. Over the API,
+    /// a key for a principal that holds `keys:admin` or a card-data permission is requested:
+    /// whoever holds the key acts as that principal, so minting one is as much an act of two
+    /// operators as creating the principal. The approval creates it and shows it to the
+    /// approver, once.
     pub async fn create_api_key(
         &self,
         op: &Operator,
         principal_id: &str,
         valid_for: Option<Duration>,
-    ) -> Result<CreatedApiKey, VaultError> {
-        let principal = self
-            .store
-            .principal(principal_id)
-            .await?
-            .filter(|p| p.revoked_at.is_none());
-        let key = ApiKey::generate()
-            .map_err(|e| VaultError::internal("failed to generate an API key", e))?;
-        let now = OffsetDateTime::now_utc();
-        let row = ApiKeyRow {
-            id: key.id().to_owned(),
-            principal_id: principal_id.to_owned(),
-            secret_hash: key.hash(),
-            created_at: now,
-            expires_at: valid_for.map(|d| now + d),
-            revoked_at: None,
-        };
-        let mut tx = self.begin().await?;
+    ) -> Result<DualControlled<CreatedApiKey>, VaultError> {
         let mut event = admin_event(op, Action::CreateApiKey, Outcome::Ok);
-        event.detail = Some(format!("API key {} for principal {principal_id}", row.id));
-        let result = match &principal {
-            Some(p) => {
-                event.tenant = Some(p.tenant_id.clone());
-                tx.insert_api_key(&row).await?;
-                Ok(CreatedApiKey {
-                    key,
-                    row: row.clone(),
-                })
-            }
-            None => {
-                event.outcome = Outcome::NotFound;
-                Err(VaultError::Missing("no live principal with that id"))
-            }
-        };
+        event.detail = Some(format!("API key for principal {principal_id}"));
+        let principal = self.managed_principal(op, principal_id, &mut event).await?;
+        if !op.local && needs_dual_control(&permissions_of(&principal)) {
+            return self
+                .request_key_operation(
+                    op,
+                    KeyOperation::CreateApiKey {
+                        principal: principal_id.to_owned(),
+                        tenant: scope_of(&principal),
+                        valid_for,
+                    },
+                )
+                .await
+                .map(|request| DualControlled::Pending(Box::new(request)));
+        }
+        let created = new_api_key(principal_id, valid_for, &op.principal)?;
+        let mut tx = self.begin().await?;
+        event.detail = Some(format!(
+            "API key {} for principal {principal_id}",
+            created.row.id
+        ));
+        tx.insert_api_key(&created.row).await?;
         self.commit_with(tx, &event).await?;
-        result
+        Ok(DualControlled::Done(created))
     }
 
-    /// Revokes an API key.
+    /// Revokes an API key of a principal the operator manages.
     pub async fn revoke_api_key(&self, op: &Operator, key_id: &str) -> Result<(), VaultError> {
+        let mut event = admin_event(op, Action::RevokeApiKey, Outcome::Ok);
+        event.detail = Some(format!("API key {key_id}"));
+        if let Some(key) = self.store.api_key(key_id).await?
+            && let Some(owner) = self.store.principal(&key.principal_id).await?
+        {
+            event.tenant = Some(owner.tenant_id.clone());
+            self.within_scope(op, scope_of(&owner).as_ref(), &event)
+                .await?;
+        } else if !op.scope.covers(None) {
+            // A tenant's operator learns nothing of keys outside its tenant, and a key whose
+            // principal is gone is no tenant's.
+            self.within_scope(op, None, &event).await?;
+        }
         let mut tx = self.begin().await?;
         let revoked = tx.revoke_api_key(key_id, OffsetDateTime::now_utc()).await?;
-        let outcome = if revoked {
-            Outcome::Ok
-        } else {
-            Outcome::NotFound
-        };
-        let mut event = admin_event(op, Action::RevokeApiKey, outcome);
-        event.detail = Some(format!("API key {key_id}"));
+        if !revoked {
+            event.outcome = Outcome::NotFound;
+        }
         self.commit_with(tx, &event).await?;
         self.credentials.forget(Some(key_id), None);
         if revoked {
@@ -234,6 +369,9 @@ impl Vault {
         format: TokenFormat,
         metadata: Metadata,
     ) -> Result<CardView, VaultError> {
+        let mut scope_event = admin_event(op, Action::MintHoneytoken, Outcome::Ok);
+        scope_event.tenant = Some(tenant.to_string());
+        self.within_scope(op, Some(tenant), &scope_event).await?;
         if self.store.tenant(tenant.as_str()).await?.is_none() {
             let mut event = admin_event(op, Action::MintHoneytoken, Outcome::NotFound);
             event.tenant = Some(tenant.to_string());
@@ -255,6 +393,61 @@ impl Vault {
         tracing::info!(tenant = %tenant, token = stored.card.token.as_str(), "minted a honeytoken");
         Ok(stored.card)
     }
+}
+
+/// The row of a principal to create, drawing its id; `created_by` is recorded with it.
+pub(super) fn new_principal_row(
+    new: NewPrincipal,
+    created_by: &str,
+) -> Result<PrincipalRow, VaultError> {
+    let mut id = String::from("p_");
+    id.push_str(
+        &crypto::random_base62(16)
+            .map_err(|e| VaultError::internal("failed to draw a principal id", e))?,
+    );
+    Ok(PrincipalRow {
+        id,
+        tenant_id: new.tenant.to_string(),
+        name: new.name,
+        mtls_identity: new.mtls_identity,
+        permissions: new
+            .permissions
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        created_at: OffsetDateTime::now_utc(),
+        revoked_at: None,
+        created_by: Some(created_by.to_owned()),
+        global_operator: new.global_operator,
+    })
+}
+
+/// A fresh API key for a principal; `created_by` is whoever is shown the key.
+pub(super) fn new_api_key(
+    principal_id: &str,
+    valid_for: Option<Duration>,
+    created_by: &str,
+) -> Result<CreatedApiKey, VaultError> {
+    let key =
+        ApiKey::generate().map_err(|e| VaultError::internal("failed to generate an API key", e))?;
+    let now = OffsetDateTime::now_utc();
+    let expires_at = match valid_for {
+        Some(d) => Some(now.checked_add(d).ok_or_else(|| {
+            VaultError::Precondition("the API key's validity is out of range".to_owned())
+        })?),
+        None => None,
+    };
+    let row = ApiKeyRow {
+        id: key.id().to_owned(),
+        principal_id: principal_id.to_owned(),
+        secret_hash: key.hash(),
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+        created_by: Some(created_by.to_owned()),
+    };
+    Ok(CreatedApiKey { key, row })
 }
 
 /// A random 16-digit Visa number (IIN 4) with a valid check digit, expiring one to four

@@ -106,6 +106,7 @@ fn principal_of(row: &PrincipalRow) -> Result<Principal, &'static str> {
         tenant,
         name: row.name.clone(),
         permissions,
+        global_operator: row.global_operator,
     })
 }
 
@@ -256,6 +257,8 @@ impl Vault {
                     tenant: tenant.clone(),
                     name: "unauthenticated".to_owned(),
                     permissions: unauthenticated_permissions(),
+                    // Without keys:admin it is no operator of any scope.
+                    global_operator: false,
                 }));
             }
             return Ok(Err(Refusal::new(

@@ -28,8 +28,9 @@ pub enum VaultError {
     /// wraps keys, or a dual-control request has expired. The text says what to do.
     #[error("{0}")]
     Precondition(String),
-    /// Dual control: the operation needs another principal than this one (e.g. approving
-    /// one's own request).
+    /// Dual control or operator scope: the operation needs another principal than this one
+    /// (approving one's own request, or that of one's creator; a tenant's operator acting on
+    /// another tenant or on something vault-wide).
     #[error("{0}")]
     SeparationOfDuties(&'static str),
     /// The database cannot be reached; retrying later may succeed.

@@ -1,23 +1,27 @@
 //! Key administration (the `KeyAdmin` service): rotate the KEK and the DEKs, report what
-//! each key protects and how the background jobs are doing, and the two destructive
-//! operations — retiring a KEK version and crypto-shredding a tenant — under dual control:
-//! one `keys:admin` principal requests, a different one approves before the request expires,
-//! and the approval carries the operation out. Every step writes an audit record.
+//! each key protects and how the background jobs are doing, and the operations under dual
+//! control — retiring a KEK version, crypto-shredding a tenant, and creating, revoking or
+//! minting a key for a principal that holds operator or card-data power: one `keys:admin`
+//! principal requests, an independent one approves before the request expires, and the
+//! approval carries the operation out. Every step writes an audit record.
 
-use std::{fmt, sync::Arc};
+use std::{collections::HashSet, fmt, sync::Arc};
 
 use time::OffsetDateTime;
 
 use super::{
-    Operator, TenantId, Vault, VaultError, admin::admin_event, key_jobs::JobKind, keys::DekPolicy,
+    CreatedApiKey, NewPrincipal, Operator, OperatorScope, Permissions, TenantId, Vault, VaultError,
+    admin::{admin_event, new_api_key, new_principal_row, scope_of},
+    key_jobs::JobKind,
+    keys::DekPolicy,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     crypto::{self, CryptoError, DekId, KekVersion, KeyProvider},
-    store::{DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Shredded},
+    store::{DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, Shredded},
 };
 
-/// A destructive key operation that needs dual control.
+/// An operation that needs dual control: one operator requests it, another approves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyOperation {
     /// Destroy a KEK version in the key provider. Allowed only when nothing stored is
@@ -26,28 +30,125 @@ pub enum KeyOperation {
     /// Destroy a tenant's data keys and secret (its cards become unreadable for good),
     /// delete its cards and revoke its principals.
     ShredTenant(TenantId),
+    /// Create a principal that would hold `keys:admin` or a card-data permission.
+    CreatePrincipal(NewPrincipal),
+    /// Revoke an operator (a principal holding `keys:admin`) and its API keys.
+    RevokePrincipal {
+        /// Its id.
+        principal: String,
+        /// Its tenant; `None` for a global operator.
+        tenant: Option<TenantId>,
+    },
+    /// Create an API key for a principal that holds `keys:admin` or a card-data permission.
+    /// The approver is shown the key.
+    CreateApiKey {
+        /// The principal's id.
+        principal: String,
+        /// Its tenant; `None` for a global operator.
+        tenant: Option<TenantId>,
+        /// The key's lifetime; it never expires when unset.
+        valid_for: Option<time::Duration>,
+    },
+}
+
+/// What a `create_principal` or `create_api_key` request stores besides its target.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RequestParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    permissions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtls_identity: Option<String>,
+    #[serde(default)]
+    global_operator: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    valid_for_secs: Option<i64>,
 }
 
 impl KeyOperation {
+    /// The request to revoke a stored principal.
+    pub fn revoke_principal(row: &PrincipalRow) -> KeyOperation {
+        KeyOperation::RevokePrincipal {
+            principal: row.id.clone(),
+            tenant: scope_of(row),
+        }
+    }
+
     /// The stored kind.
     pub fn kind(&self) -> &'static str {
         match self {
             KeyOperation::RetireKek(_) => "retire_kek",
             KeyOperation::ShredTenant(_) => "shred_tenant",
+            KeyOperation::CreatePrincipal(_) => "create_principal",
+            KeyOperation::RevokePrincipal { .. } => "revoke_principal",
+            KeyOperation::CreateApiKey { .. } => "create_api_key",
         }
     }
 
-    /// The stored target: the version number or the tenant id.
+    /// The stored target: the version number, the tenant id (shred, create principal) or
+    /// the principal id (revoke principal, create API key).
     pub fn target(&self) -> String {
         match self {
             KeyOperation::RetireKek(version) => version.0.to_string(),
             KeyOperation::ShredTenant(tenant) => tenant.to_string(),
+            KeyOperation::CreatePrincipal(new) => new.tenant.to_string(),
+            KeyOperation::RevokePrincipal { principal, .. }
+            | KeyOperation::CreateApiKey { principal, .. } => principal.clone(),
         }
+    }
+
+    /// The tenant it acts on; `None` for what only a global operator may request and
+    /// approve (a KEK version, a global operator).
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match self {
+            KeyOperation::RetireKek(_) => None,
+            KeyOperation::ShredTenant(tenant) => Some(tenant),
+            KeyOperation::CreatePrincipal(new) => new.scope_tenant(),
+            KeyOperation::RevokePrincipal { tenant, .. }
+            | KeyOperation::CreateApiKey { tenant, .. } => tenant.as_ref(),
+        }
+    }
+
+    fn params(&self) -> Option<String> {
+        let params = match self {
+            KeyOperation::CreatePrincipal(new) => RequestParams {
+                name: Some(new.name.clone()),
+                permissions: new
+                    .permissions
+                    .names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                mtls_identity: new.mtls_identity.clone(),
+                global_operator: new.global_operator,
+                valid_for_secs: None,
+            },
+            KeyOperation::CreateApiKey { valid_for, .. } => RequestParams {
+                name: None,
+                permissions: Vec::new(),
+                mtls_identity: None,
+                global_operator: false,
+                valid_for_secs: valid_for.map(|d| d.whole_seconds()),
+            },
+            _ => return None,
+        };
+        serde_json::to_string(&params).ok()
     }
 
     /// The operation a stored request describes.
     pub fn of(row: &KeyRequestRow) -> Result<KeyOperation, VaultError> {
         let corrupt = || VaultError::internal("a stored key request is malformed", "corrupt row");
+        let tenant = || {
+            row.tenant_id
+                .as_deref()
+                .map(TenantId::parse)
+                .transpose()
+                .map_err(|_| corrupt())
+        };
+        let params = || -> Result<RequestParams, VaultError> {
+            serde_json::from_str(row.params.as_deref().ok_or_else(corrupt)?).map_err(|_| corrupt())
+        };
         match row.kind.as_str() {
             "retire_kek" => row
                 .target
@@ -57,6 +158,26 @@ impl KeyOperation {
             "shred_tenant" => TenantId::parse(&row.target)
                 .map(KeyOperation::ShredTenant)
                 .map_err(|_| corrupt()),
+            "create_principal" => {
+                let params = params()?;
+                Ok(KeyOperation::CreatePrincipal(NewPrincipal {
+                    tenant: TenantId::parse(&row.target).map_err(|_| corrupt())?,
+                    name: params.name.ok_or_else(corrupt)?,
+                    permissions: Permissions::parse(params.permissions.iter().map(String::as_str))
+                        .map_err(|_| corrupt())?,
+                    mtls_identity: params.mtls_identity,
+                    global_operator: params.global_operator,
+                }))
+            }
+            "revoke_principal" => Ok(KeyOperation::RevokePrincipal {
+                principal: row.target.clone(),
+                tenant: tenant()?,
+            }),
+            "create_api_key" => Ok(KeyOperation::CreateApiKey {
+                principal: row.target.clone(),
+                tenant: tenant()?,
+                valid_for: params()?.valid_for_secs.map(time::Duration::seconds),
+            }),
             _ => Err(corrupt()),
         }
     }
@@ -67,6 +188,24 @@ impl fmt::Display for KeyOperation {
         match self {
             KeyOperation::RetireKek(version) => write!(f, "retire KEK {version}"),
             KeyOperation::ShredTenant(tenant) => write!(f, "shred tenant {tenant}"),
+            KeyOperation::CreatePrincipal(new) => write!(
+                f,
+                "create principal {} of tenant {} with {}{}",
+                new.name,
+                new.tenant,
+                new.permissions.names().join(","),
+                if new.global_operator {
+                    " (global operator)"
+                } else {
+                    ""
+                }
+            ),
+            KeyOperation::RevokePrincipal { principal, .. } => {
+                write!(f, "revoke principal {principal}")
+            }
+            KeyOperation::CreateApiKey { principal, .. } => {
+                write!(f, "create an API key for principal {principal}")
+            }
         }
     }
 }
@@ -112,43 +251,97 @@ pub struct RotatedDeks {
 }
 
 /// What an approval carried out.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Approved {
     /// The request, now `executed`.
     pub request: KeyRequestRow,
     /// For a shred, what it removed.
     pub shredded: Option<Shredded>,
+    /// For a principal's creation, the principal.
+    pub principal: Option<PrincipalRow>,
+    /// For an API key's creation, the key: shown to the approver, once.
+    pub api_key: Option<CreatedApiKey>,
 }
 
 /// How many finished jobs `GetKeyStatus` shows besides the running ones.
 const RECENT_JOBS: u32 = 10;
 
+/// How long one replica may take to make a new KEK version before another may try.
+const KEK_ROTATION_LEASE: time::Duration = time::Duration::seconds(60);
+
 impl Vault {
     /// Makes a new KEK version primary at once (new wrappings use it from now on) and starts
     /// — or, if one is running, joins — the job that rewraps every DEK, tenant secret and the
     /// audit key under it.
+    ///
+    /// Global operators only. One rotation runs at a time across every replica (a lease in
+    /// the database): a rotation asked for while another is under way is refused with
+    /// `Precondition`, never turned into a second, conflicting version.
     pub async fn rotate_kek(&self, op: &Operator) -> Result<(KekVersion, KeyJobRow), VaultError> {
-        let provider = self.refreshed_provider().await?;
         let mut event = admin_event(op, Action::RotateKek, Outcome::Ok);
-        let version = match provider.rotate().await {
+        self.within_scope(op, None, &event).await?;
+        let owner = new_id("kr_rotate_")?;
+        let now = OffsetDateTime::now_utc();
+        if !self
+            .store
+            .claim_kek_rotation(&owner, now, now + KEK_ROTATION_LEASE)
+            .await?
+        {
+            event.outcome = Outcome::Conflict;
+            event.detail = Some("another KEK rotation is under way".to_owned());
+            self.record(&event).await;
+            return Err(VaultError::Precondition(
+                "another KEK rotation is under way; look at GetKeyStatus and try again".to_owned(),
+            ));
+        }
+        let rotated = self.rotate_provider().await;
+        let made = rotated.as_ref().ok().map(|v| v.0);
+        if let Err(err) = self
+            .store
+            .release_kek_rotation(&owner, made, OffsetDateTime::now_utc())
+            .await
+        {
+            // The lease runs out by itself; the version is made either way.
+            tracing::warn!(error = %err, "could not release the KEK rotation lease");
+        }
+        let version = match rotated {
             Ok(version) => version,
             Err(err) => {
                 event.outcome = Outcome::Error;
                 self.record(&event).await;
-                return Err(match err {
-                    CryptoError::Unsupported { .. } => VaultError::Precondition(format!(
-                        "the {} key provider cannot rotate: {err}",
-                        provider.name()
-                    )),
-                    other => VaultError::internal("failed to rotate the KEK", other),
-                });
+                return Err(err);
             }
         };
-        tracing::info!(kek_version = %version, provider = provider.name(), "new primary KEK version");
+        tracing::info!(kek_version = %version, provider = self.keys.provider().name(), "new primary KEK version");
         let job = self.start_job(op, JobKind::Rewrap, None).await?;
         event.detail = Some(format!("new primary KEK {version}; rewrap job {}", job.id));
         self.record_or_fail(&event).await?;
         Ok((version, job))
+    }
+
+    /// Makes the key provider's next version primary, holding the rotation lease. The
+    /// provider is read afresh first, and must know at least the version the last rotation
+    /// recorded: a replica with a stale view would otherwise make a version number that
+    /// already exists.
+    async fn rotate_provider(&self) -> Result<KekVersion, VaultError> {
+        let provider = self.refreshed_provider().await?;
+        if let Some(recorded) = self.store.rotated_kek_version().await?
+            && provider.primary_version().0 < recorded
+        {
+            return Err(VaultError::Precondition(format!(
+                "the {} key provider shows KEK v{} as primary but v{recorded} was made; \
+                 it does not see the other replicas' keys",
+                provider.name(),
+                provider.primary_version().0
+            )));
+        }
+        provider.rotate().await.map_err(|err| match err {
+            CryptoError::Unsupported { .. } => VaultError::Precondition(format!(
+                "the {} key provider cannot rotate: {err}",
+                provider.name()
+            )),
+            other => VaultError::internal("failed to rotate the KEK", other),
+        })
     }
 
     /// Makes a new DEK active now for one tenant or for every tenant; records sealed before
@@ -161,8 +354,14 @@ impl Vault {
         tenant: Option<&TenantId>,
         reencrypt: bool,
     ) -> Result<RotatedDeks, VaultError> {
+        // A tenant's operator rotates its own tenant's key: "every tenant" is its own.
+        let tenant = match (tenant, &op.scope) {
+            (None, OperatorScope::Tenant(own)) => Some(own),
+            (tenant, _) => tenant,
+        };
         let mut event = admin_event(op, Action::RotateDeks, Outcome::Ok);
         event.tenant = tenant.map(ToString::to_string);
+        self.within_scope(op, tenant, &event).await?;
         let tenants = match tenant {
             Some(tenant) => match self.store.tenant(tenant.as_str()).await? {
                 Some(row) if row.shredded_at.is_none() => vec![tenant.clone()],
@@ -215,6 +414,14 @@ impl Vault {
         op: &Operator,
         tenant: Option<&TenantId>,
     ) -> Result<KeyStatus, VaultError> {
+        let tenant = match (tenant, &op.scope) {
+            (None, OperatorScope::Tenant(own)) => Some(own),
+            (tenant, _) => tenant,
+        };
+        let mut event = admin_event(op, Action::KeyStatus, Outcome::Ok);
+        event.tenant = tenant.map(ToString::to_string);
+        self.within_scope(op, tenant, &event).await?;
+        let global = op.scope.covers(None);
         let provider = self.refreshed_provider().await?;
         let primary = provider.primary_version();
         let mut usage = self.store.kek_usage().await?;
@@ -241,27 +448,40 @@ impl Vault {
             usage,
         }));
         keks.sort_by_key(|k| k.version);
+        if !global {
+            // What each KEK version wraps counts every tenant's keys and records.
+            keks.clear();
+        }
+        let in_scope = |t: Option<&str>| global || t == tenant.map(TenantId::as_str);
         let status = KeyStatus {
             provider: provider.name(),
             primary,
             keks,
             deks: self.store.dek_usage(tenant.map(TenantId::as_str)).await?,
-            jobs: self.store.key_jobs(RECENT_JOBS).await?,
+            jobs: self
+                .store
+                .key_jobs(RECENT_JOBS)
+                .await?
+                .into_iter()
+                .filter(|job| in_scope(job.tenant_id.as_deref()))
+                .collect(),
             requests: self
                 .store
                 .pending_key_requests(OffsetDateTime::now_utc())
-                .await?,
+                .await?
+                .into_iter()
+                .filter(|request| in_scope(request.tenant_id.as_deref()))
+                .collect(),
             policy: self.keys.policy().clone(),
         };
-        let mut event = admin_event(op, Action::KeyStatus, Outcome::Ok);
-        event.tenant = tenant.map(ToString::to_string);
         self.record_or_fail(&event).await?;
         Ok(status)
     }
 
-    /// Asks for a destructive operation; another `keys:admin` principal must approve it
-    /// within `keys.approval_ttl_secs`. Refuses at once what could never be approved: an
-    /// unknown or primary KEK version, a missing or already shredded tenant.
+    /// Asks for an operation under dual control; another operator must approve it within
+    /// `keys.approval_ttl_secs`. Refuses at once what the operator may not ask for (outside
+    /// its scope) and what could never be approved: an unknown or primary KEK version, a
+    /// missing or already shredded tenant, a missing principal.
     pub async fn request_key_operation(
         &self,
         op: &Operator,
@@ -269,9 +489,8 @@ impl Vault {
     ) -> Result<KeyRequestRow, VaultError> {
         let mut event = admin_event(op, Action::RequestKeyOperation, Outcome::Ok);
         event.detail = Some(operation.to_string());
-        if let KeyOperation::ShredTenant(tenant) = &operation {
-            event.tenant = Some(tenant.to_string());
-        }
+        event.tenant = operation.tenant().map(ToString::to_string);
+        self.within_scope(op, operation.tenant(), &event).await?;
         if let Err(err) = self.check_operation(&operation).await {
             event.outcome = outcome_of(&err);
             self.record(&event).await;
@@ -290,6 +509,8 @@ impl Vault {
             state: "pending".to_owned(),
             decided_by: None,
             decided_at: None,
+            tenant_id: operation.tenant().map(ToString::to_string),
+            params: operation.params(),
         };
         let mut tx = self.begin().await?;
         tx.insert_key_request(&row).await?;
@@ -313,14 +534,96 @@ impl Vault {
                 }
                 Ok(())
             }
-            KeyOperation::ShredTenant(tenant) => match self.store.tenant(tenant.as_str()).await? {
-                Some(row) if row.shredded_at.is_none() => Ok(()),
-                Some(_) => Err(VaultError::Precondition(format!(
-                    "tenant {tenant} is already shredded"
-                ))),
-                None => Err(VaultError::Missing("tenant not found")),
-            },
+            KeyOperation::ShredTenant(tenant) => self.check_live_tenant(tenant).await,
+            KeyOperation::CreatePrincipal(new) => self.check_live_tenant(&new.tenant).await,
+            KeyOperation::RevokePrincipal { principal, .. }
+            | KeyOperation::CreateApiKey { principal, .. } => {
+                match self.store.principal(principal).await? {
+                    Some(row) if row.revoked_at.is_none() => Ok(()),
+                    _ => Err(VaultError::Missing("no live principal with that id")),
+                }
+            }
         }
+    }
+
+    async fn check_live_tenant(&self, tenant: &TenantId) -> Result<(), VaultError> {
+        match self.store.tenant(tenant.as_str()).await? {
+            Some(row) if row.shredded_at.is_none() => Ok(()),
+            Some(_) => Err(VaultError::Precondition(format!(
+                "tenant {tenant} is already shredded"
+            ))),
+            None => Err(VaultError::Missing("tenant not found")),
+        }
+    }
+
+    /// Everyone who could act as `principal`: itself, whoever created it, whoever was shown
+    /// one of its API keys, and — transitively — whoever could act as those. An operator who
+    /// created another principal, or minted its key, may hold its credentials.
+    async fn holders(&self, principal: &str) -> Result<HashSet<String>, VaultError> {
+        let mut seen = HashSet::new();
+        let mut queue = vec![principal.to_owned()];
+        while let Some(id) = queue.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            // Configuration principals, the CLI and the --dev caller have no rows.
+            let Some(row) = self.store.principal(&id).await? else {
+                continue;
+            };
+            queue.extend(row.created_by);
+            queue.extend(
+                self.store
+                    .api_keys_of(&id)
+                    .await?
+                    .into_iter()
+                    .filter_map(|key| key.created_by),
+            );
+        }
+        Ok(seen)
+    }
+
+    /// Refuses an approval that is not the act of a second, independent operator: the
+    /// requester itself, an operator the requester created or minted a credential for (or
+    /// the reverse), or one created after the request.
+    async fn check_approver(
+        &self,
+        op: &Operator,
+        request: &KeyRequestRow,
+    ) -> Result<(), VaultError> {
+        if request.requested_by == op.principal {
+            return Err(VaultError::SeparationOfDuties(
+                "dual control: a request must be approved by another keys:admin principal \
+                 than the one who made it",
+            ));
+        }
+        if self
+            .holders(&op.principal)
+            .await?
+            .contains(&request.requested_by)
+        {
+            return Err(VaultError::SeparationOfDuties(
+                "dual control: the approver was created by the requester, or holds an API key \
+                 the requester minted",
+            ));
+        }
+        if self
+            .holders(&request.requested_by)
+            .await?
+            .contains(&op.principal)
+        {
+            return Err(VaultError::SeparationOfDuties(
+                "dual control: the requester was created by the approver, or holds an API key \
+                 the approver minted",
+            ));
+        }
+        if let Some(approver) = self.store.principal(&op.principal).await?
+            && approver.created_at > request.requested_at
+        {
+            return Err(VaultError::SeparationOfDuties(
+                "dual control: the approver was created after the request",
+            ));
+        }
+        Ok(())
     }
 
     /// Approves a pending request and carries it out. The approver must be another principal
@@ -334,8 +637,12 @@ impl Vault {
         event.detail = Some(format!("request {}", truncated(id)));
         let result = self.approve(op, id, &mut event).await;
         match &result {
-            // A shred's record committed in the shred's own transaction.
-            Ok(approved) if approved.shredded.is_some() => {}
+            // These records committed in the operation's own transaction.
+            Ok(approved)
+                if approved.shredded.is_some()
+                    || approved.principal.is_some()
+                    || approved.api_key.is_some()
+                    || approved.request.kind == "revoke_principal" => {}
             Ok(_) => self.record_or_fail(&event).await?,
             Err(err) => {
                 event.outcome = outcome_of(err);
@@ -356,8 +663,12 @@ impl Vault {
         };
         let operation = KeyOperation::of(&request)?;
         event.detail = Some(format!("request {id}: {operation}"));
-        if let KeyOperation::ShredTenant(tenant) = &operation {
-            event.tenant = Some(tenant.to_string());
+        event.tenant = operation.tenant().map(ToString::to_string);
+        if !op.scope.covers(operation.tenant()) {
+            return Err(VaultError::SeparationOfDuties(match operation.tenant() {
+                Some(_) => "operator scope: a tenant's operator manages its own tenant only",
+                None => "operator scope: only a global operator may do this",
+            }));
         }
         if request.state != "pending" {
             return Err(VaultError::Precondition(format!(
@@ -365,12 +676,7 @@ impl Vault {
                 request.state
             )));
         }
-        if request.requested_by == op.principal {
-            return Err(VaultError::SeparationOfDuties(
-                "dual control: a request must be approved by another keys:admin principal \
-                 than the one who made it",
-            ));
-        }
+        self.check_approver(op, &request).await?;
         let now = OffsetDateTime::now_utc();
         if now >= request.expires_at {
             let mut tx = self.begin().await?;
@@ -382,7 +688,76 @@ impl Vault {
             )));
         }
         self.check_operation(&operation).await?;
+        let mut principal = None;
+        let mut api_key = None;
         let shredded = match &operation {
+            KeyOperation::CreatePrincipal(new) => {
+                let mut tx = self.begin().await?;
+                if !tx
+                    .decide_key_request(id, "executed", &op.principal, now)
+                    .await?
+                {
+                    return Err(VaultError::Precondition(format!(
+                        "request {id} was decided meanwhile"
+                    )));
+                }
+                // Created by the requester: it may not approve the requester's requests.
+                let row = new_principal_row(new.clone(), &request.requested_by)?;
+                event.detail = Some(format!("request {id}: {operation}: principal {}", row.id));
+                // A refusal (name taken, tenant gone) rolls back and is recorded by the caller.
+                let mut refusal = event.clone();
+                let row = self
+                    .insert_principal(tx.as_mut(), row, &mut refusal)
+                    .await?;
+                // The record commits with the principal: both happen or neither.
+                self.commit_with(tx, event).await?;
+                principal = Some(row);
+                None
+            }
+            KeyOperation::RevokePrincipal {
+                principal: target, ..
+            } => {
+                let mut tx = self.begin().await?;
+                if !tx
+                    .decide_key_request(id, "executed", &op.principal, now)
+                    .await?
+                {
+                    return Err(VaultError::Precondition(format!(
+                        "request {id} was decided meanwhile"
+                    )));
+                }
+                if !tx.revoke_principal(target, now).await? {
+                    return Err(VaultError::Missing("no live principal with that id"));
+                }
+                self.commit_with(tx, event).await?;
+                self.credentials.forget(None, Some(target));
+                None
+            }
+            KeyOperation::CreateApiKey {
+                principal: target,
+                valid_for,
+                ..
+            } => {
+                let mut tx = self.begin().await?;
+                if !tx
+                    .decide_key_request(id, "executed", &op.principal, now)
+                    .await?
+                {
+                    return Err(VaultError::Precondition(format!(
+                        "request {id} was decided meanwhile"
+                    )));
+                }
+                // The approver is shown the key, so it is the one recorded as its holder.
+                let created = new_api_key(target, *valid_for, &op.principal)?;
+                tx.insert_api_key(&created.row).await?;
+                event.detail = Some(format!(
+                    "request {id}: {operation}: API key {}",
+                    created.row.id
+                ));
+                self.commit_with(tx, event).await?;
+                api_key = Some(created);
+                None
+            }
             KeyOperation::RetireKek(version) => {
                 self.retire_kek(*version).await?;
                 let mut tx = self.begin().await?;
@@ -431,7 +806,12 @@ impl Vault {
         request.state = "executed".to_owned();
         request.decided_by = Some(op.principal.clone());
         request.decided_at = Some(now);
-        Ok(Approved { request, shredded })
+        Ok(Approved {
+            request,
+            shredded,
+            principal,
+            api_key,
+        })
     }
 
     /// Destroys a KEK version in the provider once nothing stored is wrapped under it.

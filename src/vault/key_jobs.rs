@@ -260,6 +260,9 @@ impl Vault {
             principal: job.requested_by.clone(),
             peer: None,
             request_id: None,
+            // Only names who started the job in its records; it authorizes nothing.
+            scope: super::OperatorScope::Global,
+            local: false,
         };
         let mut event: AuditEvent = admin_event(&op, Action::KeyJob, outcome);
         event.tenant = job.tenant_id.clone();

@@ -32,10 +32,10 @@ use tokio::sync::OnceCell;
 
 pub use self::{
     access::{
-        Authorized, Caller, ConfigPrincipal, Credentials, Operator, Permission, Permissions,
-        Principal,
+        Authorized, Caller, ConfigPrincipal, Credentials, Operator, OperatorScope, Permission,
+        Permissions, Principal, needs_dual_control,
     },
-    admin::{CreatedApiKey, NewPrincipal},
+    admin::{CreatedApiKey, DualControlled, NewPrincipal},
     batch::BatchOptions,
     charge::{ChargeCommand, Charged},
     error::VaultError,
@@ -543,7 +543,8 @@ impl Vault {
     }
 
     /// Audit records between `from` (inclusive) and `to` (exclusive), oldest first, after
-    /// `cursor`. Operators (`keys:admin`) see every tenant; others see their own tenant's.
+    /// `cursor`. Global operators see every tenant; others (a tenant's operators included)
+    /// see their own tenant's.
     /// The first page of a read is itself recorded.
     pub async fn audit_records(
         &self,
@@ -559,7 +560,7 @@ impl Vault {
             audit.detail = Some(format!("from {from} to {to}"));
             self.batcher().await?.audit(audit).await?;
         }
-        let tenant = (!auth.is_operator()).then(|| auth.caller().tenant().as_str());
+        let tenant = (!auth.is_global_operator()).then(|| auth.caller().tenant().as_str());
         Ok(self
             .store
             .audit_range(from, to, tenant, cursor, limit)

@@ -9,7 +9,7 @@ use cardvault::{
         card_vault_client::CardVaultClient,
     },
     server,
-    vault::{NewPrincipal, Operator, Permissions, TenantId, Vault},
+    vault::{DualControlled, NewPrincipal, Operator, Permissions, TenantId, Vault},
 };
 use tonic::{Code, transport::Channel};
 
@@ -76,12 +76,29 @@ impl Secure {
         permissions: &[&str],
     ) -> (String, String) {
         let row = self.principal(tenant, name, permissions, None).await;
-        let key = self
+        (row.clone(), self.key_for(&row).await)
+    }
+
+    /// A global operator (`keys:admin` of every tenant) of `tenant`, made by the CLI, and an
+    /// API key for it.
+    pub async fn global_operator(&self, tenant: &str, name: &str) -> (String, String) {
+        let row = self
+            .principal_with(tenant, name, &["keys:admin"], None, true)
+            .await;
+        (row.clone(), self.key_for(&row).await)
+    }
+
+    /// An API key for a principal, made by the CLI.
+    pub async fn key_for(&self, principal: &str) -> String {
+        match self
             .ops
-            .create_api_key(&operator(), &row, None)
+            .create_api_key(&operator(), principal, None)
             .await
-            .expect("api key");
-        (row, key.key.expose().to_owned())
+            .expect("api key")
+        {
+            DualControlled::Done(key) => key.key.expose().to_owned(),
+            DualControlled::Pending(_) => panic!("the CLI acts at once"),
+        }
     }
 
     /// A principal; returns its id.
@@ -92,7 +109,21 @@ impl Secure {
         permissions: &[&str],
         mtls_identity: Option<&str>,
     ) -> String {
-        self.ops
+        self.principal_with(tenant, name, permissions, mtls_identity, false)
+            .await
+    }
+
+    /// A principal made by the CLI, maybe a global operator; returns its id.
+    pub async fn principal_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        permissions: &[&str],
+        mtls_identity: Option<&str>,
+        global_operator: bool,
+    ) -> String {
+        match self
+            .ops
             .create_principal(
                 &operator(),
                 NewPrincipal {
@@ -101,11 +132,15 @@ impl Secure {
                     permissions: Permissions::parse(permissions.iter().copied())
                         .expect("permissions"),
                     mtls_identity: mtls_identity.map(str::to_owned),
+                    global_operator,
                 },
             )
             .await
             .expect("principal")
-            .id
+        {
+            DualControlled::Done(row) => row.id,
+            DualControlled::Pending(_) => panic!("the CLI acts at once"),
+        }
     }
 
     pub async fn vault(&self) -> CardVaultClient<Channel> {
@@ -236,7 +271,7 @@ async fn each_card_permission_allows_its_rpc_and_nothing_else_for_mtls_principal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_audit_permissions_are_enforced() {
     let s = secure(Backend::Sqlite).await;
-    let (_, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (_, admin) = s.global_operator("acme", "ops").await;
     let (_, auditor) = s.api_key("acme", "auditor", &["audit:read"]).await;
     let (_, reader) = s.api_key("acme", "reader", &["read"]).await;
     let mut access = AccessAdminClient::new(s.app.channel().await);
@@ -273,7 +308,7 @@ async fn admin_and_audit_permissions_are_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_revoked_unknown_and_malformed_credentials_are_all_refused_alike() {
     let s = secure(Backend::Sqlite).await;
-    let (_, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (_, admin) = s.global_operator("acme", "ops").await;
     let reader = s.principal("acme", "reader", &["read"], None).await;
     let mut access = AccessAdminClient::new(s.app.channel().await);
     let new_key = async |valid_for: Option<prost_types::Duration>| {

@@ -14,7 +14,7 @@ use crate::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn touching_a_honeytoken_raises_an_alarm_but_looks_like_any_card() {
     let s = secure(Backend::Sqlite).await;
-    let (_, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (_, admin) = s.global_operator("acme", "ops").await;
     let (_, thief) = s
         .api_key("acme", "stolen", &["tokenize", "read", "reveal"])
         .await;

@@ -174,7 +174,7 @@ async fn malformed_key_admin_requests_are_invalid_arguments_naming_the_field() {
 
 async fn key_status_reports_the_provider_the_keks_and_one_data_key_per_tenant(backend: Backend) {
     let s = secure(backend).await;
-    let (_, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (_, admin) = s.global_operator("acme", "ops").await;
     tokenize_in(&s, "acme", 2).await;
     tokenize_in(&s, "globex", 1).await;
     let mut keys = key_admin(&s).await;
@@ -232,7 +232,7 @@ async fn key_status_reports_the_provider_the_keks_and_one_data_key_per_tenant(ba
 
 async fn rotating_the_kek_makes_version_2_primary_and_starts_a_rewrap_job(backend: Backend) {
     let s = secure(backend).await;
-    let (admin_id, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (admin_id, admin) = s.global_operator("acme", "ops").await;
     tokenize_in(&s, "acme", 1).await;
     let mut keys = key_admin(&s).await;
 
@@ -280,7 +280,7 @@ async fn rotating_the_kek_makes_version_2_primary_and_starts_a_rewrap_job(backen
 
 async fn rotating_deks_retires_the_old_key_with_its_records(backend: Backend) {
     let s = secure(backend).await;
-    let (_, admin) = s.api_key("acme", "ops", &["keys:admin"]).await;
+    let (_, admin) = s.global_operator("acme", "ops").await;
     tokenize_in(&s, "acme", 2).await;
     tokenize_in(&s, "globex", 1).await;
     let mut keys = key_admin(&s).await;
@@ -365,7 +365,7 @@ async fn rotating_deks_retires_the_old_key_with_its_records(backend: Backend) {
 
 async fn a_request_cannot_be_approved_by_its_requester(backend: Backend) {
     let s = secure(backend).await;
-    let (alice_id, alice) = s.api_key("acme", "alice", &["keys:admin"]).await;
+    let (alice_id, alice) = s.global_operator("acme", "alice").await;
     let mut keys = key_admin(&s).await;
 
     let request = keys

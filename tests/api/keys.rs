@@ -152,7 +152,7 @@ impl Rig {
             .to_owned()
     }
 
-    /// A `keys:admin` principal of tenant `ops` and its API key.
+    /// A global operator (a `keys:admin` principal of tenant `ops`) and its API key.
     fn operator(&self, name: &str) -> String {
         let _ = self
             .command()
@@ -167,6 +167,7 @@ impl Rig {
             name,
             "--permissions",
             "keys:admin",
+            "--global-operator",
         ]);
         self.cli(&["admin", "create-api-key", &id])
     }

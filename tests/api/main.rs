@@ -28,5 +28,6 @@ mod key_store;
 mod keys;
 mod lifecycle;
 mod loadgen;
+mod operators;
 mod reflection;
 mod store;
