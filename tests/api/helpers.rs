@@ -14,7 +14,7 @@ use cardvault::{
     crypto::LocalKeyring,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
     server, telemetry,
-    vault::{NewPrincipal, Operator, Permissions, TenantId},
+    vault::{DualControlled, NewPrincipal, Operator, Permissions, TenantId},
 };
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -371,16 +371,23 @@ impl TestApp {
                     name: format!("ops-{}", uuid::Uuid::new_v4().simple()),
                     permissions: Permissions::parse(["keys:admin"]).expect("permission"),
                     mtls_identity: None,
+                    global_operator: true,
                 },
             )
             .await
             .expect("operator principal");
-        ops.create_api_key(&op, &principal.id, None)
+        // The CLI's local operator acts at once: there is no one to approve.
+        let DualControlled::Done(principal) = principal else {
+            panic!("the local operator's principal was made a request");
+        };
+        let DualControlled::Done(key) = ops
+            .create_api_key(&op, &principal.id, None)
             .await
             .expect("operator API key")
-            .key
-            .expose()
-            .to_owned()
+        else {
+            panic!("the local operator's API key was made a request");
+        };
+        key.key.expose().to_owned()
     }
 
     /// Tokenizes a card with default options.
