@@ -219,6 +219,24 @@ mod tests {
         assert_eq!(fifteen.last4(), "0005");
     }
 
+    /// PCI DSS 3.4.1 allows BIN 8 + last 4 in clear only for PANs of 16 or more digits;
+    /// shorter ones show at most the first 6 and the last 4.
+    #[test]
+    fn bin_is_eight_digits_only_from_sixteen_digits_at_every_length() {
+        for len in MIN_LEN..=MAX_LEN {
+            let mut digits = b"1234567890123456789"[..len - 1].to_vec();
+            digits.push(luhn::check_digit(&digits));
+            let number = String::from_utf8(digits).expect("ASCII");
+            let pan = Pan::parse(&number).expect("valid");
+            let shown = if len >= 16 { 8 } else { 6 };
+            assert_eq!(pan.bin(), &number[..shown], "{len} digits");
+            assert_eq!(pan.last4(), &number[len - 4..], "{len} digits");
+        }
+        // The boundary, with real cards: 15-digit Amex 6, 16-digit Visa 8.
+        assert_eq!(Pan::parse("371449635398431").expect("amex").bin().len(), 6);
+        assert_eq!(Pan::parse("4000056655665556").expect("visa").bin().len(), 8);
+    }
+
     #[test]
     fn masked_keeps_first_six_and_last_four() {
         let pan = Pan::parse("4242424242424242").expect("valid");
