@@ -22,9 +22,12 @@
 //! - `input` — [`Card`] and [`CardInput`]: all fields validated together.
 //! - `error` — [`FieldViolation`] and [`InvalidCard`], the report sent back to callers.
 //! - `token` — [`Token`], [`TokenFormat`] and [`TokenError`].
+//! - [`detect`] — card numbers in free text, for the screens and scrubbers of text that is
+//!   stored in clear or logged.
 
 mod brand;
 mod cvc;
+pub mod detect;
 mod error;
 mod expiry;
 mod holder;
@@ -35,6 +38,7 @@ mod token;
 
 pub use brand::Brand;
 pub use cvc::{Cvc, CvcError};
+pub use detect::contains_card_number;
 pub use error::{FieldViolation, InvalidCard};
 pub use expiry::{Expiry, ExpiryError};
 pub use holder::{CardholderName, HolderError};
