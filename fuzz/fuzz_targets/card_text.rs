@@ -3,9 +3,9 @@
 
 #![no_main]
 
-use cardvault::{
-    card::{CardholderName, Pan, Token},
-    vault::metadata::contains_card_number,
+use cardvault::card::{
+    CardholderName, Pan, Token,
+    detect::{contains_card_number, find_card_numbers, mask_digits, replace_card_numbers},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -29,5 +29,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(Pan::parse(token.as_str()).is_err(), "a token never parses as a card");
     }
     let _ = CardholderName::parse(text);
-    let _ = contains_card_number(text);
+    let found = find_card_numbers(text);
+    assert_eq!(contains_card_number(text), !found.is_empty());
+    for range in found {
+        assert!(text.is_char_boundary(range.start) && text.is_char_boundary(range.end));
+    }
+    let masked = replace_card_numbers(text, |digits| Some(mask_digits(digits)));
+    // Each digit becomes one ASCII character and separators go: never longer.
+    assert!(masked.len() <= text.len());
 });

@@ -13,11 +13,11 @@ use time::OffsetDateTime;
 
 use super::{
     Authorized, Metadata, TOKEN_ATTEMPTS, TenantId, Vault, VaultError, event, expect_action,
-    keys::TenantKeys, metadata::contains_card_number, now_micros, record, seal::Sealer,
+    keys::TenantKeys, now_micros, record, seal::Sealer,
 };
 use crate::{
     audit::{Action, Outcome},
-    card::{Card, FieldViolation, Token, TokenFormat},
+    card::{Card, FieldViolation, Token, TokenFormat, contains_card_number},
     crypto::{DataKey, DekId, Fingerprint},
     store::{CardRow, ImportedCard},
 };
@@ -474,8 +474,9 @@ mod tests {
         let v = ImportId::parse("customer 4242 4242 4242 4242".to_owned()).expect_err("PAN");
         assert!(v.description.contains("card number"), "{}", v.description);
         assert!(!format!("{v:?}").contains("4242"));
-        // Order numbers that merely pass Luhn in no known card range are fine.
-        assert!(ImportId::parse("order 1234567812345670".to_owned()).is_ok());
+        // Whatever the brand: a Luhn-valid 16-digit number is a card number.
+        assert!(ImportId::parse("order 1234567812345670".to_owned()).is_err());
+        assert!(ImportId::parse("order 1234567812345671".to_owned()).is_ok());
     }
 
     #[test]

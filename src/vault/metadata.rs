@@ -1,9 +1,10 @@
 //! Caller metadata: a small string map stored in clear beside the token.
 //!
 //! Because it is stored in clear, it must not become a side door for card data: values and
-//! keys that contain something shaped like a card number are refused.
+//! keys that contain a card number (as [`crate::card::detect`] finds them: any brand, any
+//! grouping, any script's digits) are refused.
 
-use crate::card::{Brand, FieldViolation, Pan};
+use crate::card::{FieldViolation, contains_card_number};
 
 /// Most entries a card may carry.
 pub const MAX_ENTRIES: usize = 50;
@@ -82,33 +83,6 @@ fn violation(description: String) -> FieldViolation {
     }
 }
 
-/// Whether `text` holds 12–19 digits, written together or in groups split by spaces or
-/// dashes, that pass Luhn and fall in a known card range. Unknown ranges are let through:
-/// a random 13-digit order number passes Luhn one time in ten and must not be refused.
-pub fn contains_card_number(text: &str) -> bool {
-    let groups: Vec<&str> = text
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|g| !g.is_empty())
-        .collect();
-    // Only groups that were adjacent (separated by one space or dash) can form one number;
-    // checking every run of consecutive groups is a superset of that, and cheap.
-    for start in 0..groups.len() {
-        let mut candidate = String::new();
-        for group in &groups[start..] {
-            candidate.push_str(group);
-            if candidate.len() > 19 {
-                break;
-            }
-            if candidate.len() >= 12
-                && Pan::parse(&candidate).is_ok_and(|pan| pan.brand() != Brand::Unknown)
-            {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,11 +108,17 @@ mod tests {
             "card 4242 4242 4242 4242 exp 12/30",
             "5555-5555-5555-4444",
             "x378282246310005y",
+            // Unknown brand, and digits of other scripts: still card numbers.
+            "0004242424242424242",
+            "４２４２４２４２４２４２４２４２",
+            "٤٢٤٢ ٤٢٤٢ ٤٢٤٢ ٤٢٤٢",
+            "४२४२-४२४२-४२४२-४२४२",
         ] {
             let err = md(&[("note", value)]).expect_err(value);
             let text = format!("{err:?}");
             assert!(!text.contains("4242424242424242") && !text.contains("4242 4242"));
             assert!(!text.contains("5555") && !text.contains("378282"));
+            assert!(!text.contains("٤٢٤٢") && !text.contains("४२४२") && !text.contains("４２"));
         }
     }
 
@@ -150,8 +130,20 @@ mod tests {
 
     #[test]
     fn numbers_that_are_not_cards_are_accepted() {
-        // 13 digits, passes Luhn, no known IIN range; and a 16-digit run that fails Luhn.
-        md(&[("order", "1000000000009"), ("ref", "4242424242424241")]).expect("not cards");
+        // Too short, failing Luhn, a date.
+        md(&[
+            ("order", "10000000009"),
+            ("ref", "4242424242424241"),
+            ("on", "2026-11-25"),
+        ])
+        .expect("not cards");
+    }
+
+    #[test]
+    fn a_luhn_valid_number_of_no_known_brand_is_refused() {
+        // Stored as metadata before the detector ignored the brand.
+        md(&[("note", "0004242424242424242")]).expect_err("a card number");
+        md(&[("order", "1000000000009")]).expect_err("13 digits passing Luhn");
     }
 
     #[test]
