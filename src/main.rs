@@ -88,9 +88,9 @@ enum AdminCommand {
         /// Its name, unique in the tenant.
         #[arg(long)]
         name: String,
-        /// Comma-separated: tokenize, read, reveal, charge, delete, keys:admin, audit:read.
-        /// The CLI creates operators and card-data principals at once (the API only requests
-        /// them): it is how the first operators are made.
+        /// Comma-separated: tokenize, read, reveal, charge, delete, keys:admin, audit:read,
+        /// fingerprint. The CLI creates operators and card-data principals at once (the API
+        /// only requests them): it is how the first operators are made.
         #[arg(long, value_delimiter = ',', required = true)]
         permissions: Vec<String>,
         /// SPIFFE ID or certificate CN it authenticates as over mTLS.

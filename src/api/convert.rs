@@ -275,7 +275,11 @@ pub fn card(view: CardView) -> pb::Card {
         bin: view.bin,
         exp_month: u32::from(view.exp_month),
         exp_year: u32::from(view.exp_year),
-        fingerprint: view.fingerprint.to_hex(),
+        // Empty unless the caller holds `fingerprint` (the vault leaves it out otherwise).
+        fingerprint: view
+            .fingerprint
+            .map(|fingerprint| fingerprint.to_hex())
+            .unwrap_or_default(),
         created_at: Some(to_timestamp(view.created_at)),
         metadata: view.metadata.into_iter().collect(),
         token_format: token_format.into(),

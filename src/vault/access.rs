@@ -29,11 +29,16 @@ pub enum Permission {
     KeysAdmin,
     /// Read the audit log.
     AuditRead,
+    /// See card fingerprints (the keyed PAN hash that tells two tokens of one card apart
+    /// from two cards). Card answers leave the fingerprint empty for callers without it:
+    /// with `tokenize` and `read`, comparing fingerprints would tell which of the ~1000
+    /// candidates sharing a stored card's BIN and last 4 is that card.
+    Fingerprint,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 7] = [
+    pub const ALL: [Permission; 8] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Reveal,
@@ -41,6 +46,7 @@ impl Permission {
         Permission::Delete,
         Permission::KeysAdmin,
         Permission::AuditRead,
+        Permission::Fingerprint,
     ];
 
     /// The name used in configuration, the CLI, the API and the database.
@@ -53,6 +59,7 @@ impl Permission {
             Permission::Delete => "delete",
             Permission::KeysAdmin => "keys:admin",
             Permission::AuditRead => "audit:read",
+            Permission::Fingerprint => "fingerprint",
         }
     }
 
@@ -64,8 +71,8 @@ impl Permission {
             .ok_or_else(|| UnknownPermission(name.chars().take(40).collect()))
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 
     /// The permission an action needs.
@@ -99,16 +106,17 @@ impl Permission {
 /// A permission name that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown permission {0:?} (known: tokenize, read, reveal, charge, delete, keys:admin, audit:read)"
+    "unknown permission {0:?} (known: tokenize, read, reveal, charge, delete, keys:admin, audit:read, fingerprint)"
 )]
 pub struct UnknownPermission(String);
 
 /// A set of permissions.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct Permissions(u8);
+pub struct Permissions(u16);
 
 impl Permissions {
-    /// Every permission (the `--dev` caller).
+    /// Every permission, `fingerprint` included (the `--dev` caller: a developer's own
+    /// loopback vault, where the permission protects nothing).
     pub fn all() -> Permissions {
         Permission::ALL.into_iter().collect()
     }
@@ -156,6 +164,8 @@ pub fn needs_dual_control(permissions: &Permissions) -> bool {
         Permission::KeysAdmin,
         Permission::Reveal,
         Permission::Charge,
+        // With `tokenize`, fingerprints confirm a guessed card number without any budget.
+        Permission::Fingerprint,
     ]
     .into_iter()
     .any(|p| permissions.contains(p))
@@ -251,6 +261,14 @@ impl Authorized {
     /// The action it was authorized for.
     pub fn action(&self) -> Action {
         self.action
+    }
+
+    /// Whether the caller may see card fingerprints.
+    pub fn sees_fingerprints(&self) -> bool {
+        self.caller
+            .principal
+            .permissions
+            .contains(Permission::Fingerprint)
     }
 
     /// Whether the caller is a global operator (holds `keys:admin` and manages every
@@ -358,7 +376,13 @@ mod tests {
         assert!(set.contains(Permission::Reveal));
         assert!(!set.contains(Permission::Tokenize));
         assert_eq!(set.names(), vec!["read", "reveal"]);
-        assert_eq!(Permissions::all().names().len(), 7);
+        assert_eq!(Permissions::all().names().len(), 8);
+        assert!(Permissions::all().contains(Permission::Fingerprint));
+        assert!(
+            !Permissions::parse(["tokenize", "read"])
+                .unwrap()
+                .contains(Permission::Fingerprint)
+        );
         assert!(Permissions::default().is_empty());
     }
 
@@ -379,7 +403,7 @@ mod tests {
 
     #[test]
     fn operators_and_card_data_permissions_need_dual_control() {
-        for name in ["keys:admin", "reveal", "charge"] {
+        for name in ["keys:admin", "reveal", "charge", "fingerprint"] {
             assert!(
                 needs_dual_control(&Permissions::parse([name, "read"]).unwrap()),
                 "{name}"

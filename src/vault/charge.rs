@@ -144,7 +144,7 @@ impl Vault {
         )
         .increment(1);
         Ok(Charged {
-            card: view_of(row)?,
+            card: view_of(row)?.shown_to(auth),
             charge,
             created,
         })

@@ -102,14 +102,26 @@ pub struct CardView {
     pub exp_month: u8,
     /// Expiry year.
     pub exp_year: u16,
-    /// Keyed PAN fingerprint (per tenant).
-    pub fingerprint: Fingerprint,
+    /// Keyed PAN fingerprint (per tenant); `None` for callers without the `fingerprint`
+    /// permission.
+    pub fingerprint: Option<Fingerprint>,
     /// Caller metadata, sorted by key.
     pub metadata: Vec<(String, String)>,
     /// Creation time.
     pub created_at: OffsetDateTime,
     /// Token expiry, if any.
     pub expires_at: Option<OffsetDateTime>,
+}
+
+impl CardView {
+    /// The view as `auth`'s caller may see it: the fingerprint only for callers holding
+    /// `fingerprint`. Every operation that answers with a card passes its view through here.
+    fn shown_to(mut self, auth: &Authorized) -> CardView {
+        if !auth.sees_fingerprints() {
+            self.fingerprint = None;
+        }
+        self
+    }
 }
 
 /// Result of [`Vault::tokenize`].
@@ -336,7 +348,10 @@ impl Vault {
             self.put_cvc_hold(&tenant, &tokenized.card.token, &cvc)
                 .await?;
         }
-        Ok(tokenized)
+        Ok(Tokenized {
+            card: tokenized.card.shown_to(auth),
+            created: tokenized.created,
+        })
     }
 
     /// Stores a card and appends `audit` (with the token filled in) in the same transaction.
@@ -469,7 +484,7 @@ impl Vault {
             .audit(access_event(auth, token, honeytoken))
             .await?;
         self.alarm_if(honeytoken, auth, token);
-        view_of(row)
+        Ok(view_of(row)?.shown_to(auth))
     }
 
     /// Decrypts a card's record (inside the vault: for reveal and charge).
@@ -520,7 +535,7 @@ impl Vault {
         Ok(RevealedCard {
             pan: secret.pan,
             holder: secret.holder,
-            card: view_of(row)?,
+            card: view_of(row)?.shown_to(auth),
         })
     }
 
@@ -671,8 +686,10 @@ fn view_of(row: CardRow) -> Result<CardView, VaultError> {
         bin: row.bin,
         exp_month: row.exp_month,
         exp_year: row.exp_year,
-        fingerprint: Fingerprint::from_bytes(&row.fingerprint)
-            .map_err(|_| corrupt("a stored fingerprint is malformed"))?,
+        fingerprint: Some(
+            Fingerprint::from_bytes(&row.fingerprint)
+                .map_err(|_| corrupt("a stored fingerprint is malformed"))?,
+        ),
         metadata: row.metadata,
         created_at: row.created_at,
         expires_at: row.expires_at,
