@@ -282,6 +282,17 @@ pub struct LimitSettings {
     /// Seconds over which refusals of one source (an address, an API key, a principal) are
     /// recorded as one audit record at once plus one with the count of the rest.
     pub refusal_window_secs: u64,
+    /// `ImportCards` resends of an existing import id with another card number
+    /// (`CONFLICT`) per principal per hour; past it, chunks resending an existing id are
+    /// refused with `RESOURCE_EXHAUSTED` and an alarm.
+    pub import_conflicts_per_hour: u32,
+    /// `reuse_existing` answers with an existing token per principal per hour; past it,
+    /// `reuse_existing` requests are refused with `RESOURCE_EXHAUSTED` and an alarm.
+    pub reuse_hits_per_hour: u32,
+    /// `reuse_existing` requests that store a new card per principal, BIN and last 4 per
+    /// hour (what guessing a stored card's middle digits costs); past it, `reuse_existing`
+    /// requests for that BIN and last 4 are refused the same way.
+    pub reuse_misses_per_hour: u32,
 }
 
 /// `[log]`
@@ -413,6 +424,9 @@ fn defaults() -> Defaults {
             failed_auth_per_minute: 10,
             failed_auth_burst: 10,
             refusal_window_secs: 60,
+            import_conflicts_per_hour: 20,
+            reuse_hits_per_hour: 100,
+            reuse_misses_per_hour: 10,
         },
         log: LogSettings {
             format: LogFormat::Json,
@@ -503,6 +517,9 @@ impl Settings {
             l.reveal_burst,
             l.failed_auth_per_minute,
             l.failed_auth_burst,
+            l.import_conflicts_per_hour,
+            l.reuse_hits_per_hour,
+            l.reuse_misses_per_hour,
         ]
         .contains(&0)
             || l.refusal_window_secs == 0

@@ -33,8 +33,8 @@ use crate::{
     store::{self, Store, StoreOptions, StoreTls},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
     vault::{
-        BatchOptions, Cidr, ConfigPrincipal, DekPolicy, KeyJobOptions, Permissions, Principal,
-        Rate, TenantId, Vault, VaultOptions, key_jobs, refusals, sweeper,
+        BatchOptions, Cidr, ConfigPrincipal, DekPolicy, GuessBudgets, KeyJobOptions, Permissions,
+        Principal, Rate, TenantId, Vault, VaultOptions, key_jobs, refusals, sweeper,
     },
 };
 
@@ -309,6 +309,11 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
         failed_auth_rate: Rate {
             per_minute: limits.failed_auth_per_minute,
             burst: limits.failed_auth_burst,
+        },
+        guess_budgets: GuessBudgets {
+            import_conflicts_per_hour: limits.import_conflicts_per_hour,
+            reuse_hits_per_hour: limits.reuse_hits_per_hour,
+            reuse_misses_per_hour: limits.reuse_misses_per_hour,
         },
         credential_cache_ttl: Duration::from_millis(settings.auth.credential_cache_ms),
         batch: BatchOptions {

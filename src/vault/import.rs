@@ -6,14 +6,19 @@
 //! the whole chunk in one go off the async workers. Idempotence comes from the database: the
 //! import id is unique per tenant, so a resent card clashes with the row of its first import
 //! and is answered with that row's token; nothing stored is ever overwritten.
+//!
+//! Answering a resend compares its number with the stored one, which is an oracle for a
+//! caller without `reveal`. So an import id is answered once per chunk (a repeat in the same
+//! chunk is refused unread), and resends with another number are budgeted per principal
+//! (see [`super::guess`]).
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc, time::Instant};
 
 use time::OffsetDateTime;
 
 use super::{
     Authorized, Metadata, TOKEN_ATTEMPTS, TenantId, Vault, VaultError, event, expect_action,
-    keys::TenantKeys, now_micros, record, seal::Sealer,
+    guess::GuessKind, keys::TenantKeys, now_micros, record, seal::Sealer,
 };
 use crate::{
     audit::{Action, Outcome},
@@ -107,25 +112,33 @@ pub struct ImportChunk {
 pub enum ImportOutcome {
     /// Stored under this new token.
     Created(Token),
-    /// The import id was already taken by the same card number: its existing token.
+    /// The import id was already taken, by an earlier chunk, by the same card number: its
+    /// existing token.
     AlreadyImported(Token),
     /// The import id is taken by a different card number; nothing was stored.
     Conflict,
-    /// Refused by validation; nothing was stored.
+    /// Refused by validation, or a repeat of an import id earlier in the chunk; nothing was
+    /// stored.
     Invalid(Vec<FieldViolation>),
+}
+
+/// What a repeat of an import id within one chunk is answered with. It is not compared with
+/// anything: answering each repeat by whether its number matches the card holding the id
+/// would let one chunk test 1000 candidate numbers against a stored card.
+fn repeated_id() -> FieldViolation {
+    FieldViolation {
+        field: "import_id",
+        description: "import_id appears earlier in this chunk; each import id may appear once \
+                      per chunk"
+            .to_owned(),
+    }
 }
 
 /// A chunk's cards after sealing, position by position; the rows to insert are kept apart.
 enum Slot {
     /// The first valid card with its import id in the chunk; its row goes to the insert.
     First { fingerprint: Fingerprint },
-    /// A later card with an import id already used earlier in the chunk: it is answered
-    /// from whatever holds the id, compared by fingerprint.
-    Repeat {
-        first: usize,
-        fingerprint: Fingerprint,
-    },
-    /// Refused by validation.
+    /// Refused by validation, or a repeated import id.
     Invalid(Vec<FieldViolation>),
 }
 
@@ -179,7 +192,7 @@ impl ChunkKeys {
             .fingerprint(card.pan.expose_digits().as_bytes())
     }
 
-    /// Seals every first use of an import id; later uses get only a fingerprint.
+    /// Seals every first use of an import id; later uses are refused unread.
     fn seal_all(&self, entries: &mut [ImportEntry]) -> Result<Sealed, VaultError> {
         let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
         let mut slots = Vec::with_capacity(entries.len());
@@ -190,10 +203,7 @@ impl ChunkKeys {
                 ImportEntry::Valid(command) => {
                     let command = &*command;
                     match first_of.get(command.import_id.as_str()) {
-                        Some(&first) => Slot::Repeat {
-                            first,
-                            fingerprint: self.fingerprint(&command.card),
-                        },
+                        Some(_) => Slot::Invalid(vec![repeated_id()]),
                         None => {
                             first_of.insert(command.import_id.as_str(), i);
                             let sealer = self.sealer(command);
@@ -387,6 +397,33 @@ impl Vault {
 
         let outcomes = resolve(slots, &holders)?;
         let tally = Tally::of(&outcomes);
+        // Resends compare numbers: answered only within the principal's conflict budget.
+        // Whether the chunk is refused depends on the budget and, once it holds a token, on
+        // the chunk's conflicts: a refusal tells at most that they outnumber what was left,
+        // and empties the budget, so the next chunk with a resend is refused whatever it
+        // holds.
+        let resends = tally.already + tally.conflict;
+        if resends > 0
+            && !self.guesses.import_conflicts.take_or_drain(
+                &auth.caller().principal.id,
+                tally.conflict as u64,
+                Instant::now(),
+            )
+        {
+            drop(tx);
+            return Err(self
+                .refuse_guess(
+                    auth,
+                    GuessKind::ImportConflicts,
+                    format!(
+                        "chunk {seq}: {} cards refused: {resends} resent import ids, {} with \
+                         another card number",
+                        outcomes.len(),
+                        tally.conflict
+                    ),
+                )
+                .await);
+        }
         let mut audit = event(auth, tally.outcome(), None);
         audit.detail = Some(format!(
             "chunk {seq}: {} cards: {} created, {} already imported, {} conflicting, {} invalid",
@@ -433,11 +470,6 @@ fn resolve(slots: Vec<Slot>, holders: &[Option<Holder>]) -> Result<Vec<ImportOut
         .map(|(i, slot)| match slot {
             Slot::Invalid(violations) => Ok(ImportOutcome::Invalid(violations)),
             Slot::First { fingerprint } => held(i, &fingerprint),
-            // A repeat never stores anything itself: the card that did is the first.
-            Slot::Repeat { first, fingerprint } => match held(first, &fingerprint)? {
-                ImportOutcome::Created(token) => Ok(ImportOutcome::AlreadyImported(token)),
-                other => Ok(other),
-            },
         })
         .collect()
 }
@@ -480,51 +512,49 @@ mod tests {
     }
 
     #[test]
-    fn repeats_are_answered_from_whatever_holds_their_import_id() {
+    fn each_card_is_answered_from_whatever_holds_its_import_id() {
         let slots = vec![
             Slot::First {
                 fingerprint: fingerprint(1),
             },
-            Slot::Repeat {
-                first: 0,
-                fingerprint: fingerprint(1),
-            },
-            Slot::Repeat {
-                first: 0,
-                fingerprint: fingerprint(2),
-            },
-            Slot::Invalid(vec![FieldViolation::new("import_id", &"required")]),
+            Slot::Invalid(vec![repeated_id()]),
             Slot::First {
                 fingerprint: fingerprint(3),
             },
-            // The stored card under this id is a different card than the first one sent
-            // with it, but the same as this repeat.
-            Slot::Repeat {
-                first: 4,
+            Slot::First {
                 fingerprint: fingerprint(4),
             },
         ];
         let a = "tok_AAAAAAAAAAAAAAAAAAAAAA";
         let b = "tok_BBBBBBBBBBBBBBBBBBBBBB";
+        let c = "tok_CCCCCCCCCCCCCCCCCCCCCC";
+        // Stored by this chunk; by an earlier import with another number; and with the same.
         let holders = [
             holder(a, 1, true),
             None,
-            None,
-            None,
-            holder(b, 4, false),
-            None,
+            holder(b, 9, false),
+            holder(c, 4, false),
         ];
         let token = |t: &str| Token::parse(t).expect("token");
         assert_eq!(
             resolve(slots, &holders).expect("resolved"),
             [
                 ImportOutcome::Created(token(a)),
-                ImportOutcome::AlreadyImported(token(a)),
+                ImportOutcome::Invalid(vec![repeated_id()]),
                 ImportOutcome::Conflict,
-                ImportOutcome::Invalid(vec![FieldViolation::new("import_id", &"required")]),
-                ImportOutcome::Conflict,
-                ImportOutcome::AlreadyImported(token(b)),
+                ImportOutcome::AlreadyImported(token(c)),
             ]
+        );
+    }
+
+    #[test]
+    fn a_repeated_import_id_is_refused_without_its_number() {
+        let v = repeated_id();
+        assert_eq!(v.field, "import_id");
+        assert!(
+            v.description.contains("once per chunk"),
+            "{}",
+            v.description
         );
     }
 

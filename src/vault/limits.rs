@@ -1,5 +1,6 @@
 //! Per-key token buckets for abuse limits (reveals per principal, failed authentications per
-//! principal and per peer).
+//! principal and per peer) and guess budgets (answers that would let a caller without
+//! `reveal` test candidate card numbers against stored ones).
 //!
 //! Buckets live in the memory of one replica: with N replicas a caller spread across all of
 //! them gets up to N times the configured rate. That bounds a stolen credential's damage
@@ -16,6 +17,30 @@ pub struct Rate {
     pub burst: u32,
 }
 
+/// Budgets of answers that compare a caller's card number with a stored one, per principal
+/// and hour (see `docs/decisions.md`, "card-number oracles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuessBudgets {
+    /// `ImportCards` resends of an existing import id with another card number (answered
+    /// `CONFLICT`).
+    pub import_conflicts_per_hour: u32,
+    /// `reuse_existing` requests answered with an existing token.
+    pub reuse_hits_per_hour: u32,
+    /// `reuse_existing` requests that stored a new card, per BIN and last 4: what a caller
+    /// guessing the middle digits of one stored card spends.
+    pub reuse_misses_per_hour: u32,
+}
+
+impl Default for GuessBudgets {
+    fn default() -> Self {
+        GuessBudgets {
+            import_conflicts_per_hour: 20,
+            reuse_hits_per_hour: 100,
+            reuse_misses_per_hour: 10,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -25,7 +50,10 @@ struct Bucket {
 /// Token buckets keyed by string (a principal id, a key id, a peer address).
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: Rate,
+    /// Most tokens a bucket holds (and holds when new).
+    burst: f64,
+    /// Tokens added per second.
+    per_sec: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
@@ -37,9 +65,49 @@ impl RateLimiter {
     /// A limiter allowing `rate` per key.
     pub fn new(rate: Rate) -> RateLimiter {
         RateLimiter {
-            rate,
+            burst: f64::from(rate.burst.max(1)),
+            per_sec: f64::from(rate.per_minute) / 60.0,
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A budget of `per_hour` events per key, all of which may be spent at once, refilled
+    /// evenly over the hour.
+    pub fn hourly(per_hour: u32) -> RateLimiter {
+        RateLimiter {
+            burst: f64::from(per_hour.max(1)),
+            per_sec: f64::from(per_hour) / 3600.0,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whole tokens `key` holds at `now`.
+    pub fn available(&self, key: &str, now: Instant) -> u64 {
+        // Floored and non-negative: the cast only drops the fraction.
+        self.update(key, now, |b| b.tokens.max(0.0).floor() as u64)
+    }
+
+    /// Takes `n` tokens from `key` if it holds that many and at least one, else empties it
+    /// (keeping the fraction that refills the next token); whether it took them. One step
+    /// under the lock, so concurrent spenders cannot both see the same tokens.
+    pub fn take_or_drain(&self, key: &str, n: u64, now: Instant) -> bool {
+        self.update(key, now, |b| {
+            // Exact for any count a request can produce.
+            let wanted = n as f64;
+            if b.tokens >= wanted.max(1.0) {
+                b.tokens -= wanted;
+                true
+            } else {
+                b.tokens = b.tokens.max(0.0).fract();
+                false
+            }
+        })
+    }
+
+    /// Takes one token from `key`, or nothing when it holds none; for spending that has
+    /// already happened (a request that was let in because the bucket had room).
+    pub fn spend_one(&self, key: &str, now: Instant) {
+        self.update(key, now, |b| b.tokens = (b.tokens - 1.0).max(0.0));
     }
 
     /// Takes one token for `key` at `now`; false when the bucket is empty.
@@ -59,9 +127,8 @@ impl RateLimiter {
         self.update(key, now, |b| b.tokens >= 1.0)
     }
 
-    fn update(&self, key: &str, now: Instant, f: impl FnOnce(&mut Bucket) -> bool) -> bool {
-        let burst = f64::from(self.rate.burst.max(1));
-        let per_sec = f64::from(self.rate.per_minute) / 60.0;
+    fn update<R>(&self, key: &str, now: Instant, f: impl FnOnce(&mut Bucket) -> R) -> R {
+        let (burst, per_sec) = (self.burst, self.per_sec);
         let mut buckets = self
             .buckets
             .lock()
@@ -119,6 +186,44 @@ mod tests {
         assert!(limiter.take("a", t0));
         assert!(!limiter.take("a", t0));
         assert!(limiter.take("b", t0));
+    }
+
+    #[test]
+    fn an_hourly_budget_is_spent_at_once_or_drained_and_refills_over_the_hour() {
+        let budget = RateLimiter::hourly(20);
+        let t0 = Instant::now();
+        assert_eq!(budget.available("p", t0), 20);
+        assert!(budget.take_or_drain("p", 15, t0));
+        assert_eq!(budget.available("p", t0), 5);
+        // Asking for more than is left empties the bucket: the next ask cannot probe again.
+        assert!(!budget.take_or_drain("p", 6, t0));
+        assert_eq!(budget.available("p", t0), 0);
+        assert!(!budget.take_or_drain("p", 1, t0));
+        // One token every three minutes.
+        assert_eq!(budget.available("p", t0 + Duration::from_secs(179)), 0);
+        assert_eq!(budget.available("p", t0 + Duration::from_secs(181)), 1);
+        assert_eq!(budget.available("p", t0 + Duration::from_secs(3_600)), 20);
+        budget.spend_one("q", t0);
+        assert_eq!(budget.available("q", t0), 19);
+        // Taking nothing still needs a token: an empty budget refuses even that.
+        assert!(budget.take_or_drain("q", 0, t0));
+        assert_eq!(budget.available("q", t0), 19);
+        assert!(budget.take_or_drain("r", 20, t0));
+        assert!(!budget.take_or_drain("r", 0, t0));
+    }
+
+    /// The three guess budgets, as configured.
+    #[test]
+    fn guess_budgets_default_to_what_the_docs_say() {
+        let b = GuessBudgets::default();
+        assert_eq!(
+            (
+                b.import_conflicts_per_hour,
+                b.reuse_hits_per_hour,
+                b.reuse_misses_per_hour
+            ),
+            (20, 100, 10)
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod authn;
 mod batch;
 mod charge;
 mod error;
+mod guess;
 mod import;
 pub mod key_admin;
 pub mod key_jobs;
@@ -43,7 +44,7 @@ pub use self::{
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
     key_jobs::{JobKind, KeyJobOptions},
     keys::DekPolicy,
-    limits::Rate,
+    limits::{GuessBudgets, Rate},
     metadata::Metadata,
     peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
@@ -51,6 +52,7 @@ pub use self::{
 use self::{
     authn::CredentialCache,
     batch::Batcher,
+    guess::Guesses,
     keys::KeyManager,
     limits::RateLimiter,
     refusals::Refusals,
@@ -162,6 +164,8 @@ pub struct VaultOptions {
     pub reveal_rate: Rate,
     /// Failed authentications per peer address and per API key.
     pub failed_auth_rate: Rate,
+    /// Answers that compare a caller's card number with a stored one, per principal.
+    pub guess_budgets: GuessBudgets,
     /// How long a verified API key is trusted before its row is read again. Revocations on
     /// this replica apply at once; on other replicas within this time.
     pub credential_cache_ttl: Duration,
@@ -198,6 +202,7 @@ impl Default for VaultOptions {
                 per_minute: 10,
                 burst: 10,
             },
+            guess_budgets: GuessBudgets::default(),
             credential_cache_ttl: Duration::from_secs(5),
             batch: BatchOptions::default(),
             dek_policy: DekPolicy::default(),
@@ -224,6 +229,7 @@ pub struct Vault {
     reveals: RateLimiter,
     failed_auth: RateLimiter,
     refusals: Refusals,
+    guesses: Guesses,
     credentials: CredentialCache,
 }
 
@@ -247,6 +253,7 @@ impl Vault {
             reveals: RateLimiter::new(options.reveal_rate),
             failed_auth: RateLimiter::new(options.failed_auth_rate),
             refusals: Refusals::new(options.refusal_window),
+            guesses: Guesses::new(options.guess_budgets),
             credentials: CredentialCache::default(),
             options,
         }
@@ -341,9 +348,20 @@ impl Vault {
         let tenant = auth.caller().tenant().clone();
         let mut command = command;
         let cvc = command.cvc.take();
+        // `reuse_existing` tells a stored card from a new one: budgeted per principal.
+        let reuse = command.reuse_existing.then(|| {
+            let pan = &command.card.pan;
+            (pan.bin().to_owned(), pan.last4().to_owned())
+        });
+        if let Some((bin, last4)) = &reuse {
+            self.check_reuse_budget(auth, bin, last4).await?;
+        }
         let tokenized = self
             .store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
             .await?;
+        if let Some((bin, last4)) = &reuse {
+            self.spend_reuse_budget(auth, bin, last4, tokenized.created);
+        }
         if let Some(cvc) = cvc {
             self.put_cvc_hold(&tenant, &tokenized.card.token, &cvc)
                 .await?;

@@ -21,7 +21,7 @@ use crate::{
 on_both_backends!(
     a_stream_of_chunks_stores_every_card_and_answers_each_in_order,
     resending_an_import_returns_the_original_tokens_and_changes_nothing,
-    import_ids_are_validated_and_repeats_in_a_chunk_share_one_card,
+    import_ids_are_validated_and_a_repeat_in_a_chunk_is_refused_unread,
     a_chunk_over_the_limit_ends_the_stream_after_the_chunks_before_it,
     importing_needs_the_tokenize_permission_and_import_ids_are_per_tenant,
     a_token_clash_without_an_import_clash_is_resealed_under_a_fresh_token,
@@ -344,8 +344,9 @@ async fn resending_an_import_returns_the_original_tokens_and_changes_nothing(bac
 
 /// Import ids are required, at most 128 printable ASCII characters and never card numbers;
 /// a bad id fails only its card. Within a chunk the first valid card with an id is stored and
-/// later ones with the same id are answered from it.
-async fn import_ids_are_validated_and_repeats_in_a_chunk_share_one_card(backend: Backend) {
+/// later ones with the same id are refused as invalid without being compared with it — the
+/// same card again or another one, the answer is the same.
+async fn import_ids_are_validated_and_a_repeat_in_a_chunk_is_refused_unread(backend: Backend) {
     let mut app = spawn(backend).await;
     let pan = unique_pan();
     let other = unique_pan();
@@ -368,22 +369,12 @@ async fn import_ids_are_validated_and_repeats_in_a_chunk_share_one_card(backend:
     ];
     let answer = import(&mut app.client, vec![chunk(batch)]).await;
     let results = &answer[0].results;
-    use pb::ImportStatus::{AlreadyImported, Conflict, Created, Invalid};
+    use pb::ImportStatus::{Created, Invalid};
     assert_eq!(
         statuses(&answer[0]),
         [
-            Invalid,
-            Invalid,
-            Invalid,
-            Invalid,
-            Invalid,
-            Invalid,
-            Created,
-            AlreadyImported,
-            Conflict,
-            Invalid,
-            Created,
-            Created
+            Invalid, Invalid, Invalid, Invalid, Invalid, Invalid, Created, Invalid, Invalid,
+            Invalid, Created, Created
         ]
     );
     for i in [0, 1, 2, 3, 4] {
@@ -400,8 +391,21 @@ async fn import_ids_are_validated_and_repeats_in_a_chunk_share_one_card(backend:
     }
     assert_eq!(results[5].violations[0].field, "cards[5].card.number");
     assert_eq!(results[9].violations[0].field, "cards[9].card");
-    assert_eq!(results[7].token, results[6].token);
-    assert!(results[8].token.is_empty());
+    // The same number and another number under the repeated id: answered alike.
+    for i in [7, 8] {
+        assert!(results[i].token.is_empty());
+        assert_eq!(results[i].import_id, "dup");
+        let fields: Vec<&str> = results[i]
+            .violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, [format!("cards[{i}].import_id")]);
+    }
+    assert_eq!(
+        results[7].violations[0].description,
+        results[8].violations[0].description
+    );
     assert_eq!(results[10].import_id, "y".repeat(128));
     let text = format!("{answer:?}");
     assert!(!text.contains(&id_pan) && !text.contains("4242424242424241"));
@@ -411,7 +415,7 @@ async fn import_ids_are_validated_and_repeats_in_a_chunk_share_one_card(backend:
         app.state
             .count(
                 "SELECT COUNT(*) FROM audit_records WHERE action = 'import_cards' AND detail = \
-                 'chunk 1: 12 cards: 3 created, 1 already imported, 1 conflicting, 7 invalid'"
+                 'chunk 1: 12 cards: 3 created, 0 already imported, 0 conflicting, 9 invalid'"
             )
             .await,
         1
