@@ -29,5 +29,6 @@ mod keys;
 mod lifecycle;
 mod loadgen;
 mod operators;
+mod oracles;
 mod reflection;
 mod store;
