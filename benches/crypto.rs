@@ -34,6 +34,7 @@ fn cached_dek() -> (DekCache, DekId) {
     let cache = DekCache::new(1024);
     let id = DekId::generate().expect("the OS random generator works");
     cache.insert(
+        "bench",
         id,
         DataKey::generate().expect("the OS random generator works"),
     );
@@ -51,7 +52,7 @@ fn record(c: &mut Criterion) {
     let token = token();
     let plaintext = record_plaintext();
     let sealed = {
-        let dek = cache.get(&dek_id).expect("just inserted");
+        let dek = cache.get("bench", &dek_id).expect("just inserted");
         crypto::seal_record(&dek, dek_id, TENANT, token.as_str(), &plaintext)
             .expect("sealing works")
     };
@@ -62,7 +63,7 @@ fn record(c: &mut Criterion) {
     // (which includes one getrandom call).
     group.bench_function("seal", |b| {
         b.iter(|| {
-            let dek = cache.get(&dek_id).expect("cached");
+            let dek = cache.get("bench", &dek_id).expect("cached");
             crypto::seal_record(
                 &dek,
                 dek_id,
@@ -77,7 +78,7 @@ fn record(c: &mut Criterion) {
     group.bench_function("open", |b| {
         b.iter(|| {
             let id = crypto::record_dek_id(black_box(&sealed)).expect("well-formed");
-            let dek = cache.get(&id).expect("cached");
+            let dek = cache.get("bench", &id).expect("cached");
             crypto::open_record(&dek, TENANT, black_box(token.as_str()), black_box(&sealed))
                 .expect("opens")
         });

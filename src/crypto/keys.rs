@@ -78,7 +78,9 @@ pub fn tenant_secret_wrap_aad(tenant: &str) -> Vec<u8> {
         .finish()
 }
 
-/// Bounded LRU cache of unwrapped DEKs.
+/// Bounded LRU cache of unwrapped DEKs, each cached under its id and the tenant it belongs
+/// to: a lookup names both, so a DEK id of one tenant never yields a key to another, cached
+/// or not (the miss path reads the DEK row by tenant and id).
 ///
 /// Evicted keys are zeroized when the last `Arc` to them drops. Thread-safe: one short
 /// `std::sync::Mutex` section per call, never held across an `.await`. A capacity of 0
@@ -94,15 +96,29 @@ pub struct DekCache {
 struct LruState {
     /// Monotonic use counter; the entry with the smallest stamp is the least recently used.
     clock: u64,
-    entries: HashMap<DekId, (Arc<DataKey>, u64)>,
+    entries: HashMap<DekId, Entry>,
     by_recency: BTreeMap<u64, DekId>,
 }
 
+/// A cached key, the tenant it belongs to, and its last use.
+struct Entry {
+    key: Arc<DataKey>,
+    tenant: Box<str>,
+    stamp: u64,
+}
+
 impl LruState {
-    fn touch(&mut self, id: &DekId) -> Option<Arc<DataKey>> {
+    fn touch(&mut self, tenant: &str, id: &DekId) -> Option<Arc<DataKey>> {
         self.clock += 1;
         let clock = self.clock;
-        let (key, stamp) = self.entries.get_mut(id)?;
+        let Entry {
+            key,
+            tenant: owner,
+            stamp,
+        } = self.entries.get_mut(id)?;
+        if **owner != *tenant {
+            return None;
+        }
         self.by_recency.remove(stamp);
         *stamp = clock;
         self.by_recency.insert(clock, *id);
@@ -126,9 +142,10 @@ impl DekCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The key for `id` if cached (marking it most recently used); counts a hit or a miss.
-    pub fn get(&self, id: &DekId) -> Option<Arc<DataKey>> {
-        let found = self.state().touch(id);
+    /// The key for `id` if it is cached for `tenant` (marking it most recently used); counts
+    /// a hit or a miss. A key cached for another tenant is a miss.
+    pub fn get(&self, tenant: &str, id: &DekId) -> Option<Arc<DataKey>> {
+        let found = self.state().touch(tenant, id);
         let counter = if found.is_some() {
             &self.hits
         } else {
@@ -138,9 +155,9 @@ impl DekCache {
         found
     }
 
-    /// Caches `key` under `id` (replacing any previous key for `id`), evicting the least
-    /// recently used keys beyond capacity, and returns the shared key.
-    pub fn insert(&self, id: DekId, key: DataKey) -> Arc<DataKey> {
+    /// Caches `key` under `id` for `tenant` (replacing any previous key for `id`), evicting
+    /// the least recently used keys beyond capacity, and returns the shared key.
+    pub fn insert(&self, tenant: &str, id: DekId, key: DataKey) -> Arc<DataKey> {
         let key = Arc::new(key);
         if self.capacity == 0 {
             return key;
@@ -149,8 +166,13 @@ impl DekCache {
             let mut state = self.state();
             state.clock += 1;
             let clock = state.clock;
-            if let Some((_, old_stamp)) = state.entries.insert(id, (Arc::clone(&key), clock)) {
-                state.by_recency.remove(&old_stamp);
+            let entry = Entry {
+                key: Arc::clone(&key),
+                tenant: tenant.into(),
+                stamp: clock,
+            };
+            if let Some(old) = state.entries.insert(id, entry) {
+                state.by_recency.remove(&old.stamp);
             }
             state.by_recency.insert(clock, id);
             let mut evicted = Vec::new();
@@ -158,8 +180,8 @@ impl DekCache {
                 let Some((_, oldest)) = state.by_recency.pop_first() else {
                     break;
                 };
-                if let Some((old_key, _)) = state.entries.remove(&oldest) {
-                    evicted.push(old_key);
+                if let Some(old) = state.entries.remove(&oldest) {
+                    evicted.push(old.key);
                 }
             }
             evicted
@@ -174,8 +196,8 @@ impl DekCache {
         let removed = {
             let mut state = self.state();
             let removed = state.entries.remove(id);
-            if let Some((_, stamp)) = &removed {
-                state.by_recency.remove(stamp);
+            if let Some(entry) = &removed {
+                state.by_recency.remove(&entry.stamp);
             }
             removed
         };
@@ -282,7 +304,7 @@ mod tests {
     fn cache_never_holds_more_than_its_capacity() {
         let cache = DekCache::new(3);
         for id in ids(10) {
-            cache.insert(id, key());
+            cache.insert("t", id, key());
             assert!(cache.len() <= 3);
         }
         assert_eq!(cache.len(), 3);
@@ -292,24 +314,24 @@ mod tests {
     fn cache_evicts_the_least_recently_used_key() {
         let cache = DekCache::new(2);
         let [a, b, c] = ids(3).try_into().unwrap();
-        cache.insert(a, key());
-        cache.insert(b, key());
-        assert!(cache.get(&a).is_some()); // a is now more recent than b
-        cache.insert(c, key());
-        assert!(cache.get(&b).is_none());
-        assert!(cache.get(&a).is_some());
-        assert!(cache.get(&c).is_some());
+        cache.insert("t", a, key());
+        cache.insert("t", b, key());
+        assert!(cache.get("t", &a).is_some()); // a is now more recent than b
+        cache.insert("t", c, key());
+        assert!(cache.get("t", &b).is_none());
+        assert!(cache.get("t", &a).is_some());
+        assert!(cache.get("t", &c).is_some());
     }
 
     #[test]
     fn cache_counts_hits_and_misses() {
         let cache = DekCache::new(4);
         let [a, b] = ids(2).try_into().unwrap();
-        assert!(cache.get(&a).is_none());
-        cache.insert(a, key());
-        assert!(cache.get(&a).is_some());
-        assert!(cache.get(&a).is_some());
-        assert!(cache.get(&b).is_none());
+        assert!(cache.get("t", &a).is_none());
+        cache.insert("t", a, key());
+        assert!(cache.get("t", &a).is_some());
+        assert!(cache.get("t", &a).is_some());
+        assert!(cache.get("t", &b).is_none());
         assert_eq!((cache.hits(), cache.misses()), (2, 2));
     }
 
@@ -317,8 +339,8 @@ mod tests {
     fn cache_returns_the_inserted_key() {
         let cache = DekCache::new(1);
         let id = DekId::generate().unwrap();
-        let inserted = cache.insert(id, DataKey::from_bytes(&[5; 32]).unwrap());
-        let got = cache.get(&id).unwrap();
+        let inserted = cache.insert("t", id, DataKey::from_bytes(&[5; 32]).unwrap());
+        let got = cache.get("t", &id).unwrap();
         assert!(Arc::ptr_eq(&inserted, &got));
         assert_eq!(got.expose_bytes(), &[5; 32]);
     }
@@ -327,19 +349,29 @@ mod tests {
     fn reinserting_an_id_replaces_the_key_without_growing() {
         let cache = DekCache::new(2);
         let id = DekId::generate().unwrap();
-        cache.insert(id, DataKey::from_bytes(&[1; 32]).unwrap());
-        cache.insert(id, DataKey::from_bytes(&[2; 32]).unwrap());
+        cache.insert("t", id, DataKey::from_bytes(&[1; 32]).unwrap());
+        cache.insert("t", id, DataKey::from_bytes(&[2; 32]).unwrap());
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.get(&id).unwrap().expose_bytes(), &[2; 32]);
+        assert_eq!(cache.get("t", &id).unwrap().expose_bytes(), &[2; 32]);
+    }
+
+    #[test]
+    fn a_key_cached_for_one_tenant_is_a_miss_for_another() {
+        let cache = DekCache::new(4);
+        let id = DekId::generate().unwrap();
+        cache.insert("a", id, key());
+        assert!(cache.get("b", &id).is_none());
+        assert!(cache.get("a", &id).is_some());
+        assert_eq!((cache.hits(), cache.misses()), (1, 1));
     }
 
     #[test]
     fn evicted_keys_stay_usable_by_holders_until_dropped() {
         let cache = DekCache::new(1);
         let [a, b] = ids(2).try_into().unwrap();
-        let held = cache.insert(a, DataKey::from_bytes(&[3; 32]).unwrap());
-        cache.insert(b, key());
-        assert!(cache.get(&a).is_none());
+        let held = cache.insert("t", a, DataKey::from_bytes(&[3; 32]).unwrap());
+        cache.insert("t", b, key());
+        assert!(cache.get("t", &a).is_none());
         assert_eq!(Arc::strong_count(&held), 1);
         assert_eq!(held.expose_bytes(), &[3; 32]);
     }
@@ -348,23 +380,23 @@ mod tests {
     fn zero_capacity_cache_stores_nothing() {
         let cache = DekCache::new(0);
         let id = DekId::generate().unwrap();
-        let _key = cache.insert(id, key());
+        let _key = cache.insert("t", id, key());
         assert!(cache.is_empty());
-        assert!(cache.get(&id).is_none());
+        assert!(cache.get("t", &id).is_none());
     }
 
     #[test]
     fn removed_and_cleared_keys_are_gone() {
         let cache = DekCache::new(4);
         let [a, b] = ids(2).try_into().unwrap();
-        cache.insert(a, key());
-        cache.insert(b, key());
+        cache.insert("t", a, key());
+        cache.insert("t", b, key());
         assert!(cache.remove(&a));
         assert!(!cache.remove(&a));
         assert_eq!(cache.len(), 1);
         cache.clear();
         assert!(cache.is_empty());
-        assert!(cache.get(&b).is_none());
+        assert!(cache.get("t", &b).is_none());
     }
 
     #[test]
@@ -376,8 +408,8 @@ mod tests {
                 let cache = Arc::clone(&cache);
                 scope.spawn(move || {
                     for id in chunk {
-                        cache.insert(*id, key());
-                        let _ = cache.get(id);
+                        cache.insert("t", *id, key());
+                        let _ = cache.get("t", id);
                     }
                 });
             }

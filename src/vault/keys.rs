@@ -278,7 +278,7 @@ impl KeyManager {
         {
             tracing::info!(tenant = %tenant, dek_id = %row.id, "new active data key");
             metrics::counter!("cardvault_dek_rotations_total").increment(1);
-            self.deks.insert(DekId(row.id), key);
+            self.deks.insert(tenant.as_str(), DekId(row.id), key);
             return Ok(row);
         }
         if let Some(active) = self.store.active_dek(tenant.as_str()).await? {
@@ -395,9 +395,11 @@ impl KeyManager {
         Ok((row, key))
     }
 
-    /// An unwrapped DEK of this tenant, from the cache or unwrapped by the key provider.
+    /// An unwrapped DEK of this tenant, from the cache or unwrapped by the key provider. Both
+    /// paths check the tenant: the cache holds each key for its own tenant only, and the
+    /// DEK row is read by tenant and id.
     pub async fn dek(&self, tenant: &TenantId, id: DekId) -> Result<Arc<DataKey>, VaultError> {
-        if let Some(key) = self.deks.get(&id) {
+        if let Some(key) = self.deks.get(tenant.as_str(), &id) {
             return Ok(key);
         }
         let row = self
@@ -416,7 +418,7 @@ impl KeyManager {
             .map_err(|e| VaultError::internal("failed to unwrap a DEK", e))?;
         let key = DataKey::from_bytes(&bytes)
             .map_err(|e| VaultError::internal("unwrapped DEK has the wrong size", e))?;
-        Ok(self.deks.insert(id, key))
+        Ok(self.deks.insert(tenant.as_str(), id, key))
     }
 }
 
@@ -492,6 +494,26 @@ mod tests {
             keys.encryptions(&tenant(), &tenant_keys, 5).await,
             Err(VaultError::Precondition(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cached_dek_of_one_tenant_opens_nothing_for_another() {
+        let (_dir, keys) = manager(DekPolicy::default()).await;
+        let owner = tenant();
+        let other = TenantId::parse("u").expect("tenant");
+        keys.tenant(&other).await.expect("the other tenant's keys");
+        // Sealing a record caches the owner's DEK.
+        let id = seal_one(&keys).await;
+        assert!(keys.dek(&owner, id).await.is_ok());
+        // The same id asked for under another tenant is refused, though the key is cached.
+        let refused = keys.dek(&other, id).await;
+        assert!(
+            matches!(refused, Err(VaultError::Internal { .. })),
+            "another tenant got tenant t's data key: {:?}",
+            refused.map(|_| "a key")
+        );
+        // And the refusal did not evict or replace the owner's cached key.
+        assert!(keys.dek(&owner, id).await.is_ok());
     }
 
     #[tokio::test]
