@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{CryptoError, DEFAULT_KEY_LABEL, PinSource, Pkcs11Config};
 use crate::gateway::GatewaySettings;
 
+/// The longest lease or time limit a setting in seconds may name: a year is beyond any
+/// sensible value, and keeps `now + setting` far from overflowing.
+const MAX_PERIOD_SECS: u64 = 366 * 24 * 3600;
+
 /// Everything `serve`, `migrate` and `keys` read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -557,6 +561,21 @@ impl Settings {
                  checkout needs"
                     .to_owned(),
             ));
+        }
+        // Each of these is added to the current time; bounded, no setting can overflow it.
+        if [
+            self.charges.send_lease_secs,
+            self.keys.dek_reservation_secs,
+            self.keys.approval_ttl_secs,
+            self.keys.job_lease_secs,
+        ]
+        .iter()
+        .any(|&secs| secs > MAX_PERIOD_SECS)
+        {
+            return Err(ConfigError::Rejected(format!(
+                "charges.send_lease_secs, keys.dek_reservation_secs, keys.approval_ttl_secs and \
+                 keys.job_lease_secs must be at most {MAX_PERIOD_SECS} (a year)"
+            )));
         }
         let longest = self
             .gateways

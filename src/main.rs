@@ -115,8 +115,8 @@ enum AdminCommand {
     CreateApiKey {
         /// Principal id (p_…).
         principal_id: String,
-        /// Days until it expires; never when unset.
-        #[arg(long)]
+        /// Days until it expires, 1 to 36600 (100 years); never when unset.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=36_600))]
         valid_for_days: Option<u32>,
     },
     /// Revokes an API key.

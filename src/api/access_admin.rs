@@ -252,12 +252,15 @@ impl AccessAdmin for AccessAdminService {
                 if message.principal_id.is_empty() || message.principal_id.len() > 64 {
                     return Err(invalid("principal_id", "a principal id (p_…) is required"));
                 }
-                let valid_for = match message.valid_for {
+                let valid_for = match message.valid_for.as_ref().map(convert::duration) {
                     None => None,
-                    Some(d) if d.seconds > 0 && d.nanos >= 0 => {
-                        Some(time::Duration::new(d.seconds, d.nanos))
+                    Some(Some(d)) if d.is_positive() && d <= admin::MAX_API_KEY_VALIDITY => Some(d),
+                    Some(_) => {
+                        return Err(invalid(
+                            "valid_for",
+                            "must be a valid duration, positive and at most 100 years",
+                        ));
                     }
-                    Some(_) => return Err(invalid("valid_for", "must be positive")),
                 };
                 let created = self
                     .vault

@@ -8,8 +8,8 @@ use crate::{
     gateway::Capture,
     pb::v1 as pb,
     vault::{
-        CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome, Metadata,
-        TokenizeCommand,
+        CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome,
+        MAX_CHARGE_AMOUNT, Metadata, TokenizeCommand,
     },
 };
 
@@ -77,20 +77,20 @@ pub fn tokenize_command(
             .ok_or_else(|| {
                 violation(
                     "expires_at",
-                    "expires_at must be in the future and at most 100 years away",
+                    "expires_at must be a valid timestamp, in the future and at most 100 years \
+                     away",
                 )
             }),
-        Some(pb::tokenize_request::Expiration::Ttl(ttl)) => {
-            let ttl = Duration::new(ttl.seconds, ttl.nanos);
-            if ttl.is_positive() && ttl <= MAX_TOKEN_LIFETIME {
-                Ok(Some(now + ttl))
-            } else {
-                Err(violation(
+        Some(pb::tokenize_request::Expiration::Ttl(ttl)) => duration(&ttl)
+            .filter(|ttl| ttl.is_positive() && *ttl <= MAX_TOKEN_LIFETIME)
+            .and_then(|ttl| now.checked_add(ttl))
+            .map(Some)
+            .ok_or_else(|| {
+                violation(
                     "ttl",
-                    "ttl must be positive and at most 100 years",
-                ))
-            }
-        }
+                    "ttl must be a valid duration, positive and at most 100 years",
+                )
+            }),
     };
     let expires_at = expires_at.map_err(|v| violations.push(v)).ok().flatten();
 
@@ -235,9 +235,34 @@ pub fn token(text: &str) -> Result<Token, Vec<FieldViolation>> {
     })
 }
 
+/// Nanoseconds in a second: the bound of a proto `nanos` field.
+const NANOS_PER_SECOND: i32 = 1_000_000_000;
+
+/// The most seconds a `google.protobuf.Duration` may hold (about 10,000 years either way).
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// A `google.protobuf.Timestamp` as a time, if it is a valid one: `nanos` in
+/// `0..1_000_000_000` (a caller's `seconds: i64::MAX` or `nanos: 2e9` is refused here, not
+/// normalised or overflowed) and the instant within the years this crate represents.
 pub(super) fn timestamp(ts: &prost_types::Timestamp) -> Option<OffsetDateTime> {
+    if !(0..NANOS_PER_SECOND).contains(&ts.nanos) {
+        return None;
+    }
+    // i64 seconds times 10^9 plus a bounded nanos stays far inside an i128.
     let nanos = i128::from(ts.seconds) * 1_000_000_000 + i128::from(ts.nanos);
     OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+/// A `google.protobuf.Duration` as a duration, if it is a valid one: `|nanos|` below one
+/// second and of the same sign as `seconds`, and `seconds` within the type's ±10,000 years.
+/// Checked before any arithmetic, so no caller's value can overflow (or panic) later.
+pub(super) fn duration(d: &prost_types::Duration) -> Option<Duration> {
+    let same_sign = d.seconds == 0 || d.nanos == 0 || (d.seconds < 0) == (d.nanos < 0);
+    let valid = d.nanos.unsigned_abs() < NANOS_PER_SECOND.unsigned_abs()
+        && same_sign
+        && d.seconds.unsigned_abs() <= MAX_DURATION_SECONDS.unsigned_abs();
+    // In range and of one sign, `Duration::new` neither carries nor overflows.
+    valid.then(|| Duration::new(d.seconds, d.nanos))
 }
 
 pub(super) fn to_timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
@@ -295,10 +320,10 @@ pub fn charge_command(
 ) -> Result<ChargeCommand, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     let token = token(&request.token).map_err(|v| violations.extend(v)).ok();
-    if request.amount == 0 {
+    if request.amount == 0 || request.amount > MAX_CHARGE_AMOUNT {
         violations.push(violation(
             "amount",
-            "amount must be at least 1 (minor units)",
+            &format!("amount must be 1 to {MAX_CHARGE_AMOUNT} (minor units)"),
         ));
     }
     let currency = request.currency.to_ascii_uppercase();
@@ -460,6 +485,103 @@ mod tests {
         )));
         let v = tokenize_command(req, NOW).expect_err("past");
         assert_eq!(fields(&v), ["expires_at"]);
+    }
+
+    /// The attack: durations and timestamps at the ends of their fields' ranges, nanos out
+    /// of range or of the other sign. Each is refused naming its field; none panics.
+    #[test]
+    fn overflowing_ttls_and_expiries_are_refused_naming_the_field() {
+        let ttls = [
+            (i64::MAX, 2_000_000_000),
+            (i64::MAX, 0),
+            (i64::MAX, 999_999_999),
+            (i64::MIN, -2_000_000_000),
+            (i64::MIN, 0),
+            (60, 2_000_000_000),
+            (60, -2_000_000_000),
+            (60, -1),
+            (-60, 1),
+            (MAX_DURATION_SECONDS + 1, 0),
+        ];
+        for (seconds, nanos) in ttls {
+            let mut req = request("4242424242424242");
+            req.expiration = Some(pb::tokenize_request::Expiration::Ttl(
+                prost_types::Duration { seconds, nanos },
+            ));
+            let v = tokenize_command(req, NOW).expect_err("refused");
+            assert_eq!(fields(&v), ["ttl"], "ttl {seconds}s {nanos}ns");
+        }
+        let expiries = [
+            (i64::MAX, 2_000_000_000),
+            (i64::MAX, 0),
+            (i64::MIN, -2_000_000_000),
+            (i64::MIN, 0),
+            (NOW.unix_timestamp() + 60, 2_000_000_000),
+            (NOW.unix_timestamp() + 60, -2_000_000_000),
+            (NOW.unix_timestamp() + 60, -1),
+        ];
+        for (seconds, nanos) in expiries {
+            let mut req = request("4242424242424242");
+            req.expiration = Some(pb::tokenize_request::Expiration::ExpiresAt(
+                prost_types::Timestamp { seconds, nanos },
+            ));
+            let v = tokenize_command(req, NOW).expect_err("refused");
+            assert_eq!(
+                fields(&v),
+                ["expires_at"],
+                "expires_at {seconds}s {nanos}ns"
+            );
+        }
+        // The largest valid values are still accepted.
+        let mut req = request("4242424242424242");
+        req.expiration = Some(pb::tokenize_request::Expiration::Ttl(
+            prost_types::Duration {
+                seconds: 59,
+                nanos: 999_999_999,
+            },
+        ));
+        let cmd = tokenize_command(req, NOW).expect("valid");
+        assert_eq!(cmd.expires_at, Some(NOW + Duration::new(59, 999_999_999)));
+    }
+
+    #[test]
+    fn durations_and_timestamps_follow_the_proto_rules() {
+        let d = |seconds, nanos| duration(&prost_types::Duration { seconds, nanos });
+        assert_eq!(d(-1, -500), Some(-Duration::new(1, 500)));
+        assert_eq!(d(0, -5), Some(Duration::nanoseconds(-5)));
+        assert_eq!(
+            d(MAX_DURATION_SECONDS, 999_999_999),
+            Some(Duration::new(MAX_DURATION_SECONDS, 999_999_999))
+        );
+        for (seconds, nanos) in [(1, -1), (-1, 1), (0, 1_000_000_000), (0, -1_000_000_000)] {
+            assert_eq!(d(seconds, nanos), None, "{seconds}s {nanos}ns");
+        }
+        let t = |seconds, nanos| timestamp(&prost_types::Timestamp { seconds, nanos });
+        assert_eq!(
+            t(0, 999_999_999),
+            Some(OffsetDateTime::UNIX_EPOCH + Duration::nanoseconds(999_999_999))
+        );
+        for (seconds, nanos) in [(0, -1), (0, 1_000_000_000), (i64::MAX, 0), (i64::MIN, 0)] {
+            assert_eq!(t(seconds, nanos), None, "{seconds}s {nanos}ns");
+        }
+    }
+
+    #[test]
+    fn an_amount_beyond_what_is_stored_is_refused_at_the_edge() {
+        let charge = |amount| pb::ChargeRequest {
+            token: "tok_0000000000000000000000".to_owned(),
+            amount,
+            currency: "EUR".to_owned(),
+            gateway: "stripe".to_owned(),
+            idempotency_key: "k".to_owned(),
+            ..Default::default()
+        };
+        for amount in [0, MAX_CHARGE_AMOUNT + 1, u64::MAX] {
+            let v = charge_command(charge(amount), &["stripe"]).expect_err("refused");
+            assert_eq!(fields(&v), ["amount"], "{amount}");
+        }
+        let cmd = charge_command(charge(MAX_CHARGE_AMOUNT), &["stripe"]).expect("the largest");
+        assert_eq!(cmd.amount, MAX_CHARGE_AMOUNT);
     }
 
     fn import_card(import_id: &str, number: &str) -> pb::ImportCard {

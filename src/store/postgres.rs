@@ -257,7 +257,10 @@ fn charge_from_row(row: &PgRow) -> Result<ChargeRow, StoreError> {
         request_hash: row.try_get("request_hash")?,
         token: row.try_get("token")?,
         gateway: row.try_get("gateway")?,
-        amount: narrow(row.try_get::<i64, _>("amount")?, "charge amount")?,
+        amount: narrow(
+            row.try_get::<i64, _>("amount")?,
+            "a stored charge amount is out of range (negative)",
+        )?,
         currency: row.try_get("currency")?,
         capture: row.try_get("capture")?,
         description: row.try_get("description")?,
@@ -1317,7 +1320,10 @@ impl Store for PgStore {
         .bind(&row.request_hash)
         .bind(&row.token)
         .bind(&row.gateway)
-        .bind(int8_param(row.amount, "charge amount out of range")?)
+        .bind(int8_param(
+            row.amount,
+            "a charge amount is larger than the database holds",
+        )?)
         .bind(&row.currency)
         .bind(&row.capture)
         .bind(&row.description)

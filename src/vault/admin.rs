@@ -12,10 +12,14 @@ use super::{
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
-    card::{Card, Expiry, Pan, TokenFormat, luhn},
-    crypto::{self, ApiKey},
+    card::{Brand, Card, Expiry, Pan, TokenFormat, luhn},
+    crypto::{self, ApiKey, FingerprintKey},
     store::{ApiKeyRow, KeyRequestRow, PrincipalRow, StoreTx},
 };
+
+/// The longest validity an API key may be given: far beyond any rotation schedule, and
+/// short of a time the vault cannot represent.
+pub const MAX_API_KEY_VALIDITY: Duration = Duration::days(366 * 100);
 
 /// A principal to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -432,10 +436,16 @@ pub(super) fn new_api_key(
     let key =
         ApiKey::generate().map_err(|e| VaultError::internal("failed to generate an API key", e))?;
     let now = OffsetDateTime::now_utc();
+    // Checked: a validity from a caller is never left to overflow (and panic) here.
     let expires_at = match valid_for {
-        Some(d) => Some(now.checked_add(d).ok_or_else(|| {
-            VaultError::Precondition("the API key's validity is out of range".to_owned())
-        })?),
+        Some(d) => Some(
+            Some(d)
+                .filter(|d| d.is_positive() && *d <= MAX_API_KEY_VALIDITY)
+                .and_then(|d| now.checked_add(d))
+                .ok_or_else(|| {
+                    VaultError::Precondition("the API key's validity is out of range".to_owned())
+                })?,
+        ),
         None => None,
     };
     let row = ApiKeyRow {

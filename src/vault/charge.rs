@@ -24,19 +24,23 @@ use super::{
     key_admin::new_id, view_of,
 };
 use crate::{
-    audit::{Action, Outcome},
+    audit::{Action, AuditEvent, Outcome},
     card::{Cvc, Token},
     crypto::{self, DekId},
-    gateway::{Capture, ChargeCard, ChargeParams, ChargeStatus},
+    gateway::{Capture, ChargeCard, ChargeParams, ChargeStatus, Connector},
     store::{ChargeRow, ChargeSettlement, CvcHoldRow},
 };
+
+/// The largest amount a charge may have, in minor units: what both backends' 64-bit signed
+/// `amount` column holds. Far beyond any real charge; the API refuses more at the edge.
+pub const MAX_CHARGE_AMOUNT: u64 = i64::MAX.unsigned_abs();
 
 /// A charge to make.
 #[derive(Debug)]
 pub struct ChargeCommand {
     /// The card's token.
     pub token: Token,
-    /// Minor units, at least 1.
+    /// Minor units, 1 to [`MAX_CHARGE_AMOUNT`].
     pub amount: u64,
     /// ISO 4217, upper case.
     pub currency: String,

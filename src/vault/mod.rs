@@ -38,7 +38,7 @@ pub use self::{
     },
     admin::{CreatedApiKey, DualControlled, NewPrincipal},
     batch::BatchOptions,
-    charge::{ChargeCommand, Charged},
+    charge::{ChargeCommand, Charged, MAX_CHARGE_AMOUNT},
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
