@@ -323,6 +323,26 @@ pub trait Connector: Send + Sync + fmt::Debug {
     fn resends_safely(&self) -> bool {
         true
     }
+
+    /// A decline made up without contacting the gateway, shaped like the one it gives for a
+    /// card its issuer declines: the answer to a charge the vault will not send (a
+    /// honeytoken's), which must not look different to the caller. The default is the
+    /// generic decline of most gateways, without a payment id.
+    fn decoy_decline(&self) -> Outcome {
+        generic_decline()
+    }
+}
+
+/// A card declined without a more specific reason, in Stripe's words (which many gateways
+/// share): `generic_decline`, "Your card was declined.".
+fn generic_decline() -> Outcome {
+    Outcome {
+        status: ChargeStatus::Declined,
+        payment_id: None,
+        decline_code: Some("generic_decline".to_owned()),
+        message: Some("Your card was declined.".to_owned()),
+        http_status: None,
+    }
 }
 
 /// Why the gateways could not be set up. Names the gateway and the setting or file, never a

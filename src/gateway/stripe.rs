@@ -247,7 +247,22 @@ impl Connector for StripeConnector {
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
         observed(&self.name, card, params, self.charge_steps(card, params)).await
     }
+
+    /// Stripe declines a confirmed PaymentIntent with HTTP 402 and names the intent it
+    /// created (`pi_` and 24 letters and digits), so the decoy names one too.
+    fn decoy_decline(&self) -> Outcome {
+        Outcome {
+            payment_id: crate::crypto::random_base62(PAYMENT_INTENT_ID_CHARS)
+                .ok()
+                .map(|id| format!("pi_{id}")),
+            http_status: Some(402),
+            ..super::generic_decline()
+        }
+    }
 }
+
+/// Letters and digits after `pi_` in a PaymentIntent id.
+const PAYMENT_INTENT_ID_CHARS: usize = 24;
 
 /// A string field of a JSON object.
 fn text(value: &Value, pointer: &str) -> Option<String> {

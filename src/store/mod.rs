@@ -808,6 +808,15 @@ pub trait StoreTx: Send {
         tenant_id: &str,
         import_ids: &[&str],
     ) -> Result<Vec<ImportedCard>, StoreError>;
+
+    /// As [`Store::settle_charge`], inside this transaction: a send's outcome commits with
+    /// its audit record, or neither does.
+    async fn settle_charge(
+        &mut self,
+        id: &str,
+        settlement: &ChargeSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Opens the backend named by the URL scheme (`postgres://`, `postgresql://`, `sqlite://`).

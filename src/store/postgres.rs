@@ -181,6 +181,39 @@ fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
     })
 }
 
+/// Records how a send of a `pending` or `unknown` charge ended, through the pool or inside a
+/// transaction (with the outcome's audit record); returns whether the charge changed.
+async fn settle_charge_row<'e, E>(
+    executor: E,
+    id: &str,
+    settlement: &ChargeSettlement,
+    now: OffsetDateTime,
+) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    // A payment id learnt by an earlier send is kept when this one brought none. A final
+    // status ends the re-sends, and with them the need for the attached CVC.
+    let done = sqlx::query(
+        "UPDATE charges SET status = $2, gateway_payment_id = COALESCE($3, gateway_payment_id), \
+         decline_code = $4, message = $5, sending_until = NULL, updated_at = $6, \
+         cvc_dek_id = CASE WHEN $7 THEN NULL ELSE cvc_dek_id END, \
+         cvc_ciphertext = CASE WHEN $7 THEN NULL ELSE cvc_ciphertext END, \
+         cvc_expires_at = CASE WHEN $7 THEN NULL ELSE cvc_expires_at END \
+         WHERE id = $1 AND status IN ('pending', 'unknown')",
+    )
+    .bind(id)
+    .bind(&settlement.status)
+    .bind(&settlement.gateway_payment_id)
+    .bind(&settlement.decline_code)
+    .bind(&settlement.message)
+    .bind(now)
+    .bind(settlement.status != "unknown")
+    .execute(executor)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Inserts a tenant unless one with that id exists, through the pool or inside a
 /// transaction. A new tenant is never shredded: `shredded_at` is written NULL.
 async fn insert_tenant_row<'e, E>(executor: E, row: &TenantRow) -> Result<bool, StoreError>
@@ -1416,26 +1449,7 @@ impl Store for PgStore {
         settlement: &ChargeSettlement,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        // A payment id learnt by an earlier send is kept when this one brought none. A final
-        // status ends the re-sends, and with them the need for the attached CVC.
-        let done = sqlx::query(
-            "UPDATE charges SET status = $2, gateway_payment_id = COALESCE($3, gateway_payment_id), \
-             decline_code = $4, message = $5, sending_until = NULL, updated_at = $6, \
-             cvc_dek_id = CASE WHEN $7 THEN NULL ELSE cvc_dek_id END, \
-             cvc_ciphertext = CASE WHEN $7 THEN NULL ELSE cvc_ciphertext END, \
-             cvc_expires_at = CASE WHEN $7 THEN NULL ELSE cvc_expires_at END \
-             WHERE id = $1 AND status IN ('pending', 'unknown')",
-        )
-        .bind(id)
-        .bind(&settlement.status)
-        .bind(&settlement.gateway_payment_id)
-        .bind(&settlement.decline_code)
-        .bind(&settlement.message)
-        .bind(now)
-        .bind(settlement.status != "unknown")
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        settle_charge_row(&self.pool, id, settlement, now).await
     }
 
     async fn unsettled_charges(
@@ -2083,6 +2097,15 @@ impl StoreTx for PgTx {
             })
         })
         .collect()
+    }
+
+    async fn settle_charge(
+        &mut self,
+        id: &str,
+        settlement: &ChargeSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        settle_charge_row(&mut *self.tx, id, settlement, now).await
     }
 }
 

@@ -77,7 +77,9 @@ impl Vault {
         self.options.gateways.names()
     }
 
-    /// Charges a card, exactly once per idempotency key.
+    /// Charges a card, exactly once per idempotency key. Each send is on record before it
+    /// leaves (see [`Vault::send`]); a request that sends nothing (a replay, or one that
+    /// waited for another's send) records the outcome it answers with.
     #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant(), gateway = %command.gateway))]
     pub async fn charge(
         &self,
@@ -110,36 +112,40 @@ impl Vault {
             created_at: now,
             updated_at: now,
         };
-        let (mut charge, created) = match self.store.insert_charge(&fresh).await? {
+        let (charge, created) = match self.store.insert_charge(&fresh).await? {
             None => (fresh, true),
             Some(existing) if existing.request_hash != fresh.request_hash => {
-                let mut refused = event(auth, Outcome::Conflict, Some(token));
+                let mut refused = charge_event(auth, Outcome::Conflict, token, row.honeytoken);
                 refused.detail = Some(format!(
                     "charge {}: idempotency key reused with other parameters",
                     existing.id
                 ));
                 self.record(&refused).await;
+                self.alarm_if(row.honeytoken, auth, token);
                 return Err(VaultError::Precondition(
                     "this idempotency key was used for a charge with other parameters".to_owned(),
                 ));
             }
             Some(existing) => (existing, false),
         };
-        if is_unsettled(&charge) {
-            charge = self.send(&tenant, token, &row, &charge).await?;
+        let (charge, sent) = if is_unsettled(&charge) {
+            let sent = self.send(auth, &tenant, token, &row, &charge).await;
+            self.recorded(auth, Some(token), sent).await?
+        } else {
+            (charge, false)
+        };
+        if !sent {
+            let mut answered = charge_event(auth, Outcome::Ok, token, row.honeytoken);
+            answered.detail = Some(charge_detail(
+                &charge,
+                &format!(
+                    "{}{}",
+                    charge.status,
+                    if created { "" } else { " (replayed)" }
+                ),
+            ));
+            self.batcher().await?.audit(answered).await?;
         }
-        let mut done = event(auth, Outcome::Ok, Some(token));
-        done.alarm = row.honeytoken;
-        done.detail = Some(format!(
-            "charge {} via {}: {} {} {}{}",
-            charge.id,
-            charge.gateway,
-            charge.amount,
-            charge.currency,
-            charge.status,
-            if created { "" } else { " (replayed)" }
-        ));
-        self.record(&done).await;
         self.alarm_if(row.honeytoken, auth, token);
         metrics::counter!(
             "cardvault_charges_total",
@@ -155,14 +161,21 @@ impl Vault {
     }
 
     /// Sends an unsettled charge, exactly as it was first asked for, or waits for the request
-    /// that is sending it; returns the charge as it stands afterwards.
+    /// that is sending it; returns the charge as it stands afterwards, and whether this call
+    /// sent it (and so recorded it).
+    ///
+    /// The attempt's audit record commits before anything goes to the gateway, and the
+    /// outcome's in the same transaction as the settled charge: a crash during the call
+    /// leaves a record of a charge that may have been made, never a charge without one.
+    /// A honeytoken is never sent: it is declined the way the gateway declines a card.
     async fn send(
         &self,
+        auth: &Authorized,
         tenant: &TenantId,
         token: &Token,
         card_row: &crate::store::CardRow,
         charge: &ChargeRow,
-    ) -> Result<ChargeRow, VaultError> {
+    ) -> Result<(ChargeRow, bool), VaultError> {
         let lease = time::Duration::try_from(self.options.charge_send_lease)
             .map_err(|e| VaultError::internal("charge send lease out of range", e))?;
         let connector = self
@@ -171,23 +184,22 @@ impl Vault {
             .get(&charge.gateway)
             .ok_or_else(|| {
                 VaultError::Precondition(format!(
-                    "gateway {:?} is not configured on this replica",
-                    charge.gateway
+                    "charge {}: gateway {:?} is not configured on this replica",
+                    charge.id, charge.gateway
                 ))
             })?
             .clone();
         if charge.attempts > 0 && !connector.resends_safely() {
             // Sent once already, to a gateway that cannot tell a re-send from a new charge:
             // the outcome stays unknown until an operator settles it at the gateway.
-            return Ok(charge.clone());
+            return Ok((charge.clone(), false));
         }
         loop {
             let now = OffsetDateTime::now_utc();
-            if self
-                .store
-                .claim_charge_send(&charge.id, now, now + lease)
-                .await?
-            {
+            let until = now.checked_add(lease).ok_or_else(|| {
+                VaultError::internal("charge send lease out of range", "overflow")
+            })?;
+            if self.store.claim_charge_send(&charge.id, now, until).await? {
                 break;
             }
             // Another request is sending it: wait for its outcome.
@@ -198,9 +210,68 @@ impl Vault {
                 .await?
                 .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))?;
             if !is_unsettled(&current) {
-                return Ok(current);
+                return Ok((current, false));
             }
         }
+        let honeytoken = card_row.honeytoken;
+        let (outcome, what) = if honeytoken {
+            // Before the card is opened or anything is sent, and shaped like the gateway's
+            // own decline, so the caller learns nothing; the operators get the alarm.
+            (
+                connector.decoy_decline(),
+                "honeytoken, not sent to the gateway",
+            )
+        } else {
+            // The claim counted this attempt.
+            let attempt = charge.attempts.saturating_add(1);
+            let mut sending = charge_event(auth, Outcome::Ok, token, false);
+            sending.detail = Some(charge_detail(
+                charge,
+                &format!("sending (attempt {attempt})"),
+            ));
+            self.batcher().await?.audit(sending).await?;
+            (
+                self.call_gateway(tenant, token, card_row, charge, connector.as_ref())
+                    .await?,
+                "",
+            )
+        };
+        let settlement = ChargeSettlement {
+            status: status_name(outcome.status).to_owned(),
+            gateway_payment_id: outcome.payment_id,
+            decline_code: outcome.decline_code,
+            message: outcome.message,
+        };
+        let mut settled = charge_event(auth, Outcome::Ok, token, honeytoken);
+        settled.detail = Some(charge_detail(
+            charge,
+            &if what.is_empty() {
+                settlement.status.clone()
+            } else {
+                format!("{} ({what})", settlement.status)
+            },
+        ));
+        let mut tx = self.begin().await?;
+        tx.settle_charge(&charge.id, &settlement, OffsetDateTime::now_utc())
+            .await?;
+        self.commit_with(tx, &settled).await?;
+        let current = self
+            .store
+            .charge(&charge.id)
+            .await?
+            .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))?;
+        Ok((current, true))
+    }
+
+    /// Opens the card (and the CVC held for it) inside the vault and sends the charge.
+    async fn call_gateway(
+        &self,
+        tenant: &TenantId,
+        token: &Token,
+        card_row: &crate::store::CardRow,
+        charge: &ChargeRow,
+        connector: &dyn Connector,
+    ) -> Result<crate::gateway::Outcome, VaultError> {
         let secret = self.open_card(tenant, token, card_row).await?;
         let cvc = self.charge_cvc(tenant, token, &charge.id).await?;
         let card = ChargeCard {
@@ -218,23 +289,7 @@ impl Vault {
             metadata: &charge.metadata,
             idempotency_key: &charge.id,
         };
-        let outcome = connector.charge(&card, &params).await;
-        drop(secret);
-        drop(cvc);
-        let settlement = ChargeSettlement {
-            status: status_name(outcome.status).to_owned(),
-            gateway_payment_id: outcome.payment_id,
-            decline_code: outcome.decline_code,
-            message: outcome.message,
-        };
-        let now = OffsetDateTime::now_utc();
-        self.store
-            .settle_charge(&charge.id, &settlement, now)
-            .await?;
-        self.store
-            .charge(&charge.id)
-            .await?
-            .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))
+        Ok(connector.charge(&card, &params).await)
     }
 
     /// The CVC for a charge: the one already attached to it (a re-send), else the token's
@@ -288,9 +343,8 @@ impl Vault {
     ) -> Result<OffsetDateTime, VaultError> {
         expect_action(auth, Action::HoldCvc)?;
         self.live_row(auth, token).await?;
-        let expires_at = self
-            .put_cvc_hold(auth.caller().tenant(), token, cvc)
-            .await?;
+        let held = self.put_cvc_hold(auth.caller().tenant(), token, cvc).await;
+        let expires_at = self.recorded(auth, Some(token), held).await?;
         self.batcher()
             .await?
             .audit(event(auth, Outcome::Ok, Some(token)))
@@ -317,7 +371,9 @@ impl Vault {
         .map_err(|e| VaultError::internal("failed to seal a CVC", e))?;
         let ttl = time::Duration::try_from(self.options.cvc_hold_ttl)
             .map_err(|e| VaultError::internal("CVC hold time out of range", e))?;
-        let expires_at = OffsetDateTime::now_utc() + ttl;
+        let expires_at = OffsetDateTime::now_utc()
+            .checked_add(ttl)
+            .ok_or_else(|| VaultError::internal("CVC hold time out of range", "overflow"))?;
         self.store
             .put_cvc_hold(&CvcHoldRow {
                 token: token.as_str().to_owned(),
@@ -362,7 +418,14 @@ impl Vault {
                 settled.push(charge);
                 continue;
             };
-            settled.push(self.send(&tenant, &token, &card_row, &charge).await?);
+            let sent = self.send(auth, &tenant, &token, &card_row, &charge).await;
+            match self.recorded(auth, Some(&token), sent).await {
+                Ok((current, _)) => settled.push(current),
+                // A gateway only another replica has: that replica can settle it; this one
+                // leaves it as it stands rather than fail the others.
+                Err(VaultError::Precondition(_)) => settled.push(charge),
+                Err(err) => return Err(err),
+            }
         }
         let mut done = event(auth, Outcome::Ok, None);
         done.detail = Some(format!(
@@ -377,6 +440,26 @@ impl Vault {
         self.record(&done).await;
         Ok(settled)
     }
+}
+
+/// The audit event of a charge request about `token`, an alarm for a honeytoken.
+fn charge_event(
+    auth: &Authorized,
+    outcome: Outcome,
+    token: &Token,
+    honeytoken: bool,
+) -> AuditEvent {
+    let mut event = event(auth, outcome, Some(token));
+    event.alarm = honeytoken;
+    event
+}
+
+/// `charge ch_… via stripe: 1999 EUR <what>`: the charge's audit detail (no card data).
+fn charge_detail(charge: &ChargeRow, what: &str) -> String {
+    format!(
+        "charge {} via {}: {} {} {what}",
+        charge.id, charge.gateway, charge.amount, charge.currency
+    )
 }
 
 /// The AAD "token" of a CVC hold: a hold can never be opened as a card record, nor a card

@@ -279,11 +279,13 @@ impl Vault {
             ));
         }
         let tenant = auth.caller().tenant().clone();
-        let keys = self.keys.tenant(&tenant).await?;
-        let (dek_id, dek) = self
+        let keys = self.keys.tenant(&tenant).await;
+        let keys = self.recorded(auth, None, keys).await?;
+        let reserved = self
             .keys
             .encryptions(&tenant, &keys, entries.len() as u64)
-            .await?;
+            .await;
+        let (dek_id, dek) = self.recorded(auth, None, reserved).await?;
         let chunk_keys = Arc::new(ChunkKeys {
             dek,
             tenant,

@@ -317,6 +317,24 @@ impl Vault {
         }
     }
 
+    /// Passes `result` on, first recording it when it is a refusal raised below a card
+    /// operation that nothing has recorded yet — a crypto-shredded tenant, a gateway this
+    /// replica does not have, too many records for one data key — so that every refusal of a
+    /// card operation is in the audit log ([`VaultError::is_audited`] counts on it).
+    async fn recorded<T>(
+        &self,
+        auth: &Authorized,
+        token: Option<&Token>,
+        result: Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        if let Err(VaultError::Precondition(why)) = &result {
+            let mut refused = event(auth, Outcome::Conflict, token);
+            refused.detail = Some(why.clone());
+            self.record(&refused).await;
+        }
+        result
+    }
+
     /// Records the failure of an authorized request that the vault did not record itself
     /// (see [`VaultError::is_audited`]): malformed arguments, internal errors.
     pub async fn record_failure(&self, auth: &Authorized, outcome: Outcome) {
@@ -356,15 +374,17 @@ impl Vault {
         if let Some((bin, last4)) = &reuse {
             self.check_reuse_budget(auth, bin, last4).await?;
         }
-        let tokenized = self
+        let stored = self
             .store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
-            .await?;
+            .await;
+        let tokenized = self.recorded(auth, None, stored).await?;
         if let Some((bin, last4)) = &reuse {
             self.spend_reuse_budget(auth, bin, last4, tokenized.created);
         }
         if let Some(cvc) = cvc {
-            self.put_cvc_hold(&tenant, &tokenized.card.token, &cvc)
-                .await?;
+            let token = &tokenized.card.token;
+            let held = self.put_cvc_hold(&tenant, token, &cvc).await;
+            self.recorded(auth, Some(token), held).await?;
         }
         Ok(Tokenized {
             card: tokenized.card.shown_to(auth),

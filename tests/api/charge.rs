@@ -35,12 +35,19 @@ on_both_backends!(
     a_gateway_without_idempotency_keys_is_never_sent_a_charge_twice,
     redirects_and_oversized_answers_are_refused,
     a_cvc_is_held_once_and_never_stored_or_logged,
+    an_amount_the_store_cannot_hold_is_an_invalid_argument,
+    a_stored_amount_out_of_range_is_named_in_the_log,
+    a_honeytoken_charge_reaches_no_gateway_and_looks_like_a_decline,
+    every_send_is_on_record_before_it_leaves_and_its_outcome_with_the_settle,
+    a_charge_for_a_gateway_this_replica_lacks_is_recorded_and_left_alone,
 );
 
 /// A vault (tenant `dev`) whose gateways reach one test gateway over TLS.
 struct Rig {
     app: TestApp,
     gateway: TestGateway,
+    /// The vault's `[[gateways]]`, to start another vault with.
+    gateways_toml: String,
 }
 
 /// The test gateway's TLS certificate, signed by the test CA the vault trusts.
@@ -117,12 +124,14 @@ async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
     let pki = Pki::new(state.dir.path());
     let gateway = start_gateway(&pki, hang).await;
     let mut settings = state.settings("dev");
-    with_gateways(
-        &mut settings,
-        &gateways(state.dir.path(), &pki, &gateway, timeout_ms),
-    );
+    let gateways_toml = gateways(state.dir.path(), &pki, &gateway, timeout_ms);
+    with_gateways(&mut settings, &gateways_toml);
     let app = spawn_with(state, "dev", settings).await;
-    Rig { app, gateway }
+    Rig {
+        app,
+        gateway,
+        gateways_toml,
+    }
 }
 
 async fn rig(backend: Backend) -> Rig {
@@ -457,6 +466,249 @@ async fn a_cvc_is_held_once_and_never_stored_or_logged(backend: Backend) {
             panic!("a card secret is in the database: …{context}…");
         }
     }
+}
+
+async fn an_amount_the_store_cannot_hold_is_an_invalid_argument(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::SUCCESS, "").await;
+    for amount in [u64::MAX, 1 << 63] {
+        let mut request = charge_request(&token, "stripe", &format!("huge-{amount}"));
+        request.amount = amount;
+        let err = client.charge(request).await.expect_err("too large");
+        assert_eq!(err.code(), Code::InvalidArgument, "{amount}: {err:?}");
+        assert_eq!(crate::helpers::violated_fields(&err), ["amount"]);
+    }
+    // Refused at the edge: no charge row, nothing sent.
+    assert_eq!(rig.app.state.count("SELECT COUNT(*) FROM charges").await, 0);
+    assert_eq!(rig.gateway.stats().posts_to(paths::PAYMENT_METHODS), 0);
+}
+
+async fn a_stored_amount_out_of_range_is_named_in_the_log(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::SUCCESS, "").await;
+    charge(client, &token, "stripe", "tampered").await;
+    // Someone with database access writes an amount no charge can have.
+    let changed = rig
+        .app
+        .state
+        .execute(
+            "UPDATE charges SET amount = -5 WHERE idempotency_key = $1",
+            &["tampered"],
+        )
+        .await;
+    assert_eq!(changed, 1);
+    let err = client
+        .charge(charge_request(&token, "stripe", "tampered"))
+        .await
+        .expect_err("a corrupt charge");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let request_id = err
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("request id")
+        .to_owned();
+    let logs = String::from_utf8_lossy(&captured_logs()).into_owned();
+    assert!(
+        logs.lines().any(
+            |l| l.contains(&request_id) && l.contains("a stored charge amount is out of range")
+        ),
+        "the log says what is wrong with the row"
+    );
+}
+
+/// The audit records of `action` about `token`: (outcome, alarm, detail), oldest first.
+async fn records_of(state: &AppState, action: &str, token: &str) -> Vec<(String, bool, String)> {
+    let sql = "SELECT outcome, alarm, COALESCE(detail, '') FROM audit_records \
+               WHERE action = $1 AND token = $2 ORDER BY at, shard, seq";
+    match state.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&state.database_url)
+                .await
+                .expect("open sqlite");
+            sqlx::query_as(sql)
+                .bind(action)
+                .bind(token)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&state.database_url)
+                .await
+                .expect("open postgres");
+            sqlx::query_as(sql)
+                .bind(action)
+                .bind(token)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+    }
+}
+
+async fn a_honeytoken_charge_reaches_no_gateway_and_looks_like_a_decline(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let state = rig.app.state.clone();
+    let ops = cardvault::server::open_vault(&state.settings("dev"))
+        .await
+        .expect("operator vault");
+    let canary = ops
+        .mint_honeytoken(
+            &operator(),
+            &cardvault::vault::TenantId::parse("dev").expect("tenant"),
+            cardvault::card::TokenFormat::Opaque,
+            cardvault::vault::Metadata::default(),
+        )
+        .await
+        .expect("mint")
+        .token;
+    let canary = canary.as_str();
+    let client = &mut rig.app.client;
+    // What a real decline through the same connector looks like.
+    let declined = card(client, cards::DECLINED, "123").await;
+    let real = charge(client, &declined, "stripe", "real-decline").await;
+    assert_eq!(status(&real), pb::ChargeStatus::Declined);
+    let before = rig.gateway.requests().len();
+
+    let answer = charge(client, canary, "stripe", "canary-1").await;
+    assert_eq!(
+        rig.gateway.requests().len(),
+        before,
+        "a honeytoken charge reached the gateway"
+    );
+    // Shaped like the real decline: same status, code, message and payment id shape.
+    assert_eq!(status(&answer), pb::ChargeStatus::Declined, "{answer:?}");
+    assert_eq!(answer.decline_code, real.decline_code);
+    assert_eq!(answer.message, real.message);
+    assert!(answer.gateway_payment_id.starts_with("pi_"), "{answer:?}");
+    assert_eq!(
+        answer.gateway_payment_id.len(),
+        real.gateway_payment_id.len()
+    );
+    assert!(answer.created);
+    // A retry replays it, and reconciliation has nothing to send: still no gateway contact.
+    let again = charge(client, canary, "stripe", "canary-1").await;
+    assert_eq!(again.charge_id, answer.charge_id);
+    assert_eq!(again.gateway_payment_id, answer.gateway_payment_id);
+    assert!(!again.created);
+    let reconciled = client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges;
+    assert!(reconciled.is_empty(), "{reconciled:?}");
+    assert_eq!(rig.gateway.requests().len(), before);
+
+    // The operators see it: alarm records and the error log line.
+    let records = records_of(&state, "charge", canary).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|(_, alarm, _)| *alarm), "{records:?}");
+    let logs = String::from_utf8_lossy(&captured_logs()).into_owned();
+    assert!(
+        logs.lines().any(|l| l.contains("HONEYTOKEN ACCESSED")
+            && l.contains(canary)
+            && l.contains("\"action\":\"charge\"")),
+        "no alarm log line for the charge"
+    );
+}
+
+async fn every_send_is_on_record_before_it_leaves_and_its_outcome_with_the_settle(
+    backend: Backend,
+) {
+    // The gateway holds the hang card for 6 s; the vault gives up after 4 s.
+    let hang = Duration::from_secs(6);
+    let mut rig = rig_with(backend, hang, 4_000).await;
+    let state = rig.app.state.clone();
+    let token = card(&mut rig.app.client, cards::HANG, "").await;
+    let mut client = rig.app.client.clone();
+    let sending = {
+        let token = token.clone();
+        tokio::spawn(async move { charge(&mut client, &token, "stripe", "held-1").await })
+    };
+    // Wait until the gateway holds the charge…
+    let mut waited = 0;
+    while rig.gateway.stats().posts_to(paths::PAYMENT_INTENTS) == 0 {
+        assert!(waited < 400, "the charge never reached the gateway");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    // …and look, as after a crash at this point would: the charge is on record.
+    let in_flight = records_of(&state, "charge", &token).await;
+    assert!(
+        !sending.is_finished(),
+        "the gateway answered before the audit log was read; nothing was shown"
+    );
+    assert_eq!(in_flight.len(), 1, "{in_flight:?}");
+    assert!(in_flight[0].2.contains("attempt 1"), "{in_flight:?}");
+
+    let answer = sending.await.expect("charge task");
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    let records = records_of(&state, "charge", &token).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records[1].2.ends_with(" unknown"), "{records:?}");
+
+    // Once the gateway has finished, reconciliation re-sends: one more attempt on record
+    // before it, and the settled outcome after.
+    tokio::time::sleep(hang).await;
+    let reconciled = rig
+        .app
+        .client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges;
+    assert_eq!(
+        pb::ChargeStatus::try_from(reconciled[0].status),
+        Ok(pb::ChargeStatus::Succeeded)
+    );
+    let records = records_of(&state, "charges.reconcile", &token).await;
+    let details: Vec<&str> = records.iter().map(|(_, _, d)| d.as_str()).collect();
+    assert_eq!(details.len(), 2, "{details:?}");
+    assert!(details[0].contains("attempt 2"), "{details:?}");
+    assert!(details[1].ends_with(" succeeded"), "{details:?}");
+    rig.app.stop().await;
+    let report = crate::audit::verify(&state).await;
+    assert!(report.is_intact(), "{:?}", report.breaks);
+}
+
+async fn a_charge_for_a_gateway_this_replica_lacks_is_recorded_and_left_alone(backend: Backend) {
+    let mut rig = rig_with(backend, Duration::from_millis(1_500), 500).await;
+    let token = card(&mut rig.app.client, cards::HANG, "").await;
+    let answer = charge(&mut rig.app.client, &token, "stripe", "elsewhere-1").await;
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    // Another replica, configured without the `stripe` gateway, is asked to reconcile.
+    rig.app.stop().await;
+    let state = rig.app.state.clone();
+    let mut settings = state.settings("dev");
+    with_gateways(&mut settings, &rig.gateways_toml);
+    settings.gateways.retain(|g| g.name != "stripe");
+    let mut other = spawn_with(state.clone(), "dev", settings).await;
+    let reconciled = other
+        .client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await;
+    // The refusal is on record, naming the charge and the gateway.
+    let refusals = records_of(&state, "charges.reconcile", &token).await;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    let (outcome, _, detail) = &refusals[0];
+    assert_eq!(outcome, "conflict");
+    assert!(
+        detail.contains(&answer.charge_id) && detail.contains("stripe"),
+        "{detail}"
+    );
+    // The charge is left as it stands for a replica that has the gateway.
+    let reconciled = reconciled.expect("reconcile").into_inner().charges;
+    assert_eq!(reconciled.len(), 1, "{reconciled:?}");
+    assert_eq!(
+        pb::ChargeStatus::try_from(reconciled[0].status),
+        Ok(pb::ChargeStatus::Unknown)
+    );
+    other.stop().await;
 }
 
 /// A charge by a principal of another tenant is NOT_FOUND, like a missing token, and
