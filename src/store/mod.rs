@@ -431,6 +431,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError>;
 
+    /// The BIN of the tenant's first card (honeytokens left out) whose fingerprint is at or
+    /// after `from`, in fingerprint order. Keyed fingerprints are uniformly random, so a
+    /// random `from` picks a card at random and each BIN comes out as often as the tenant's
+    /// cards have it; `None` when no card's fingerprint is that high (or the tenant has no
+    /// card).
+    async fn card_bin_at(&self, tenant_id: &str, from: &[u8])
+    -> Result<Option<String>, StoreError>;
+    /// Whether any card of the tenant (expired ones and honeytokens included) has this PAN
+    /// fingerprint.
+    async fn fingerprint_in_use(
+        &self,
+        tenant_id: &str,
+        fingerprint: &[u8],
+    ) -> Result<bool, StoreError>;
+
     /// Commits new cards and the audit records that extend one chain from `expected` to
     /// `head`, all or nothing — provided nothing clashes: every card is new (no unique key
     /// taken) and `expected` is still the chain's head. Otherwise it writes nothing and

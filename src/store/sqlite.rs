@@ -476,6 +476,36 @@ impl Store for SqliteStore {
         card_by_token(&self.pool, tenant_id, token, now).await
     }
 
+    async fn card_bin_at(
+        &self,
+        tenant_id: &str,
+        from: &[u8],
+    ) -> Result<Option<String>, StoreError> {
+        // A range scan of `cards_by_fingerprint`, one row.
+        Ok(sqlx::query_scalar(
+            "SELECT bin FROM cards WHERE tenant_id = ?1 AND fingerprint >= ?2 AND honeytoken = 0 \
+             ORDER BY fingerprint LIMIT 1",
+        )
+        .bind(tenant_id)
+        .bind(from)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn fingerprint_in_use(
+        &self,
+        tenant_id: &str,
+        fingerprint: &[u8],
+    ) -> Result<bool, StoreError> {
+        let found =
+            sqlx::query("SELECT 1 FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 LIMIT 1")
+                .bind(tenant_id)
+                .bind(fingerprint)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
         // fail with SQLITE_BUSY when it tries to upgrade under concurrency.

@@ -363,9 +363,11 @@ impl Vault {
         }
     }
 
-    /// Mints a honeytoken: a card with a random, valid-looking Visa number, stored like any
-    /// other card of the tenant and indistinguishable from one to callers, whose every access
-    /// raises an alarm.
+    /// Mints a honeytoken: a card stored like any other card of the tenant and
+    /// indistinguishable from one to callers, whose every access raises an alarm. Its number
+    /// has the BIN of one of the tenant's own cards, drawn at random (so the tenant's common
+    /// BINs come up often), or a Visa number for a tenant without cards; it is never the
+    /// number of a card the tenant holds.
     pub async fn mint_honeytoken(
         &self,
         op: &Operator,
@@ -373,18 +375,36 @@ impl Vault {
         format: TokenFormat,
         metadata: Metadata,
     ) -> Result<CardView, VaultError> {
-        let mut scope_event = admin_event(op, Action::MintHoneytoken, Outcome::Ok);
-        scope_event.tenant = Some(tenant.to_string());
-        self.within_scope(op, Some(tenant), &scope_event).await?;
+        let mut event = admin_event(op, Action::MintHoneytoken, Outcome::Ok);
+        event.tenant = Some(tenant.to_string());
+        self.within_scope(op, Some(tenant), &event).await?;
         if self.store.tenant(tenant.as_str()).await?.is_none() {
-            let mut event = admin_event(op, Action::MintHoneytoken, Outcome::NotFound);
-            event.tenant = Some(tenant.to_string());
+            event.outcome = Outcome::NotFound;
             self.record(&event).await;
             return Err(VaultError::Missing("tenant not found"));
         }
-        let card = honeytoken_card()?;
-        let mut event = admin_event(op, Action::MintHoneytoken, Outcome::Ok);
-        event.tenant = Some(tenant.to_string());
+        let keys = match self.keys.tenant(tenant).await {
+            Ok(keys) => keys,
+            Err(VaultError::Precondition(why)) => {
+                // A crypto-shredded tenant.
+                event.outcome = Outcome::Conflict;
+                event.detail = Some(why.clone());
+                self.record(&event).await;
+                return Err(VaultError::Precondition(why));
+            }
+            Err(err) => return Err(err),
+        };
+        let bin = self.random_bin(tenant).await?;
+        let card = unused_honeytoken(bin.as_deref(), &keys.fingerprint, |fingerprint| {
+            let store = self.store.clone();
+            let tenant = tenant.clone();
+            async move {
+                Ok(store
+                    .fingerprint_in_use(tenant.as_str(), &fingerprint)
+                    .await?)
+            }
+        })
+        .await?;
         let command = TokenizeCommand {
             card,
             cvc: None,
@@ -396,6 +416,18 @@ impl Vault {
         let stored = self.store_card(tenant, command, true, event).await?;
         tracing::info!(tenant = %tenant, token = stored.card.token.as_str(), "minted a honeytoken");
         Ok(stored.card)
+    }
+
+    /// The BIN of one of the tenant's cards, picked at random; `None` when it has none.
+    async fn random_bin(&self, tenant: &TenantId) -> Result<Option<String>, VaultError> {
+        let mut from = [0u8; 32];
+        crypto::fill_random(&mut from)
+            .map_err(|e| VaultError::internal("failed to draw a honeytoken", e))?;
+        if let Some(bin) = self.store.card_bin_at(tenant.as_str(), &from).await? {
+            return Ok(Some(bin));
+        }
+        // Past the highest fingerprint: wrap around to the lowest.
+        Ok(self.store.card_bin_at(tenant.as_str(), &[]).await?)
     }
 }
 
@@ -460,20 +492,63 @@ pub(super) fn new_api_key(
     Ok(CreatedApiKey { key, row })
 }
 
-/// A random 16-digit Visa number (IIN 4) with a valid check digit, expiring one to four
-/// years from now: shaped like a real card, so nothing tells a caller it is a canary.
-fn honeytoken_card() -> Result<Card, VaultError> {
+/// Numbers drawn for a honeytoken before giving up: each is a stored card's number with a
+/// chance of at most (cards with its BIN) / 10^7, so a second draw is already rare.
+const HONEYTOKEN_DRAWS: usize = 8;
+
+/// Draws honeytoken cards (see [`honeytoken_card`]) until one's number is no stored card's:
+/// `taken` says whether a PAN fingerprint is in use in the tenant.
+async fn unused_honeytoken<F, Taken>(
+    bin: Option<&str>,
+    key: &FingerprintKey,
+    mut taken: F,
+) -> Result<Card, VaultError>
+where
+    F: FnMut([u8; 32]) -> Taken,
+    Taken: Future<Output = Result<bool, VaultError>>,
+{
+    for _ in 0..HONEYTOKEN_DRAWS {
+        let card = honeytoken_card(bin)?;
+        let fingerprint = key.fingerprint(card.pan.expose_digits().as_bytes());
+        if !taken(*fingerprint.as_bytes()).await? {
+            return Ok(card);
+        }
+    }
+    Err(VaultError::internal(
+        "failed to draw a honeytoken",
+        "every number drawn is a stored card's",
+    ))
+}
+
+/// A random card number with a valid check digit, expiring one to four years from now,
+/// shaped like a real card so nothing tells a caller it is a canary. It starts with `bin`
+/// (a stored card's BIN: its first 8 digits for 16-digit numbers, else its first 6) and
+/// has that card's likely length, or is a 16-digit Visa number.
+fn honeytoken_card(bin: Option<&str>) -> Result<Card, VaultError> {
+    let prefix = bin
+        .filter(|b| matches!(b.len(), 6 | 8) && b.bytes().all(|c| c.is_ascii_digit()))
+        .unwrap_or("4");
+    let length = match (prefix.len(), Brand::from_digits(prefix)) {
+        // A 6-digit BIN is stored for numbers of fewer than 16 digits.
+        (6, Brand::DinersClub) => 14,
+        (6, _) => 15,
+        _ => 16,
+    };
     let mut random = Zeroizing::new([0u8; 32]);
     crypto::fill_random(&mut random[..])
         .map_err(|e| VaultError::internal("failed to draw a honeytoken", e))?;
-    let mut digits = Zeroizing::new(Vec::with_capacity(16));
-    digits.push(b'4');
+    let mut digits = Zeroizing::new(Vec::with_capacity(length));
+    digits.extend_from_slice(prefix.as_bytes());
     // 256 is not a multiple of 10, so bytes ≥ 250 would favour small digits; the bias left
-    // by `% 10` over the accepted range is zero.
-    for &b in random.iter().filter(|&&b| b < 250).take(14) {
+    // by `% 10` over the accepted range is zero. The last two bytes are the expiry's.
+    for &b in random[..30]
+        .iter()
+        .filter(|&&b| b < 250)
+        .take(length - 1 - prefix.len())
+    {
         digits.push(b'0' + b % 10);
     }
-    if digits.len() != 15 {
+    if digits.len() != length - 1 {
         return Err(VaultError::internal(
             "failed to draw a honeytoken",
             "too many rejected bytes",
@@ -501,12 +576,53 @@ mod tests {
 
     #[test]
     fn honeytoken_cards_are_valid_visa_numbers_that_differ() {
-        let a = honeytoken_card().unwrap();
-        let b = honeytoken_card().unwrap();
+        let a = honeytoken_card(None).unwrap();
+        let b = honeytoken_card(None).unwrap();
         assert_eq!(a.pan.len(), 16);
         assert!(a.pan.expose_digits().starts_with('4'));
         assert!(luhn::is_valid(a.pan.expose_digits().as_bytes()));
         assert_ne!(a.pan.expose_digits(), b.pan.expose_digits());
+    }
+
+    #[test]
+    fn honeytoken_cards_take_a_stored_bin_and_its_length() {
+        for (bin, length, brand) in [
+            ("55555555", 16, Brand::Mastercard),
+            ("378282", 15, Brand::Amex),
+            ("305693", 14, Brand::DinersClub),
+        ] {
+            let card = honeytoken_card(Some(bin)).unwrap();
+            let digits = card.pan.expose_digits();
+            assert_eq!(card.pan.bin(), bin);
+            assert_eq!(digits.len(), length, "{bin}");
+            assert_eq!(Brand::from_digits(digits), brand);
+            assert!(luhn::is_valid(digits.as_bytes()));
+        }
+        // Anything that is not a stored BIN's shape falls back to Visa.
+        let card = honeytoken_card(Some("12a4")).unwrap();
+        assert!(card.pan.expose_digits().starts_with('4'));
+    }
+
+    #[tokio::test]
+    async fn a_honeytoken_number_that_is_a_stored_cards_is_drawn_again() {
+        let key = crypto::TenantSecret::generate()
+            .unwrap()
+            .fingerprint_key("t");
+        let mut seen = Vec::new();
+        // The first three numbers drawn are stored cards' numbers.
+        let card = unused_honeytoken(Some("55555555"), &key, |fingerprint| {
+            seen.push(fingerprint);
+            std::future::ready(Ok(seen.len() <= 3))
+        })
+        .await
+        .expect("a fourth draw");
+        assert_eq!(seen.len(), 4);
+        let drawn = key.fingerprint(card.pan.expose_digits().as_bytes());
+        assert_eq!(seen[3], *drawn.as_bytes());
+        assert!(!seen[..3].contains(drawn.as_bytes()));
+        // A tenant where every number is taken gets an error, never a stored card's number.
+        let refused = unused_honeytoken(None, &key, |_| std::future::ready(Ok(true))).await;
+        assert!(matches!(refused, Err(VaultError::Internal { .. })));
     }
 
     #[test]

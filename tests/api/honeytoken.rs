@@ -7,9 +7,76 @@ use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    access::secure,
-    helpers::{Backend, captured_logs, with_key},
+    access::{operator, secure},
+    helpers::{Backend, captured_logs, tokenize_request, with_key},
+    on_both_backends,
 };
+
+on_both_backends!(a_honeytoken_has_a_bin_of_the_tenants_cards_and_no_cards_number);
+
+/// A number with the given prefix and check digit, 16 digits long.
+fn numbered(prefix: &str, n: u32) -> String {
+    let body = format!("{prefix}{n:0width$}", width = 15 - prefix.len());
+    let digits: Vec<u8> = body.bytes().map(|b| b - b'0').collect();
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
+
+async fn a_honeytoken_has_a_bin_of_the_tenants_cards_and_no_cards_number(backend: Backend) {
+    let s = secure(backend).await;
+    let (_, shop) = s.api_key("acme", "shop", &["tokenize"]).await;
+    let mut client = s.vault().await;
+    // The tenant's cards: two Mastercard BINs, one of them with a hundred cards, so a
+    // number drawn under it would often be a stored card's were it not checked.
+    let bins = ["55555555", "22230031"];
+    let mut fingerprints = Vec::new();
+    for (bin, count) in [(bins[0], 100), (bins[1], 3)] {
+        for n in 0..count {
+            let card = client
+                .tokenize(with_key(tokenize_request(&numbered(bin, n)), &shop))
+                .await
+                .expect("tokenize")
+                .into_inner()
+                .card
+                .expect("card");
+            fingerprints.push(card.fingerprint);
+        }
+    }
+    let acme = cardvault::vault::TenantId::parse("acme").expect("tenant");
+    for _ in 0..5 {
+        let minted = s
+            .ops
+            .mint_honeytoken(
+                &operator(),
+                &acme,
+                cardvault::card::TokenFormat::Opaque,
+                cardvault::vault::Metadata::default(),
+            )
+            .await
+            .expect("mint");
+        assert!(bins.contains(&minted.bin.as_str()), "BIN {}", minted.bin);
+        assert_eq!(minted.brand, cardvault::card::Brand::Mastercard);
+        let hex = minted.fingerprint.to_hex();
+        assert!(
+            !fingerprints.contains(&hex),
+            "a honeytoken is a stored card's number"
+        );
+        fingerprints.push(hex);
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn touching_a_honeytoken_raises_an_alarm_but_looks_like_any_card() {
