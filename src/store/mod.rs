@@ -338,6 +338,15 @@ pub enum StoreError {
     /// A stored value does not have the shape the vault writes (e.g. a 15-byte UUID).
     #[error("corrupt row: {0}")]
     Corrupt(&'static str),
+    /// The SQLite database files could not be created or made owner-only.
+    #[error("cannot make the database file {path} owner-only (0600)")]
+    FileMode {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database URL is neither `postgres://` nor `sqlite://`, or cannot be parsed.
     #[error("unsupported database URL (expected postgres://… or sqlite://…)")]
     UnsupportedUrl,

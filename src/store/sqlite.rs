@@ -1,6 +1,10 @@
 //! SQLite backend: the embedded default (one file in the data directory, WAL mode).
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -117,6 +121,9 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        if !url.contains("mode=memory") {
+            owner_only_files(connect.get_filename())?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -124,6 +131,53 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 }
+
+/// Creates the database file owner-only (0600) if it is missing, and makes it and any
+/// `-wal` and `-shm` file beside it owner-only if they are not — whatever the process umask
+/// or the data directory's mode: they hold cards, wrapped keys and the audit log. SQLite
+/// creates a missing `-wal` or `-shm` later with the main file's permissions (and sets them
+/// so regardless of the umask), so those are owner-only too. An in-memory database (a
+/// `file:` name) has no files.
+fn owner_only_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    if path.as_os_str().to_string_lossy().starts_with("file:") {
+        return Ok(());
+    }
+    let failed = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::FileMode { path, source }
+    };
+    // Created here, before SQLite opens it, so it never exists with wider permissions.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(DATABASE_FILE_MODE)
+        .open(path)
+        .map_err(failed(path))?;
+    let mut names = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        names.push(PathBuf::from(name));
+    }
+    for name in &names {
+        let mode = match std::fs::metadata(name) {
+            Ok(meta) => meta.permissions().mode() & 0o777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(failed(name)(e)),
+        };
+        if mode != DATABASE_FILE_MODE {
+            std::fs::set_permissions(name, std::fs::Permissions::from_mode(DATABASE_FILE_MODE))
+                .map_err(failed(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Owner read and write, nobody else anything.
+const DATABASE_FILE_MODE: u32 = 0o600;
 
 fn micros(t: OffsetDateTime) -> i64 {
     // i128 → i64 cannot overflow for any year the vault accepts (±292,000 years).

@@ -23,6 +23,7 @@ mod expiry;
 mod group_commit;
 mod honeytoken;
 mod import;
+mod input;
 mod key_admin_api;
 mod key_store;
 mod keys;
