@@ -58,31 +58,37 @@ impl GuessKind {
     }
 }
 
+/// A `reuse_existing` request's reserved budget: one hit of its principal and one miss of
+/// its principal, BIN and last 4 (kept by its key).
+#[derive(Debug)]
+pub(super) struct ReuseReservation {
+    miss: String,
+}
+
 /// The key of a principal's `reuse_existing` miss budget for one BIN and last 4.
 fn miss_key(principal: &str, bin: &str, last4: &str) -> String {
     format!("{principal}\u{0}{bin}\u{0}{last4}")
 }
 
 impl Vault {
-    /// Whether a `reuse_existing` request for a card with this BIN and last 4 may be
-    /// answered: both its budgets hold a token. Checked before the lookup, so a refusal
-    /// says nothing about whether the card is stored.
-    pub(super) async fn check_reuse_budget(
+    /// Reserves what a `reuse_existing` request for a card with this BIN and last 4 may
+    /// cost: one hit and one miss for its BIN and last 4, taken before the lookup, so a
+    /// refusal says nothing about whether the card is stored, and concurrent requests cannot
+    /// all pass on the same remaining token. [`Vault::settle_reuse_budget`] gives back the
+    /// one the answer did not use.
+    pub(super) async fn reserve_reuse_budget(
         &self,
         auth: &Authorized,
         bin: &str,
         last4: &str,
-    ) -> Result<(), VaultError> {
+    ) -> Result<ReuseReservation, VaultError> {
         let principal = &auth.caller().principal.id;
+        let miss = miss_key(principal, bin, last4);
         let now = Instant::now();
-        let exhausted = if self.guesses.reuse_hits.available(principal, now) == 0 {
+        let exhausted = if !self.guesses.reuse_hits.take(principal, now) {
             Some(GuessKind::ReuseHits)
-        } else if self
-            .guesses
-            .reuse_misses
-            .available(&miss_key(principal, bin, last4), now)
-            == 0
-        {
+        } else if !self.guesses.reuse_misses.take(&miss, now) {
+            self.guesses.reuse_hits.give_back(principal, now);
             Some(GuessKind::ReuseMisses)
         } else {
             None
@@ -95,27 +101,26 @@ impl Vault {
                     "reuse_existing refused until the budget refills".to_owned(),
                 )
                 .await),
-            None => Ok(()),
+            None => Ok(ReuseReservation { miss }),
         }
     }
 
-    /// Spends the budget a `reuse_existing` answer used: a hit, or a miss for its BIN and
-    /// last 4.
-    pub(super) fn spend_reuse_budget(
+    /// Gives back the part of a reservation the answer did not use: the miss when an
+    /// existing token was returned (`Some(false)`), the hit when a card was stored
+    /// (`Some(true)`), both when the request failed before answering (`None`).
+    pub(super) fn settle_reuse_budget(
         &self,
         auth: &Authorized,
-        bin: &str,
-        last4: &str,
-        created: bool,
+        reservation: ReuseReservation,
+        created: Option<bool>,
     ) {
         let principal = &auth.caller().principal.id;
         let now = Instant::now();
-        if created {
-            self.guesses
-                .reuse_misses
-                .spend_one(&miss_key(principal, bin, last4), now);
-        } else {
-            self.guesses.reuse_hits.spend_one(principal, now);
+        if created != Some(false) {
+            self.guesses.reuse_hits.give_back(principal, now);
+        }
+        if created != Some(true) {
+            self.guesses.reuse_misses.give_back(&reservation.miss, now);
         }
     }
 

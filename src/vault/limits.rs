@@ -104,10 +104,10 @@ impl RateLimiter {
         })
     }
 
-    /// Takes one token from `key`, or nothing when it holds none; for spending that has
-    /// already happened (a request that was let in because the bucket had room).
-    pub fn spend_one(&self, key: &str, now: Instant) {
-        self.update(key, now, |b| b.tokens = (b.tokens - 1.0).max(0.0));
+    /// Returns one token taken from `key` but not used (never beyond the burst).
+    pub fn give_back(&self, key: &str, now: Instant) {
+        let burst = self.burst;
+        self.update(key, now, |b| b.tokens = (b.tokens + 1.0).min(burst));
     }
 
     /// Takes one token for `key` at `now`; false when the bucket is empty.
@@ -203,13 +203,28 @@ mod tests {
         assert_eq!(budget.available("p", t0 + Duration::from_secs(179)), 0);
         assert_eq!(budget.available("p", t0 + Duration::from_secs(181)), 1);
         assert_eq!(budget.available("p", t0 + Duration::from_secs(3_600)), 20);
-        budget.spend_one("q", t0);
+        assert!(budget.take("q", t0));
         assert_eq!(budget.available("q", t0), 19);
         // Taking nothing still needs a token: an empty budget refuses even that.
         assert!(budget.take_or_drain("q", 0, t0));
         assert_eq!(budget.available("q", t0), 19);
         assert!(budget.take_or_drain("r", 20, t0));
         assert!(!budget.take_or_drain("r", 0, t0));
+    }
+
+    #[test]
+    fn a_token_given_back_is_there_again_but_never_beyond_the_burst() {
+        let budget = RateLimiter::hourly(2);
+        let t0 = Instant::now();
+        assert!(budget.take("p", t0));
+        assert!(budget.take("p", t0));
+        assert!(!budget.take("p", t0));
+        budget.give_back("p", t0);
+        assert!(budget.take("p", t0));
+        budget.give_back("p", t0);
+        budget.give_back("p", t0);
+        budget.give_back("p", t0);
+        assert_eq!(budget.available("p", t0), 2);
     }
 
     /// The three guess budgets, as configured.

@@ -367,20 +367,23 @@ impl Vault {
         let mut command = command;
         let cvc = command.cvc.take();
         // `reuse_existing` tells a stored card from a new one: budgeted per principal.
-        let reuse = command.reuse_existing.then(|| {
+        let reserved = if command.reuse_existing {
             let pan = &command.card.pan;
-            (pan.bin().to_owned(), pan.last4().to_owned())
-        });
-        if let Some((bin, last4)) = &reuse {
-            self.check_reuse_budget(auth, bin, last4).await?;
-        }
+            Some(
+                self.reserve_reuse_budget(auth, pan.bin(), pan.last4())
+                    .await?,
+            )
+        } else {
+            None
+        };
         let stored = self
             .store_card(&tenant, command, false, event(auth, Outcome::Ok, None))
             .await;
-        let tokenized = self.recorded(auth, None, stored).await?;
-        if let Some((bin, last4)) = &reuse {
-            self.spend_reuse_budget(auth, bin, last4, tokenized.created);
+        if let Some(reserved) = reserved {
+            let created = stored.as_ref().ok().map(|t| t.created);
+            self.settle_reuse_budget(auth, reserved, created);
         }
+        let tokenized = self.recorded(auth, None, stored).await?;
         if let Some(cvc) = cvc {
             let token = &tokenized.card.token;
             let held = self.put_cvc_hold(&tenant, token, &cvc).await;

@@ -26,6 +26,7 @@ on_both_backends!(
     a_chunk_of_candidates_under_a_stored_import_id_does_not_single_out_the_stored_number,
     conflicting_resends_past_the_budget_are_refused_alike_and_raise_the_alarm,
     the_reuse_existing_guessing_loop_is_cut_off_by_the_budget_and_alarms,
+    concurrent_reuse_existing_guesses_cannot_share_the_last_tokens_of_the_budget,
     reuse_existing_hits_past_the_budget_are_refused_whether_or_not_the_card_is_stored,
     card_numbers_in_any_script_or_brand_are_kept_out_of_clear_text_fields,
 );
@@ -320,6 +321,53 @@ async fn the_reuse_existing_guessing_loop_is_cut_off_by_the_budget_and_alarms(ba
         17
     );
     assert!(alarmed(&metrics(&app).await, "reuse_misses"));
+}
+
+/// The same loop sent all at once: before, the budget was checked before the lookup and
+/// spent after it, so 200 concurrent guesses all saw the same unspent tokens and were all
+/// answered. Now each request takes its tokens before the lookup: exactly what is left is
+/// answered (4 of the 5 misses; the customer's own card spent one), the rest are refused.
+async fn concurrent_reuse_existing_guesses_cannot_share_the_last_tokens_of_the_budget(
+    backend: Backend,
+) {
+    let app = spawn(backend, |s| s.limits.reuse_misses_per_hour = 5).await;
+    let stored = unique_pan();
+    let mut client = app.client.clone();
+    assert!(
+        client
+            .tokenize(reuse(&stored))
+            .await
+            .expect("card")
+            .into_inner()
+            .created
+    );
+
+    let mut guesses = tokio::task::JoinSet::new();
+    for number in candidates(&stored)
+        .into_iter()
+        .filter(|n| *n != stored)
+        .take(200)
+    {
+        let mut client = app.client.clone();
+        guesses.spawn(async move { client.tokenize(reuse(&number)).await });
+    }
+    let (mut answered, mut refused) = (0, 0);
+    for answer in guesses.join_all().await {
+        match answer {
+            Ok(answer) => {
+                assert!(
+                    answer.into_inner().created,
+                    "a guess is not the stored card"
+                );
+                answered += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((answered, refused), (4, 196));
 }
 
 /// Confirming stored cards with `reuse_existing`, for a caller that holds full numbers: hits
