@@ -1,9 +1,11 @@
 //! `reuse_existing`: one token per card when asked, even under concurrency.
 
+use std::sync::Arc;
+
 use cardvault::pb::v1 as pb;
 
 use crate::{
-    helpers::{Backend, spaced, spawn_app, tokenize_request, unique_pan},
+    helpers::{AppState, Backend, spaced, spawn_app, spawn_with, tokenize_request, unique_pan},
     on_both_backends,
 };
 
@@ -85,7 +87,13 @@ async fn reuse_existing_returns_the_same_token_for_the_same_card(backend: Backen
 }
 
 async fn concurrent_reuse_requests_store_one_card(backend: Backend) {
-    let app = spawn_app(backend).await;
+    // Each `reuse_existing` request in flight holds one of its principal's guess-budget
+    // tokens for the card's BIN and last 4 (10 an hour by default) until it is answered;
+    // this test is about dedup under concurrency, so the budget is out of its way.
+    let state = Arc::new(AppState::new(backend).await);
+    let mut settings = state.settings("dev");
+    settings.limits.reuse_misses_per_hour = 100;
+    let app = spawn_with(state, "dev", settings).await;
     let pan = unique_pan();
     let mut calls = Vec::new();
     for _ in 0..16 {
