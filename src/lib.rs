@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way, top to bottom (DESIGN §2):
+//! Dependencies point one way, top to bottom:
 //!
 //! - [`api`] — tonic services: proto ⇄ domain conversion, caller identity, errors → `Status`.
 //! - [`vault`] — authentication, permissions, limits, and tokenize / get / reveal / delete

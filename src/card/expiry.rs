@@ -9,7 +9,7 @@ const MAX_YEARS_AHEAD: i32 = 50;
 /// A card's expiry: month 1 to 12 and a four-digit year (a two-digit year `yy` means
 /// `20yy`). A card is valid through the last day of its expiry month, in UTC.
 ///
-/// Month and year are not secret (DESIGN §3 stores them in clear), so `Debug` shows them.
+/// Month and year are not secret (they are stored in clear beside the token), so `Debug` shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {
     month: u8,

@@ -11,7 +11,7 @@ use ring::{error::Unspecified, rand::SecureRandom};
 use super::{Pan, luhn};
 
 const OPAQUE_PREFIX: &str = "tok_";
-/// 22 base62 characters carry 22 × log2(62) ≈ 131 bits, above the 128 DESIGN §3 asks for.
+/// 22 base62 characters carry 22 × log2(62) ≈ 131 bits, above the 128 the token format promises.
 const OPAQUE_RANDOM_CHARS: usize = 22;
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const PAN_SHAPED_LEN: std::ops::RangeInclusive<usize> = 12..=19;

@@ -1,5 +1,5 @@
 //! The gateway layer: configured connectors that send a charge to a payment gateway over
-//! HTTPS (DESIGN §5). It never logs a card number or returns one.
+//! HTTPS, only to gateways named in configuration. It never logs a card number or returns one.
 //!
 //! - [`config`] — `[[gateways]]` settings and their start-up checks.
 //! - [`Gateways`] — the connectors by name, built once at start-up; nothing else is reachable

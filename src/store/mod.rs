@@ -1,6 +1,6 @@
 //! Persistence: one [`Store`] trait, two sqlx backends ([`postgres`], [`sqlite`]).
 //!
-//! The store keeps rows; it decides nothing. Rows hold only what DESIGN §3 allows in clear
+//! The store keeps rows; it decides nothing. Rows hold only what may be stored in clear
 //! (token, tenant, brand, last 4, BIN, expiry, timestamps, caller metadata) plus ciphertext,
 //! wrapped keys and keyed fingerprints. Queries are built at run time (not with sqlx's
 //! compile-time macros) because the two dialects would need two offline query caches and a

@@ -1,5 +1,5 @@
-//! Charging a stored card through a configured gateway, exactly once per idempotency key
-//! (DESIGN §5), and the CVC holds a charge consumes.
+//! Charging a stored card through a configured gateway, exactly once per idempotency key,
+//! and the CVC holds a charge consumes.
 //!
 //! A charge is a `charges` row, unique per (tenant, idempotency key), written `pending`
 //! before anything goes out and settled after. Only the request holding the row's send lease

@@ -20,7 +20,7 @@ use crate::{
     store::{DekRow, Store, TenantRow},
 };
 
-/// How data keys are used up and replaced (DESIGN §3: a new DEK after a number of
+/// How data keys are used up and replaced (a new DEK after a number of
 /// encryptions or an age, well under AES-GCM's 2^32 random-nonce limit).
 #[derive(Debug, Clone)]
 pub struct DekPolicy {

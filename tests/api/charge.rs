@@ -1,4 +1,4 @@
-//! Charge forwarding end to end (DESIGN §5, issue 7): the vault charges cards through the
+//! Charge forwarding end to end: the vault charges cards through the
 //! project's Stripe-compatible test gateway over real TLS, with the `stripe` connector and a
 //! `generic` one configured for the gateway's JSON API; exactly once per idempotency key;
 //! unknown outcomes settled by reconciliation; outbound safety; tenant isolation; and no

@@ -1,4 +1,4 @@
-//! Key management end to end (DESIGN §3, issue 6): KEK rotation under load and retirement,
+//! Key management end to end: KEK rotation under load and retirement,
 //! jobs that survive SIGKILL, one job runner among replicas, dual control, crypto-shredding and
 //! DEK rollover — each with the local keyring and with a PKCS#11 HSM (SoftHSM2), on both
 //! backends.
