@@ -129,12 +129,7 @@ pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
         Ok(KeyOperation::CreatePrincipal(new)) => (
             Some(pb::RequestedPrincipal {
                 name: new.name,
-                permissions: new
-                    .permissions
-                    .names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
+                permissions: new.permissions.owned_names(),
                 mtls_identity: new.mtls_identity.unwrap_or_default(),
                 global_operator: new.global_operator,
             }),

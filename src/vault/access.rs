@@ -147,6 +147,11 @@ impl Permissions {
             .map(Permission::as_str)
             .collect()
     }
+
+    /// [`Permissions::names`] as owned strings, as rows and messages keep them.
+    pub fn owned_names(self) -> Vec<String> {
+        self.names().into_iter().map(str::to_owned).collect()
+    }
 }
 
 impl FromIterator<Permission> for Permissions {

@@ -446,12 +446,7 @@ pub(super) fn new_principal_row(
         tenant_id: new.tenant.to_string(),
         name: new.name,
         mtls_identity: new.mtls_identity,
-        permissions: new
-            .permissions
-            .names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
+        permissions: new.permissions.owned_names(),
         created_at: OffsetDateTime::now_utc(),
         revoked_at: None,
         created_by: Some(created_by.to_owned()),

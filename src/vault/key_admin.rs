@@ -114,12 +114,7 @@ impl KeyOperation {
         let params = match self {
             KeyOperation::CreatePrincipal(new) => RequestParams {
                 name: Some(new.name.clone()),
-                permissions: new
-                    .permissions
-                    .names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
+                permissions: new.permissions.owned_names(),
                 mtls_identity: new.mtls_identity.clone(),
                 global_operator: new.global_operator,
                 valid_for_secs: None,
