@@ -9,14 +9,16 @@
 //! exactly that one test passed. Each test thus gets its own token and its own process-wide
 //! PKCS#11 state (logins, loaded module).
 
+#[path = "support/serve.rs"]
+mod serve;
 #[path = "support/softhsm.rs"]
 mod softhsm;
 
 use std::{
     future::Future,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -601,13 +603,6 @@ softhsm_test! {
     }
 }
 
-/// A loopback address nobody listens on right now.
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
 /// The `cardvault` binary with the environment that points it at `hsm`'s token.
 fn cardvault(hsm: &SoftHsm) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cardvault"));
@@ -623,7 +618,7 @@ fn cardvault(hsm: &SoftHsm) -> Command {
     command
 }
 
-/// `cardvault serve --dev` on loopback ports picked beforehand, killed on drop.
+/// `cardvault serve --dev` on loopback ports it picks itself, killed on drop.
 struct Server {
     child: Child,
     addr: SocketAddr,
@@ -632,17 +627,17 @@ struct Server {
 
 impl Server {
     fn start(hsm: &SoftHsm, data_dir: &Path, log_name: &str) -> Server {
-        let (addr, admin) = (free_addr(), free_addr());
         let log = data_dir.with_file_name(log_name);
-        let child = cardvault(hsm)
+        let file = std::fs::File::create(&log).expect("server log file");
+        let mut child = cardvault(hsm)
             .args(["serve", "--dev", "--data-dir"])
             .arg(data_dir)
-            .env("CARDVAULT_GRPC_ADDR", addr.to_string())
-            .env("CARDVAULT_ADMIN_ADDR", admin.to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("server log file"))
+            .envs(serve::ANY_PORT)
+            .stdout(file.try_clone().expect("server log file"))
+            .stderr(file)
             .spawn()
             .expect("start cardvault serve");
+        let (addr, _) = serve::listening(&mut child, &log);
         Server { child, addr, log }
     }
 
@@ -700,8 +695,7 @@ async fn keys_init_then_serve_keeps_cards_readable_across_restarts() {
     let refused = cardvault(&hsm)
         .args(["serve", "--dev", "--data-dir"])
         .arg(&data_dir)
-        .env("CARDVAULT_GRPC_ADDR", free_addr().to_string())
-        .env("CARDVAULT_ADMIN_ADDR", free_addr().to_string())
+        .envs(serve::ANY_PORT)
         .output()
         .expect("run cardvault serve");
     let (_, stderr) = texts(&refused);

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashSet,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
@@ -20,7 +20,7 @@ use crate::{
     helpers::{
         AppState, Backend, captured_logs, spawn_app, spawn_with, tokenize_request, unique_pan,
     },
-    on_both_backends,
+    on_both_backends, serve,
 };
 
 on_both_backends!(
@@ -275,26 +275,24 @@ struct VaultProcess {
 
 impl VaultProcess {
     fn start(state: &AppState) -> VaultProcess {
-        let free = || {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-        };
-        let (addr, admin) = (free(), free());
-        let child = Command::new(env!("CARGO_BIN_EXE_cardvault"))
+        let log = state
+            .dir
+            .path()
+            .join(format!("serve-{}.out", uuid::Uuid::new_v4().simple()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cardvault"))
             .args(["serve", "--dev", "--data-dir"])
             .arg(state.dir.path())
             .env_clear()
             .envs(cli_env(state))
-            .env("CARDVAULT_GRPC_ADDR", addr.to_string())
-            .env("CARDVAULT_ADMIN_ADDR", admin.to_string())
+            .envs(serve::ANY_PORT)
             // Every acknowledged card is revealed afterwards, far beyond the default limit.
             .env("CARDVAULT_LIMITS_REVEAL_PER_MINUTE", "1000000")
             .env("CARDVAULT_LIMITS_REVEAL_BURST", "100000")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("stdout file"))
             .stderr(Stdio::null())
             .spawn()
             .expect("start cardvault serve");
+        let (addr, _) = serve::listening(&mut child, &log);
         VaultProcess { child, addr }
     }
 

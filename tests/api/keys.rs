@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command},
     sync::{
@@ -30,6 +30,7 @@ use crate::{
     audit::cli_env,
     errors::http_status,
     helpers::{AppState, Backend, tokenize_request, unique_pan, with_key},
+    serve,
     softhsm::SoftHsm,
 };
 
@@ -174,24 +175,17 @@ impl Rig {
 
     /// Starts `cardvault serve --dev` with `settings` (`CARDVAULT_` variables) on top.
     fn start(&self, settings: &[(&str, &str)]) -> Server {
-        let free = || {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-        };
-        let (addr, admin) = (free(), free());
         let log = self
             .state
             .dir
             .path()
-            .join(format!("serve-{}.log", addr.port()));
+            .join(format!("serve-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = self
+        let mut child = self
             .command()
             .args(["serve", "--dev", "--data-dir"])
             .arg(self.state.dir.path())
-            .env("CARDVAULT_GRPC_ADDR", addr.to_string())
-            .env("CARDVAULT_ADMIN_ADDR", admin.to_string())
+            .envs(serve::ANY_PORT)
             .env("CARDVAULT_LIMITS_REVEAL_PER_MINUTE", "1000000")
             .env("CARDVAULT_LIMITS_REVEAL_BURST", "100000")
             .env("CARDVAULT_LOG_LEVEL", "info")
@@ -205,6 +199,7 @@ impl Rig {
             .stderr(file)
             .spawn()
             .expect("start cardvault serve");
+        let (addr, admin) = serve::listening(&mut child, &log);
         Server {
             child,
             addr,

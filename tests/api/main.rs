@@ -6,6 +6,8 @@ mod helpers;
 mod pki;
 #[path = "../support/postgres.rs"]
 mod postgres;
+#[path = "../support/serve.rs"]
+mod serve;
 // Shared with tests/pkcs11.rs, which uses the rest of it.
 #[allow(dead_code)]
 #[path = "../support/softhsm.rs"]
