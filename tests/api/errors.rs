@@ -215,8 +215,9 @@ async fn an_unreachable_database_is_unavailable() {
     assert_eq!(ready, 503);
 }
 
-/// Minimal HTTP/1.1 GET, enough for the admin probes.
-pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+/// The whole response (status line, headers, body) to a plain-HTTP `GET path` on the admin
+/// listener at `addr`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream
@@ -228,6 +229,12 @@ pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     response
+}
+
+/// The status code of a plain-HTTP `GET path` (the admin probes).
+pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    http_get(addr, path)
+        .await
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())

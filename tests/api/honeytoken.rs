@@ -17,22 +17,8 @@ on_both_backends!(a_honeytoken_has_a_bin_of_the_tenants_cards_and_no_cards_numbe
 /// A number with the given prefix and check digit, 16 digits long.
 fn numbered(prefix: &str, n: u32) -> String {
     let body = format!("{prefix}{n:0width$}", width = 15 - prefix.len());
-    let digits: Vec<u8> = body.bytes().map(|b| b - b'0').collect();
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            let d = u32::from(d);
-            if i % 2 == 0 {
-                let x = d * 2;
-                if x > 9 { x - 9 } else { x }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{body}{}", (10 - sum % 10) % 10)
+    let check = char::from(cardvault::card::luhn::check_digit(body.as_bytes()));
+    format!("{body}{check}")
 }
 
 async fn a_honeytoken_has_a_bin_of_the_tenants_cards_and_no_cards_number(backend: Backend) {

@@ -343,17 +343,7 @@ impl Server {
 
     /// The Prometheus text of the admin listener.
     async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.admin)
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        response
+        crate::errors::http_get(self.admin, "/metrics").await
     }
 
     /// SIGKILL: no drain, no lease release.

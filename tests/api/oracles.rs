@@ -114,17 +114,7 @@ async fn spawn(backend: Backend, adjust: impl FnOnce(&mut cardvault::config::Set
 
 /// The Prometheus text of a dev vault's (plain-text) admin listener.
 async fn metrics(app: &TestApp) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(app.admin_addr)
-        .await
-        .expect("connect admin");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    response
+    crate::errors::http_get(app.admin_addr, "/metrics").await
 }
 
 /// Whether the guess-budget alarm metric of `kind` has counted at least once.
