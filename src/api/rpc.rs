@@ -29,18 +29,12 @@ where
     F: FnOnce(Authorized) -> Fut,
     Fut: Future<Output = Result<T, ApiError>>,
 {
-    let call = Call::new(action);
-    let result = async {
-        let auth = call.authorize(vault, action, &credentials).await?;
+    // The credentials (a bearer token among them) are not kept past the check.
+    serve(vault, action, credentials, |auth, credentials, _| {
         drop(credentials);
-        match body(auth.clone()).await {
-            Err(err) => Err(record_unaudited(vault, &auth, err).await),
-            other => other,
-        }
-    }
-    .instrument(call.span.clone())
-    .await;
-    call.respond(result)
+        body(auth)
+    })
+    .await
 }
 
 /// As [`run`], for a call whose response outlives its first check (a server stream produced
@@ -56,17 +50,34 @@ where
     F: FnOnce(Recheck) -> Fut,
     Fut: Future<Output = Result<T, ApiError>>,
 {
-    let call = Call::new(action);
-    let result = async {
-        let auth = call.authorize(vault, action, &credentials).await?;
-        let recheck = Recheck {
+    serve(vault, action, credentials, |auth, credentials, call| {
+        body(Recheck {
             vault: vault.clone(),
             credentials,
             request_id: call.request_id.clone(),
-            auth: auth.clone(),
+            auth,
             checked: Instant::now(),
-        };
-        match body(recheck).await {
+        })
+    })
+    .await
+}
+
+/// The life of a unary call: authorize, run `body` (handed the credentials, to drop or to
+/// keep), record a failure the vault did not, and respond.
+async fn serve<T, F, Fut>(
+    vault: &Arc<Vault>,
+    action: Action,
+    credentials: RequestCredentials,
+    body: F,
+) -> Result<Response<T>, Status>
+where
+    F: FnOnce(Authorized, RequestCredentials, &Call) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let call = Call::new(action);
+    let result = async {
+        let auth = call.authorize(vault, action, &credentials).await?;
+        match body(auth.clone(), credentials, &call).await {
             Err(err) => Err(record_unaudited(vault, &auth, err).await),
             other => other,
         }
