@@ -41,7 +41,7 @@ async fn spawn_tenant(state: Arc<AppState>, tenant: &str) -> TestApp {
     spawn_with(state, tenant, settings).await
 }
 
-fn card(import_id: &str, number: &str) -> pb::ImportCard {
+pub(crate) fn card(import_id: &str, number: &str) -> pb::ImportCard {
     pb::ImportCard {
         import_id: import_id.to_owned(),
         card: Some(pb::CardInput {
@@ -61,13 +61,13 @@ fn cards(prefix: &str, n: usize) -> Vec<pb::ImportCard> {
         .collect()
 }
 
-fn chunk(cards: Vec<pb::ImportCard>) -> pb::ImportCardsRequest {
+pub(crate) fn chunk(cards: Vec<pb::ImportCard>) -> pb::ImportCardsRequest {
     pb::ImportCardsRequest { cards }
 }
 
 /// Sends `chunks` as one stream; returns the responses received and the status that ended
 /// the stream, if it failed.
-async fn import_as(
+pub(crate) async fn import_as(
     client: &mut CardVaultClient<Channel>,
     chunks: Vec<pb::ImportCardsRequest>,
     key: Option<&str>,
@@ -89,7 +89,7 @@ async fn import_as(
 }
 
 /// Sends `chunks` and expects the stream to succeed.
-async fn import(
+pub(crate) async fn import(
     client: &mut CardVaultClient<Channel>,
     chunks: Vec<pb::ImportCardsRequest>,
 ) -> Vec<pb::ImportCardsResponse> {

@@ -6,12 +6,8 @@
 
 use std::sync::Arc;
 
-use cardvault::{
-    card::luhn,
-    pb::v1::{self as pb, card_vault_client::CardVaultClient},
-};
-use tokio_stream::StreamExt;
-use tonic::{Code, Status, transport::Channel};
+use cardvault::{card::luhn, pb::v1 as pb};
+use tonic::Code;
 
 use crate::{
     access::secure,
@@ -19,6 +15,7 @@ use crate::{
         AppState, Backend, TestApp, captured_logs, spawn_app, spawn_with, tokenize_request,
         unique_pan, violated_fields, with_key,
     },
+    import::{card, chunk, import, import_as},
     on_both_backends,
 };
 
@@ -49,53 +46,6 @@ fn candidates_with_stored_at(pan: &str, at: usize) -> Vec<String> {
         .expect("the PAN is a candidate");
     all.swap(found, at);
     all
-}
-
-fn card(import_id: &str, number: &str) -> pb::ImportCard {
-    pb::ImportCard {
-        import_id: import_id.to_owned(),
-        card: Some(pb::CardInput {
-            number: number.to_owned(),
-            exp_month: 12,
-            exp_year: 2030,
-            cardholder_name: String::new(),
-        }),
-        ..Default::default()
-    }
-}
-
-fn chunk(cards: Vec<pb::ImportCard>) -> pb::ImportCardsRequest {
-    pb::ImportCardsRequest { cards }
-}
-
-/// Sends `chunks` as one stream: the responses, and the status that ended it if it failed.
-async fn import(
-    client: &mut CardVaultClient<Channel>,
-    chunks: Vec<pb::ImportCardsRequest>,
-) -> (Vec<pb::ImportCardsResponse>, Option<Status>) {
-    let mut responses = client
-        .import_cards(tokio_stream::iter(chunks))
-        .await
-        .expect("the import starts")
-        .into_inner();
-    let mut received = Vec::new();
-    while let Some(item) = responses.next().await {
-        match item {
-            Ok(response) => received.push(response),
-            Err(status) => return (received, Some(status)),
-        }
-    }
-    (received, None)
-}
-
-/// Sends `chunks` and expects every one answered.
-async fn import_ok(
-    client: &mut CardVaultClient<Channel>,
-    chunks: Vec<pb::ImportCardsRequest>,
-) -> Vec<pb::ImportCardsResponse> {
-    let (responses, failure) = import(client, chunks).await;
-    assert!(failure.is_none(), "the import stream failed: {failure:?}");
-    responses
 }
 
 fn reuse(number: &str) -> pb::TokenizeRequest {
@@ -136,7 +86,7 @@ async fn a_chunk_of_candidates_under_a_stored_import_id_does_not_single_out_the_
 ) {
     let mut app = spawn_app(backend).await;
     let stored = unique_pan();
-    let original = import_ok(&mut app.client, vec![chunk(vec![card("victim", &stored)])]).await;
+    let original = import(&mut app.client, vec![chunk(vec![card("victim", &stored)])]).await;
     let token = original[0].results[0].token.clone();
     assert_eq!(original[0].results[0].status(), pb::ImportStatus::Created);
 
@@ -144,7 +94,7 @@ async fn a_chunk_of_candidates_under_a_stored_import_id_does_not_single_out_the_
     let guesses = candidates_with_stored_at(&stored, at);
     assert_eq!(guesses.len(), 1000, "one Luhn-valid number in ten");
     let attack = guesses.iter().map(|n| card("victim", n)).collect();
-    let answer = import_ok(&mut app.client, vec![chunk(attack)]).await;
+    let answer = import(&mut app.client, vec![chunk(attack)]).await;
     let results = &answer[0].results;
     assert_eq!(results.len(), 1000);
     assert_eq!(results[0].status(), pb::ImportStatus::Conflict);
@@ -189,7 +139,7 @@ async fn conflicting_resends_past_the_budget_are_refused_alike_and_raise_the_ala
                 .collect(),
         )
     };
-    let original = import_ok(&mut app.client, vec![all()]).await;
+    let original = import(&mut app.client, vec![all()]).await;
     let tokens: Vec<String> = original[0]
         .results
         .iter()
@@ -198,7 +148,7 @@ async fn conflicting_resends_past_the_budget_are_refused_alike_and_raise_the_ala
 
     // Resending the same numbers is what a recovering importer does, as often as it needs.
     for _ in 0..3 {
-        let again = import_ok(&mut app.client, vec![all()]).await;
+        let again = import(&mut app.client, vec![all()]).await;
         for (result, token) in again[0].results.iter().zip(&tokens) {
             assert_eq!(result.status(), pb::ImportStatus::AlreadyImported);
             assert_eq!(&result.token, token);
@@ -213,14 +163,21 @@ async fn conflicting_resends_past_the_budget_are_refused_alike_and_raise_the_ala
             .expect("a wrong candidate");
         chunk(vec![card(&id(i), &guess)])
     };
-    let answered = import_ok(&mut app.client, vec![wrong(0), wrong(1), wrong(2)]).await;
+    let answered = import(&mut app.client, vec![wrong(0), wrong(1), wrong(2)]).await;
     for response in &answered {
         assert_eq!(response.results[0].status(), pb::ImportStatus::Conflict);
     }
     // ...the fourth is refused, and so is the stored number: right and wrong look alike.
-    let (none, wrong_guess) = import(&mut app.client, vec![wrong(3)]).await;
-    let (nothing, right_guess) =
-        import(&mut app.client, vec![chunk(vec![card(&id(4), &stored[4])])]).await;
+    let (none, wrong_guess) = import_as(&mut app.client, vec![wrong(3)], None)
+        .await
+        .expect("the import starts");
+    let (nothing, right_guess) = import_as(
+        &mut app.client,
+        vec![chunk(vec![card(&id(4), &stored[4])])],
+        None,
+    )
+    .await
+    .expect("the import starts");
     assert!(none.is_empty() && nothing.is_empty());
     let (wrong_guess, right_guess) = (wrong_guess.expect("refused"), right_guess.expect("refused"));
     assert_eq!(
@@ -232,7 +189,7 @@ async fn conflicting_resends_past_the_budget_are_refused_alike_and_raise_the_ala
     assert_eq!(right_guess.message(), wrong_guess.message());
 
     // New cards are still imported: only resends are budgeted.
-    let fresh = import_ok(
+    let fresh = import(
         &mut app.client,
         vec![chunk(vec![card("new-1", &unique_pan())])],
     )
@@ -531,7 +488,7 @@ async fn card_numbers_in_any_script_or_brand_are_kept_out_of_clear_text_fields(b
     assert!(!format!("{status:?}").contains("4242424242424242"));
     let ascii = hidden.iter().filter(|t| t.is_ascii());
     let cards: Vec<pb::ImportCard> = ascii.map(|id| card(id, &unique_pan())).collect();
-    let answer = import_ok(&mut app.client, vec![chunk(cards)]).await;
+    let answer = import(&mut app.client, vec![chunk(cards)]).await;
     for (i, result) in answer[0].results.iter().enumerate() {
         assert_eq!(result.status(), pb::ImportStatus::Invalid);
         assert_eq!(result.violations[0].field, format!("cards[{i}].import_id"));
