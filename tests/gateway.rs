@@ -133,6 +133,7 @@ fn params(idempotency_key: &str) -> ChargeParams<'_> {
         description: "order 42",
         metadata: &[],
         idempotency_key,
+        resend: false,
     }
 }
 
@@ -671,6 +672,7 @@ async fn generic_renders_the_json_template_with_escaping_headers_and_idempotency
             decline_code: None,
             message: None,
             http_status: Some(201),
+            action: None,
         }
     );
 
@@ -711,6 +713,7 @@ async fn generic_maps_declines_and_unmapped_states_by_json_pointer() {
             // The gateway echoed the card number; the outcome masks it.
             message: Some("Do not honor: card 400000******0002".to_owned()),
             http_status: Some(402),
+            action: None,
         }
     );
 

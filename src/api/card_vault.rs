@@ -74,6 +74,7 @@ impl CardVault for CardVaultService {
                     message: charge.message.unwrap_or_default(),
                     card: Some(convert::card(charged.card)),
                     created: charged.created,
+                    action: None,
                 })
             },
         )
@@ -138,12 +139,34 @@ impl CardVault for CardVaultService {
                             charge_id: charge.id,
                             idempotency_key: charge.idempotency_key,
                             gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),
+                            message: charge.message.unwrap_or_default(),
                         })
                         .collect(),
                 })
             },
         )
         .await
+    }
+
+    async fn capture_charge(
+        &self,
+        _request: Request<pb::CaptureChargeRequest>,
+    ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
+        Err(Status::unimplemented("CaptureCharge is being built"))
+    }
+
+    async fn refund_charge(
+        &self,
+        _request: Request<pb::RefundChargeRequest>,
+    ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
+        Err(Status::unimplemented("RefundCharge is being built"))
+    }
+
+    async fn cancel_charge(
+        &self,
+        _request: Request<pb::CancelChargeRequest>,
+    ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
+        Err(Status::unimplemented("CancelCharge is being built"))
     }
 
     async fn tokenize(

@@ -92,6 +92,7 @@ mod tests {
             idempotency_key: "order-7".to_owned(),
             status: pb::ChargeStatus::Succeeded.into(),
             gateway_payment_id: "pi_9".to_owned(),
+            message: String::new(),
         };
         assert_eq!(line(&charge), "charge\tch_1\torder-7\tsucceeded\tpi_9");
         let unknown = pb::ReconciledCharge {

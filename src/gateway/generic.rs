@@ -168,6 +168,7 @@ impl GenericConnector {
             description: "sample",
             metadata: &[],
             idempotency_key: "sample-key",
+            resend: false,
         };
         let secret_text = secret.as_ref().map_or("", |s| s.expose_secret());
         let sample = Values::new(&sample_card, &sample_params, secret_text);
@@ -299,13 +300,14 @@ impl Connector for GenericConnector {
 
     /// Only when the key reaches the gateway: as `idempotency_header`, or as
     /// `{{idempotency_key}}` in a header or the body.
-    fn resends_safely(&self) -> bool {
-        self.idempotency_header.is_some()
+    fn resend_window(&self) -> Option<std::time::Duration> {
+        let sends_key = self.idempotency_header.is_some()
             || self
                 .body
                 .fields()
                 .chain(self.templated_headers.iter().flat_map(|(_, t)| t.fields()))
-                .any(|field| field == Field::IdempotencyKey)
+                .any(|field| field == Field::IdempotencyKey);
+        sends_key.then(|| std::time::Duration::from_secs(23 * 3600))
     }
 
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
@@ -380,6 +382,7 @@ impl ResponseMapping {
             },
             message,
             http_status: Some(http_status),
+            action: None,
         }
     }
 }
@@ -435,6 +438,7 @@ mod tests {
                 decline_code: Some("51".to_owned()),
                 message: Some("Insufficient funds".to_owned()),
                 http_status: Some(201),
+                action: None,
             }
         );
         let approved = map(200, json!({"id": 77, "result": {"state": "approved"}}));

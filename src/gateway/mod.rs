@@ -132,9 +132,153 @@ pub struct ChargeParams<'a> {
     /// `metadata[k]=v`; `generic` templates have no placeholder for them).
     pub metadata: &'a [(String, String)],
     /// The vault's per-charge gateway key, stable across re-sends: printable ASCII, 1 to
-    /// [`MAX_IDEMPOTENCY_KEY_LEN`] characters. Connectors derive the gateway's idempotency
-    /// keys from it, so a re-send is recognized by the gateway.
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`] characters. It is the vault's charge id (`ch_…`).
+    /// Connectors derive the gateway's idempotency keys from it, so a re-send is recognized by
+    /// the gateway, and tag the payment with it (Stripe: `metadata[cardvault_charge_id]`) so
+    /// that [`Connector::lookup`] can find it.
     pub idempotency_key: &'a str,
+    /// This charge was sent before and its outcome is unknown. On a re-send only a definitive
+    /// answer about the payment itself may settle the charge: a failure of any earlier step
+    /// (e.g. Stripe's PaymentMethod) is [`ChargeStatus::Unknown`], never
+    /// [`ChargeStatus::Failed`], because the first send may have charged.
+    pub resend: bool,
+}
+
+/// What the shop's front end needs to finish a [`ChargeStatus::RequiresAction`] charge (3-D
+/// Secure). Never card data. `Debug` does not show the client secret.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct NextAction {
+    /// Stripe: the PaymentIntent's `client_secret`, for Stripe.js `handleNextAction`.
+    pub client_secret: Option<String>,
+    /// The kind of action, in the gateway's words (Stripe: `next_action.type`).
+    pub kind: Option<String>,
+    /// Where to send the cardholder, when the action is a redirect.
+    pub redirect_url: Option<String>,
+    /// The gateway's whole action object as JSON (scrubbed like every gateway text).
+    pub details_json: Option<String>,
+}
+
+impl fmt::Debug for NextAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NextAction")
+            .field("has_client_secret", &self.client_secret.is_some())
+            .field("kind", &self.kind)
+            .field("redirect_url", &self.redirect_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A charge the vault may have sent, to look up at the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct ChargeRef<'a> {
+    /// The vault's charge id, as sent in [`ChargeParams::idempotency_key`].
+    pub charge_id: &'a str,
+    /// The gateway's payment id, when an earlier answer carried one.
+    pub payment_id: Option<&'a str>,
+    /// Amount in minor units, as sent.
+    pub amount: u64,
+    /// ISO 4217 code, upper-case, as sent.
+    pub currency: &'a str,
+}
+
+/// What the gateway says about a charge the vault may have sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The gateway holds a payment for the charge: its outcome ([`ChargeStatus::Unknown`]
+    /// while the gateway itself has not decided, e.g. Stripe's `processing`).
+    Found(Outcome),
+    /// The gateway answered and holds no payment for the charge. `evidence` says how it was
+    /// asked and what it answered (no card data), for the audit record.
+    NotFound {
+        /// E.g. `GET /v1/payment_intents/search metadata['cardvault_charge_id']:'ch_…' → 0
+        /// results`.
+        evidence: String,
+    },
+    /// The gateway could not be asked (unreachable, 5xx, an unreadable answer): try later.
+    Unavailable {
+        /// Why, in our words or the gateway's (no card data).
+        reason: String,
+    },
+    /// This connector cannot look charges up.
+    Unsupported,
+}
+
+/// A follow-up on a charge the gateway holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OperationKind {
+    /// Capture an authorization ([`Capture::Manual`]), in full or in part.
+    Capture,
+    /// Refund a captured payment, in full or in part.
+    Refund,
+    /// Cancel (void) an uncaptured payment.
+    Cancel,
+}
+
+impl OperationKind {
+    /// `"capture"`, `"refund"` or `"cancel"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Capture => "capture",
+            OperationKind::Refund => "refund",
+            OperationKind::Cancel => "cancel",
+        }
+    }
+}
+
+/// One follow-up to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Operation<'a> {
+    /// What to do.
+    pub kind: OperationKind,
+    /// The gateway's payment id (Stripe: the PaymentIntent `pi_…`).
+    pub payment_id: &'a str,
+    /// Minor units to capture or refund; `None` for all of it (always `None` for a cancel).
+    pub amount: Option<u64>,
+    /// The charge's currency, upper-case.
+    pub currency: &'a str,
+    /// The vault's charge id, for the gateway's metadata.
+    pub charge_id: &'a str,
+    /// The vault's per-operation gateway key (`op_…`), stable across re-sends; same rules as
+    /// [`ChargeParams::idempotency_key`].
+    pub idempotency_key: &'a str,
+}
+
+/// Where a follow-up ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OperationStatus {
+    /// The gateway did it.
+    Succeeded,
+    /// The gateway refused it or could not be reached before sending; nothing changed.
+    Failed,
+    /// The gateway may or may not have done it: re-send with the same key.
+    Unknown,
+}
+
+impl OperationStatus {
+    /// `"succeeded"`, `"failed"` or `"unknown"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationStatus::Succeeded => "succeeded",
+            OperationStatus::Failed => "failed",
+            OperationStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// The result of one follow-up. Free of card data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationOutcome {
+    /// Where it ended.
+    pub status: OperationStatus,
+    /// The gateway's id of what it made or changed (Stripe: `re_…` for a refund, the
+    /// PaymentIntent for a capture or cancel).
+    pub gateway_id: Option<String>,
+    /// Minor units the gateway reports captured or refunded, when it says.
+    pub amount: Option<u64>,
+    /// The gateway's message, or ours.
+    pub message: Option<String>,
+    /// HTTP status of the gateway's answer, if it answered.
+    pub http_status: Option<u16>,
 }
 
 /// Longest accepted [`ChargeParams::idempotency_key`]: Stripe allows 255 characters and the
@@ -155,6 +299,9 @@ pub struct Outcome {
     pub message: Option<String>,
     /// HTTP status of the gateway's last answer, if it answered.
     pub http_status: Option<u16>,
+    /// For [`ChargeStatus::RequiresAction`]: what the cardholder's browser needs (boxed:
+    /// rare, and it keeps every `Result<_, Outcome>` small).
+    pub action: Option<Box<NextAction>>,
 }
 
 impl Outcome {
@@ -170,6 +317,7 @@ impl Outcome {
             decline_code: None,
             message: Some(message.into()),
             http_status,
+            action: None,
         }
     }
 
@@ -317,11 +465,40 @@ pub trait Connector: Send + Sync + fmt::Debug {
     /// gateway honours idempotency keys.
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome;
 
-    /// Whether the gateway receives the charge's idempotency key, so that sending a charge
-    /// again (after an unknown outcome) cannot charge twice. The vault re-sends only through
-    /// connectors that say so.
-    fn resends_safely(&self) -> bool {
-        true
+    /// How long after a charge is first sent the gateway still recognises its idempotency
+    /// key, so that sending it again cannot charge twice (Stripe keeps keys at least 24 hours).
+    /// `None` when the gateway does not receive the key at all. The vault re-sends a charge
+    /// only within this window, and only after [`Connector::lookup`] found no payment for it.
+    fn resend_window(&self) -> Option<std::time::Duration>;
+
+    /// Asks the gateway what became of a charge: by payment id when known, else by the
+    /// charge id the connector tagged the payment with. The default cannot look up.
+    async fn lookup(&self, charge: &ChargeRef<'_>) -> Lookup {
+        let _ = charge;
+        Lookup::Unsupported
+    }
+
+    /// Whether this connector can send `kind`.
+    fn supports(&self, kind: OperationKind) -> bool {
+        let _ = kind;
+        false
+    }
+
+    /// Sends a capture, refund or cancel for a payment the gateway holds. Re-sending with the
+    /// same [`Operation::idempotency_key`] and parameters never does it twice. The default
+    /// refuses (see [`Connector::supports`]).
+    async fn operate(&self, operation: &Operation<'_>) -> OperationOutcome {
+        OperationOutcome {
+            status: OperationStatus::Failed,
+            gateway_id: None,
+            amount: None,
+            message: Some(format!(
+                "gateway {} cannot {}",
+                self.name(),
+                operation.kind.as_str()
+            )),
+            http_status: None,
+        }
     }
 
     /// A decline made up without contacting the gateway, shaped like the one it gives for a
@@ -342,6 +519,7 @@ fn generic_decline() -> Outcome {
         decline_code: Some("generic_decline".to_owned()),
         message: Some("Your card was declined.".to_owned()),
         http_status: None,
+        action: None,
     }
 }
 
@@ -664,6 +842,7 @@ mod tests {
             decline_code: Some("987".to_owned()),
             message: Some("bad card 4242424242424242".to_owned()),
             http_status: Some(402),
+            action: None,
         }
         .scrubbed(&card(&pan, Some("987")));
         let text = format!("{outcome:?}");
@@ -682,6 +861,7 @@ mod tests {
             description: "",
             metadata: &[],
             idempotency_key: key,
+            resend: false,
         };
         assert!(invalid_params(&params("k-1", "EUR")).is_none());
         for bad in [params("", "EUR"), params("a b", "EUR"), params("k", "eur")] {

@@ -244,6 +244,11 @@ impl Connector for StripeConnector {
         &self.name
     }
 
+    fn resend_window(&self) -> Option<std::time::Duration> {
+        // Stripe keeps idempotency keys at least 24 hours; an hour's margin.
+        Some(std::time::Duration::from_secs(23 * 3600))
+    }
+
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
         observed(&self.name, card, params, self.charge_steps(card, params)).await
     }
@@ -363,6 +368,7 @@ fn map_intent_object(intent: &Value, http_status: u16) -> Outcome {
         },
         message,
         http_status: Some(http_status),
+        action: None,
     }
 }
 
@@ -390,6 +396,7 @@ fn map_error(http_status: u16, error: &Value) -> Outcome {
         decline_code,
         message,
         http_status: Some(http_status),
+        action: None,
     }
 }
 
@@ -455,6 +462,7 @@ mod tests {
                 decline_code: Some("generic_decline".to_owned()),
                 message: Some("Your card was declined.".to_owned()),
                 http_status: Some(402),
+                action: None,
             }
         );
         let outcome = intent(

@@ -234,6 +234,7 @@ mod tests {
             description: "order \"42\" & co",
             metadata: &[],
             idempotency_key: "key-1",
+            resend: false,
         };
         let values = Values::new(&card, &params, "sk_test");
         let template = Template::parse(template).unwrap();

@@ -189,7 +189,7 @@ impl Vault {
                 ))
             })?
             .clone();
-        if charge.attempts > 0 && !connector.resends_safely() {
+        if charge.attempts > 0 && connector.resend_window().is_none() {
             // Sent once already, to a gateway that cannot tell a re-send from a new charge:
             // the outcome stays unknown until an operator settles it at the gateway.
             return Ok((charge.clone(), false));
@@ -288,6 +288,7 @@ impl Vault {
             description: &charge.description,
             metadata: &charge.metadata,
             idempotency_key: &charge.id,
+            resend: charge.attempts > 0,
         };
         Ok(connector.charge(&card, &params).await)
     }
