@@ -511,13 +511,11 @@ async fn the_same_key_with_other_parameters_is_an_idempotency_error() {
     let answer = h.post(paths::PAYMENT_INTENTS, &other, Some("k1")).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(answer.error()["type"], "idempotency_error");
-    let message = answer.error()["message"].as_str().unwrap();
-    assert!(
-        message.starts_with(
-            "Keys for idempotent requests can only be used with the same parameters they \
-             were first used with"
-        ),
-        "{message}"
+    assert_eq!(
+        answer.error()["message"],
+        "Keys for idempotent requests can only be used with the same parameters they were \
+         first used with. Try using a key other than 'k1' if you meant to execute a different \
+         request."
     );
     assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
 }
@@ -572,15 +570,17 @@ async fn a_concurrent_duplicate_of_a_hanging_request_is_409_and_the_first_still_
         }
     );
     assert_eq!(second.status, StatusCode::CONFLICT);
-    assert_eq!(second.error()["type"], "idempotency_error");
-    assert!(
-        second.error()["message"]
-            .as_str()
-            .unwrap()
-            .to_lowercase()
-            .contains("another request with the same key is in progress"),
-        "{}",
-        second.body
+    assert_eq!(second.error()["type"], "invalid_request_error");
+    assert_eq!(second.error()["code"], "idempotency_key_in_use");
+    assert_eq!(
+        second.error()["message"],
+        "There is currently another in-progress request using this Idempotent Key (that \
+         probably means you submitted twice, and the other request is still going through): \
+         hang-1. Please try again later."
+    );
+    assert_eq!(
+        second.error()["doc_url"],
+        "https://stripe.com/docs/error-codes/idempotency-key-in-use"
     );
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert_eq!(first.status, StatusCode::OK);
@@ -615,6 +615,7 @@ async fn a_client_that_times_out_finds_the_result_under_its_key_later() {
         .post(paths::PAYMENT_INTENTS, &params, Some("timeout-1"))
         .await;
     assert_eq!(busy.status, StatusCode::CONFLICT);
+    assert_eq!(busy.error()["code"], "idempotency_key_in_use");
 
     // Retry as a reconciler would, until the first attempt has finished.
     let deadline = Instant::now() + Duration::from_secs(20);

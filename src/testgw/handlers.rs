@@ -260,27 +260,26 @@ async fn handle_post(
             Some(Idempotent::Done(first, _) | Idempotent::InProgress(first))
                 if *first != fingerprint =>
             {
-                Some((
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "Keys for idempotent requests can only be used with the same parameters \
-                         they were first used with. Try using a key other than '{key}' if you \
-                         meant to execute a different request."
-                    ),
-                ))
+                Some(ApiResponse::invalid(StripeError::idempotency(format!(
+                    "Keys for idempotent requests can only be used with the same parameters \
+                     they were first used with. Try using a key other than '{key}' if you \
+                     meant to execute a different request."
+                ))))
             }
-            Some(_) => Some((
+            // Stripe words this one as an ordinary invalid request with its own code, not
+            // as an `idempotency_error`: a client must read the status, not the type.
+            Some(_) => Some(ApiResponse::error(
                 StatusCode::CONFLICT,
-                format!(
-                    "Another request with the same key is in progress (that probably means \
-                     you submitted twice, and the other request is still going through): \
-                     {key}. Please try again later."
-                ),
+                StripeError::invalid_request(format!(
+                    "There is currently another in-progress request using this Idempotent \
+                     Key (that probably means you submitted twice, and the other request is \
+                     still going through): {key}. Please try again later."
+                ))
+                .code("idempotency_key_in_use"),
             )),
         }
     };
-    if let Some((status, message)) = conflict {
-        let response = ApiResponse::error(status, StripeError::idempotency(message));
+    if let Some(response) = conflict {
         return respond(&response, false, Some(&key));
     }
     let in_flight = InFlight {

@@ -35,7 +35,8 @@
 //! with the same parameters gets the saved answer again (same ids, same status) with
 //! `Idempotent-Replayed: true` and does nothing; different parameters get a 400
 //! `idempotency_error`; a repeat while the first is still running (the hang card) gets a
-//! 409 `idempotency_error`. The endpoint runs in a task of its own, so a client that times
+//! 409 `invalid_request_error` with code `idempotency_key_in_use`, Stripe's shape for it (a
+//! client must take any 409 as "not known yet, try again later"). The endpoint runs in a task of its own, so a client that times
 //! out does not stop it: its answer is saved and a later retry replays it. Keys never
 //! expire (Stripe keeps them 24 hours).
 //!
