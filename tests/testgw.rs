@@ -37,18 +37,26 @@ impl Harness {
     }
 
     async fn start_with(hang: Duration, require_client_certs: bool) -> Harness {
+        let options = TestGatewayOptions {
+            hang,
+            ..TestGatewayOptions::default()
+        };
+        Self::start_options(options, require_client_certs).await
+    }
+
+    /// `options` with this harness's secret key and TLS files.
+    async fn start_options(options: TestGatewayOptions, require_client_certs: bool) -> Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki::Pki::new(dir.path());
         let gateway = TestGateway::start(TestGatewayOptions {
             secret_key: KEY.to_owned(),
-            hang,
             tls: Some(TlsFiles {
                 cert_file: pki.server_cert.clone(),
                 key_file: pki.server_key.clone(),
                 client_ca_file: require_client_certs.then(|| pki.ca_file.clone()),
             }),
-            ..TestGatewayOptions::default()
+            ..options
         })
         .await
         .unwrap();
@@ -631,6 +639,76 @@ async fn a_client_that_times_out_finds_the_result_under_its_key_later() {
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.body);
     assert!(retry.replayed());
     assert_eq!(retry.body["status"], "requires_capture");
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn a_key_past_its_lifetime_is_forgotten_and_a_repeat_makes_a_second_payment_intent() {
+    let ttl = Duration::from_secs(1);
+    let h = Harness::start_options(
+        TestGatewayOptions {
+            idempotency_key_ttl: ttl,
+            ..TestGatewayOptions::default()
+        },
+        false,
+    )
+    .await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    let params = intent_params(&pm, "automatic");
+    let first = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("pruned-1"))
+        .await;
+    let within = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("pruned-1"))
+        .await;
+    assert!(within.replayed());
+    assert_eq!(within.body["id"], first.body["id"]);
+
+    // Waiting out the key's lifetime, as a day passes at Stripe.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let after = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("pruned-1"))
+        .await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    assert!(!after.replayed());
+    assert_eq!(after.body["status"], "succeeded");
+    assert_ne!(after.body["id"], first.body["id"], "a second PaymentIntent");
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 2);
+
+    // The fresh answer is saved under the key anew.
+    let again = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("pruned-1"))
+        .await;
+    assert!(again.replayed());
+    assert_eq!(again.body["id"], after.body["id"]);
+}
+
+#[tokio::test]
+async fn a_key_whose_request_still_runs_is_not_forgotten_past_its_lifetime() {
+    let h = Harness::start_options(
+        TestGatewayOptions {
+            hang: Duration::from_secs(2),
+            idempotency_key_ttl: Duration::from_millis(200),
+            ..TestGatewayOptions::default()
+        },
+        false,
+    )
+    .await;
+    let pm = h.payment_method(cards::HANG).await;
+    let params = intent_params(&pm, "automatic");
+    let (first, second) = tokio::join!(
+        h.post(paths::PAYMENT_INTENTS, &params, Some("long-1")),
+        async {
+            while h.stats().executed_on(paths::PAYMENT_INTENTS) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            h.post(paths::PAYMENT_INTENTS, &params, Some("long-1"))
+                .await
+        }
+    );
+    assert_eq!(second.status, StatusCode::CONFLICT, "{}", second.body);
+    assert_eq!(first.status, StatusCode::OK);
     assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
 }
 

@@ -38,6 +38,10 @@ pub struct TestGatewayArgs {
     /// How long the hang card (4000000000001117) waits before answering.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub hang_secs: u64,
+    /// How long an idempotency key is remembered after its first use; a repeat after that
+    /// executes afresh, as after Stripe prunes a key (at least 24 hours there).
+    #[arg(long, value_name = "SECONDS", default_value_t = 24 * 60 * 60)]
+    pub idempotency_key_ttl_secs: u64,
 }
 
 /// Starts the gateway, prints its URL, secret key and test cards, and serves until
@@ -69,6 +73,7 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
         addr: args.addr,
         secret_key,
         hang: Duration::from_secs(args.hang_secs),
+        idempotency_key_ttl: Duration::from_secs(args.idempotency_key_ttl_secs),
         tls,
     };
     let gateway = match TestGateway::start(options).await {

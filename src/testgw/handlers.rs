@@ -1,6 +1,6 @@
 //! The endpoints, authentication, idempotency and the request log.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     body::{Body, Bytes},
@@ -13,7 +13,7 @@ use ring::digest;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Idempotent, RecordedRequest, Shared, StoredCard, cards,
+    Idempotent, KeyEntry, RecordedRequest, Shared, StoredCard, cards,
     form::{Form, segments},
     paths,
     stripe::{self, ApiResponse, StripeError},
@@ -239,11 +239,15 @@ async fn handle_post(
     let conflict = {
         let mut state = gw.lock();
         let slot = (path.to_owned(), key.clone());
-        match state.idempotency.get(&slot) {
+        match state.idempotent(&slot, gw.idempotency_key_ttl) {
             None => {
-                state
-                    .idempotency
-                    .insert(slot, Idempotent::InProgress(fingerprint));
+                state.idempotency.insert(
+                    slot,
+                    KeyEntry {
+                        first_used: Instant::now(),
+                        state: Idempotent::InProgress(fingerprint),
+                    },
+                );
                 None
             }
             Some(Idempotent::Done(first, saved)) if *first == fingerprint => {
@@ -334,11 +338,10 @@ impl InFlight {
         };
         let mut state = self.gw.lock();
         if response.is_saved() {
-            if let Some(Idempotent::InProgress(fingerprint)) = state.idempotency.get(&slot) {
-                let fingerprint = *fingerprint;
-                state
-                    .idempotency
-                    .insert(slot, Idempotent::Done(fingerprint, response.clone()));
+            if let Some(entry) = state.idempotency.get_mut(&slot)
+                && let Idempotent::InProgress(fingerprint) = entry.state
+            {
+                entry.state = Idempotent::Done(fingerprint, response.clone());
             }
         } else {
             state.idempotency.remove(&slot);
@@ -869,7 +872,7 @@ pub(super) async fn generic_charge(
         .map(|key| (paths::GENERIC_CHARGES.to_owned(), key.clone()));
     if let Some(slot) = &slot {
         let mut state = gw.lock();
-        if let Some(Idempotent::Done(first, saved)) = state.idempotency.get(slot)
+        if let Some(Idempotent::Done(first, saved)) = state.idempotent(slot, gw.idempotency_key_ttl)
             && *first == fingerprint
         {
             let saved = saved.clone();
@@ -879,9 +882,13 @@ pub(super) async fn generic_charge(
     }
     let response = generic_outcome(&gw, &body).await;
     if let Some(slot) = slot {
-        gw.lock()
-            .idempotency
-            .insert(slot, Idempotent::Done(fingerprint, response.clone()));
+        gw.lock().idempotency.insert(
+            slot,
+            KeyEntry {
+                first_used: Instant::now(),
+                state: Idempotent::Done(fingerprint, response.clone()),
+            },
+        );
     }
     respond(&response, false, key.as_deref())
 }

@@ -36,9 +36,11 @@
 //! `Idempotent-Replayed: true` and does nothing; different parameters get a 400
 //! `idempotency_error`; a repeat while the first is still running (the hang card) gets a
 //! 409 `invalid_request_error` with code `idempotency_key_in_use`, Stripe's shape for it (a
-//! client must take any 409 as "not known yet, try again later"). The endpoint runs in a task of its own, so a client that times
-//! out does not stop it: its answer is saved and a later retry replays it. Keys never
-//! expire (Stripe keeps them 24 hours).
+//! client must take any 409 as "not known yet, try again later"). The endpoint runs in a
+//! task of its own, so a client that times out does not stop it: its answer is saved and a
+//! later retry replays it. A key is forgotten [`TestGatewayOptions::idempotency_key_ttl`]
+//! after its first use (Stripe prunes keys once they are at least 24 hours old): a repeat
+//! after that runs the endpoint afresh — with the same parameters, a second PaymentIntent.
 //!
 //! # Misbehaviour for the outbound-safety tests
 //!
@@ -75,7 +77,7 @@ use std::{
     fmt, io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -100,6 +102,10 @@ pub const DEFAULT_SECRET_KEY: &str = "sk_test_cardvault_test_gateway";
 
 /// How long the hang card waits unless told otherwise.
 pub const DEFAULT_HANG: Duration = Duration::from_secs(30);
+
+/// How long an idempotency key is remembered unless told otherwise: 24 hours, the least
+/// Stripe promises to keep one.
+pub const DEFAULT_IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -135,6 +141,11 @@ pub struct TestGatewayOptions {
     /// How long the hang card and `/test/slow` wait before answering. Default
     /// [`DEFAULT_HANG`].
     pub hang: Duration,
+    /// How long after its first use an idempotency key is forgotten: a repeat after that
+    /// runs the endpoint afresh (a second PaymentIntent), as after Stripe prunes a key.
+    /// A key whose first request is still running is never forgotten. Default
+    /// [`DEFAULT_IDEMPOTENCY_KEY_TTL`]; tests make it a second or two.
+    pub idempotency_key_ttl: Duration,
     /// Certificate chain and key (PEM files) to serve HTTPS with; with `client_ca_file`,
     /// client certificates chaining to it are required. `None`: plain HTTP, loopback only.
     pub tls: Option<TlsFiles>,
@@ -146,6 +157,7 @@ impl Default for TestGatewayOptions {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             secret_key: DEFAULT_SECRET_KEY.to_owned(),
             hang: DEFAULT_HANG,
+            idempotency_key_ttl: DEFAULT_IDEMPOTENCY_KEY_TTL,
             tls: None,
         }
     }
@@ -156,6 +168,7 @@ impl fmt::Debug for TestGatewayOptions {
         f.debug_struct("TestGatewayOptions")
             .field("addr", &self.addr)
             .field("hang", &self.hang)
+            .field("idempotency_key_ttl", &self.idempotency_key_ttl)
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
@@ -252,6 +265,7 @@ impl TestGateway {
             addr,
             secret_key,
             hang,
+            idempotency_key_ttl,
             tls,
         } = options;
         if tls.is_none() && !addr.ip().is_loopback() {
@@ -278,6 +292,7 @@ impl TestGateway {
         let shared = Arc::new(Shared {
             secret_key,
             hang,
+            idempotency_key_ttl,
             stop: stopped.clone(),
             state: Mutex::default(),
         });
@@ -370,6 +385,7 @@ impl Drop for TestGateway {
 struct Shared {
     secret_key: String,
     hang: Duration,
+    idempotency_key_ttl: Duration,
     /// Changes (or closes) when the gateway stops; hanging requests watch it.
     stop: watch::Receiver<bool>,
     state: Mutex<State>,
@@ -396,7 +412,7 @@ impl Shared {
 struct State {
     payment_methods: HashMap<String, StoredCard>,
     payment_intents: HashMap<String, Value>,
-    idempotency: HashMap<(String, String), Idempotent>,
+    idempotency: HashMap<(String, String), KeyEntry>,
     posts: BTreeMap<String, u64>,
     executed: BTreeMap<String, u64>,
     replays: u64,
@@ -416,6 +432,27 @@ struct StoredCard {
     cvc: Option<Cvc>,
     /// The JSON returned for it: brand, last four digits, expiry.
     view: Value,
+}
+
+impl State {
+    /// The state of idempotency key `slot`, forgetting it first when its first use is
+    /// `ttl` or more ago and its request has finished.
+    fn idempotent(&mut self, slot: &(String, String), ttl: Duration) -> Option<&Idempotent> {
+        let expired = self.idempotency.get(slot).is_some_and(|entry| {
+            matches!(entry.state, Idempotent::Done(..)) && entry.first_used.elapsed() >= ttl
+        });
+        if expired {
+            self.idempotency.remove(slot);
+            tracing::info!(path = %slot.0, "test gateway: idempotency key forgotten");
+        }
+        self.idempotency.get(slot).map(|entry| &entry.state)
+    }
+}
+
+/// An idempotency key: when it was first used, and what became of that request.
+struct KeyEntry {
+    first_used: Instant,
+    state: Idempotent,
 }
 
 /// An idempotency key's state, with the fingerprint of the parameters it was first used
