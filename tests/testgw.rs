@@ -713,6 +713,69 @@ async fn a_key_whose_request_still_runs_is_not_forgotten_past_its_lifetime() {
 }
 
 #[tokio::test]
+async fn a_lost_answer_is_a_saved_500_while_the_payment_intent_succeeded() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::ANSWER_LOST).await;
+    let params = intent_params(&pm, "automatic");
+    let first = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("lost-1"))
+        .await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(first.error()["type"], "api_error");
+    assert!(
+        first.error().get("payment_intent").is_none(),
+        "{}",
+        first.body
+    );
+
+    // The same key gets the same 500 back, and nothing runs again.
+    let again = h
+        .post(paths::PAYMENT_INTENTS, &params, Some("lost-1"))
+        .await;
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+
+    // Yet the payment went through.
+    let intents = h.gateway.payment_intents_with_metadata("order", "42");
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(intents[0]["amount_received"], 1234);
+    let id = intents[0]["id"].as_str().unwrap();
+    let fetched = h.get(&format!("/v1/payment_intents/{id}")).await;
+    assert_eq!(fetched.body["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_hanging_payment_intent_is_retrievable_as_processing_while_it_runs() {
+    let h = Harness::start_with(Duration::from_secs(2), false).await;
+    let pm = h.payment_method(cards::HANG).await;
+    let params = intent_params(&pm, "automatic");
+    let (first, seen) = tokio::join!(
+        h.post(paths::PAYMENT_INTENTS, &params, Some("hang-seen")),
+        async {
+            let intent = loop {
+                if let Some(intent) = h.gateway.payment_intents_with_metadata("order", "42").pop() {
+                    break intent;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let id = intent["id"].as_str().unwrap().to_owned();
+            h.get(&format!("/v1/payment_intents/{id}")).await
+        }
+    );
+    assert_eq!(seen.status, StatusCode::OK);
+    assert_eq!(seen.body["status"], "processing");
+    assert_eq!(seen.body["amount_received"], 0);
+    assert_eq!(first.body["status"], "succeeded");
+    assert_eq!(first.body["id"], seen.body["id"]);
+    let id = first.body["id"].as_str().unwrap();
+    let after = h.get(&format!("/v1/payment_intents/{id}")).await;
+    assert_eq!(after.body["status"], "succeeded");
+}
+
+#[tokio::test]
 async fn get_payment_intent_returns_the_stored_intent() {
     let h = Harness::start().await;
     let created = h.charge(cards::SUCCESS, "manual").await;

@@ -1,6 +1,6 @@
 //! The test cards: what confirming a PaymentIntent does for each card number, after Stripe's
-//! documented test cards (<https://docs.stripe.com/testing>), plus [`HANG`], this gateway's
-//! own card for client timeouts.
+//! documented test cards (<https://docs.stripe.com/testing>), plus this gateway's own cards
+//! for client timeouts ([`HANG`]) and lost answers ([`ANSWER_LOST`]).
 //!
 //! Every number here passes the Luhn check, so the vault accepts it at tokenize time.
 
@@ -23,6 +23,12 @@ pub const REQUIRES_ACTION: &str = "4000002500003155";
 /// this, but it fails the Luhn check, so neither Stripe nor the vault would accept it;
 /// this is the same number with its check digit fixed.)
 pub const HANG: &str = "4000000000001117";
+/// Not a Stripe test card: this gateway's own. The payment goes through as with [`SUCCESS`]
+/// (the PaymentIntent is stored `succeeded`, or `requires_capture`), but the answer is a
+/// 500 `api_error`: the charge went through and the answer was lost. Stripe saves a 500
+/// once the endpoint has begun, so a repeat with the same idempotency key gets the same
+/// 500; only retrieving or searching the PaymentIntent tells what happened.
+pub const ANSWER_LOST: &str = "4000000000001125";
 
 /// What confirming a PaymentIntent paid with a card does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +41,8 @@ pub enum Outcome {
     RequiresAction,
     /// Waits for the hang duration, then succeeds.
     Hang,
+    /// Succeeds, but answers 500 `api_error`.
+    AnswerLost,
 }
 
 /// A Stripe `card_error`.
@@ -94,6 +102,7 @@ pub fn outcome(digits: &str) -> Outcome {
         ),
         REQUIRES_ACTION => Outcome::RequiresAction,
         HANG => Outcome::Hang,
+        ANSWER_LOST => Outcome::AnswerLost,
         _ => Outcome::Succeed,
     }
 }
@@ -114,6 +123,7 @@ mod tests {
             PROCESSING_ERROR,
             REQUIRES_ACTION,
             HANG,
+            ANSWER_LOST,
         ] {
             assert!(luhn::is_valid(card.as_bytes()), "{card}");
         }
@@ -123,6 +133,7 @@ mod tests {
     fn unknown_cards_succeed_and_known_ones_do_what_stripe_documents() {
         assert_eq!(outcome("5555555555554444"), Outcome::Succeed);
         assert_eq!(outcome(HANG), Outcome::Hang);
+        assert_eq!(outcome(ANSWER_LOST), Outcome::AnswerLost);
         assert_eq!(outcome(REQUIRES_ACTION), Outcome::RequiresAction);
         let Outcome::Decline(d) = outcome(INSUFFICIENT_FUNDS) else {
             panic!("insufficient funds must decline");

@@ -113,6 +113,10 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
         (cards::PROCESSING_ERROR, "processing_error"),
         (cards::REQUIRES_ACTION, "requires_action (3-D Secure)"),
         (cards::HANG, "waits --hang-secs, then succeeds"),
+        (
+            cards::ANSWER_LOST,
+            "succeeds, but answers 500 api_error (replayed as such)",
+        ),
     ] {
         println!("    {card}  {outcome}");
     }

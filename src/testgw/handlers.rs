@@ -633,12 +633,21 @@ async fn create_pi(gw: &Shared, form: &Form) -> ApiResponse {
     match outcome {
         cards::Outcome::Hang => {
             object["status"] = "processing".into();
-            gw.lock().payment_intents.insert(id.clone(), object.clone());
+            gw.lock().store_intent(&id, object.clone());
             tracing::info!(payment_intent = %id, "test gateway: hanging");
             gw.hang().await;
             succeed(&mut object, &charge, manual);
         }
         cards::Outcome::Succeed => succeed(&mut object, &charge, manual),
+        cards::Outcome::AnswerLost => {
+            succeed(&mut object, &charge, manual);
+            save_intent(gw, &id, object, None);
+            tracing::info!(payment_intent = %id, "test gateway: answering 500 after a payment");
+            return ApiResponse::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                StripeError::api("An unknown error occurred"),
+            );
+        }
         cards::Outcome::RequiresAction => {
             object["status"] = "requires_action".into();
             object["next_action"] = json!({
@@ -829,9 +838,7 @@ fn succeed(object: &mut Value, charge: &str, manual: bool) {
 /// Stores the PaymentIntent and answers with it (200) or with the card error (402).
 fn save_intent(gw: &Shared, id: &str, object: Value, error: Option<StripeError>) -> ApiResponse {
     let status = object["status"].as_str().unwrap_or_default().to_owned();
-    gw.lock()
-        .payment_intents
-        .insert(id.to_owned(), object.clone());
+    gw.lock().store_intent(id, object.clone());
     match error {
         None => {
             tracing::info!(payment_intent = %id, %status, "test gateway: payment intent");
@@ -920,6 +927,10 @@ async fn generic_outcome(gw: &Shared, body: &[u8]) -> ApiResponse {
     };
     match cards::outcome(pan.expose_digits()) {
         cards::Outcome::Succeed => ApiResponse::ok(json!({ "id": id, "status": "approved" })),
+        cards::Outcome::AnswerLost => ApiResponse::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StripeError::api("An unknown error occurred"),
+        ),
         cards::Outcome::Hang => {
             gw.hang().await;
             ApiResponse::ok(json!({ "id": id, "status": "approved" }))

@@ -21,7 +21,9 @@
 //!   and the PaymentIntent back in `requires_payment_method`, [`cards::PROCESSING_ERROR`] →
 //!   402 `processing_error`, [`cards::REQUIRES_ACTION`] → 200 `requires_action`, and
 //!   [`cards::HANG`] (this gateway's own card) waits [`TestGatewayOptions::hang`] — the
-//!   PaymentIntent meanwhile `processing` — then succeeds. Any other valid card succeeds.
+//!   PaymentIntent meanwhile `processing` and retrievable as such — then succeeds;
+//!   [`cards::ANSWER_LOST`] (also this gateway's own) succeeds but answers 500 `api_error`,
+//!   replayed as such under its key. Any other valid card succeeds.
 //!   Missing `amount`, `currency` or `payment_method` is a 400 `parameter_missing` naming
 //!   the `param`.
 //! - `GET /v1/payment_intents/{id}`, `GET /v1/payment_methods/{id}` — the stored object
@@ -31,7 +33,7 @@
 //!
 //! As Stripe documents it: an `Idempotency-Key` header on a POST saves the answer under
 //! (path, key) — paths standing in for Stripe's per-account scope — once the endpoint has
-//! begun executing, 402 declines included (a 400 from validation saves nothing). A repeat
+//! begun executing, 402 declines and 500s included (a 400 from validation saves nothing). A repeat
 //! with the same parameters gets the saved answer again (same ids, same status) with
 //! `Idempotent-Replayed: true` and does nothing; different parameters get a 400
 //! `idempotency_error`; a repeat while the first is still running (the hang card) gets a
@@ -359,6 +361,17 @@ impl TestGateway {
         self.shared.lock().payment_intents.get(id).cloned()
     }
 
+    /// Every stored PaymentIntent whose `metadata[key]` is `value`, oldest first: how a
+    /// test counts the PaymentIntents made for one charge.
+    pub fn payment_intents_with_metadata(&self, key: &str, value: &str) -> Vec<Value> {
+        self.shared
+            .lock()
+            .intents_in_order()
+            .filter(|intent| intent["metadata"][key] == value)
+            .cloned()
+            .collect()
+    }
+
     /// Stops accepting, lets requests in flight finish (hanging ones answer at once) and
     /// waits for open connections to close, at most a few seconds.
     pub async fn shutdown(mut self) {
@@ -412,6 +425,8 @@ impl Shared {
 struct State {
     payment_methods: HashMap<String, StoredCard>,
     payment_intents: HashMap<String, Value>,
+    /// PaymentIntent ids in the order they were created.
+    intent_order: Vec<String>,
     idempotency: HashMap<(String, String), KeyEntry>,
     posts: BTreeMap<String, u64>,
     executed: BTreeMap<String, u64>,
@@ -435,6 +450,20 @@ struct StoredCard {
 }
 
 impl State {
+    /// Stores a new or changed PaymentIntent.
+    fn store_intent(&mut self, id: &str, object: Value) {
+        if self.payment_intents.insert(id.to_owned(), object).is_none() {
+            self.intent_order.push(id.to_owned());
+        }
+    }
+
+    /// The PaymentIntents, oldest first.
+    fn intents_in_order(&self) -> impl DoubleEndedIterator<Item = &Value> {
+        self.intent_order
+            .iter()
+            .filter_map(|id| self.payment_intents.get(id))
+    }
+
     /// The state of idempotency key `slot`, forgetting it first when its first use is
     /// `ttl` or more ago and its request has finished.
     fn idempotent(&mut self, slot: &(String, String), ttl: Duration) -> Option<&Idempotent> {

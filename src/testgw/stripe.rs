@@ -45,7 +45,8 @@ impl ApiResponse {
     }
 
     /// Whether an idempotency key keeps this answer. Stripe saves a result once the endpoint
-    /// has begun executing, errors included (a 402 decline replays as a 402); a request that
+    /// has begun executing, errors included (a 402 decline replays as a 402, a 500 as a
+    /// 500); a request that
     /// failed validation (400) saved nothing and may be retried with the same key.
     pub fn is_saved(&self) -> bool {
         self.status != StatusCode::BAD_REQUEST
@@ -212,6 +213,9 @@ mod tests {
         assert!(
             ApiResponse::error(StatusCode::PAYMENT_REQUIRED, StripeError::card("x", "y"))
                 .is_saved()
+        );
+        assert!(
+            ApiResponse::error(StatusCode::INTERNAL_SERVER_ERROR, StripeError::api("x")).is_saved()
         );
     }
 
