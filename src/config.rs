@@ -22,6 +22,9 @@ use crate::gateway::GatewaySettings;
 /// The longest lease or time limit a setting in seconds may name: a year is beyond any
 /// sensible value, and keeps `now + setting` far from overflowing.
 const MAX_PERIOD_SECS: u64 = 366 * 24 * 3600;
+/// Time the vault allows itself around a gateway call within one request (decrypting the
+/// card, writing the charge before and after), in ms.
+const VAULT_WORK_MS: u64 = 1_000;
 
 /// Everything `serve`, `migrate` and `keys` read.
 #[derive(Debug, Clone, Deserialize)]
@@ -588,6 +591,21 @@ impl Settings {
                 "charges.send_lease_secs must exceed the longest gateway timeout_ms ({longest})"
             )));
         }
+        // A gateway call and the vault's own work around it (decrypting the card, two database
+        // writes) must end before the caller's deadline, or the caller is cut off with no
+        // answer while the charge goes on.
+        if let Some(slow) = self
+            .gateways
+            .iter()
+            .find(|g| g.timeout_ms.saturating_add(VAULT_WORK_MS) >= self.grpc.request_timeout_ms)
+        {
+            return Err(ConfigError::Rejected(format!(
+                "gateway {:?}: timeout_ms ({}) + {VAULT_WORK_MS} ms for the vault's own work must \
+                 be less than grpc.request_timeout_ms ({}): lower timeout_ms or raise \
+                 grpc.request_timeout_ms",
+                slow.name, slow.timeout_ms, self.grpc.request_timeout_ms
+            )));
+        }
         for proxy in &self.auth.trusted_proxies {
             crate::vault::Cidr::parse(proxy)
                 .map_err(|e| ConfigError::Rejected(format!("auth.trusted_proxies: {e}")))?;
@@ -827,6 +845,45 @@ mod tests {
                 s.keyring_path(),
                 PathBuf::from("./cardvault-data/keyring.toml")
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_gateway_timeout_must_leave_the_vault_time_inside_the_grpc_deadline() {
+        let config = |gateway_ms: u64, grpc_ms: u64| {
+            format!(
+                "[grpc]\nrequest_timeout_ms = {grpc_ms}\n\n[[gateways]]\nname = \"stripe\"\n\
+                 kind = \"stripe\"\nbase_url = \"https://api.stripe.com\"\n\
+                 secret_env = \"STRIPE_KEY\"\ntimeout_ms = {gateway_ms}\n"
+            )
+        };
+        Jail::expect_with(|jail| {
+            load_in(jail, &config(8_999, 10_000)).map_err(|e| e.to_string())?;
+            let err = load_in(jail, &config(9_000, 10_000)).expect_err("no time left");
+            let text = err.to_string();
+            assert!(
+                text.contains("timeout_ms (9000)")
+                    && text.contains("grpc.request_timeout_ms (10000)")
+                    && text.contains("\"stripe\""),
+                "{text}"
+            );
+            load_in(jail, &config(15_000, 20_000)).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_default_gateway_timeout_fits_the_default_grpc_deadline() {
+        Jail::expect_with(|jail| {
+            let s = load_in(
+                jail,
+                "[[gateways]]\nname = \"stripe\"\nkind = \"stripe\"\n\
+                 base_url = \"https://api.stripe.com\"\nsecret_env = \"STRIPE_KEY\"\n",
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(s.gateways[0].timeout_ms, 8_000);
+            assert_eq!(s.grpc.request_timeout_ms, 10_000);
             Ok(())
         });
     }

@@ -183,7 +183,7 @@ async fn stripe_charges_a_good_card_with_per_step_idempotency_keys_and_the_pinne
 }
 
 #[tokio::test]
-async fn stripe_sends_metadata_and_a_card_without_cvc() {
+async fn stripe_sends_metadata_tagged_with_the_charge_id_and_a_card_without_cvc() {
     let h = Harness::start().await;
     let stripe = connector(h.stripe());
     let pan = Pan::parse(cards::SUCCESS).unwrap();
@@ -207,7 +207,8 @@ async fn stripe_sends_metadata_and_a_card_without_cvc() {
         .unwrap();
     assert_eq!(
         intent["metadata"],
-        json!({"order": "42 & more", "note": "ü=€"})
+        json!({"order": "42 & more", "note": "ü=€", "cardvault_charge_id": "order-meta"}),
+        "the caller's metadata, then the charge id"
     );
 }
 

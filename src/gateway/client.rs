@@ -7,15 +7,22 @@
 //! - No redirects: a 3xx answer is a [`Failure::Redirect`]. No proxies (neither configured
 //!   nor from the environment): card data goes straight to the gateway. HTTPS only, unless the
 //!   gateway is a loopback test gateway.
-//! - `connect_timeout` bounds TCP connect plus TLS handshake, `timeout` the whole exchange
-//!   including reading the body. The body is read chunk by chunk and refused past
+//! - `connect_timeout` bounds TCP connect plus TLS handshake. `timeout` bounds a whole call of
+//!   a connector (every exchange of one charge, lookup or operation together): each exchange
+//!   gets what is left of its [`Deadline`], reading the body included, so a two-step charge
+//!   cannot take twice the time the caller's own deadline was set against. The body is read chunk by chunk and refused past
 //!   `max_response_bytes` ([`Failure::TooLarge`]), so a hostile gateway cannot make us buffer
 //!   gigabytes.
 //!
 //! What a failure means for a charge is the connector's call (see the [module
 //! docs](super)): only [`Failure::Unreachable`] proves the request was not sent.
 
-use std::{fs, path::Path, sync::Arc, time::Instant};
+use std::{
+    fs,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use reqwest::{
     Method, Url,
@@ -53,6 +60,33 @@ pub(crate) enum Failure {
     Redirect(u16),
     /// The body was larger than `max_response_bytes` (HTTP status of the answer).
     TooLarge(u16),
+    /// The call's [`Deadline`] had passed before this request was sent: it was not sent.
+    OutOfTime,
+}
+
+impl Failure {
+    /// Whether the request certainly never reached the gateway.
+    pub(crate) fn not_sent(self) -> bool {
+        matches!(self, Failure::Unreachable | Failure::OutOfTime)
+    }
+}
+
+/// When one connector call (all its HTTP exchanges together) must be over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline(Instant);
+
+impl Deadline {
+    /// `budget` from now.
+    pub(crate) fn after(budget: Duration) -> Deadline {
+        Deadline(Instant::now() + budget)
+    }
+
+    /// The time left, `None` once it has passed.
+    fn remaining(self) -> Option<Duration> {
+        self.0
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+    }
 }
 
 impl Failure {
@@ -64,6 +98,7 @@ impl Failure {
             Failure::Lost => "connection to the gateway lost",
             Failure::Redirect(_) => "gateway answered with a redirect (refused)",
             Failure::TooLarge(_) => "gateway response too large (refused)",
+            Failure::OutOfTime => "gateway timeout used up before the request was sent",
         }
     }
 
@@ -71,7 +106,7 @@ impl Failure {
     pub(crate) fn http_status(self) -> Option<u16> {
         match self {
             Failure::Redirect(s) | Failure::TooLarge(s) => Some(s),
-            Failure::Unreachable | Failure::TimedOut | Failure::Lost => None,
+            Failure::Unreachable | Failure::TimedOut | Failure::Lost | Failure::OutOfTime => None,
         }
     }
 }
@@ -83,6 +118,7 @@ pub(crate) struct HttpClient {
     client: reqwest::Client,
     base: Url,
     max_response_bytes: usize,
+    timeout: Duration,
 }
 
 impl HttpClient {
@@ -115,6 +151,7 @@ impl HttpClient {
             client,
             base,
             max_response_bytes,
+            timeout: settings.timeout(),
         })
     }
 
@@ -127,9 +164,15 @@ impl HttpClient {
         })
     }
 
-    /// Sends one request and reads the answer within the limits. `step` names the request
-    /// in logs (`payment_method`, `payment_intent`, `charge`). The body buffer goes to the
-    /// HTTP client as is and is zeroized when the client drops it.
+    /// The deadline of a connector call starting now: `timeout_ms` away.
+    pub(crate) fn deadline(&self) -> Deadline {
+        Deadline::after(self.timeout)
+    }
+
+    /// Sends one request and reads the answer within the limits and before `deadline`.
+    /// `step` names the request in logs (`payment_method`, `payment_intent`, `charge`,
+    /// `lookup`, …). The body buffer goes to the HTTP client as is and is zeroized when the
+    /// client drops it.
     pub(crate) async fn send(
         &self,
         step: &'static str,
@@ -137,9 +180,13 @@ impl HttpClient {
         url: &Url,
         headers: HeaderMap,
         body: Zeroizing<Vec<u8>>,
+        deadline: Deadline,
     ) -> Result<Answer, Failure> {
         let started = Instant::now();
-        let result = self.exchange(method, url, headers, body).await;
+        let result = match deadline.remaining() {
+            Some(left) => self.exchange(method, url, headers, body, left).await,
+            None => Err(Failure::OutOfTime),
+        };
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(answer) => tracing::debug!(
@@ -167,10 +214,12 @@ impl HttpClient {
         url: &Url,
         headers: HeaderMap,
         body: Zeroizing<Vec<u8>>,
+        time_left: Duration,
     ) -> Result<Answer, Failure> {
         let mut response = self
             .client
             .request(method, url.clone())
+            .timeout(time_left)
             .headers(headers)
             .body(bytes::Bytes::from_owner(body))
             .send()

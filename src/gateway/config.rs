@@ -44,9 +44,16 @@
 //! - The API secret comes from exactly one of `secret_file` (one trailing newline ignored) or
 //!   `secret_env` (a variable name). `stripe` requires one; `generic` requires one exactly
 //!   when its templates use `{{secret}}`.
-//! - `stripe_version` applies to `stripe` only; `method`, `path`, `headers`, `body_format`,
-//!   `body`, `idempotency_header`, the pointers, `status_map` and `success_http_statuses`
-//!   apply to `generic` only. Setting one on the other kind is an error.
+//! - `stripe_version` and `charge_id_in_description` apply to `stripe` only; `method`, `path`,
+//!   `headers`, `body_format`, `body`, `idempotency_header`, the pointers, `status_map`,
+//!   `success_http_statuses`, `lookup_path` and `lookup_not_found_statuses` apply to
+//!   `generic` only. Setting one on the other kind is an error.
+//! - `stripe_version` must be one of [`KNOWN_STRIPE_VERSIONS`]: the parameters of a charge
+//!   differ between versions, and a version this connector does not know would fail every
+//!   charge.
+//! - `idempotency_window_secs` is 60 seconds to 7 days; `timeout_ms` bounds a whole connector
+//!   call (the vault checks it against `grpc.request_timeout_ms`).
+//! - `lookup_path` starts with `/`; `lookup_not_found_statuses` are 4xx and need it.
 
 use std::{
     collections::BTreeMap,
@@ -61,8 +68,18 @@ use super::GatewayError;
 
 /// Default for [`GatewaySettings::connect_timeout_ms`].
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
-/// Default for [`GatewaySettings::timeout_ms`].
-pub const DEFAULT_TIMEOUT_MS: u64 = 15_000;
+/// Default for [`GatewaySettings::timeout_ms`]: with the vault's own second of work, inside
+/// the default gRPC deadline of 10 s.
+pub const DEFAULT_TIMEOUT_MS: u64 = 8_000;
+/// Default for [`GatewaySettings::idempotency_window_secs`]: 23 hours, an hour inside the 24
+/// hours Stripe keeps idempotency keys at least.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECS: u64 = 82_800;
+/// Shortest accepted [`GatewaySettings::idempotency_window_secs`].
+pub const MIN_IDEMPOTENCY_WINDOW_SECS: u64 = 60;
+/// Longest accepted [`GatewaySettings::idempotency_window_secs`]: 7 days.
+pub const MAX_IDEMPOTENCY_WINDOW_SECS: u64 = 7 * 24 * 3600;
+/// Default for [`GatewaySettings::lookup_not_found_statuses`].
+pub const DEFAULT_LOOKUP_NOT_FOUND_STATUSES: [u16; 1] = [404];
 /// Default for [`GatewaySettings::max_response_bytes`]: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1024 * 1024;
 /// Default for [`GatewaySettings::stripe_version`]: the `Stripe-Version` the connector is
@@ -159,16 +176,28 @@ pub struct GatewaySettings {
     /// Time allowed to open the TCP connection and finish the TLS handshake, in ms.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Time allowed for one whole HTTP exchange (connect, send, read the response), in ms.
+    /// Time allowed for one whole connector call, in ms: every HTTP exchange of one charge
+    /// (both Stripe steps), lookup or operation together. Must leave the vault a second of
+    /// its own work inside `grpc.request_timeout_ms`.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How long after a charge's first send the gateway still recognises its idempotency key,
+    /// in seconds (60 to 7 days). The vault re-sends an unknown charge only within it. For
+    /// `generic`, it applies only when the key is sent at all.
+    #[serde(default = "default_idempotency_window_secs")]
+    pub idempotency_window_secs: u64,
     /// Largest response body read; a larger one is refused.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
 
-    /// `stripe`: the pinned `Stripe-Version` header (default [`DEFAULT_STRIPE_VERSION`]).
+    /// `stripe`: the pinned `Stripe-Version` header (default [`DEFAULT_STRIPE_VERSION`]);
+    /// one of [`KNOWN_STRIPE_VERSIONS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe_version: Option<String>,
+    /// `stripe`: also put the vault's charge id into the PaymentIntent's description
+    /// (`order 42 [ch_…]`, or `ch_…` alone), for dashboards that show no metadata.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charge_id_in_description: bool,
 
     /// `generic`: HTTP method (default `POST`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,7 +239,33 @@ pub struct GatewaySettings {
     /// [`DEFAULT_SUCCESS_HTTP_STATUSES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub success_http_statuses: Option<Vec<u16>>,
+    /// `generic`: JSON pointer to the client secret the front end needs for a
+    /// `requires_action` answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_pointer: Option<String>,
+    /// `generic`: JSON pointer to the URL to send the cardholder to for a `requires_action`
+    /// answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_url_pointer: Option<String>,
+    /// `generic`: JSON pointer to the gateway's action object (handed back as JSON) for a
+    /// `requires_action` answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_action_pointer: Option<String>,
+    /// `generic`: path (appended to `base_url`) of a `GET` that tells what became of a
+    /// charge; may use `{{idempotency_key}}` and `{{payment_id}}`. Its answer is mapped like a
+    /// charge's. Without it, charges of this gateway cannot be looked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup_path: Option<String>,
+    /// `generic`: HTTP statuses of a lookup that mean "no such payment" (default
+    /// [`DEFAULT_LOOKUP_NOT_FOUND_STATUSES`]); 4xx only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup_not_found_statuses: Option<Vec<u16>>,
 }
+
+/// The `Stripe-Version`s the `stripe` connector knows the parameters of; any other is refused
+/// at start-up.
+pub const KNOWN_STRIPE_VERSIONS: [&str; 3] =
+    ["2024-06-20", "2026-09-30.endive", "2026-10-28.endive"];
 
 fn default_connect_timeout_ms() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_MS
@@ -218,6 +273,10 @@ fn default_connect_timeout_ms() -> u64 {
 
 fn default_timeout_ms() -> u64 {
     DEFAULT_TIMEOUT_MS
+}
+
+fn default_idempotency_window_secs() -> u64 {
+    DEFAULT_IDEMPOTENCY_WINDOW_SECS
 }
 
 fn default_max_response_bytes() -> u64 {
@@ -249,8 +308,10 @@ impl GatewaySettings {
             secret_env: None,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            idempotency_window_secs: DEFAULT_IDEMPOTENCY_WINDOW_SECS,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             stripe_version: None,
+            charge_id_in_description: false,
             method: None,
             path: None,
             headers: None,
@@ -263,6 +324,11 @@ impl GatewaySettings {
             decline_code_pointer: None,
             message_pointer: None,
             success_http_statuses: None,
+            client_secret_pointer: None,
+            redirect_url_pointer: None,
+            next_action_pointer: None,
+            lookup_path: None,
+            lookup_not_found_statuses: None,
         }
     }
 
@@ -303,6 +369,15 @@ impl GatewaySettings {
         if self.max_response_bytes == 0 || usize::try_from(self.max_response_bytes).is_err() {
             return reject("max_response_bytes must be positive".to_owned());
         }
+        if !(MIN_IDEMPOTENCY_WINDOW_SECS..=MAX_IDEMPOTENCY_WINDOW_SECS)
+            .contains(&self.idempotency_window_secs)
+        {
+            return reject(format!(
+                "idempotency_window_secs must be {MIN_IDEMPOTENCY_WINDOW_SECS} to \
+                 {MAX_IDEMPOTENCY_WINDOW_SECS} (7 days), and within the time the gateway keeps \
+                 idempotency keys"
+            ));
+        }
         match self.kind {
             GatewayKind::Stripe => {
                 if let Some(key) = self.generic_keys_set().first() {
@@ -314,13 +389,23 @@ impl GatewaySettings {
                             .to_owned(),
                     );
                 }
-                if self.stripe_version().is_empty() {
-                    return reject("stripe_version must not be empty".to_owned());
+                if !KNOWN_STRIPE_VERSIONS.contains(&self.stripe_version()) {
+                    return reject(format!(
+                        "stripe_version {:?} is not one this connector knows the parameters of \
+                         (known: {})",
+                        self.stripe_version(),
+                        KNOWN_STRIPE_VERSIONS.join(", ")
+                    ));
                 }
             }
             GatewayKind::Generic => {
                 if self.stripe_version.is_some() {
                     return reject("stripe_version applies only to kind = \"stripe\"".to_owned());
+                }
+                if self.charge_id_in_description {
+                    return reject(
+                        "charge_id_in_description applies only to kind = \"stripe\"".to_owned(),
+                    );
                 }
                 if self.body.is_none() {
                     return reject("kind = \"generic\" needs a body template".to_owned());
@@ -336,6 +421,9 @@ impl GatewaySettings {
                     ("payment_id_pointer", &self.payment_id_pointer),
                     ("decline_code_pointer", &self.decline_code_pointer),
                     ("message_pointer", &self.message_pointer),
+                    ("client_secret_pointer", &self.client_secret_pointer),
+                    ("redirect_url_pointer", &self.redirect_url_pointer),
+                    ("next_action_pointer", &self.next_action_pointer),
                 ] {
                     if let Some(p) = pointer
                         && !p.is_empty()
@@ -364,6 +452,25 @@ impl GatewaySettings {
                     return reject(
                         "success_http_statuses must list 2xx statuses (at least one)".to_owned(),
                     );
+                }
+                if let Some(lookup) = &self.lookup_path
+                    && (!lookup.starts_with('/')
+                        || lookup.contains('#')
+                        || lookup.contains(char::is_whitespace))
+                {
+                    return reject(
+                        "lookup_path must start with '/' and have no fragment or spaces".to_owned(),
+                    );
+                }
+                if self.lookup_not_found_statuses.is_some() && self.lookup_path.is_none() {
+                    return reject("lookup_not_found_statuses needs lookup_path".to_owned());
+                }
+                if self
+                    .lookup_not_found_statuses()
+                    .iter()
+                    .any(|s| !(400..500).contains(s))
+                {
+                    return reject("lookup_not_found_statuses must list 4xx statuses".to_owned());
                 }
             }
         }
@@ -442,6 +549,18 @@ impl GatewaySettings {
             .unwrap_or(DEFAULT_STRIPE_VERSION)
     }
 
+    /// `lookup_not_found_statuses` or its default.
+    pub fn lookup_not_found_statuses(&self) -> &[u16] {
+        self.lookup_not_found_statuses
+            .as_deref()
+            .unwrap_or(&DEFAULT_LOOKUP_NOT_FOUND_STATUSES)
+    }
+
+    /// The idempotency window.
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.idempotency_window_secs)
+    }
+
     /// `method` or its default.
     pub fn method(&self) -> HttpMethod {
         self.method.unwrap_or_default()
@@ -476,6 +595,17 @@ impl GatewaySettings {
             (
                 "success_http_statuses",
                 self.success_http_statuses.is_some(),
+            ),
+            (
+                "client_secret_pointer",
+                self.client_secret_pointer.is_some(),
+            ),
+            ("redirect_url_pointer", self.redirect_url_pointer.is_some()),
+            ("next_action_pointer", self.next_action_pointer.is_some()),
+            ("lookup_path", self.lookup_path.is_some()),
+            (
+                "lookup_not_found_statuses",
+                self.lookup_not_found_statuses.is_some(),
             ),
         ]
         .into_iter()
@@ -594,7 +724,9 @@ mod tests {
         s.check().expect("valid");
         assert!(!s.loopback_test_gateway);
         assert_eq!(s.connect_timeout(), Duration::from_secs(3));
-        assert_eq!(s.timeout(), Duration::from_secs(15));
+        assert_eq!(s.timeout(), Duration::from_secs(8));
+        assert_eq!(s.idempotency_window(), Duration::from_secs(23 * 3600));
+        assert!(!s.charge_id_in_description);
         assert_eq!(s.max_response_bytes, 1024 * 1024);
         assert_eq!(s.stripe_version(), "2024-06-20");
         assert_eq!(s.method(), HttpMethod::Post);
@@ -837,5 +969,84 @@ mod tests {
                 .unwrap();
             assert_eq!(secret.expose_secret(), expected);
         }
+    }
+
+    #[test]
+    fn only_known_stripe_versions_are_accepted() {
+        for known in KNOWN_STRIPE_VERSIONS {
+            let s = GatewaySettings {
+                stripe_version: Some(known.to_owned()),
+                ..stripe("https://api.stripe.com")
+            };
+            s.check().unwrap_or_else(|e| panic!("{known}: {e}"));
+        }
+        let s = GatewaySettings {
+            stripe_version: Some("2025-03-31.basil".to_owned()),
+            ..stripe("https://api.stripe.com")
+        };
+        let err = reason(s.check());
+        assert!(
+            err.contains("2025-03-31.basil") && err.contains("2026-10-28.endive"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_idempotency_window_is_bounded() {
+        for (secs, ok) in [
+            (59, false),
+            (60, true),
+            (82_800, true),
+            (604_800, true),
+            (604_801, false),
+        ] {
+            let s = GatewaySettings {
+                idempotency_window_secs: secs,
+                ..stripe("https://api.stripe.com")
+            };
+            assert_eq!(s.check().is_ok(), ok, "{secs}");
+        }
+    }
+
+    #[test]
+    fn lookup_and_action_settings_belong_to_generic_and_are_checked() {
+        let with_lookup = GatewaySettings {
+            lookup_path: Some("/charges/{{idempotency_key}}".to_owned()),
+            lookup_not_found_statuses: Some(vec![404, 410]),
+            client_secret_pointer: Some("/challenge/secret".to_owned()),
+            ..generic("https://pay.acme.example")
+        };
+        with_lookup.check().expect("valid");
+        assert_eq!(with_lookup.lookup_not_found_statuses(), &[404, 410]);
+        let bad_path = GatewaySettings {
+            lookup_path: Some("charges".to_owned()),
+            ..generic("https://pay.acme.example")
+        };
+        assert!(reason(bad_path.check()).contains("lookup_path"));
+        let not_4xx = GatewaySettings {
+            lookup_not_found_statuses: Some(vec![200]),
+            ..with_lookup.clone()
+        };
+        assert!(reason(not_4xx.check()).contains("4xx"));
+        let orphan = GatewaySettings {
+            lookup_not_found_statuses: Some(vec![404]),
+            ..generic("https://pay.acme.example")
+        };
+        assert!(reason(orphan.check()).contains("needs lookup_path"));
+        let bad_pointer = GatewaySettings {
+            next_action_pointer: Some("challenge".to_owned()),
+            ..generic("https://pay.acme.example")
+        };
+        assert!(reason(bad_pointer.check()).contains("JSON pointer"));
+        let on_stripe = GatewaySettings {
+            lookup_path: Some("/x".to_owned()),
+            ..stripe("https://api.stripe.com")
+        };
+        assert!(reason(on_stripe.check()).contains("lookup_path applies only"));
+        let description_on_generic = GatewaySettings {
+            charge_id_in_description: true,
+            ..generic("https://pay.acme.example")
+        };
+        assert!(reason(description_on_generic.check()).contains("charge_id_in_description"));
     }
 }

@@ -27,7 +27,20 @@
 //!   be opened → Failed.
 //!
 //! `payment_id_pointer`, `decline_code_pointer` and `message_pointer` fill the outcome
-//! whenever the body parses (decline codes only for declined outcomes).
+//! whenever the body parses (decline codes only for declined outcomes). For a
+//! `requires_action` answer, `client_secret_pointer`, `redirect_url_pointer` and
+//! `next_action_pointer` (a subtree, handed back as JSON) fill what the shop's front end
+//! needs; card data is never among it (texts are scrubbed like every gateway text).
+//!
+//! # Lookup
+//!
+//! With `lookup_path`, `GET {base_url}{lookup_path}` with `{{idempotency_key}}` and
+//! `{{payment_id}}` filled in (percent-encoded), the configured headers that need no
+//! per-charge value and `idempotency_header`. A status in `lookup_not_found_statuses` (404 by
+//! default) means the gateway holds no payment for the charge; a status in
+//! `success_http_statuses` is mapped like a charge's answer; anything else, or no answer, is
+//! "try later". Without `lookup_path` charges cannot be looked up, and an unknown one stays
+//! for an operator.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -39,11 +52,11 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::Value;
 
 use super::{
-    Capture, ChargeCard, ChargeParams, ChargeStatus, Connector, GatewayError, GatewaySettings,
-    Outcome,
-    client::{self, Failure, HttpClient},
+    Capture, ChargeCard, ChargeParams, ChargeRef, ChargeStatus, Connector, GatewayError,
+    GatewaySettings, Lookup, NextAction, Outcome,
+    client::{self, HttpClient},
     config::{BodyFormat, HttpMethod, MappedStatus},
-    observed,
+    encode, observed, observed_lookup,
     template::{Escape, Field, Template, Values},
 };
 use crate::card::Pan;
@@ -72,6 +85,70 @@ pub(crate) struct GenericConnector {
     idempotency_header: Option<HeaderName>,
     secret: Option<SecretString>,
     mapping: ResponseMapping,
+    lookup: Option<LookupPath>,
+    lookup_not_found_statuses: Vec<u16>,
+    idempotency_window: std::time::Duration,
+}
+
+/// A piece of `lookup_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathPart {
+    Literal(String),
+    IdempotencyKey,
+    PaymentId,
+}
+
+/// A parsed `lookup_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LookupPath(Vec<PathPart>);
+
+impl LookupPath {
+    /// Parses a path whose only placeholders are `{{idempotency_key}}` and `{{payment_id}}`.
+    fn parse(text: &str) -> Result<LookupPath, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find("{{") {
+            if open > 0 {
+                parts.push(PathPart::Literal(rest[..open].to_owned()));
+            }
+            let after = &rest[open + 2..];
+            let close = after
+                .find("}}")
+                .ok_or_else(|| "a '{{' has no closing '}}'".to_owned())?;
+            parts.push(match after[..close].trim() {
+                "idempotency_key" => PathPart::IdempotencyKey,
+                "payment_id" => PathPart::PaymentId,
+                _ => {
+                    return Err(
+                        "only {{idempotency_key}} and {{payment_id}} may be used".to_owned()
+                    );
+                }
+            });
+            rest = &after[close + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(PathPart::Literal(rest.to_owned()));
+        }
+        Ok(LookupPath(parts))
+    }
+
+    /// The path for `charge`, values percent-encoded; `None` when it needs a payment id the
+    /// charge does not have.
+    fn render(&self, charge: &ChargeRef<'_>) -> Option<String> {
+        let mut out = Vec::new();
+        for part in &self.0 {
+            let value = match part {
+                PathPart::Literal(text) => {
+                    out.extend_from_slice(text.as_bytes());
+                    continue;
+                }
+                PathPart::IdempotencyKey => charge.charge_id,
+                PathPart::PaymentId => charge.payment_id?,
+            };
+            out.extend_from_slice(&encode::build(|sink| encode::form_component(value, sink)));
+        }
+        String::from_utf8(out).ok()
+    }
 }
 
 impl fmt::Debug for GenericConnector {
@@ -94,6 +171,9 @@ pub(crate) struct ResponseMapping {
     pub(crate) decline_code_pointer: Option<String>,
     pub(crate) message_pointer: Option<String>,
     pub(crate) success_http_statuses: Vec<u16>,
+    pub(crate) client_secret_pointer: Option<String>,
+    pub(crate) redirect_url_pointer: Option<String>,
+    pub(crate) next_action_pointer: Option<String>,
 }
 
 impl GenericConnector {
@@ -215,7 +295,16 @@ impl GenericConnector {
             decline_code_pointer: settings.decline_code_pointer.clone(),
             message_pointer: settings.message_pointer.clone(),
             success_http_statuses: settings.success_http_statuses().to_vec(),
+            client_secret_pointer: settings.client_secret_pointer.clone(),
+            redirect_url_pointer: settings.redirect_url_pointer.clone(),
+            next_action_pointer: settings.next_action_pointer.clone(),
         };
+        let lookup = settings
+            .lookup_path
+            .as_deref()
+            .map(LookupPath::parse)
+            .transpose()
+            .map_err(|e| reject(format!("lookup_path: {e}")))?;
         let http = HttpClient::new(settings)?;
         Ok(GenericConnector {
             url: http.url(settings.path.as_deref().unwrap_or(""))?,
@@ -231,9 +320,69 @@ impl GenericConnector {
             idempotency_header,
             secret,
             mapping,
+            lookup,
+            lookup_not_found_statuses: settings.lookup_not_found_statuses().to_vec(),
+            idempotency_window: settings.idempotency_window(),
             http,
             name: settings.name.clone(),
         })
+    }
+
+    async fn lookup_steps(&self, lookup: &LookupPath, charge: &ChargeRef<'_>) -> Lookup {
+        let deadline = self.http.deadline();
+        let Some(path) = lookup.render(charge) else {
+            return Lookup::Unavailable {
+                reason: "lookup_path needs the payment id, and the charge has none".to_owned(),
+            };
+        };
+        let Ok(url) = self.http.url(&path) else {
+            return Lookup::Unavailable {
+                reason: "lookup_path does not make a valid URL for this charge".to_owned(),
+            };
+        };
+        let mut headers = self.fixed_headers.clone();
+        headers.remove(header::CONTENT_TYPE);
+        if let Some(name) = &self.idempotency_header {
+            let Ok(value) = HeaderValue::from_str(charge.charge_id) else {
+                return Lookup::Unavailable {
+                    reason: "the charge id is not a valid header value".to_owned(),
+                };
+            };
+            headers.insert(name.clone(), value);
+        }
+        let asked = format!("GET {path}");
+        let answer = match self
+            .http
+            .send(
+                "lookup",
+                Method::GET,
+                &url,
+                headers,
+                zeroize::Zeroizing::new(Vec::new()),
+                deadline,
+            )
+            .await
+        {
+            Ok(answer) => answer,
+            Err(failure) => {
+                return Lookup::Unavailable {
+                    reason: format!("{asked}: {}", failure.message()),
+                };
+            }
+        };
+        if self.lookup_not_found_statuses.contains(&answer.status) {
+            return Lookup::NotFound {
+                evidence: format!("{asked} → HTTP {} (no such payment)", answer.status),
+            };
+        }
+        if !self.mapping.success_http_statuses.contains(&answer.status)
+            || serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_err()
+        {
+            return Lookup::Unavailable {
+                reason: format!("{asked} → HTTP {} (not a usable answer)", answer.status),
+            };
+        }
+        Lookup::Found(self.mapping.map(answer.status, &answer.body))
     }
 
     async fn send_charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
@@ -271,14 +420,22 @@ impl GenericConnector {
         };
         let body = self.body.render(&values, escape);
         drop(values);
+        let deadline = self.http.deadline();
         match self
             .http
-            .send("charge", self.method.clone(), &self.url, headers, body)
+            .send(
+                "charge",
+                self.method.clone(),
+                &self.url,
+                headers,
+                body,
+                deadline,
+            )
             .await
         {
             Ok(answer) => self.mapping.map(answer.status, &answer.body),
-            Err(Failure::Unreachable) => {
-                Outcome::ours(ChargeStatus::Failed, Failure::Unreachable.message(), None)
+            Err(failure) if failure.not_sent() => {
+                Outcome::ours(ChargeStatus::Failed, failure.message(), None)
             }
             Err(failure) => Outcome::ours(
                 ChargeStatus::Unknown,
@@ -307,11 +464,20 @@ impl Connector for GenericConnector {
                 .fields()
                 .chain(self.templated_headers.iter().flat_map(|(_, t)| t.fields()))
                 .any(|field| field == Field::IdempotencyKey);
-        sends_key.then(|| std::time::Duration::from_secs(23 * 3600))
+        sends_key.then_some(self.idempotency_window)
     }
 
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome {
         observed(&self.name, card, params, self.send_charge(card, params)).await
+    }
+
+    async fn lookup(&self, charge: &ChargeRef<'_>) -> Lookup {
+        match &self.lookup {
+            Some(lookup) => {
+                observed_lookup(&self.name, charge, self.lookup_steps(lookup, charge)).await
+            }
+            None => Lookup::Unsupported,
+        }
     }
 }
 
@@ -382,8 +548,25 @@ impl ResponseMapping {
             },
             message,
             http_status: Some(http_status),
-            action: None,
+            action: (status == ChargeStatus::RequiresAction)
+                .then(|| self.action(&parsed))
+                .flatten(),
         }
+    }
+
+    /// What the front end needs for a `requires_action` answer, when anything is mapped.
+    fn action(&self, parsed: &Value) -> Option<Box<NextAction>> {
+        let action = NextAction {
+            client_secret: text_at(parsed, self.client_secret_pointer.as_deref()),
+            kind: None,
+            redirect_url: text_at(parsed, self.redirect_url_pointer.as_deref()),
+            details_json: self
+                .next_action_pointer
+                .as_deref()
+                .and_then(|p| parsed.pointer(p))
+                .map(Value::to_string),
+        };
+        (action != NextAction::default()).then(|| Box::new(action))
     }
 }
 
@@ -417,6 +600,9 @@ mod tests {
             decline_code_pointer: Some("/result/reason".to_owned()),
             message_pointer: Some("/result/text".to_owned()),
             success_http_statuses: vec![200, 201],
+            client_secret_pointer: Some("/challenge/secret".to_owned()),
+            redirect_url_pointer: Some("/challenge/url".to_owned()),
+            next_action_pointer: Some("/challenge".to_owned()),
         }
     }
 
@@ -560,5 +746,59 @@ mod tests {
         )]));
         let connector = GenericConnector::new(&s).expect("per-charge header");
         assert_eq!(connector.templated_headers.len(), 1);
+    }
+
+    #[test]
+    fn a_challenge_hands_back_the_mapped_action_fields() {
+        let outcome = map(
+            200,
+            json!({"id": "p_1", "result": {"state": "challenge"},
+                   "challenge": {"secret": "cs_1", "url": "https://acs.example/3ds", "method": "GET"}}),
+        );
+        assert_eq!(outcome.status, ChargeStatus::RequiresAction);
+        let action = outcome.action.expect("an action");
+        assert_eq!(action.client_secret.as_deref(), Some("cs_1"));
+        assert_eq!(
+            action.redirect_url.as_deref(),
+            Some("https://acs.example/3ds")
+        );
+        let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
+        assert_eq!(details["method"], "GET");
+        let approved = map(
+            200,
+            json!({"result": {"state": "approved"}, "challenge": {"secret": "x"}}),
+        );
+        assert!(approved.action.is_none(), "only for requires_action");
+        let bare = map(200, json!({"result": {"state": "challenge"}}));
+        assert!(bare.action.is_none(), "nothing mapped, no action");
+    }
+
+    #[test]
+    fn the_lookup_path_takes_two_placeholders_percent_encoded() {
+        let path = LookupPath::parse("/v2/charges/{{ payment_id }}?ref={{idempotency_key}}")
+            .expect("valid");
+        let charge = ChargeRef {
+            charge_id: "ch_1/2 3",
+            payment_id: Some("p_9"),
+            amount: 100,
+            currency: "EUR",
+        };
+        assert_eq!(
+            path.render(&charge).as_deref(),
+            Some("/v2/charges/p_9?ref=ch_1%2F2+3")
+        );
+        let without = ChargeRef {
+            payment_id: None,
+            ..charge
+        };
+        assert_eq!(path.render(&without), None, "needs the payment id");
+        let by_key = LookupPath::parse("/charges/{{idempotency_key}}").unwrap();
+        assert_eq!(
+            by_key.render(&without).as_deref(),
+            Some("/charges/ch_1%2F2+3")
+        );
+        let err = LookupPath::parse("/c/{{card.number}}").unwrap_err();
+        assert!(err.contains("only {{idempotency_key}}"), "{err}");
+        assert!(LookupPath::parse("/c/{{payment_id").is_err());
     }
 }

@@ -14,12 +14,23 @@
 //! # When is an outcome `Unknown`?
 //!
 //! Whenever the gateway may have charged the card but we cannot tell: a timeout or a broken
-//! connection after the charge request was sent, a 5xx answer, a redirect, a response over
-//! `max_response_bytes`, or one we cannot parse. The caller must then re-send with the *same*
-//! [`ChargeParams::idempotency_key`] (the gateway deduplicates) or reconcile, never charge
-//! again under a new key. An outcome is `Failed` only when nothing can have been charged:
-//! the connection could not be opened (the request was not sent), the gateway refused the
-//! request with a 4xx error, or — for `stripe` — a step before the PaymentIntent failed.
+//! connection after the charge request was sent, any HTTP 409 (Stripe's answer while a request
+//! with the same idempotency key is still being processed, whatever its body says), a 5xx
+//! answer, a redirect, a response over `max_response_bytes`, or one we cannot parse. The
+//! caller must then look the charge up ([`Connector::lookup`]) and re-send only with the
+//! *same* [`ChargeParams::idempotency_key`] within [`Connector::resend_window`], never charge
+//! again under a new key. An outcome is `Failed` only when nothing can have been charged: the
+//! request was never sent (the connection could not be opened, or the call's time ran out
+//! before it), the gateway refused the request with a 4xx error, or — for `stripe` — a step
+//! before the PaymentIntent failed. On a re-send ([`ChargeParams::resend`]) the last rule does
+//! not hold: the first send may have charged, so only a definitive answer about the payment
+//! itself settles the charge, and everything else is `Unknown`.
+//!
+//! # Time
+//!
+//! A gateway's `timeout_ms` bounds a whole connector call — both Stripe steps of a charge
+//! together, a lookup, an operation — so that it fits inside the caller's own deadline
+//! (start-up checks `timeout_ms` against `grpc.request_timeout_ms`).
 //!
 //! # Card data
 //!
@@ -323,8 +334,9 @@ impl Outcome {
 
     /// Scrubs every gateway-supplied text of card data (see [`scrub`]) and bounds its
     /// length. The payment id keeps every number but the charged card's: an id must stay
-    /// usable, and a gateway's numeric ids pass Luhn one time in ten.
-    fn scrubbed(mut self, card: &ChargeCard<'_>) -> Outcome {
+    /// usable, and a gateway's numeric ids pass Luhn one time in ten. Without a card (a
+    /// lookup), messages lose every card number and ids keep theirs.
+    fn scrubbed(mut self, card: Option<&ChargeCard<'_>>) -> Outcome {
         if let Some(id) = &mut self.payment_id {
             *id = scrub(id, card, Text::PaymentId);
         }
@@ -334,8 +346,54 @@ impl Outcome {
         {
             *text = scrub(text, card, Text::Message);
         }
+        if let Some(action) = &mut self.action {
+            for id in [&mut action.client_secret, &mut action.redirect_url]
+                .into_iter()
+                .flatten()
+            {
+                *id = scrub(id, card, Text::PaymentId);
+            }
+            if let Some(kind) = &mut action.kind {
+                *kind = scrub(kind, card, Text::Message);
+            }
+            action.details_json = action
+                .details_json
+                .take()
+                .and_then(|json| scrub_json(&json, card));
+        }
         self
     }
+}
+
+/// Largest [`NextAction::details_json`] handed back, in bytes; a larger one is dropped (cut
+/// short it would no longer be JSON).
+const MAX_ACTION_JSON_BYTES: usize = 16 * 1024;
+
+/// `json` with every string in it scrubbed as a message (no string keeps a card number, the
+/// CVC or the holder's name) and every number that [`scrub`] would change turned into its
+/// scrubbed text. `None` when it does not parse or comes out larger than
+/// [`MAX_ACTION_JSON_BYTES`].
+fn scrub_json(json: &str, card: Option<&ChargeCard<'_>>) -> Option<String> {
+    fn walk(value: &mut serde_json::Value, card: Option<&ChargeCard<'_>>) {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => *text = scrub_unbounded(text, card),
+            Value::Number(number) => {
+                let text = number.to_string();
+                let scrubbed = scrub_unbounded(&text, card);
+                if scrubbed != text {
+                    *value = Value::String(scrubbed);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| walk(item, card)),
+            Value::Object(fields) => fields.values_mut().for_each(|item| walk(item, card)),
+            Value::Null | Value::Bool(_) => {}
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_str(json).ok()?;
+    walk(&mut value, card);
+    let out = value.to_string();
+    (out.len() <= MAX_ACTION_JSON_BYTES).then_some(out)
 }
 
 /// Longest gateway-supplied text kept in an [`Outcome`], in characters.
@@ -353,23 +411,38 @@ enum Text {
 /// `text` cut to [`MAX_TEXT_CHARS`] after, for a message, masking every card number in it
 /// (any grouping, any script's digits: a gateway may echo the number we sent or quote
 /// another), removing the cardholder's name and replacing every run of digits equal to the
-/// CVC by `***`. A payment id gets only the charged card's number masked.
-fn scrub(text: &str, card: &ChargeCard<'_>, kind: Text) -> String {
-    let pan = card.pan.expose_digits();
-    let mut out = detect::replace_card_numbers(text, |digits| {
-        (kind == Text::Message || digits.contains(pan)).then(|| detect::mask_digits(digits))
-    });
-    if kind == Text::Message {
+/// CVC by `***`. A payment id gets only the charged card's number masked (nothing without a
+/// card).
+fn scrub(text: &str, card: Option<&ChargeCard<'_>>, kind: Text) -> String {
+    let mut out = match kind {
+        Text::Message => scrub_unbounded(text, card),
+        Text::PaymentId => match card {
+            Some(card) => {
+                let pan = card.pan.expose_digits();
+                detect::replace_card_numbers(text, |digits| {
+                    digits.contains(pan).then(|| detect::mask_digits(digits))
+                })
+            }
+            None => text.to_owned(),
+        },
+    };
+    if out.chars().count() > MAX_TEXT_CHARS {
+        out = out.chars().take(MAX_TEXT_CHARS).collect();
+        out.push('…');
+    }
+    out
+}
+
+/// A message scrubbed as [`scrub`] does, without the length bound.
+fn scrub_unbounded(text: &str, card: Option<&ChargeCard<'_>>) -> String {
+    let mut out = detect::replace_card_numbers(text, |digits| Some(detect::mask_digits(digits)));
+    if let Some(card) = card {
         if let Some(cvc) = card.cvc {
             out = hide_digit_runs(&out, cvc);
         }
         if let Some(holder) = card.holder {
             out = remove_name(&out, holder);
         }
-    }
-    if out.chars().count() > MAX_TEXT_CHARS {
-        out = out.chars().take(MAX_TEXT_CHARS).collect();
-        out.push('…');
     }
     out
 }
@@ -654,7 +727,7 @@ async fn observed(
         Some(refused) => refused,
         None => charge.await,
     }
-    .scrubbed(card);
+    .scrubbed(Some(card));
     let elapsed = started.elapsed();
     metrics::counter!(
         "cardvault_gateway_requests_total",
@@ -692,6 +765,119 @@ async fn observed(
     outcome
 }
 
+/// Runs one lookup with its log line and metrics, and scrubs what the gateway said (there is
+/// no card at a lookup: every card number in a text is masked).
+async fn observed_lookup(
+    gateway: &str,
+    charge: &ChargeRef<'_>,
+    lookup: impl Future<Output = Lookup>,
+) -> Lookup {
+    let started = Instant::now();
+    let result = match lookup.await {
+        Lookup::Found(outcome) => Lookup::Found(outcome.scrubbed(None)),
+        Lookup::NotFound { evidence } => Lookup::NotFound {
+            evidence: scrub(&evidence, None, Text::Message),
+        },
+        Lookup::Unavailable { reason } => Lookup::Unavailable {
+            reason: scrub(&reason, None, Text::Message),
+        },
+        Lookup::Unsupported => Lookup::Unsupported,
+    };
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (label, detail) = match &result {
+        Lookup::Found(outcome) => (outcome.status.as_str(), outcome.message.as_deref()),
+        Lookup::NotFound { evidence } => ("not_found", Some(evidence.as_str())),
+        Lookup::Unavailable { reason } => ("unavailable", Some(reason.as_str())),
+        Lookup::Unsupported => ("unsupported", None),
+    };
+    metrics::counter!(
+        "cardvault_gateway_lookups_total",
+        "gateway" => gateway.to_owned(),
+        "result" => label,
+    )
+    .increment(1);
+    tracing::info!(
+        gateway,
+        result = label,
+        latency_ms,
+        charge_id_suffix = key_suffix(charge.charge_id),
+        detail = detail.unwrap_or(""),
+        "gateway lookup"
+    );
+    result
+}
+
+/// Runs one capture, refund or cancel with its log line and metrics, and scrubs the
+/// gateway's message.
+async fn observed_operation(
+    gateway: &str,
+    operation: &Operation<'_>,
+    run: impl Future<Output = OperationOutcome>,
+) -> OperationOutcome {
+    let started = Instant::now();
+    let key = operation.idempotency_key;
+    let mut outcome = if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        OperationOutcome {
+            status: OperationStatus::Failed,
+            gateway_id: None,
+            amount: None,
+            message: Some(
+                "invalid idempotency key: 1 to 252 printable ASCII characters".to_owned(),
+            ),
+            http_status: None,
+        }
+    } else {
+        run.await
+    };
+    outcome.message = outcome.message.map(|m| scrub(&m, None, Text::Message));
+    outcome.gateway_id = outcome
+        .gateway_id
+        .map(|id| scrub(&id, None, Text::PaymentId));
+    let elapsed = started.elapsed();
+    metrics::counter!(
+        "cardvault_gateway_operations_total",
+        "gateway" => gateway.to_owned(),
+        "operation" => operation.kind.as_str(),
+        "outcome" => outcome.status.as_str(),
+    )
+    .increment(1);
+    metrics::histogram!(
+        "cardvault_gateway_operation_latency_seconds",
+        "gateway" => gateway.to_owned(),
+        "operation" => operation.kind.as_str(),
+    )
+    .record(elapsed.as_secs_f64());
+    let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    let level_info = outcome.status == OperationStatus::Succeeded;
+    let reason = outcome.message.as_deref().unwrap_or("");
+    if level_info {
+        tracing::info!(
+            gateway,
+            operation = operation.kind.as_str(),
+            outcome = outcome.status.as_str(),
+            http_status = outcome.http_status,
+            latency_ms,
+            idempotency_key_suffix = key_suffix(key),
+            "gateway operation"
+        );
+    } else {
+        tracing::warn!(
+            gateway,
+            operation = operation.kind.as_str(),
+            outcome = outcome.status.as_str(),
+            http_status = outcome.http_status,
+            latency_ms,
+            idempotency_key_suffix = key_suffix(key),
+            reason,
+            "gateway operation"
+        );
+    }
+    outcome
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,19 +909,19 @@ mod tests {
         assert_eq!(
             scrub(
                 "card 4242424242424242 cvc 987 amount 9870 x987",
-                &c,
+                Some(&c),
                 Text::Message
             ),
             "card 424242******4242 cvc *** amount 9870 x***"
         );
         assert_eq!(
-            scrub("pi_987 4242424242424242", &c, Text::PaymentId),
+            scrub("pi_987 4242424242424242", Some(&c), Text::PaymentId),
             "pi_987 424242******4242"
         );
-        assert_eq!(scrub("no digits", &c, Text::Message), "no digits");
+        assert_eq!(scrub("no digits", Some(&c), Text::Message), "no digits");
         let long = "é".repeat(600);
         assert_eq!(
-            scrub(&long, &c, Text::Message).chars().count(),
+            scrub(&long, Some(&c), Text::Message).chars().count(),
             MAX_TEXT_CHARS + 1
         );
     }
@@ -760,7 +946,7 @@ mod tests {
             ("use 0004 2424 2424 2424 242", "use 000424*********4242"),
             ("cvc ٩٨٧ wrong", "cvc *** wrong"),
         ] {
-            assert_eq!(scrub(text, &c, Text::Message), scrubbed, "{text}");
+            assert_eq!(scrub(text, Some(&c), Text::Message), scrubbed, "{text}");
         }
     }
 
@@ -776,7 +962,7 @@ mod tests {
             // Whole words only: a part of another word stays.
             ("Adamant lovelaceful", "Adamant lovelaceful"),
         ] {
-            assert_eq!(scrub(text, &c, Text::Message), scrubbed, "{text}");
+            assert_eq!(scrub(text, Some(&c), Text::Message), scrubbed, "{text}");
         }
     }
 
@@ -786,11 +972,11 @@ mod tests {
         let c = card(&pan, Some("987"));
         // Passes Luhn, but is the gateway's id: kept, or the charge could not be found.
         assert_eq!(
-            scrub("1234567812345670", &c, Text::PaymentId),
+            scrub("1234567812345670", Some(&c), Text::PaymentId),
             "1234567812345670"
         );
         assert_eq!(
-            scrub("987-4242 4242 4242 4242", &c, Text::PaymentId),
+            scrub("987-4242 4242 4242 4242", Some(&c), Text::PaymentId),
             "987-424242******4242"
         );
     }
@@ -820,7 +1006,7 @@ mod tests {
             let name = if upper { "ADA LOVELACE" } else { "Ada Lovelace" };
             let text = format!("declined: {} ({name})", written.join(separator));
             let pan = Pan::parse("4242424242424242").unwrap();
-            let scrubbed = scrub(&text, &card(&pan, None), Text::Message);
+            let scrubbed = scrub(&text, Some(&card(&pan, None)), Text::Message);
             let normalized: String = scrubbed
                 .chars()
                 .filter_map(|c| match detect::digit_value(c) {
@@ -844,7 +1030,7 @@ mod tests {
             http_status: Some(402),
             action: None,
         }
-        .scrubbed(&card(&pan, Some("987")));
+        .scrubbed(Some(&card(&pan, Some("987"))));
         let text = format!("{outcome:?}");
         assert!(
             !text.contains("4242424242424242") && !text.contains("987"),
@@ -886,5 +1072,54 @@ mod tests {
         let gateways = Gateways::from_settings(&[]).unwrap();
         assert!(gateways.names().is_empty());
         assert!(gateways.get("stripe").is_none());
+    }
+
+    #[test]
+    fn an_action_is_scrubbed_and_its_json_stays_json() {
+        let pan = Pan::parse("4242424242424242").unwrap();
+        let outcome = Outcome {
+            status: ChargeStatus::RequiresAction,
+            payment_id: Some("pi_1".to_owned()),
+            decline_code: None,
+            message: None,
+            http_status: Some(200),
+            action: Some(Box::new(NextAction {
+                client_secret: Some("pi_1_secret_4242424242424242".to_owned()),
+                kind: Some("redirect_to_url".to_owned()),
+                redirect_url: Some("https://acs.example/?pan=4242424242424242&n=987".to_owned()),
+                details_json: Some(
+                    r#"{"card": 4242424242424242, "note": ["cvc 987", "Ada Lovelace"], "n": 5}"#
+                        .to_owned(),
+                ),
+            })),
+        }
+        .scrubbed(Some(&card(&pan, Some("987"))));
+        let action = outcome.action.unwrap();
+        assert_eq!(
+            action.client_secret.as_deref(),
+            Some("pi_1_secret_424242******4242")
+        );
+        assert!(!action.redirect_url.unwrap().contains("4242424242424242"));
+        let details: serde_json::Value =
+            serde_json::from_str(action.details_json.as_deref().unwrap()).expect("still JSON");
+        assert_eq!(
+            details,
+            serde_json::json!({"card": "424242******4242", "note": ["cvc ***", "***"], "n": 5})
+        );
+        assert_eq!(scrub_json("not json", None), None);
+        let huge = format!("{{\"x\": \"{}\"}}", "a".repeat(MAX_ACTION_JSON_BYTES));
+        assert_eq!(scrub_json(&huge, None), None, "too large to hand back");
+    }
+
+    #[test]
+    fn without_a_card_messages_lose_every_card_number_and_ids_keep_theirs() {
+        assert_eq!(
+            scrub("card 5555 5555 5555 4444 refused", None, Text::Message),
+            "card 555555******4444 refused"
+        );
+        assert_eq!(
+            scrub("1234567812345670", None, Text::PaymentId),
+            "1234567812345670"
+        );
     }
 }
