@@ -88,6 +88,22 @@ impl Harness {
         Answer::of(request.send().await.unwrap()).await
     }
 
+    /// Searches PaymentIntents with `query` (and a `limit`, `page` when given).
+    async fn search(&self, params: &[(&str, &str)]) -> Answer {
+        let response = self
+            .client
+            .get(format!(
+                "{}?{}",
+                self.url(paths::PAYMENT_INTENTS_SEARCH),
+                encode(params)
+            ))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        Answer::of(response).await
+    }
+
     async fn get(&self, path: &str) -> Answer {
         let response = self
             .client
@@ -773,6 +789,166 @@ async fn a_hanging_payment_intent_is_retrievable_as_processing_while_it_runs() {
     let id = first.body["id"].as_str().unwrap();
     let after = h.get(&format!("/v1/payment_intents/{id}")).await;
     assert_eq!(after.body["status"], "succeeded");
+}
+
+/// Creates and confirms a PaymentIntent for `number` with `metadata[charge_id]` and
+/// `metadata[shop]`; returns its id.
+async fn charge_with_metadata(h: &Harness, number: &str, charge_id: &str, shop: &str) -> String {
+    let pm = h.payment_method(number).await;
+    let params = [
+        ("amount", "500"),
+        ("currency", "eur"),
+        ("payment_method", pm.as_str()),
+        ("confirm", "true"),
+        ("metadata[charge_id]", charge_id),
+        ("metadata[shop]", shop),
+    ];
+    let answer = h.post(paths::PAYMENT_INTENTS, &params, None).await;
+    let intent = if answer.status == StatusCode::OK {
+        &answer.body
+    } else {
+        &answer.error()["payment_intent"]
+    };
+    intent["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn search_finds_payment_intents_by_metadata_as_stripe_answers() {
+    let h = Harness::start().await;
+    let first = charge_with_metadata(&h, cards::SUCCESS, "ch_a", "north").await;
+    let declined = charge_with_metadata(&h, cards::DECLINED, "ch_b", "north").await;
+    let again = charge_with_metadata(&h, cards::SUCCESS, "ch_a", "south").await;
+
+    let found = h.search(&[("query", "metadata['charge_id']:'ch_a'")]).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.body);
+    assert_eq!(found.body["object"], "search_result");
+    assert_eq!(found.body["url"], "/v1/payment_intents/search");
+    assert_eq!(found.body["has_more"], false);
+    assert!(found.body["next_page"].is_null());
+    let ids: Vec<&str> = found.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pi| pi["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [again.as_str(), first.as_str()], "newest first");
+    assert_eq!(found.body["data"][1]["object"], "payment_intent");
+
+    let both = h
+        .search(&[(
+            "query",
+            "metadata[\"charge_id\"]:\"ch_a\" AND metadata['shop']:'north'",
+        )])
+        .await;
+    let data = both.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["id"], first.as_str());
+
+    let by_status = h
+        .search(&[(
+            "query",
+            "metadata['shop']:'north' AND status:'requires_payment_method'",
+        )])
+        .await;
+    assert_eq!(by_status.body["data"][0]["id"], declined.as_str());
+
+    let none = h
+        .search(&[("query", "metadata['charge_id']:'ch_zzz'")])
+        .await;
+    assert_eq!(none.status, StatusCode::OK);
+    assert_eq!(none.body["data"], Value::Array(vec![]));
+
+    let paged = h
+        .search(&[("query", "status:'succeeded'"), ("limit", "1")])
+        .await;
+    assert_eq!(paged.body["has_more"], true);
+    assert_eq!(paged.body["data"][0]["id"], again.as_str());
+    let page = paged.body["next_page"].as_str().unwrap();
+    let rest = h
+        .search(&[
+            ("query", "status:'succeeded'"),
+            ("limit", "1"),
+            ("page", page),
+        ])
+        .await;
+    assert_eq!(rest.body["data"][0]["id"], first.as_str());
+    assert_eq!(rest.body["has_more"], false);
+}
+
+#[tokio::test]
+async fn a_payment_intent_is_searchable_while_it_is_still_processing() {
+    let h = Harness::start_with(Duration::from_secs(2), false).await;
+    let pm = h.payment_method(cards::HANG).await;
+    let mut params = intent_params(&pm, "automatic");
+    params.push(("metadata[charge_id]", "ch_slow"));
+    let (first, seen) = tokio::join!(
+        h.post(paths::PAYMENT_INTENTS, &params, Some("slow-pi")),
+        async {
+            loop {
+                let found = h
+                    .search(&[("query", "metadata['charge_id']:'ch_slow'")])
+                    .await;
+                if found.body["data"].as_array().is_some_and(|d| !d.is_empty()) {
+                    break found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    );
+    assert_eq!(seen.body["data"][0]["status"], "processing");
+    assert_eq!(seen.body["data"][0]["id"], first.body["id"]);
+    assert_eq!(first.body["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_search_query_that_does_not_parse_is_a_400_on_query() {
+    let h = Harness::start().await;
+    for query in [
+        "metadata['charge_id']",
+        "metadata[charge_id]:'x'",
+        "charge_id:'x'",
+        "status:'a' and status:'b'",
+        "status:'a' AND status:'b' OR status:'c'",
+    ] {
+        let answer = h.search(&[("query", query)]).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(answer.error()["type"], "invalid_request_error", "{query}");
+        assert_eq!(answer.error()["param"], "query", "{query}");
+        let message = answer.error()["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("We were unable to parse your search query."),
+            "{message}"
+        );
+    }
+    let missing = h.search(&[]).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert_eq!(missing.error()["code"], "parameter_missing");
+    let unknown = h.search(&[("query", "status:'a'"), ("sort", "x")]).await;
+    assert_eq!(unknown.error()["code"], "parameter_unknown");
+    let unauthenticated = h
+        .client
+        .get(format!(
+            "{}?{}",
+            h.url(paths::PAYMENT_INTENTS_SEARCH),
+            encode(&[("query", "status:'succeeded'")])
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn payment_methods_carry_their_metadata() {
+    let h = Harness::start().await;
+    let mut params = card_params(cards::SUCCESS);
+    params.push(("metadata[charge_id]", "ch_pm"));
+    let answer = h.post(paths::PAYMENT_METHODS, &params, None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["metadata"]["charge_id"], "ch_pm");
+    let id = answer.body["id"].as_str().unwrap();
+    let fetched = h.get(&format!("/v1/payment_methods/{id}")).await;
+    assert_eq!(fetched.body["metadata"]["charge_id"], "ch_pm");
 }
 
 #[tokio::test]

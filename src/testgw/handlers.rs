@@ -16,6 +16,7 @@ use super::{
     Idempotent, KeyEntry, RecordedRequest, Shared, StoredCard, cards,
     form::{Form, segments},
     paths,
+    search::Query,
     stripe::{self, ApiResponse, StripeError},
 };
 use crate::card::{Cvc, Pan};
@@ -115,6 +116,88 @@ pub(super) async fn get_payment_intent(
         None => not_such("payment_intent", &id, "intent"),
     };
     respond(&response, false, None)
+}
+
+/// Stripe's default and largest page of search results.
+const SEARCH_LIMIT: (usize, usize) = (10, 100);
+
+/// `GET /v1/payment_intents/search?query=…[&limit=…][&page=…]`: Stripe's search result
+/// object, newest first. `page` is the `next_page` of an earlier answer.
+pub(super) async fn search_payment_intents(
+    State(gw): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(&gw, &headers) {
+        return refused;
+    }
+    let response = search(&gw, uri.query().unwrap_or("")).unwrap_or_else(|refused| refused);
+    respond(&response, false, None)
+}
+
+fn search(gw: &Shared, query: &str) -> Result<ApiResponse, ApiResponse> {
+    let form = Form::parse(query.as_bytes())
+        .map_err(|err| ApiResponse::invalid(StripeError::invalid_request(err.to_string())))?;
+    check_params(&form, &["query", "limit", "page"], &[], &["expand"])?;
+    let text = match form.get("query") {
+        None | Some("") => return Err(ApiResponse::missing("query")),
+        Some(text) => text,
+    };
+    let parsed = Query::parse(text).map_err(|err| {
+        ApiResponse::invalid(StripeError::invalid_request(err.to_string()).param("query"))
+    })?;
+    let limit = match form.get("limit") {
+        None => SEARCH_LIMIT.0,
+        Some(limit) => match limit.parse::<usize>() {
+            Ok(limit) if (1..=SEARCH_LIMIT.1).contains(&limit) => limit,
+            _ => {
+                return Err(ApiResponse::invalid(
+                    StripeError::invalid_request(format!(
+                        "Invalid limit: must be an integer between 1 and {}.",
+                        SEARCH_LIMIT.1
+                    ))
+                    .param("limit"),
+                ));
+            }
+        },
+    };
+    let skip = match form.get("page") {
+        None => 0,
+        Some(page) => page
+            .strip_prefix("page_")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                ApiResponse::invalid(
+                    StripeError::invalid_request(
+                        "Invalid page: use an earlier answer's next_page.",
+                    )
+                    .param("page"),
+                )
+            })?,
+    };
+    let hits: Vec<Value> = gw
+        .lock()
+        .intents_in_order()
+        .rev()
+        .filter(|intent| parsed.matches(intent))
+        .skip(skip)
+        .take(limit + 1)
+        .cloned()
+        .collect();
+    let has_more = hits.len() > limit;
+    let data: Vec<Value> = hits.into_iter().take(limit).collect();
+    let next_page = if has_more {
+        Value::from(format!("page_{}", skip + limit))
+    } else {
+        Value::Null
+    };
+    Ok(ApiResponse::ok(json!({
+        "object": "search_result",
+        "url": paths::PAYMENT_INTENTS_SEARCH,
+        "has_more": has_more,
+        "next_page": next_page,
+        "data": data,
+    })))
 }
 
 /// `GET /v1/payment_methods/{id}`.

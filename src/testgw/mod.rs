@@ -10,8 +10,9 @@
 //! refuses them. Every answer is JSON.
 //!
 //! - `POST /v1/payment_methods` — `type=card`, `card[number]`, `card[exp_month]`,
-//!   `card[exp_year]`, `card[cvc]` → a card PaymentMethod (`pm_…`). A bad number is a 402
-//!   `incorrect_number`. The card is kept in memory, keyed by id, for the next endpoint.
+//!   `card[exp_year]`, `card[cvc]`, `metadata[…]` → a card PaymentMethod (`pm_…`) carrying
+//!   the metadata. A bad number is a 402 `incorrect_number`. The card is kept in memory,
+//!   keyed by id, for the next endpoint.
 //! - `POST /v1/payment_intents` — `amount`, `currency`, `payment_method`, `confirm`,
 //!   `capture_method` (`automatic` | `automatic_async` | `manual`), `description`,
 //!   `metadata[…]` → a PaymentIntent (`pi_…`). Confirming decides by the card's number, see
@@ -28,6 +29,15 @@
 //!   the `param`.
 //! - `GET /v1/payment_intents/{id}`, `GET /v1/payment_methods/{id}` — the stored object
 //!   (for reconciliation; `card.checks.cvc_check` says whether a CVC came with the card).
+//! - `GET /v1/payment_intents/search?query=…` (`limit` 1–100, default 10; `page` from an
+//!   answer's `next_page`) — Stripe's search result object `{"object": "search_result",
+//!   "url": "/v1/payment_intents/search", "has_more": …, "next_page": …, "data": […]}`,
+//!   newest first. The query language is Stripe's, for `metadata['key']:'value'`, `status`,
+//!   `currency`, `customer` and `amount` clauses joined by `AND` or `OR`, `-` negating one
+//!   (see `search`); a query it cannot parse is a 400 `invalid_request_error` on `query`.
+//!   A PaymentIntent is found at once here, while Stripe's search index can lag writes by up
+//!   to a minute: a client must not take "not found" shortly after a request as proof that
+//!   no PaymentIntent was made.
 //!
 //! # Idempotency
 //!
@@ -72,6 +82,7 @@ pub mod cards;
 mod cli;
 mod form;
 mod handlers;
+mod search;
 mod stripe;
 
 use std::{
@@ -121,6 +132,8 @@ pub mod paths {
     pub const PAYMENT_METHODS: &str = "/v1/payment_methods";
     /// Creates (and confirms) PaymentIntents.
     pub const PAYMENT_INTENTS: &str = "/v1/payment_intents";
+    /// Searches PaymentIntents (`GET`).
+    pub const PAYMENT_INTENTS_SEARCH: &str = "/v1/payment_intents/search";
     /// Answers with a redirect.
     pub const TEST_REDIRECT: &str = "/test/redirect";
     /// Answers with an oversized body.
@@ -497,6 +510,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(paths::PAYMENT_METHODS, post(h::create_payment_method))
         .route("/v1/payment_methods/{id}", get(h::get_payment_method))
         .route(paths::PAYMENT_INTENTS, post(h::create_payment_intent))
+        .route(
+            paths::PAYMENT_INTENTS_SEARCH,
+            get(h::search_payment_intents),
+        )
         .route("/v1/payment_intents/{id}", get(h::get_payment_intent))
         .route(paths::TEST_REDIRECT, post(h::redirect))
         .route(paths::TEST_HUGE, post(h::huge))
