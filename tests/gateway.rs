@@ -25,8 +25,9 @@ use axum::{
 use cardvault::{
     card::Pan,
     gateway::{
-        Capture, ChargeCard, ChargeParams, ChargeStatus, Connector, GatewayKind, GatewaySettings,
-        Gateways, Outcome, config::MappedStatus,
+        Capture, ChargeCard, ChargeParams, ChargeRef, ChargeStatus, Connector, GatewayKind,
+        GatewaySettings, Gateways, Lookup, Operation, OperationKind, OperationStatus, Outcome,
+        config::MappedStatus,
     },
     testgw::{TestGateway, TestGatewayOptions, cards, paths},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles, TlsListener},
@@ -366,6 +367,329 @@ async fn a_timeout_is_unknown_and_a_resend_with_the_same_key_settles_it() {
 }
 
 #[tokio::test]
+async fn a_409_while_the_first_request_runs_is_unknown_and_the_charge_settles_once() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let first = {
+        let stripe = stripe.clone();
+        tokio::spawn(async move { charge(stripe.as_ref(), cards::HANG, "order-busy").await })
+    };
+    // The second send goes out once the first has reached the PaymentIntent step.
+    while h.gateway.stats().posts_to(paths::PAYMENT_INTENTS) == 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = charge(stripe.as_ref(), cards::HANG, "order-busy").await;
+    assert_eq!(busy.status, ChargeStatus::Unknown, "{busy:?}");
+    assert_eq!(busy.http_status, Some(409));
+    assert!(
+        busy.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("in-progress"),
+        "Stripe's own words: {busy:?}"
+    );
+
+    let settled = first.await.expect("first send");
+    assert_eq!(settled.status, ChargeStatus::Succeeded, "{settled:?}");
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+    let found = stripe
+        .lookup(&ChargeRef {
+            charge_id: "order-busy",
+            payment_id: settled.payment_id.as_deref(),
+            amount: 1999,
+            currency: "EUR",
+        })
+        .await;
+    match found {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Succeeded);
+            assert_eq!(outcome.payment_id, settled.payment_id);
+        }
+        other => panic!("expected the intent, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resend_whose_payment_method_step_differs_is_unknown_not_failed() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let first = stripe
+        .charge(&card(&pan, Some("123")), &params("order-lapsed"))
+        .await;
+    assert_eq!(first.status, ChargeStatus::Succeeded, "{first:?}");
+
+    // The CVC hold lapsed: the re-send's PaymentMethod step has no card[cvc], Stripe refuses
+    // the key for other parameters — which says nothing about the PaymentIntent.
+    let resent = stripe
+        .charge(
+            &card(&pan, None),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lapsed")
+            },
+        )
+        .await;
+    assert_eq!(resent.status, ChargeStatus::Unknown, "{resent:?}");
+    assert_eq!(resent.http_status, Some(400));
+    let message = resent.message.unwrap();
+    assert!(
+        message.contains("same parameters") && message.contains("may have charged"),
+        "{message}"
+    );
+
+    // The same answer on a first send does prove nothing was charged under this key.
+    let first_send = stripe
+        .charge(&card(&pan, None), &params("order-lapsed"))
+        .await;
+    assert_eq!(first_send.status, ChargeStatus::Failed, "{first_send:?}");
+
+    // A re-send with the first send's exact parameters gets Stripe's saved answers.
+    let replay = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lapsed")
+            },
+        )
+        .await;
+    assert_eq!(replay.status, ChargeStatus::Succeeded, "{replay:?}");
+    assert_eq!(replay.payment_id, first.payment_id);
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn a_resend_that_cannot_reach_the_gateway_is_unknown() {
+    let h = Harness::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stripe = connector(GatewaySettings {
+        base_url: url,
+        ..h.stripe()
+    });
+    let first = charge(stripe.as_ref(), cards::SUCCESS, "order-gone").await;
+    assert_eq!(first.status, ChargeStatus::Failed, "{first:?}");
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let resent = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-gone")
+            },
+        )
+        .await;
+    assert_eq!(resent.status, ChargeStatus::Unknown, "{resent:?}");
+}
+
+#[tokio::test]
+async fn lookup_by_payment_id_finds_the_intent_or_proves_there_is_none() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let charged = charge(stripe.as_ref(), cards::SUCCESS, "order-look").await;
+    let id = charged.payment_id.clone().expect("an intent");
+    let reference = ChargeRef {
+        charge_id: "order-look",
+        payment_id: Some(&id),
+        amount: 1999,
+        currency: "EUR",
+    };
+    assert_eq!(
+        stripe.lookup(&reference).await,
+        Lookup::Found(charged.clone())
+    );
+
+    match stripe
+        .lookup(&ChargeRef {
+            payment_id: Some("pi_NoSuchIntent"),
+            ..reference
+        })
+        .await
+    {
+        Lookup::NotFound { evidence } => assert!(
+            evidence.contains("pi_NoSuchIntent") && evidence.contains("404"),
+            "{evidence}"
+        ),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    match stripe
+        .lookup(&ChargeRef {
+            amount: 2000,
+            ..reference
+        })
+        .await
+    {
+        Lookup::Unavailable { reason } => {
+            assert!(
+                reason.contains("operator") && reason.contains(&id),
+                "{reason}"
+            );
+        }
+        other => panic!("another amount is not this charge: {other:?}"),
+    }
+    assert!(matches!(
+        stripe
+            .lookup(&ChargeRef {
+                payment_id: Some("pi_1/../../v1/refunds"),
+                ..reference
+            })
+            .await,
+        Lookup::Unavailable { .. }
+    ));
+    let gets: Vec<_> = h
+        .gateway
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 3, "the odd id was never sent");
+    assert!(gets.iter().all(|r| r.idempotency_key.is_none()));
+}
+
+#[tokio::test]
+async fn lookup_of_an_unreachable_gateway_is_unavailable_and_generic_without_lookup_path_unsupported()
+ {
+    let h = Harness::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stripe = connector(GatewaySettings {
+        base_url: url,
+        ..h.stripe()
+    });
+    let reference = ChargeRef {
+        charge_id: "order-x",
+        payment_id: Some("pi_1"),
+        amount: 1999,
+        currency: "EUR",
+    };
+    assert!(matches!(
+        stripe.lookup(&reference).await,
+        Lookup::Unavailable { .. }
+    ));
+    let generic = connector(h.generic_at(paths::GENERIC_CHARGES));
+    assert_eq!(generic.lookup(&reference).await, Lookup::Unsupported);
+    assert!(!generic.supports(OperationKind::Refund));
+    let refused = generic
+        .operate(&Operation {
+            kind: OperationKind::Refund,
+            payment_id: "p_1",
+            amount: None,
+            currency: "EUR",
+            charge_id: "order-x",
+            idempotency_key: "op_1",
+        })
+        .await;
+    assert_eq!(refused.status, OperationStatus::Failed);
+    assert!(stripe.supports(OperationKind::Capture) && stripe.supports(OperationKind::Cancel));
+}
+
+#[tokio::test]
+async fn an_unknown_stripe_version_is_refused_at_start_up() {
+    let h = Harness::start().await;
+    let err = Gateways::from_settings(&[GatewaySettings {
+        stripe_version: Some("2025-03-31.basil".to_owned()),
+        ..h.stripe()
+    }])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("2025-03-31.basil") && err.contains("2024-06-20, 2026-09-30.endive"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_resend_window_follows_the_setting_and_needs_the_key_at_the_gateway() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    assert_eq!(stripe.resend_window(), Some(Duration::from_secs(23 * 3600)));
+    let short = connector(GatewaySettings {
+        idempotency_window_secs: 120,
+        ..h.stripe()
+    });
+    assert_eq!(short.resend_window(), Some(Duration::from_secs(120)));
+    let keyless = connector(h.generic_at(paths::GENERIC_CHARGES));
+    assert_eq!(keyless.resend_window(), None, "the key never reaches it");
+    let keyed = connector(GatewaySettings {
+        idempotency_header: Some("Idempotency-Key".to_owned()),
+        idempotency_window_secs: 3600,
+        ..h.generic_at(paths::GENERIC_CHARGES)
+    });
+    assert_eq!(keyed.resend_window(), Some(Duration::from_secs(3600)));
+}
+
+/// A Stripe-shaped server whose two charge steps each take `delay`.
+async fn slow_stripe(pki: &pki::Pki, delay: Duration) -> String {
+    let app = Router::new()
+        .route(
+            "/v1/payment_methods",
+            post(move || async move {
+                tokio::time::sleep(delay).await;
+                json!({"id": "pm_slow", "object": "payment_method"}).to_string()
+            }),
+        )
+        .route(
+            "/v1/payment_intents",
+            post(move || async move {
+                tokio::time::sleep(delay).await;
+                json!({"id": "pi_slow", "object": "payment_intent", "status": "succeeded",
+                       "amount": 1999, "currency": "eur"})
+                .to_string()
+            }),
+        );
+    serve_tls(pki, app).await
+}
+
+/// Serves `app` over TLS with the test PKI's server certificate; its base URL.
+async fn serve_tls(pki: &pki::Pki, app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = ReloadingAcceptor::new(
+        TlsFiles {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            client_ca_file: None,
+        },
+        ClientAuth::None,
+        &[tls::ALPN_HTTP1],
+    )
+    .unwrap();
+    let listener = TlsListener::new(listener, acceptor, Duration::from_secs(5));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("https://{addr}")
+}
+
+#[tokio::test]
+async fn timeout_ms_bounds_both_stripe_steps_together() {
+    let h = Harness::start().await;
+    let step = Duration::from_millis(400);
+    let url = slow_stripe(&h.pki, step).await;
+    // Each step alone fits in the timeout; both together do not.
+    let stripe = connector(GatewaySettings {
+        base_url: url.clone(),
+        timeout_ms: 650,
+        ..h.stripe()
+    });
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-slow").await;
+    assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+    assert_eq!(outcome.message.as_deref(), Some("gateway timed out"));
+
+    let roomy = connector(GatewaySettings {
+        base_url: url,
+        timeout_ms: 3_000,
+        ..h.stripe()
+    });
+    let outcome = charge(roomy.as_ref(), cards::SUCCESS, "order-slow-2").await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
 async fn a_wrong_secret_key_fails_without_echoing_the_key() {
     let h = Harness::start().await;
     let wrong = h.dir.path().join("wrong-secret");
@@ -594,23 +918,7 @@ async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = ReloadingAcceptor::new(
-        TlsFiles {
-            cert_file: pki.server_cert.clone(),
-            key_file: pki.server_key.clone(),
-            client_ca_file: None,
-        },
-        ClientAuth::None,
-        &[tls::ALPN_HTTP1],
-    )
-    .unwrap();
-    let listener = TlsListener::new(listener, acceptor, Duration::from_secs(5));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("https://{addr}"), received)
+    (serve_tls(pki, app).await, received)
 }
 
 /// The documented example of a generic JSON gateway, from TOML.
@@ -836,14 +1144,48 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             .await;
         outcomes.push(format!("{outcome:?}"));
     }
+    let charged = stripe
+        .charge(&card(&pan, Some(CANARY_CVC)), &params("canary-4"))
+        .await;
+    let payment_id = charged.payment_id.clone();
+    outcomes.push(format!("{charged:?}"));
+    for payment_id in [payment_id.as_deref(), None] {
+        let found = stripe
+            .lookup(&ChargeRef {
+                charge_id: "canary-4",
+                payment_id,
+                amount: 1999,
+                currency: "EUR",
+            })
+            .await;
+        outcomes.push(format!("{found:?}"));
+    }
+    let refund = stripe
+        .operate(&Operation {
+            kind: OperationKind::Refund,
+            payment_id: payment_id.as_deref().unwrap_or("pi_missing"),
+            amount: None,
+            currency: "EUR",
+            charge_id: "canary-4",
+            idempotency_key: "op_canary-5",
+        })
+        .await;
+    outcomes.push(format!("{refund:?}"));
     outcomes.push(format!("{stripe:?} {huge:?}"));
     outcomes.push(format!("{:?}", card(&pan, Some(CANARY_CVC))));
 
     let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
-    for key in ["nary-1", "nary-2", "nary-3"] {
+    for key in ["nary-1", "nary-2", "nary-3", "nary-4", "nary-5"] {
         let line = format!("idempotency_key_suffix=\"{key}\"");
-        assert!(logs.contains(&line), "the charge {key} was logged");
+        assert!(
+            logs.contains(&line),
+            "the charge or operation {key} was logged"
+        );
     }
+    assert!(
+        logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"nary-4\""),
+        "the lookups were logged"
+    );
     // Every card number any test here uses, the canary CVC and the API key: none may
     // appear, whichever test logged it.
     let secrets = [
