@@ -19,8 +19,9 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
+    extract::Path,
     http::{HeaderMap, StatusCode},
-    routing::post,
+    routing::{get, post},
 };
 use cardvault::{
     card::Pan,
@@ -909,10 +910,43 @@ async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
                         StatusCode::OK,
                         json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
                     ),
+                    "4000002500003155" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_4", "state": "CHALLENGE"},
+                               "challenge": {"client_secret": "cs_4", "url": "https://acs.example/4",
+                                             "method": "GET", "echo": format!("card {number}")}}),
+                    ),
                     _ => (
                         StatusCode::CREATED,
                         json!({"payment": {"id": "pay_1", "state": "APPROVED"}}),
                     ),
+                };
+                (status, answer.to_string())
+            }
+        }),
+    );
+    let lookups = received.clone();
+    let app = app.route(
+        "/lookup/{reference}",
+        get(move |Path(reference): Path<String>, headers: HeaderMap| {
+            let log = lookups.clone();
+            async move {
+                log.lock().unwrap().push(Received {
+                    headers,
+                    body: Bytes::new(),
+                });
+                let (status, answer) = match reference.as_str() {
+                    "order-g1" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_1", "state": "APPROVED"},
+                                   "error": {"message": "paid with 4242 4242 4242 4242"}}),
+                    ),
+                    "order-g3" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
+                    ),
+                    "order-broken" => (StatusCode::SERVICE_UNAVAILABLE, json!({})),
+                    _ => (StatusCode::NOT_FOUND, json!({"error": "no such payment"})),
                 };
                 (status, answer.to_string())
             }
@@ -943,6 +977,10 @@ fn generic_json_settings(url: &str, pki: &pki::Pki, secret_file: &std::path::Pat
         payment_id_pointer = "/payment/id"
         decline_code_pointer = "/error/code"
         message_pointer = "/error/message"
+        client_secret_pointer = "/challenge/client_secret"
+        redirect_url_pointer = "/challenge/url"
+        next_action_pointer = "/challenge"
+        lookup_path = "/lookup/{{{{idempotency_key}}}}"
         "#,
         ca = pki.ca_file.display(),
         secret = secret_file.display(),
@@ -1030,6 +1068,84 @@ async fn generic_maps_declines_and_unmapped_states_by_json_pointer() {
     assert_eq!(pending.status, ChargeStatus::Unknown, "{pending:?}");
     assert_eq!(pending.payment_id.as_deref(), Some("pay_3"));
     assert!(pending.message.unwrap().contains("PENDING"));
+}
+
+#[tokio::test]
+async fn generic_hands_back_a_challenge_and_looks_charges_up_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let (url, received) = json_gateway(&pki).await;
+    let secret = dir.path().join("acme-secret");
+    write_secret(&secret, "acme_live_key");
+    let acme = connector(toml::from_str(&generic_json_settings(&url, &pki, &secret)).unwrap());
+
+    let challenged = charge(acme.as_ref(), cards::REQUIRES_ACTION, "order-g4").await;
+    assert_eq!(
+        challenged.status,
+        ChargeStatus::RequiresAction,
+        "{challenged:?}"
+    );
+    let action = challenged.action.expect("the challenge");
+    assert_eq!(action.client_secret.as_deref(), Some("cs_4"));
+    assert_eq!(
+        action.redirect_url.as_deref(),
+        Some("https://acs.example/4")
+    );
+    let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
+    assert_eq!(details["method"], "GET");
+    assert_eq!(
+        details["echo"], "card 400000******3155",
+        "a card number in the action is masked"
+    );
+
+    let reference = |charge_id| ChargeRef {
+        charge_id,
+        payment_id: None,
+        amount: 1999,
+        currency: "EUR",
+    };
+    match acme.lookup(&reference("order-g1")).await {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Succeeded);
+            assert_eq!(outcome.payment_id.as_deref(), Some("pay_1"));
+            assert_eq!(
+                outcome.message.as_deref(),
+                Some("paid with 424242******4242"),
+                "no card at a lookup, every card number masked"
+            );
+        }
+        other => panic!("expected found, got {other:?}"),
+    }
+    match acme.lookup(&reference("order-g3")).await {
+        Lookup::Found(outcome) => assert_eq!(outcome.status, ChargeStatus::Unknown),
+        other => panic!("expected found, got {other:?}"),
+    }
+    match acme.lookup(&reference("order-none")).await {
+        Lookup::NotFound { evidence } => {
+            assert_eq!(
+                evidence,
+                "GET /lookup/order-none → HTTP 404 (no such payment)"
+            );
+        }
+        other => panic!("expected not found, got {other:?}"),
+    }
+    assert!(matches!(
+        acme.lookup(&reference("order-broken")).await,
+        Lookup::Unavailable { .. }
+    ));
+    let lookups: Vec<_> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.body.is_empty())
+        .map(|r| r.headers.clone())
+        .collect();
+    assert_eq!(lookups.len(), 4);
+    for headers in &lookups {
+        assert_eq!(headers["authorization"], "Bearer acme_live_key");
+        assert!(headers.get("content-type").is_none(), "a GET has no body");
+    }
+    assert_eq!(lookups[2]["idempotency-key"], "order-none");
 }
 
 #[tokio::test]
