@@ -58,6 +58,22 @@ impl Harness {
 
     /// With `mtls`, the gateway requires client certificates from the test CA.
     async fn start_with(mtls: bool) -> Harness {
+        Harness::start_with_options(mtls, TestGatewayOptions::default()).await
+    }
+
+    /// A gateway that forgets idempotency keys `ttl` after their first use.
+    async fn start_forgetting_keys_after(ttl: Duration) -> Harness {
+        Harness::start_with_options(
+            false,
+            TestGatewayOptions {
+                idempotency_key_ttl: ttl,
+                ..TestGatewayOptions::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_with_options(mtls: bool, options: TestGatewayOptions) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = pki::Pki::new(dir.path());
         let gateway = TestGateway::start(TestGatewayOptions {
@@ -67,7 +83,7 @@ impl Harness {
                 key_file: pki.server_key.clone(),
                 client_ca_file: mtls.then(|| pki.ca_file.clone()),
             }),
-            ..TestGatewayOptions::default()
+            ..options
         })
         .await
         .expect("start the test gateway");
@@ -548,6 +564,137 @@ async fn lookup_by_payment_id_finds_the_intent_or_proves_there_is_none() {
         .collect();
     assert_eq!(gets.len(), 3, "the odd id was never sent");
     assert!(gets.iter().all(|r| r.idempotency_key.is_none()));
+}
+
+/// A charge the vault has no payment id for.
+fn by_charge_id(charge_id: &str) -> ChargeRef<'_> {
+    ChargeRef {
+        charge_id,
+        payment_id: None,
+        amount: 1999,
+        currency: "EUR",
+    }
+}
+
+#[tokio::test]
+async fn lookup_by_search_finds_a_charge_whose_answer_was_lost_and_proves_an_absent_one() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let lost = charge(stripe.as_ref(), cards::ANSWER_LOST, "order-lost").await;
+    assert_eq!(lost.status, ChargeStatus::Unknown, "{lost:?}");
+    assert_eq!(lost.http_status, Some(500));
+    // Re-sending only replays Stripe's saved 500: asking is the way to learn the truth.
+    let pan = Pan::parse(cards::ANSWER_LOST).unwrap();
+    let replayed = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lost")
+            },
+        )
+        .await;
+    assert_eq!(replayed.status, ChargeStatus::Unknown, "{replayed:?}");
+
+    let found = stripe.lookup(&by_charge_id("order-lost")).await;
+    let Lookup::Found(outcome) = found else {
+        panic!("expected the intent, got {found:?}");
+    };
+    assert_eq!(outcome.status, ChargeStatus::Succeeded);
+    let intents = h
+        .gateway
+        .payment_intents_with_metadata("cardvault_charge_id", "order-lost");
+    assert_eq!(intents.len(), 1);
+    assert_eq!(outcome.payment_id.as_deref(), intents[0]["id"].as_str());
+
+    match stripe.lookup(&by_charge_id("order-never-sent")).await {
+        Lookup::NotFound { evidence } => assert_eq!(
+            evidence,
+            "GET /v1/payment_intents/search query=metadata['cardvault_charge_id']:'order-never-sent' → HTTP 200, 0 results"
+        ),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    let search = h
+        .gateway
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "GET")
+        .expect("the search");
+    assert_eq!(search.path, paths::PAYMENT_INTENTS_SEARCH);
+}
+
+#[tokio::test]
+async fn lookup_while_the_gateway_is_still_processing_is_found_but_unknown() {
+    let h = Harness::start().await;
+    let stripe = connector(GatewaySettings {
+        timeout_ms: SHORT_TIMEOUT_MS,
+        ..h.stripe()
+    });
+    let timed_out = charge(stripe.as_ref(), cards::HANG, "order-processing").await;
+    assert_eq!(timed_out.status, ChargeStatus::Unknown);
+    let patient = connector(h.stripe());
+    match patient.lookup(&by_charge_id("order-processing")).await {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+            assert_eq!(outcome.message.as_deref(), Some("payment is processing"));
+        }
+        other => panic!("expected the processing intent, got {other:?}"),
+    }
+    let give_up = std::time::Instant::now() + 4 * HANG;
+    loop {
+        match patient.lookup(&by_charge_id("order-processing")).await {
+            Lookup::Found(outcome) if outcome.status == ChargeStatus::Unknown => {
+                assert!(
+                    std::time::Instant::now() < give_up,
+                    "the hang card settles after its hang"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Lookup::Found(outcome) => {
+                assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+                break;
+            }
+            other => panic!("expected the intent, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_the_gateway_forgot_the_key_a_lookup_still_finds_the_payment() {
+    let ttl = Duration::from_millis(500);
+    let h = Harness::start_forgetting_keys_after(ttl).await;
+    let stripe = connector(h.stripe());
+    let lost = charge(stripe.as_ref(), cards::ANSWER_LOST, "order-pruned").await;
+    assert_eq!(lost.status, ChargeStatus::Unknown);
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+
+    // What the vault does: ask, and find the payment, so it never re-sends.
+    let Lookup::Found(found) = stripe.lookup(&by_charge_id("order-pruned")).await else {
+        panic!("the payment is found by its tag");
+    };
+    assert_eq!(found.status, ChargeStatus::Succeeded);
+
+    // What re-sending would have done: a second PaymentIntent. A lookup then reports the one
+    // that charged, whichever it is.
+    let second = charge(stripe.as_ref(), cards::SUCCESS, "order-pruned").await;
+    assert_eq!(second.status, ChargeStatus::Succeeded, "{second:?}");
+    let intents = h
+        .gateway
+        .payment_intents_with_metadata("cardvault_charge_id", "order-pruned");
+    assert_eq!(intents.len(), 2, "the hazard the window guards against");
+    let Lookup::Found(either) = stripe.lookup(&by_charge_id("order-pruned")).await else {
+        panic!("found");
+    };
+    assert_eq!(either.status, ChargeStatus::Succeeded);
+    let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+    for intent in &intents {
+        let id = intent["id"].as_str().unwrap();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("several payment intents") && l.contains(id)),
+            "the warning names {id}"
+        );
+    }
 }
 
 #[tokio::test]
