@@ -19,14 +19,16 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
+    extract::Path,
     http::{HeaderMap, StatusCode},
-    routing::post,
+    routing::{get, post},
 };
 use cardvault::{
     card::Pan,
     gateway::{
-        Capture, ChargeCard, ChargeParams, ChargeStatus, Connector, GatewayKind, GatewaySettings,
-        Gateways, Outcome, config::MappedStatus,
+        Capture, ChargeCard, ChargeParams, ChargeRef, ChargeStatus, Connector, GatewayKind,
+        GatewaySettings, Gateways, Lookup, Operation, OperationKind, OperationStatus, Outcome,
+        config::MappedStatus,
     },
     testgw::{TestGateway, TestGatewayOptions, cards, paths},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles, TlsListener},
@@ -56,6 +58,22 @@ impl Harness {
 
     /// With `mtls`, the gateway requires client certificates from the test CA.
     async fn start_with(mtls: bool) -> Harness {
+        Harness::start_with_options(mtls, TestGatewayOptions::default()).await
+    }
+
+    /// A gateway that forgets idempotency keys `ttl` after their first use.
+    async fn start_forgetting_keys_after(ttl: Duration) -> Harness {
+        Harness::start_with_options(
+            false,
+            TestGatewayOptions {
+                idempotency_key_ttl: ttl,
+                ..TestGatewayOptions::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_with_options(mtls: bool, options: TestGatewayOptions) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = pki::Pki::new(dir.path());
         let gateway = TestGateway::start(TestGatewayOptions {
@@ -65,7 +83,7 @@ impl Harness {
                 key_file: pki.server_key.clone(),
                 client_ca_file: mtls.then(|| pki.ca_file.clone()),
             }),
-            ..TestGatewayOptions::default()
+            ..options
         })
         .await
         .expect("start the test gateway");
@@ -366,6 +384,460 @@ async fn a_timeout_is_unknown_and_a_resend_with_the_same_key_settles_it() {
 }
 
 #[tokio::test]
+async fn a_409_while_the_first_request_runs_is_unknown_and_the_charge_settles_once() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let first = {
+        let stripe = stripe.clone();
+        tokio::spawn(async move { charge(stripe.as_ref(), cards::HANG, "order-busy").await })
+    };
+    // The second send goes out once the first has reached the PaymentIntent step.
+    while h.gateway.stats().posts_to(paths::PAYMENT_INTENTS) == 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = charge(stripe.as_ref(), cards::HANG, "order-busy").await;
+    assert_eq!(busy.status, ChargeStatus::Unknown, "{busy:?}");
+    assert_eq!(busy.http_status, Some(409));
+    assert!(
+        busy.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("in-progress"),
+        "Stripe's own words: {busy:?}"
+    );
+
+    let settled = first.await.expect("first send");
+    assert_eq!(settled.status, ChargeStatus::Succeeded, "{settled:?}");
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+    let found = stripe
+        .lookup(&ChargeRef {
+            charge_id: "order-busy",
+            payment_id: settled.payment_id.as_deref(),
+            amount: 1999,
+            currency: "EUR",
+        })
+        .await;
+    match found {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Succeeded);
+            assert_eq!(outcome.payment_id, settled.payment_id);
+        }
+        other => panic!("expected the intent, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resend_whose_payment_method_step_differs_is_unknown_not_failed() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let first = stripe
+        .charge(&card(&pan, Some("123")), &params("order-lapsed"))
+        .await;
+    assert_eq!(first.status, ChargeStatus::Succeeded, "{first:?}");
+
+    // The CVC hold lapsed: the re-send's PaymentMethod step has no card[cvc], Stripe refuses
+    // the key for other parameters — which says nothing about the PaymentIntent.
+    let resent = stripe
+        .charge(
+            &card(&pan, None),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lapsed")
+            },
+        )
+        .await;
+    assert_eq!(resent.status, ChargeStatus::Unknown, "{resent:?}");
+    assert_eq!(resent.http_status, Some(400));
+    let message = resent.message.unwrap();
+    assert!(
+        message.contains("same parameters") && message.contains("may have charged"),
+        "{message}"
+    );
+
+    // The same answer on a first send does prove nothing was charged under this key.
+    let first_send = stripe
+        .charge(&card(&pan, None), &params("order-lapsed"))
+        .await;
+    assert_eq!(first_send.status, ChargeStatus::Failed, "{first_send:?}");
+
+    // A re-send with the first send's exact parameters gets Stripe's saved answers.
+    let replay = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lapsed")
+            },
+        )
+        .await;
+    assert_eq!(replay.status, ChargeStatus::Succeeded, "{replay:?}");
+    assert_eq!(replay.payment_id, first.payment_id);
+    assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
+}
+
+#[tokio::test]
+async fn a_resend_that_cannot_reach_the_gateway_is_unknown() {
+    let h = Harness::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stripe = connector(GatewaySettings {
+        base_url: url,
+        ..h.stripe()
+    });
+    let first = charge(stripe.as_ref(), cards::SUCCESS, "order-gone").await;
+    assert_eq!(first.status, ChargeStatus::Failed, "{first:?}");
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let resent = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-gone")
+            },
+        )
+        .await;
+    assert_eq!(resent.status, ChargeStatus::Unknown, "{resent:?}");
+}
+
+#[tokio::test]
+async fn lookup_by_payment_id_finds_the_intent_or_proves_there_is_none() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let charged = charge(stripe.as_ref(), cards::SUCCESS, "order-look").await;
+    let id = charged.payment_id.clone().expect("an intent");
+    let reference = ChargeRef {
+        charge_id: "order-look",
+        payment_id: Some(&id),
+        amount: 1999,
+        currency: "EUR",
+    };
+    assert_eq!(
+        stripe.lookup(&reference).await,
+        Lookup::Found(charged.clone())
+    );
+
+    match stripe
+        .lookup(&ChargeRef {
+            payment_id: Some("pi_NoSuchIntent"),
+            ..reference
+        })
+        .await
+    {
+        Lookup::NotFound { evidence } => assert!(
+            evidence.contains("pi_NoSuchIntent") && evidence.contains("404"),
+            "{evidence}"
+        ),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    match stripe
+        .lookup(&ChargeRef {
+            amount: 2000,
+            ..reference
+        })
+        .await
+    {
+        Lookup::Unavailable { reason } => {
+            assert!(
+                reason.contains("operator") && reason.contains(&id),
+                "{reason}"
+            );
+        }
+        other => panic!("another amount is not this charge: {other:?}"),
+    }
+    assert!(matches!(
+        stripe
+            .lookup(&ChargeRef {
+                payment_id: Some("pi_1/../../v1/refunds"),
+                ..reference
+            })
+            .await,
+        Lookup::Unavailable { .. }
+    ));
+    let gets: Vec<_> = h
+        .gateway
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 3, "the odd id was never sent");
+    assert!(gets.iter().all(|r| r.idempotency_key.is_none()));
+}
+
+/// A charge the vault has no payment id for.
+fn by_charge_id(charge_id: &str) -> ChargeRef<'_> {
+    ChargeRef {
+        charge_id,
+        payment_id: None,
+        amount: 1999,
+        currency: "EUR",
+    }
+}
+
+#[tokio::test]
+async fn lookup_by_search_finds_a_charge_whose_answer_was_lost_and_proves_an_absent_one() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let lost = charge(stripe.as_ref(), cards::ANSWER_LOST, "order-lost").await;
+    assert_eq!(lost.status, ChargeStatus::Unknown, "{lost:?}");
+    assert_eq!(lost.http_status, Some(500));
+    // Re-sending only replays Stripe's saved 500: asking is the way to learn the truth.
+    let pan = Pan::parse(cards::ANSWER_LOST).unwrap();
+    let replayed = stripe
+        .charge(
+            &card(&pan, Some("123")),
+            &ChargeParams {
+                resend: true,
+                ..params("order-lost")
+            },
+        )
+        .await;
+    assert_eq!(replayed.status, ChargeStatus::Unknown, "{replayed:?}");
+
+    let found = stripe.lookup(&by_charge_id("order-lost")).await;
+    let Lookup::Found(outcome) = found else {
+        panic!("expected the intent, got {found:?}");
+    };
+    assert_eq!(outcome.status, ChargeStatus::Succeeded);
+    let intents = h
+        .gateway
+        .payment_intents_with_metadata("cardvault_charge_id", "order-lost");
+    assert_eq!(intents.len(), 1);
+    assert_eq!(outcome.payment_id.as_deref(), intents[0]["id"].as_str());
+
+    match stripe.lookup(&by_charge_id("order-never-sent")).await {
+        Lookup::NotFound { evidence } => assert_eq!(
+            evidence,
+            "GET /v1/payment_intents/search query=metadata['cardvault_charge_id']:'order-never-sent' → HTTP 200, 0 results"
+        ),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    let search = h
+        .gateway
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "GET")
+        .expect("the search");
+    assert_eq!(search.path, paths::PAYMENT_INTENTS_SEARCH);
+}
+
+#[tokio::test]
+async fn lookup_while_the_gateway_is_still_processing_is_found_but_unknown() {
+    let h = Harness::start().await;
+    let stripe = connector(GatewaySettings {
+        timeout_ms: SHORT_TIMEOUT_MS,
+        ..h.stripe()
+    });
+    let timed_out = charge(stripe.as_ref(), cards::HANG, "order-processing").await;
+    assert_eq!(timed_out.status, ChargeStatus::Unknown);
+    let patient = connector(h.stripe());
+    match patient.lookup(&by_charge_id("order-processing")).await {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+            assert_eq!(outcome.message.as_deref(), Some("payment is processing"));
+        }
+        other => panic!("expected the processing intent, got {other:?}"),
+    }
+    let give_up = std::time::Instant::now() + 4 * HANG;
+    loop {
+        match patient.lookup(&by_charge_id("order-processing")).await {
+            Lookup::Found(outcome) if outcome.status == ChargeStatus::Unknown => {
+                assert!(
+                    std::time::Instant::now() < give_up,
+                    "the hang card settles after its hang"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Lookup::Found(outcome) => {
+                assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+                break;
+            }
+            other => panic!("expected the intent, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_the_gateway_forgot_the_key_a_lookup_still_finds_the_payment() {
+    let ttl = Duration::from_millis(500);
+    let h = Harness::start_forgetting_keys_after(ttl).await;
+    let stripe = connector(h.stripe());
+    let lost = charge(stripe.as_ref(), cards::ANSWER_LOST, "order-pruned").await;
+    assert_eq!(lost.status, ChargeStatus::Unknown);
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+
+    // What the vault does: ask, and find the payment, so it never re-sends.
+    let Lookup::Found(found) = stripe.lookup(&by_charge_id("order-pruned")).await else {
+        panic!("the payment is found by its tag");
+    };
+    assert_eq!(found.status, ChargeStatus::Succeeded);
+
+    // What re-sending would have done: a second PaymentIntent. A lookup then reports the one
+    // that charged, whichever it is.
+    let second = charge(stripe.as_ref(), cards::SUCCESS, "order-pruned").await;
+    assert_eq!(second.status, ChargeStatus::Succeeded, "{second:?}");
+    let intents = h
+        .gateway
+        .payment_intents_with_metadata("cardvault_charge_id", "order-pruned");
+    assert_eq!(intents.len(), 2, "the hazard the window guards against");
+    let Lookup::Found(either) = stripe.lookup(&by_charge_id("order-pruned")).await else {
+        panic!("found");
+    };
+    assert_eq!(either.status, ChargeStatus::Succeeded);
+    let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+    for intent in &intents {
+        let id = intent["id"].as_str().unwrap();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("several payment intents") && l.contains(id)),
+            "the warning names {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn lookup_of_an_unreachable_gateway_is_unavailable_and_generic_without_lookup_path_unsupported()
+ {
+    let h = Harness::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stripe = connector(GatewaySettings {
+        base_url: url,
+        ..h.stripe()
+    });
+    let reference = ChargeRef {
+        charge_id: "order-x",
+        payment_id: Some("pi_1"),
+        amount: 1999,
+        currency: "EUR",
+    };
+    assert!(matches!(
+        stripe.lookup(&reference).await,
+        Lookup::Unavailable { .. }
+    ));
+    let generic = connector(h.generic_at(paths::GENERIC_CHARGES));
+    assert_eq!(generic.lookup(&reference).await, Lookup::Unsupported);
+    assert!(!generic.supports(OperationKind::Refund));
+    let refused = generic
+        .operate(&Operation {
+            kind: OperationKind::Refund,
+            payment_id: "p_1",
+            amount: None,
+            currency: "EUR",
+            charge_id: "order-x",
+            idempotency_key: "op_1",
+        })
+        .await;
+    assert_eq!(refused.status, OperationStatus::Failed);
+    assert!(stripe.supports(OperationKind::Capture) && stripe.supports(OperationKind::Cancel));
+}
+
+#[tokio::test]
+async fn an_unknown_stripe_version_is_refused_at_start_up() {
+    let h = Harness::start().await;
+    let err = Gateways::from_settings(&[GatewaySettings {
+        stripe_version: Some("2025-03-31.basil".to_owned()),
+        ..h.stripe()
+    }])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("2025-03-31.basil") && err.contains("2024-06-20, 2026-09-30.endive"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_resend_window_follows_the_setting_and_needs_the_key_at_the_gateway() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    assert_eq!(stripe.resend_window(), Some(Duration::from_secs(23 * 3600)));
+    let short = connector(GatewaySettings {
+        idempotency_window_secs: 120,
+        ..h.stripe()
+    });
+    assert_eq!(short.resend_window(), Some(Duration::from_secs(120)));
+    let keyless = connector(h.generic_at(paths::GENERIC_CHARGES));
+    assert_eq!(keyless.resend_window(), None, "the key never reaches it");
+    let keyed = connector(GatewaySettings {
+        idempotency_header: Some("Idempotency-Key".to_owned()),
+        idempotency_window_secs: 3600,
+        ..h.generic_at(paths::GENERIC_CHARGES)
+    });
+    assert_eq!(keyed.resend_window(), Some(Duration::from_secs(3600)));
+}
+
+/// A Stripe-shaped server whose two charge steps each take `delay`.
+async fn slow_stripe(pki: &pki::Pki, delay: Duration) -> String {
+    let app = Router::new()
+        .route(
+            "/v1/payment_methods",
+            post(move || async move {
+                tokio::time::sleep(delay).await;
+                json!({"id": "pm_slow", "object": "payment_method"}).to_string()
+            }),
+        )
+        .route(
+            "/v1/payment_intents",
+            post(move || async move {
+                tokio::time::sleep(delay).await;
+                json!({"id": "pi_slow", "object": "payment_intent", "status": "succeeded",
+                       "amount": 1999, "currency": "eur"})
+                .to_string()
+            }),
+        );
+    serve_tls(pki, app).await
+}
+
+/// Serves `app` over TLS with the test PKI's server certificate; its base URL.
+async fn serve_tls(pki: &pki::Pki, app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = ReloadingAcceptor::new(
+        TlsFiles {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            client_ca_file: None,
+        },
+        ClientAuth::None,
+        &[tls::ALPN_HTTP1],
+    )
+    .unwrap();
+    let listener = TlsListener::new(listener, acceptor, Duration::from_secs(5));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("https://{addr}")
+}
+
+#[tokio::test]
+async fn timeout_ms_bounds_both_stripe_steps_together() {
+    let h = Harness::start().await;
+    let step = Duration::from_millis(400);
+    let url = slow_stripe(&h.pki, step).await;
+    // Each step alone fits in the timeout; both together do not.
+    let stripe = connector(GatewaySettings {
+        base_url: url.clone(),
+        timeout_ms: 650,
+        ..h.stripe()
+    });
+    let outcome = charge(stripe.as_ref(), cards::SUCCESS, "order-slow").await;
+    assert_eq!(outcome.status, ChargeStatus::Unknown, "{outcome:?}");
+    assert_eq!(outcome.message.as_deref(), Some("gateway timed out"));
+
+    let roomy = connector(GatewaySettings {
+        base_url: url,
+        timeout_ms: 3_000,
+        ..h.stripe()
+    });
+    let outcome = charge(roomy.as_ref(), cards::SUCCESS, "order-slow-2").await;
+    assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
 async fn a_wrong_secret_key_fails_without_echoing_the_key() {
     let h = Harness::start().await;
     let wrong = h.dir.path().join("wrong-secret");
@@ -585,6 +1057,12 @@ async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
                         StatusCode::OK,
                         json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
                     ),
+                    "4000002500003155" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_4", "state": "CHALLENGE"},
+                               "challenge": {"client_secret": "cs_4", "url": "https://acs.example/4",
+                                             "method": "GET", "echo": format!("card {number}")}}),
+                    ),
                     _ => (
                         StatusCode::CREATED,
                         json!({"payment": {"id": "pay_1", "state": "APPROVED"}}),
@@ -594,23 +1072,34 @@ async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = ReloadingAcceptor::new(
-        TlsFiles {
-            cert_file: pki.server_cert.clone(),
-            key_file: pki.server_key.clone(),
-            client_ca_file: None,
-        },
-        ClientAuth::None,
-        &[tls::ALPN_HTTP1],
-    )
-    .unwrap();
-    let listener = TlsListener::new(listener, acceptor, Duration::from_secs(5));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("https://{addr}"), received)
+    let lookups = received.clone();
+    let app = app.route(
+        "/lookup/{reference}",
+        get(move |Path(reference): Path<String>, headers: HeaderMap| {
+            let log = lookups.clone();
+            async move {
+                log.lock().unwrap().push(Received {
+                    headers,
+                    body: Bytes::new(),
+                });
+                let (status, answer) = match reference.as_str() {
+                    "order-g1" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_1", "state": "APPROVED"},
+                                   "error": {"message": "paid with 4242 4242 4242 4242"}}),
+                    ),
+                    "order-g3" => (
+                        StatusCode::OK,
+                        json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
+                    ),
+                    "order-broken" => (StatusCode::SERVICE_UNAVAILABLE, json!({})),
+                    _ => (StatusCode::NOT_FOUND, json!({"error": "no such payment"})),
+                };
+                (status, answer.to_string())
+            }
+        }),
+    );
+    (serve_tls(pki, app).await, received)
 }
 
 /// The documented example of a generic JSON gateway, from TOML.
@@ -635,6 +1124,10 @@ fn generic_json_settings(url: &str, pki: &pki::Pki, secret_file: &std::path::Pat
         payment_id_pointer = "/payment/id"
         decline_code_pointer = "/error/code"
         message_pointer = "/error/message"
+        client_secret_pointer = "/challenge/client_secret"
+        redirect_url_pointer = "/challenge/url"
+        next_action_pointer = "/challenge"
+        lookup_path = "/lookup/{{{{idempotency_key}}}}"
         "#,
         ca = pki.ca_file.display(),
         secret = secret_file.display(),
@@ -722,6 +1215,84 @@ async fn generic_maps_declines_and_unmapped_states_by_json_pointer() {
     assert_eq!(pending.status, ChargeStatus::Unknown, "{pending:?}");
     assert_eq!(pending.payment_id.as_deref(), Some("pay_3"));
     assert!(pending.message.unwrap().contains("PENDING"));
+}
+
+#[tokio::test]
+async fn generic_hands_back_a_challenge_and_looks_charges_up_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let (url, received) = json_gateway(&pki).await;
+    let secret = dir.path().join("acme-secret");
+    write_secret(&secret, "acme_live_key");
+    let acme = connector(toml::from_str(&generic_json_settings(&url, &pki, &secret)).unwrap());
+
+    let challenged = charge(acme.as_ref(), cards::REQUIRES_ACTION, "order-g4").await;
+    assert_eq!(
+        challenged.status,
+        ChargeStatus::RequiresAction,
+        "{challenged:?}"
+    );
+    let action = challenged.action.expect("the challenge");
+    assert_eq!(action.client_secret.as_deref(), Some("cs_4"));
+    assert_eq!(
+        action.redirect_url.as_deref(),
+        Some("https://acs.example/4")
+    );
+    let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
+    assert_eq!(details["method"], "GET");
+    assert_eq!(
+        details["echo"], "card 400000******3155",
+        "a card number in the action is masked"
+    );
+
+    let reference = |charge_id| ChargeRef {
+        charge_id,
+        payment_id: None,
+        amount: 1999,
+        currency: "EUR",
+    };
+    match acme.lookup(&reference("order-g1")).await {
+        Lookup::Found(outcome) => {
+            assert_eq!(outcome.status, ChargeStatus::Succeeded);
+            assert_eq!(outcome.payment_id.as_deref(), Some("pay_1"));
+            assert_eq!(
+                outcome.message.as_deref(),
+                Some("paid with 424242******4242"),
+                "no card at a lookup, every card number masked"
+            );
+        }
+        other => panic!("expected found, got {other:?}"),
+    }
+    match acme.lookup(&reference("order-g3")).await {
+        Lookup::Found(outcome) => assert_eq!(outcome.status, ChargeStatus::Unknown),
+        other => panic!("expected found, got {other:?}"),
+    }
+    match acme.lookup(&reference("order-none")).await {
+        Lookup::NotFound { evidence } => {
+            assert_eq!(
+                evidence,
+                "GET /lookup/order-none → HTTP 404 (no such payment)"
+            );
+        }
+        other => panic!("expected not found, got {other:?}"),
+    }
+    assert!(matches!(
+        acme.lookup(&reference("order-broken")).await,
+        Lookup::Unavailable { .. }
+    ));
+    let lookups: Vec<_> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.body.is_empty())
+        .map(|r| r.headers.clone())
+        .collect();
+    assert_eq!(lookups.len(), 4);
+    for headers in &lookups {
+        assert_eq!(headers["authorization"], "Bearer acme_live_key");
+        assert!(headers.get("content-type").is_none(), "a GET has no body");
+    }
+    assert_eq!(lookups[2]["idempotency-key"], "order-none");
 }
 
 #[tokio::test]
@@ -836,14 +1407,48 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             .await;
         outcomes.push(format!("{outcome:?}"));
     }
+    let charged = stripe
+        .charge(&card(&pan, Some(CANARY_CVC)), &params("canary-4"))
+        .await;
+    let payment_id = charged.payment_id.clone();
+    outcomes.push(format!("{charged:?}"));
+    for payment_id in [payment_id.as_deref(), None] {
+        let found = stripe
+            .lookup(&ChargeRef {
+                charge_id: "canary-4",
+                payment_id,
+                amount: 1999,
+                currency: "EUR",
+            })
+            .await;
+        outcomes.push(format!("{found:?}"));
+    }
+    let refund = stripe
+        .operate(&Operation {
+            kind: OperationKind::Refund,
+            payment_id: payment_id.as_deref().unwrap_or("pi_missing"),
+            amount: None,
+            currency: "EUR",
+            charge_id: "canary-4",
+            idempotency_key: "op_canary-5",
+        })
+        .await;
+    outcomes.push(format!("{refund:?}"));
     outcomes.push(format!("{stripe:?} {huge:?}"));
     outcomes.push(format!("{:?}", card(&pan, Some(CANARY_CVC))));
 
     let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
-    for key in ["nary-1", "nary-2", "nary-3"] {
+    for key in ["nary-1", "nary-2", "nary-3", "nary-4", "nary-5"] {
         let line = format!("idempotency_key_suffix=\"{key}\"");
-        assert!(logs.contains(&line), "the charge {key} was logged");
+        assert!(
+            logs.contains(&line),
+            "the charge or operation {key} was logged"
+        );
     }
+    assert!(
+        logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"nary-4\""),
+        "the lookups were logged"
+    );
     // Every card number any test here uses, the canary CVC and the API key: none may
     // appear, whichever test logged it.
     let secrets = [
