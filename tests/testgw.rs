@@ -75,13 +75,26 @@ impl Harness {
 
     /// POSTs a form with the secret key and, when given, an idempotency key.
     async fn post(&self, path: &str, params: &[(&str, &str)], key: Option<&str>) -> Answer {
+        self.post_as(Some("2024-06-20"), path, params, key).await
+    }
+
+    /// POSTs as [`Harness::post`] does, with `Stripe-Version: version` (none if `None`).
+    async fn post_as(
+        &self,
+        version: Option<&str>,
+        path: &str,
+        params: &[(&str, &str)],
+        key: Option<&str>,
+    ) -> Answer {
         let mut request = self
             .client
             .post(self.url(path))
             .bearer_auth(KEY)
-            .header("Stripe-Version", "2024-06-20")
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(encode(params));
+        if let Some(version) = version {
+            request = request.header("Stripe-Version", version);
+        }
         if let Some(key) = key {
             request = request.header("Idempotency-Key", key);
         }
@@ -949,6 +962,119 @@ async fn payment_methods_carry_their_metadata() {
     let id = answer.body["id"].as_str().unwrap();
     let fetched = h.get(&format!("/v1/payment_methods/{id}")).await;
     assert_eq!(fetched.body["metadata"]["charge_id"], "ch_pm");
+}
+
+#[tokio::test]
+async fn the_pinned_version_takes_payment_method_types_and_refuses_the_endive_name() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    for version in [Some("2024-06-20"), None] {
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("payment_method_types[]", "card"));
+        let ok = h
+            .post_as(version, paths::PAYMENT_INTENTS, &params, None)
+            .await;
+        assert_eq!(ok.status, StatusCode::OK, "{version:?}: {}", ok.body);
+        assert_eq!(ok.body["payment_method_types"], serde_json::json!(["card"]));
+
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("allowed_payment_method_types[0]", "card"));
+        let refused = h
+            .post_as(version, paths::PAYMENT_INTENTS, &params, None)
+            .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{version:?}");
+        assert_eq!(refused.error()["code"], "parameter_unknown");
+        assert_eq!(refused.error()["param"], "allowed_payment_method_types");
+    }
+}
+
+#[tokio::test]
+async fn endive_versions_take_allowed_payment_method_types_and_refuse_the_old_name() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    for version in ["2026-09-30.endive", "2026-10-28.endive"] {
+        for old in ["payment_method_types[0]", "payment_method_types[]"] {
+            let mut params = intent_params(&pm, "automatic");
+            params.push((old, "card"));
+            let refused = h
+                .post_as(
+                    Some(version),
+                    paths::PAYMENT_INTENTS,
+                    &params,
+                    Some(version),
+                )
+                .await;
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{version} {old}");
+            let error = refused.error();
+            assert_eq!(error["type"], "invalid_request_error");
+            assert_eq!(error["code"], "parameter_unknown");
+            assert_eq!(error["param"], "payment_method_types");
+            assert_eq!(
+                error["message"],
+                "Received unknown parameter: payment_method_types"
+            );
+        }
+
+        // A refusal saved nothing: the same key with the version's parameter charges.
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("allowed_payment_method_types[0]", "card"));
+        let ok = h
+            .post_as(
+                Some(version),
+                paths::PAYMENT_INTENTS,
+                &params,
+                Some(version),
+            )
+            .await;
+        assert_eq!(ok.status, StatusCode::OK, "{version}: {}", ok.body);
+        assert_eq!(ok.body["status"], "succeeded");
+        assert_eq!(
+            ok.body["allowed_payment_method_types"],
+            serde_json::json!(["card"])
+        );
+    }
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 6);
+}
+
+#[tokio::test]
+async fn an_unknown_stripe_version_is_refused_before_anything_runs() {
+    let h = Harness::start().await;
+    let refused = h
+        .post_as(
+            Some("2026-11-01.endive"),
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("v-1"),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error()["type"], "invalid_request_error");
+    assert_eq!(
+        refused.error()["message"],
+        "Invalid Stripe API version: 2026-11-01.endive"
+    );
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_METHODS), 0);
+
+    let get = h
+        .client
+        .get(h.url("/v1/payment_intents/pi_x"))
+        .bearer_auth(KEY)
+        .header("Stripe-Version", "1999-01-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::BAD_REQUEST);
+
+    // The key saved nothing either.
+    let ok = h
+        .post(
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("v-1"),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(!ok.replayed());
 }
 
 #[tokio::test]

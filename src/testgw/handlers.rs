@@ -17,7 +17,7 @@ use super::{
     form::{Form, segments},
     paths,
     search::Query,
-    stripe::{self, ApiResponse, StripeError},
+    stripe::{self, ApiResponse, ApiVersion, StripeError},
 };
 use crate::card::{Cvc, Pan};
 
@@ -107,7 +107,7 @@ pub(super) async fn get_payment_intent(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let found = gw.lock().payment_intents.get(&id).cloned();
@@ -128,7 +128,7 @@ pub(super) async fn search_payment_intents(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let response = search(&gw, uri.query().unwrap_or("")).unwrap_or_else(|refused| refused);
@@ -206,7 +206,7 @@ pub(super) async fn get_payment_method(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let found = gw.lock().payment_methods.get(&id).map(|pm| pm.view.clone());
@@ -283,9 +283,10 @@ async fn handle_post(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if let Err(refused) = authorize(&gw, headers) {
-        return refused;
-    }
+    let version = match stripe_api(&gw, headers) {
+        Ok(version) => version,
+        Err(refused) => return refused,
+    };
     let form = match Form::parse(body) {
         Ok(form) => form,
         Err(err) => {
@@ -313,7 +314,7 @@ async fn handle_post(
         }
     };
     let Some(key) = key else {
-        let response = run(gw, endpoint, form, None).await;
+        let response = run(gw, endpoint, form, version, None).await;
         return respond(&response, false, None);
     };
 
@@ -373,7 +374,7 @@ async fn handle_post(
         gw: gw.clone(),
         slot: Some((path.to_owned(), key.clone())),
     };
-    let response = run(gw, endpoint, form, Some(in_flight)).await;
+    let response = run(gw, endpoint, form, version, Some(in_flight)).await;
     respond(&response, false, Some(&key))
 }
 
@@ -383,6 +384,7 @@ async fn run(
     gw: Arc<Shared>,
     endpoint: Endpoint,
     form: Form,
+    version: ApiVersion,
     in_flight: Option<InFlight>,
 ) -> ApiResponse {
     *gw.lock()
@@ -392,7 +394,7 @@ async fn run(
     let task = tokio::spawn(async move {
         let response = match endpoint {
             Endpoint::PaymentMethod => create_pm(&gw, &form),
-            Endpoint::PaymentIntent => create_pi(&gw, &form).await,
+            Endpoint::PaymentIntent => create_pi(&gw, &form, version).await,
         };
         if let Some(in_flight) = in_flight {
             in_flight.settle(&response);
@@ -438,6 +440,17 @@ impl Drop for InFlight {
             self.gw.lock().idempotency.remove(&slot);
         }
     }
+}
+
+/// What every Stripe endpoint checks first: the secret key, then the `Stripe-Version`.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the finished response, returned at once"
+)]
+fn stripe_api(gw: &Shared, headers: &HeaderMap) -> Result<ApiVersion, Response> {
+    authorize(gw, headers)?;
+    ApiVersion::of_header(headers.get("stripe-version").map(HeaderValue::as_bytes))
+        .map_err(|refused| respond(&refused, false, None))
 }
 
 /// `Authorization: Bearer <secret key>`, or a 401 as Stripe words it.
@@ -550,10 +563,16 @@ fn check_params(
             _ => false,
         } || nested.contains(&segs[0]);
         if !known {
+            // An unknown name is reported bare (`payment_method_types`, not
+            // `payment_method_types[0]`); an unknown child of a known one in full.
+            let head_known = scalars.contains(&segs[0])
+                || nested.contains(&segs[0])
+                || one_level.iter().any(|(n, _)| *n == segs[0]);
+            let param = if head_known { key } else { segs[0] };
             return Err(ApiResponse::invalid(
-                StripeError::invalid_request(format!("Received unknown parameter: {key}"))
+                StripeError::invalid_request(format!("Received unknown parameter: {param}"))
                     .code("parameter_unknown")
-                    .param(key),
+                    .param(param),
             ));
         }
     }
@@ -694,8 +713,8 @@ fn metadata(form: &Form) -> Value {
 }
 
 /// Creates a PaymentIntent and, with `confirm=true`, confirms it with its card.
-async fn create_pi(gw: &Shared, form: &Form) -> ApiResponse {
-    let intent = match new_intent(gw, form) {
+async fn create_pi(gw: &Shared, form: &Form, version: ApiVersion) -> ApiResponse {
+    let intent = match new_intent(gw, form, version) {
         Ok(intent) => intent,
         Err(refused) => return refused,
     };
@@ -772,7 +791,8 @@ struct NewIntent {
     manual: bool,
 }
 
-fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
+fn new_intent(gw: &Shared, form: &Form, version: ApiVersion) -> Result<NewIntent, ApiResponse> {
+    let types_param = version.payment_method_types();
     check_params(
         form,
         &[
@@ -795,7 +815,7 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         ],
         &[("metadata", None)],
         &[
-            "payment_method_types",
+            types_param,
             "automatic_payment_methods",
             "payment_method_options",
             "expand",
@@ -894,7 +914,7 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         "metadata": metadata(form),
         "next_action": Value::Null,
         "payment_method": pm_id,
-        "payment_method_types": ["card"],
+        types_param: payment_method_types(form, types_param),
         "status": "requires_confirmation",
     });
     Ok(NewIntent {
@@ -903,6 +923,17 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         payment_method,
         manual,
     })
+}
+
+/// The values of the list parameter `name` (`name[]=card`, `name[0]=card`), or `["card"]`
+/// when it is not given.
+fn payment_method_types(form: &Form, name: &str) -> Value {
+    let given: Vec<Value> = form.list(name).into_iter().map(Value::from).collect();
+    if given.is_empty() {
+        json!(["card"])
+    } else {
+        Value::Array(given)
+    }
 }
 
 /// Marks a PaymentIntent paid: `succeeded`, or `requires_capture` when captured manually.
