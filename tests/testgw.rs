@@ -1078,6 +1078,86 @@ async fn an_unknown_stripe_version_is_refused_before_anything_runs() {
 }
 
 #[tokio::test]
+async fn a_3ds_intent_hands_back_its_client_secret_and_next_action_without_card_data() {
+    let h = Harness::start().await;
+    let sdk = h.charge(cards::REQUIRES_ACTION, "automatic").await;
+    assert_eq!(sdk.status, StatusCode::OK);
+    assert_eq!(sdk.body["status"], "requires_action");
+    let id = sdk.body["id"].as_str().unwrap();
+    let secret = sdk.body["client_secret"].as_str().unwrap();
+    let random = secret
+        .strip_prefix(&format!("{id}_secret_"))
+        .unwrap_or_else(|| panic!("{secret}"));
+    assert!(!random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let action = &sdk.body["next_action"];
+    assert_eq!(action["type"], "use_stripe_sdk");
+    assert_eq!(action["use_stripe_sdk"]["type"], "three_d_secure_redirect");
+    assert!(action["use_stripe_sdk"]["stripe_js"].is_string());
+    assert_eq!(action["use_stripe_sdk"]["payment_intent"], id);
+    assert!(
+        !sdk.body.to_string().contains(cards::REQUIRES_ACTION),
+        "{}",
+        sdk.body
+    );
+
+    let pm = h.payment_method(cards::REQUIRES_ACTION).await;
+    let mut params = intent_params(&pm, "automatic");
+    params.push(("return_url", "https://shop.example/after-3ds?order=42"));
+    let redirect = h.post(paths::PAYMENT_INTENTS, &params, None).await;
+    let action = &redirect.body["next_action"];
+    assert_eq!(action["type"], "redirect_to_url");
+    assert_eq!(
+        action["redirect_to_url"]["return_url"],
+        "https://shop.example/after-3ds?order=42"
+    );
+    assert!(
+        action["redirect_to_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+
+    // Every intent carries its own client secret; a paid one has no next action.
+    let paid = h.charge(cards::SUCCESS, "automatic").await;
+    assert!(paid.body["next_action"].is_null());
+    assert_ne!(paid.body["client_secret"], sdk.body["client_secret"]);
+    assert!(
+        paid.body["client_secret"]
+            .as_str()
+            .unwrap()
+            .starts_with(paid.body["id"].as_str().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn the_generic_endpoint_hands_back_a_challenge_for_the_3ds_card() {
+    let h = Harness::start().await;
+    let body = serde_json::json!({
+        "amount": 1000,
+        "currency": "EUR",
+        "card": {"number": cards::REQUIRES_ACTION, "exp_month": 12, "exp_year": 2099, "cvc": "123"},
+    });
+    let response = h
+        .client
+        .post(h.url(paths::GENERIC_CHARGES))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let answer = Answer::of(response).await;
+    assert_eq!(answer.body["status"], "challenge");
+    assert!(
+        answer.body["challenge"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+    assert!(answer.body["challenge"]["token"].is_string());
+    assert!(!answer.body.to_string().contains(cards::REQUIRES_ACTION));
+}
+
+#[tokio::test]
 async fn get_payment_intent_returns_the_stored_intent() {
     let h = Harness::start().await;
     let created = h.charge(cards::SUCCESS, "manual").await;

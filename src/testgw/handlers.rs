@@ -522,14 +522,17 @@ fn respond(answer: &ApiResponse, replayed: bool, key: Option<&str>) -> Response 
 
 /// `prefix` and 24 random base62 characters, as Stripe's ids look.
 fn new_id(prefix: &str) -> Result<String, ApiResponse> {
-    crate::crypto::random_base62(24)
-        .map(|random| format!("{prefix}{random}"))
-        .map_err(|_| {
-            ApiResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                StripeError::api("An unknown error occurred."),
-            )
-        })
+    random_part(24).map(|random| format!("{prefix}{random}"))
+}
+
+/// `len` random base62 characters, or the 500 Stripe would give if it had none.
+fn random_part(len: usize) -> Result<String, ApiResponse> {
+    crate::crypto::random_base62(len).map_err(|_| {
+        ApiResponse::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StripeError::api("An unknown error occurred."),
+        )
+    })
 }
 
 /// 404 `resource_missing`.
@@ -723,6 +726,7 @@ async fn create_pi(gw: &Shared, form: &Form, version: ApiVersion) -> ApiResponse
         outcome,
         payment_method,
         manual,
+        return_url,
     } = intent;
     let id = object["id"].as_str().unwrap_or_default().to_owned();
     let Some(outcome) = outcome else {
@@ -752,10 +756,10 @@ async fn create_pi(gw: &Shared, form: &Form, version: ApiVersion) -> ApiResponse
         }
         cards::Outcome::RequiresAction => {
             object["status"] = "requires_action".into();
-            object["next_action"] = json!({
-                "type": "use_stripe_sdk",
-                "use_stripe_sdk": { "type": "three_d_secure_redirect" },
-            });
+            object["next_action"] = match next_action(&object, return_url.as_deref()) {
+                Ok(action) => action,
+                Err(response) => return response,
+            };
         }
         cards::Outcome::Decline(decline) => {
             let error = StripeError::card(decline.code, decline.message)
@@ -789,6 +793,9 @@ struct NewIntent {
     /// The public view of its PaymentMethod.
     payment_method: Value,
     manual: bool,
+    /// Where the shopper returns after authenticating; Stripe keeps it in `next_action`
+    /// only.
+    return_url: Option<String>,
 }
 
 fn new_intent(gw: &Shared, form: &Form, version: ApiVersion) -> Result<NewIntent, ApiResponse> {
@@ -897,13 +904,17 @@ fn new_intent(gw: &Shared, form: &Form, version: ApiVersion) -> Result<NewIntent
         (outcome, card.view.clone())
     };
     let id = new_id("pi_")?;
+    let client_secret = format!("{id}_secret_{}", random_part(24)?);
     let object = json!({
         "id": id,
         "object": "payment_intent",
         "amount": amount,
         "amount_capturable": 0,
         "amount_received": 0,
+        "canceled_at": Value::Null,
+        "cancellation_reason": Value::Null,
         "capture_method": form.get("capture_method").unwrap_or("automatic"),
+        "client_secret": client_secret,
         "confirmation_method": "automatic",
         "created": stripe::now(),
         "currency": currency,
@@ -922,6 +933,36 @@ fn new_intent(gw: &Shared, form: &Form, version: ApiVersion) -> Result<NewIntent
         outcome,
         payment_method,
         manual,
+        return_url: form
+            .get("return_url")
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned),
+    })
+}
+
+/// What the shop's front end needs to finish 3-D Secure, as Stripe hands it to a secret-key
+/// caller: `redirect_to_url` when the intent was confirmed with a `return_url`, else
+/// `use_stripe_sdk` for Stripe.js (which then uses the intent's `client_secret`). Never card
+/// data.
+fn next_action(intent: &Value, return_url: Option<&str>) -> Result<Value, ApiResponse> {
+    let source = format!("src_{}", random_part(24)?);
+    let secret = format!("src_client_secret_{}", random_part(24)?);
+    let authenticate =
+        format!("https://hooks.stripe.com/redirect/authenticate/{source}?client_secret={secret}");
+    Ok(match return_url {
+        Some(return_url) => json!({
+            "type": "redirect_to_url",
+            "redirect_to_url": { "url": authenticate, "return_url": return_url },
+        }),
+        None => json!({
+            "type": "use_stripe_sdk",
+            "use_stripe_sdk": {
+                "type": "three_d_secure_redirect",
+                "stripe_js": authenticate,
+                "source": source,
+                "payment_intent": intent["id"].clone(),
+            },
+        }),
     })
 }
 
@@ -969,7 +1010,8 @@ fn save_intent(gw: &Shared, id: &str, object: Value, error: Option<StripeError>)
 /// with the raw card, one JSON answer with a status word — for the `generic` connector:
 /// `{"amount": 1000, "currency": "EUR", "card": {"number": "…", "exp_month": 12,
 /// "exp_year": 2030, "cvc": "123"}}` → `{"id": "gc_…", "status": "approved"}`, or
-/// `"declined"` with `reason_code` and `reason`, or `"challenge"` (3-D Secure). The same test
+/// `"declined"` with `reason_code` and `reason`, or `"challenge"` (3-D Secure) with
+/// `challenge.url` and `challenge.token` for the shop's front end. The same test
 /// cards behave as on the Stripe API. An `Idempotency-Key` header replays the first answer
 /// for the same key.
 pub(super) async fn generic_charge(
@@ -1050,7 +1092,20 @@ async fn generic_outcome(gw: &Shared, body: &[u8]) -> ApiResponse {
             ApiResponse::ok(json!({ "id": id, "status": "approved" }))
         }
         cards::Outcome::RequiresAction => {
-            ApiResponse::ok(json!({ "id": id, "status": "challenge" }))
+            let Ok(token) = random_part(24) else {
+                return ApiResponse::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    StripeError::api("An unknown error occurred."),
+                );
+            };
+            ApiResponse::ok(json!({
+                "id": id,
+                "status": "challenge",
+                "challenge": {
+                    "url": format!("https://acs.test-gateway.invalid/challenge/{id}"),
+                    "token": token,
+                },
+            }))
         }
         cards::Outcome::Decline(decline) => ApiResponse::ok(json!({
             "id": id,
