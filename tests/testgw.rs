@@ -75,13 +75,26 @@ impl Harness {
 
     /// POSTs a form with the secret key and, when given, an idempotency key.
     async fn post(&self, path: &str, params: &[(&str, &str)], key: Option<&str>) -> Answer {
+        self.post_as(Some("2024-06-20"), path, params, key).await
+    }
+
+    /// POSTs as [`Harness::post`] does, with `Stripe-Version: version` (none if `None`).
+    async fn post_as(
+        &self,
+        version: Option<&str>,
+        path: &str,
+        params: &[(&str, &str)],
+        key: Option<&str>,
+    ) -> Answer {
         let mut request = self
             .client
             .post(self.url(path))
             .bearer_auth(KEY)
-            .header("Stripe-Version", "2024-06-20")
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(encode(params));
+        if let Some(version) = version {
+            request = request.header("Stripe-Version", version);
+        }
         if let Some(key) = key {
             request = request.header("Idempotency-Key", key);
         }
@@ -949,6 +962,199 @@ async fn payment_methods_carry_their_metadata() {
     let id = answer.body["id"].as_str().unwrap();
     let fetched = h.get(&format!("/v1/payment_methods/{id}")).await;
     assert_eq!(fetched.body["metadata"]["charge_id"], "ch_pm");
+}
+
+#[tokio::test]
+async fn the_pinned_version_takes_payment_method_types_and_refuses_the_endive_name() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    for version in [Some("2024-06-20"), None] {
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("payment_method_types[]", "card"));
+        let ok = h
+            .post_as(version, paths::PAYMENT_INTENTS, &params, None)
+            .await;
+        assert_eq!(ok.status, StatusCode::OK, "{version:?}: {}", ok.body);
+        assert_eq!(ok.body["payment_method_types"], serde_json::json!(["card"]));
+
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("allowed_payment_method_types[0]", "card"));
+        let refused = h
+            .post_as(version, paths::PAYMENT_INTENTS, &params, None)
+            .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{version:?}");
+        assert_eq!(refused.error()["code"], "parameter_unknown");
+        assert_eq!(refused.error()["param"], "allowed_payment_method_types");
+    }
+}
+
+#[tokio::test]
+async fn endive_versions_take_allowed_payment_method_types_and_refuse_the_old_name() {
+    let h = Harness::start().await;
+    let pm = h.payment_method(cards::SUCCESS).await;
+    for version in ["2026-09-30.endive", "2026-10-28.endive"] {
+        for old in ["payment_method_types[0]", "payment_method_types[]"] {
+            let mut params = intent_params(&pm, "automatic");
+            params.push((old, "card"));
+            let refused = h
+                .post_as(
+                    Some(version),
+                    paths::PAYMENT_INTENTS,
+                    &params,
+                    Some(version),
+                )
+                .await;
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{version} {old}");
+            let error = refused.error();
+            assert_eq!(error["type"], "invalid_request_error");
+            assert_eq!(error["code"], "parameter_unknown");
+            assert_eq!(error["param"], "payment_method_types");
+            assert_eq!(
+                error["message"],
+                "Received unknown parameter: payment_method_types"
+            );
+        }
+
+        // A refusal saved nothing: the same key with the version's parameter charges.
+        let mut params = intent_params(&pm, "automatic");
+        params.push(("allowed_payment_method_types[0]", "card"));
+        let ok = h
+            .post_as(
+                Some(version),
+                paths::PAYMENT_INTENTS,
+                &params,
+                Some(version),
+            )
+            .await;
+        assert_eq!(ok.status, StatusCode::OK, "{version}: {}", ok.body);
+        assert_eq!(ok.body["status"], "succeeded");
+        assert_eq!(
+            ok.body["allowed_payment_method_types"],
+            serde_json::json!(["card"])
+        );
+    }
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_INTENTS), 6);
+}
+
+#[tokio::test]
+async fn an_unknown_stripe_version_is_refused_before_anything_runs() {
+    let h = Harness::start().await;
+    let refused = h
+        .post_as(
+            Some("2026-11-01.endive"),
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("v-1"),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error()["type"], "invalid_request_error");
+    assert_eq!(
+        refused.error()["message"],
+        "Invalid Stripe API version: 2026-11-01.endive"
+    );
+    assert_eq!(h.stats().executed_on(paths::PAYMENT_METHODS), 0);
+
+    let get = h
+        .client
+        .get(h.url("/v1/payment_intents/pi_x"))
+        .bearer_auth(KEY)
+        .header("Stripe-Version", "1999-01-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::BAD_REQUEST);
+
+    // The key saved nothing either.
+    let ok = h
+        .post(
+            paths::PAYMENT_METHODS,
+            &card_params(cards::SUCCESS),
+            Some("v-1"),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(!ok.replayed());
+}
+
+#[tokio::test]
+async fn a_3ds_intent_hands_back_its_client_secret_and_next_action_without_card_data() {
+    let h = Harness::start().await;
+    let sdk = h.charge(cards::REQUIRES_ACTION, "automatic").await;
+    assert_eq!(sdk.status, StatusCode::OK);
+    assert_eq!(sdk.body["status"], "requires_action");
+    let id = sdk.body["id"].as_str().unwrap();
+    let secret = sdk.body["client_secret"].as_str().unwrap();
+    let random = secret
+        .strip_prefix(&format!("{id}_secret_"))
+        .unwrap_or_else(|| panic!("{secret}"));
+    assert!(!random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let action = &sdk.body["next_action"];
+    assert_eq!(action["type"], "use_stripe_sdk");
+    assert_eq!(action["use_stripe_sdk"]["type"], "three_d_secure_redirect");
+    assert!(action["use_stripe_sdk"]["stripe_js"].is_string());
+    assert_eq!(action["use_stripe_sdk"]["payment_intent"], id);
+    assert!(
+        !sdk.body.to_string().contains(cards::REQUIRES_ACTION),
+        "{}",
+        sdk.body
+    );
+
+    let pm = h.payment_method(cards::REQUIRES_ACTION).await;
+    let mut params = intent_params(&pm, "automatic");
+    params.push(("return_url", "https://shop.example/after-3ds?order=42"));
+    let redirect = h.post(paths::PAYMENT_INTENTS, &params, None).await;
+    let action = &redirect.body["next_action"];
+    assert_eq!(action["type"], "redirect_to_url");
+    assert_eq!(
+        action["redirect_to_url"]["return_url"],
+        "https://shop.example/after-3ds?order=42"
+    );
+    assert!(
+        action["redirect_to_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+
+    // Every intent carries its own client secret; a paid one has no next action.
+    let paid = h.charge(cards::SUCCESS, "automatic").await;
+    assert!(paid.body["next_action"].is_null());
+    assert_ne!(paid.body["client_secret"], sdk.body["client_secret"]);
+    assert!(
+        paid.body["client_secret"]
+            .as_str()
+            .unwrap()
+            .starts_with(paid.body["id"].as_str().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn the_generic_endpoint_hands_back_a_challenge_for_the_3ds_card() {
+    let h = Harness::start().await;
+    let body = serde_json::json!({
+        "amount": 1000,
+        "currency": "EUR",
+        "card": {"number": cards::REQUIRES_ACTION, "exp_month": 12, "exp_year": 2099, "cvc": "123"},
+    });
+    let response = h
+        .client
+        .post(h.url(paths::GENERIC_CHARGES))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let answer = Answer::of(response).await;
+    assert_eq!(answer.body["status"], "challenge");
+    assert!(
+        answer.body["challenge"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+    assert!(answer.body["challenge"]["token"].is_string());
+    assert!(!answer.body.to_string().contains(cards::REQUIRES_ACTION));
 }
 
 #[tokio::test]

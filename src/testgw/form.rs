@@ -96,6 +96,22 @@ impl Form {
         out
     }
 
+    /// The values of list parameter `name`, in order: `name[]=a&name[]=b` or
+    /// `name[0]=a&name[1]=b`.
+    pub fn list(&self, name: &str) -> Vec<&str> {
+        self.pairs
+            .iter()
+            .filter(|(key, _)| {
+                segments(key).is_some_and(|segs| {
+                    segs.len() == 2
+                        && segs[0] == name
+                        && segs[1].bytes().all(|b| b.is_ascii_digit())
+                })
+            })
+            .map(|(_, value)| value.as_str())
+            .collect()
+    }
+
     /// A digest of the parameters, independent of their order, for comparing a repeated
     /// idempotent request with the first without keeping the card data it carried.
     pub fn fingerprint(&self) -> [u8; 32] {
@@ -208,6 +224,13 @@ mod tests {
             form.children("metadata"),
             vec![("order", "7"), ("shop", "a&b")]
         );
+    }
+
+    #[test]
+    fn lists_take_empty_or_numeric_brackets_in_order() {
+        let form = Form::parse(b"t[]=card&t[]=link&u[0]=a&u[1]=b&u[x]=no&t=bare").unwrap();
+        assert_eq!(form.list("t"), vec!["card", "link"]);
+        assert_eq!(form.list("u"), vec!["a", "b"]);
     }
 
     #[test]

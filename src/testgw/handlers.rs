@@ -17,7 +17,7 @@ use super::{
     form::{Form, segments},
     paths,
     search::Query,
-    stripe::{self, ApiResponse, StripeError},
+    stripe::{self, ApiResponse, ApiVersion, StripeError},
 };
 use crate::card::{Cvc, Pan};
 
@@ -107,7 +107,7 @@ pub(super) async fn get_payment_intent(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let found = gw.lock().payment_intents.get(&id).cloned();
@@ -128,7 +128,7 @@ pub(super) async fn search_payment_intents(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let response = search(&gw, uri.query().unwrap_or("")).unwrap_or_else(|refused| refused);
@@ -206,7 +206,7 @@ pub(super) async fn get_payment_method(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&gw, &headers) {
+    if let Err(refused) = stripe_api(&gw, &headers) {
         return refused;
     }
     let found = gw.lock().payment_methods.get(&id).map(|pm| pm.view.clone());
@@ -283,9 +283,10 @@ async fn handle_post(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if let Err(refused) = authorize(&gw, headers) {
-        return refused;
-    }
+    let version = match stripe_api(&gw, headers) {
+        Ok(version) => version,
+        Err(refused) => return refused,
+    };
     let form = match Form::parse(body) {
         Ok(form) => form,
         Err(err) => {
@@ -313,7 +314,7 @@ async fn handle_post(
         }
     };
     let Some(key) = key else {
-        let response = run(gw, endpoint, form, None).await;
+        let response = run(gw, endpoint, form, version, None).await;
         return respond(&response, false, None);
     };
 
@@ -373,7 +374,7 @@ async fn handle_post(
         gw: gw.clone(),
         slot: Some((path.to_owned(), key.clone())),
     };
-    let response = run(gw, endpoint, form, Some(in_flight)).await;
+    let response = run(gw, endpoint, form, version, Some(in_flight)).await;
     respond(&response, false, Some(&key))
 }
 
@@ -383,6 +384,7 @@ async fn run(
     gw: Arc<Shared>,
     endpoint: Endpoint,
     form: Form,
+    version: ApiVersion,
     in_flight: Option<InFlight>,
 ) -> ApiResponse {
     *gw.lock()
@@ -392,7 +394,7 @@ async fn run(
     let task = tokio::spawn(async move {
         let response = match endpoint {
             Endpoint::PaymentMethod => create_pm(&gw, &form),
-            Endpoint::PaymentIntent => create_pi(&gw, &form).await,
+            Endpoint::PaymentIntent => create_pi(&gw, &form, version).await,
         };
         if let Some(in_flight) = in_flight {
             in_flight.settle(&response);
@@ -438,6 +440,17 @@ impl Drop for InFlight {
             self.gw.lock().idempotency.remove(&slot);
         }
     }
+}
+
+/// What every Stripe endpoint checks first: the secret key, then the `Stripe-Version`.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the finished response, returned at once"
+)]
+fn stripe_api(gw: &Shared, headers: &HeaderMap) -> Result<ApiVersion, Response> {
+    authorize(gw, headers)?;
+    ApiVersion::of_header(headers.get("stripe-version").map(HeaderValue::as_bytes))
+        .map_err(|refused| respond(&refused, false, None))
 }
 
 /// `Authorization: Bearer <secret key>`, or a 401 as Stripe words it.
@@ -509,14 +522,17 @@ fn respond(answer: &ApiResponse, replayed: bool, key: Option<&str>) -> Response 
 
 /// `prefix` and 24 random base62 characters, as Stripe's ids look.
 fn new_id(prefix: &str) -> Result<String, ApiResponse> {
-    crate::crypto::random_base62(24)
-        .map(|random| format!("{prefix}{random}"))
-        .map_err(|_| {
-            ApiResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                StripeError::api("An unknown error occurred."),
-            )
-        })
+    random_part(24).map(|random| format!("{prefix}{random}"))
+}
+
+/// `len` random base62 characters, or the 500 Stripe would give if it had none.
+fn random_part(len: usize) -> Result<String, ApiResponse> {
+    crate::crypto::random_base62(len).map_err(|_| {
+        ApiResponse::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StripeError::api("An unknown error occurred."),
+        )
+    })
 }
 
 /// 404 `resource_missing`.
@@ -550,10 +566,16 @@ fn check_params(
             _ => false,
         } || nested.contains(&segs[0]);
         if !known {
+            // An unknown name is reported bare (`payment_method_types`, not
+            // `payment_method_types[0]`); an unknown child of a known one in full.
+            let head_known = scalars.contains(&segs[0])
+                || nested.contains(&segs[0])
+                || one_level.iter().any(|(n, _)| *n == segs[0]);
+            let param = if head_known { key } else { segs[0] };
             return Err(ApiResponse::invalid(
-                StripeError::invalid_request(format!("Received unknown parameter: {key}"))
+                StripeError::invalid_request(format!("Received unknown parameter: {param}"))
                     .code("parameter_unknown")
-                    .param(key),
+                    .param(param),
             ));
         }
     }
@@ -694,8 +716,8 @@ fn metadata(form: &Form) -> Value {
 }
 
 /// Creates a PaymentIntent and, with `confirm=true`, confirms it with its card.
-async fn create_pi(gw: &Shared, form: &Form) -> ApiResponse {
-    let intent = match new_intent(gw, form) {
+async fn create_pi(gw: &Shared, form: &Form, version: ApiVersion) -> ApiResponse {
+    let intent = match new_intent(gw, form, version) {
         Ok(intent) => intent,
         Err(refused) => return refused,
     };
@@ -704,6 +726,7 @@ async fn create_pi(gw: &Shared, form: &Form) -> ApiResponse {
         outcome,
         payment_method,
         manual,
+        return_url,
     } = intent;
     let id = object["id"].as_str().unwrap_or_default().to_owned();
     let Some(outcome) = outcome else {
@@ -733,10 +756,10 @@ async fn create_pi(gw: &Shared, form: &Form) -> ApiResponse {
         }
         cards::Outcome::RequiresAction => {
             object["status"] = "requires_action".into();
-            object["next_action"] = json!({
-                "type": "use_stripe_sdk",
-                "use_stripe_sdk": { "type": "three_d_secure_redirect" },
-            });
+            object["next_action"] = match next_action(&object, return_url.as_deref()) {
+                Ok(action) => action,
+                Err(response) => return response,
+            };
         }
         cards::Outcome::Decline(decline) => {
             let error = StripeError::card(decline.code, decline.message)
@@ -770,9 +793,13 @@ struct NewIntent {
     /// The public view of its PaymentMethod.
     payment_method: Value,
     manual: bool,
+    /// Where the shopper returns after authenticating; Stripe keeps it in `next_action`
+    /// only.
+    return_url: Option<String>,
 }
 
-fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
+fn new_intent(gw: &Shared, form: &Form, version: ApiVersion) -> Result<NewIntent, ApiResponse> {
+    let types_param = version.payment_method_types();
     check_params(
         form,
         &[
@@ -795,7 +822,7 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         ],
         &[("metadata", None)],
         &[
-            "payment_method_types",
+            types_param,
             "automatic_payment_methods",
             "payment_method_options",
             "expand",
@@ -877,13 +904,17 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         (outcome, card.view.clone())
     };
     let id = new_id("pi_")?;
+    let client_secret = format!("{id}_secret_{}", random_part(24)?);
     let object = json!({
         "id": id,
         "object": "payment_intent",
         "amount": amount,
         "amount_capturable": 0,
         "amount_received": 0,
+        "canceled_at": Value::Null,
+        "cancellation_reason": Value::Null,
         "capture_method": form.get("capture_method").unwrap_or("automatic"),
+        "client_secret": client_secret,
         "confirmation_method": "automatic",
         "created": stripe::now(),
         "currency": currency,
@@ -894,7 +925,7 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         "metadata": metadata(form),
         "next_action": Value::Null,
         "payment_method": pm_id,
-        "payment_method_types": ["card"],
+        types_param: payment_method_types(form, types_param),
         "status": "requires_confirmation",
     });
     Ok(NewIntent {
@@ -902,7 +933,48 @@ fn new_intent(gw: &Shared, form: &Form) -> Result<NewIntent, ApiResponse> {
         outcome,
         payment_method,
         manual,
+        return_url: form
+            .get("return_url")
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned),
     })
+}
+
+/// What the shop's front end needs to finish 3-D Secure, as Stripe hands it to a secret-key
+/// caller: `redirect_to_url` when the intent was confirmed with a `return_url`, else
+/// `use_stripe_sdk` for Stripe.js (which then uses the intent's `client_secret`). Never card
+/// data.
+fn next_action(intent: &Value, return_url: Option<&str>) -> Result<Value, ApiResponse> {
+    let source = format!("src_{}", random_part(24)?);
+    let secret = format!("src_client_secret_{}", random_part(24)?);
+    let authenticate =
+        format!("https://hooks.stripe.com/redirect/authenticate/{source}?client_secret={secret}");
+    Ok(match return_url {
+        Some(return_url) => json!({
+            "type": "redirect_to_url",
+            "redirect_to_url": { "url": authenticate, "return_url": return_url },
+        }),
+        None => json!({
+            "type": "use_stripe_sdk",
+            "use_stripe_sdk": {
+                "type": "three_d_secure_redirect",
+                "stripe_js": authenticate,
+                "source": source,
+                "payment_intent": intent["id"].clone(),
+            },
+        }),
+    })
+}
+
+/// The values of the list parameter `name` (`name[]=card`, `name[0]=card`), or `["card"]`
+/// when it is not given.
+fn payment_method_types(form: &Form, name: &str) -> Value {
+    let given: Vec<Value> = form.list(name).into_iter().map(Value::from).collect();
+    if given.is_empty() {
+        json!(["card"])
+    } else {
+        Value::Array(given)
+    }
 }
 
 /// Marks a PaymentIntent paid: `succeeded`, or `requires_capture` when captured manually.
@@ -938,7 +1010,8 @@ fn save_intent(gw: &Shared, id: &str, object: Value, error: Option<StripeError>)
 /// with the raw card, one JSON answer with a status word — for the `generic` connector:
 /// `{"amount": 1000, "currency": "EUR", "card": {"number": "…", "exp_month": 12,
 /// "exp_year": 2030, "cvc": "123"}}` → `{"id": "gc_…", "status": "approved"}`, or
-/// `"declined"` with `reason_code` and `reason`, or `"challenge"` (3-D Secure). The same test
+/// `"declined"` with `reason_code` and `reason`, or `"challenge"` (3-D Secure) with
+/// `challenge.url` and `challenge.token` for the shop's front end. The same test
 /// cards behave as on the Stripe API. An `Idempotency-Key` header replays the first answer
 /// for the same key.
 pub(super) async fn generic_charge(
@@ -1019,7 +1092,20 @@ async fn generic_outcome(gw: &Shared, body: &[u8]) -> ApiResponse {
             ApiResponse::ok(json!({ "id": id, "status": "approved" }))
         }
         cards::Outcome::RequiresAction => {
-            ApiResponse::ok(json!({ "id": id, "status": "challenge" }))
+            let Ok(token) = random_part(24) else {
+                return ApiResponse::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    StripeError::api("An unknown error occurred."),
+                );
+            };
+            ApiResponse::ok(json!({
+                "id": id,
+                "status": "challenge",
+                "challenge": {
+                    "url": format!("https://acs.test-gateway.invalid/challenge/{id}"),
+                    "token": token,
+                },
+            }))
         }
         cards::Outcome::Decline(decline) => ApiResponse::ok(json!({
             "id": id,

@@ -15,8 +15,8 @@
 //!   keyed by id, for the next endpoint.
 //! - `POST /v1/payment_intents` — `amount`, `currency`, `payment_method`, `confirm`,
 //!   `capture_method` (`automatic` | `automatic_async` | `manual`), `description`,
-//!   `metadata[…]` → a PaymentIntent (`pi_…`). Confirming decides by the card's number, see
-//!   [`cards`]: [`cards::SUCCESS`] → `succeeded` (`requires_capture` when manual),
+//!   `metadata[…]`, `payment_method_types[]` (by version, see below) → a PaymentIntent
+//!   (`pi_…`). Confirming decides by the card's number, see [`cards`]: [`cards::SUCCESS`] → `succeeded` (`requires_capture` when manual),
 //!   [`cards::DECLINED`], [`cards::INSUFFICIENT_FUNDS`], [`cards::EXPIRED`],
 //!   [`cards::INCORRECT_CVC`] → 402 `card_error` with Stripe's code, decline code and message
 //!   and the PaymentIntent back in `requires_payment_method`, [`cards::PROCESSING_ERROR`] →
@@ -38,6 +38,16 @@
 //!   A PaymentIntent is found at once here, while Stripe's search index can lag writes by up
 //!   to a minute: a client must not take "not found" shortly after a request as proof that
 //!   no PaymentIntent was made.
+//!
+//! # Versions
+//!
+//! Every `/v1` request is read in the `Stripe-Version` it names, after the secret key is
+//! checked: one of [`STRIPE_VERSIONS`], or, without the header, the account default
+//! [`DEFAULT_STRIPE_VERSION`]. Any other is a 400 `invalid_request_error` ("Invalid Stripe
+//! API version: …") before anything runs. Under `2024-06-20` a PaymentIntent takes
+//! `payment_method_types[]` and `allowed_payment_method_types` is `parameter_unknown`; under
+//! the endive versions it is the other way round (`param: payment_method_types`), and the
+//! PaymentIntent shows the list under the version's name.
 //!
 //! # Idempotency
 //!
@@ -112,6 +122,18 @@ pub const HUGE_BODY_BYTES: usize = 10 * 1024 * 1024;
 
 /// The secret key of [`TestGatewayOptions::default`].
 pub const DEFAULT_SECRET_KEY: &str = "sk_test_cardvault_test_gateway";
+
+/// The `Stripe-Version` assumed when a request sends none: the account default.
+pub const DEFAULT_STRIPE_VERSION: &str = "2024-06-20";
+
+/// The `Stripe-Version`s the gateway knows, oldest first: the connector's pinned default
+/// and the endive releases, which renamed `payment_method_types` to
+/// `allowed_payment_method_types` from `2026-09-30.endive` on.
+pub const STRIPE_VERSIONS: &[&str] = &[
+    DEFAULT_STRIPE_VERSION,
+    "2026-09-30.endive",
+    "2026-10-28.endive",
+];
 
 /// How long the hang card waits unless told otherwise.
 pub const DEFAULT_HANG: Duration = Duration::from_secs(30);
@@ -251,7 +273,7 @@ pub struct RecordedRequest {
     pub path: String,
     /// The `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
-    /// The `Stripe-Version` header (recorded, never required).
+    /// The `Stripe-Version` header.
     pub stripe_version: Option<String>,
 }
 

@@ -149,6 +149,47 @@ impl StripeError {
     }
 }
 
+/// A `Stripe-Version` this gateway speaks, by the parameters that differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    /// [`super::DEFAULT_STRIPE_VERSION`] and before the endive release: PaymentIntents
+    /// take `payment_method_types[]`.
+    Legacy,
+    /// `2026-09-30.endive` and later: the parameter is `allowed_payment_method_types[]`.
+    Endive,
+}
+
+impl ApiVersion {
+    /// The version a request asks for with its `Stripe-Version` header; without one, the
+    /// account's default ([`super::DEFAULT_STRIPE_VERSION`]). One this gateway does not
+    /// list is a 400, as Stripe refuses a version it does not know.
+    pub fn of_header(header: Option<&[u8]>) -> Result<ApiVersion, ApiResponse> {
+        let Some(raw) = header else {
+            return Ok(ApiVersion::Legacy);
+        };
+        let text = std::str::from_utf8(raw).unwrap_or("").trim();
+        if !super::STRIPE_VERSIONS.contains(&text) {
+            let shown: String = text.chars().take(64).collect();
+            return Err(ApiResponse::invalid(StripeError::invalid_request(format!(
+                "Invalid Stripe API version: {shown}"
+            ))));
+        }
+        Ok(if text.ends_with(".endive") {
+            ApiVersion::Endive
+        } else {
+            ApiVersion::Legacy
+        })
+    }
+
+    /// The PaymentIntent parameter listing the payment method types.
+    pub fn payment_method_types(self) -> &'static str {
+        match self {
+            ApiVersion::Legacy => "payment_method_types",
+            ApiVersion::Endive => "allowed_payment_method_types",
+        }
+    }
+}
+
 /// Stripe's name for a brand (`payment_method.card.brand`).
 pub fn brand_name(brand: crate::card::Brand) -> &'static str {
     use crate::card::Brand;
@@ -217,6 +258,28 @@ mod tests {
         assert!(
             ApiResponse::error(StatusCode::INTERNAL_SERVER_ERROR, StripeError::api("x")).is_saved()
         );
+    }
+
+    #[test]
+    fn versions_are_the_listed_ones_and_absent_means_the_default() {
+        assert_eq!(ApiVersion::of_header(None).unwrap(), ApiVersion::Legacy);
+        assert_eq!(
+            ApiVersion::of_header(Some(b"2024-06-20")).unwrap(),
+            ApiVersion::Legacy
+        );
+        for endive in [&b"2026-09-30.endive"[..], b"2026-10-28.endive"] {
+            assert_eq!(
+                ApiVersion::of_header(Some(endive)).unwrap(),
+                ApiVersion::Endive
+            );
+        }
+        let refused = ApiVersion::of_header(Some(b"2026-10-29.endive")).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused.body["error"]["message"],
+            "Invalid Stripe API version: 2026-10-29.endive"
+        );
+        assert!(!refused.is_saved());
     }
 
     #[test]
