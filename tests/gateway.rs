@@ -275,12 +275,54 @@ async fn stripe_maps_every_declining_test_card_to_its_decline_code() {
 }
 
 #[tokio::test]
-async fn stripe_reports_a_card_needing_3ds_as_requires_action() {
+async fn stripe_reports_a_card_needing_3ds_as_requires_action_with_its_next_action() {
     let h = Harness::start().await;
     let stripe = connector(h.stripe());
     let outcome = charge(stripe.as_ref(), cards::REQUIRES_ACTION, "order-3ds").await;
     assert_eq!(outcome.status, ChargeStatus::RequiresAction, "{outcome:?}");
-    assert!(outcome.payment_id.is_some());
+    let id = outcome.payment_id.clone().expect("the intent");
+    let intent = h.gateway.payment_intent(&id).expect("stored");
+    let action = outcome.action.expect("what the front end needs");
+    assert_eq!(
+        action.kind.as_deref(),
+        intent["next_action"]["type"].as_str()
+    );
+    assert_eq!(
+        action.client_secret.as_deref(),
+        intent["client_secret"].as_str()
+    );
+    let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
+    assert_eq!(details, intent["next_action"]);
+}
+
+#[tokio::test]
+async fn the_charge_id_can_go_into_the_description_too() {
+    let h = Harness::start().await;
+    let stripe = connector(GatewaySettings {
+        charge_id_in_description: true,
+        ..h.stripe()
+    });
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    for (key, description, expected) in [
+        ("ch_desc1", "order 42", "order 42 [ch_desc1]"),
+        ("ch_desc2", "", "ch_desc2"),
+    ] {
+        let outcome = stripe
+            .charge(
+                &card(&pan, Some("123")),
+                &ChargeParams {
+                    description,
+                    ..params(key)
+                },
+            )
+            .await;
+        assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+        let intent = h
+            .gateway
+            .payment_intent(outcome.payment_id.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(intent["description"], expected);
+    }
 }
 
 #[tokio::test]
