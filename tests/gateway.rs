@@ -275,12 +275,54 @@ async fn stripe_maps_every_declining_test_card_to_its_decline_code() {
 }
 
 #[tokio::test]
-async fn stripe_reports_a_card_needing_3ds_as_requires_action() {
+async fn stripe_reports_a_card_needing_3ds_as_requires_action_with_its_next_action() {
     let h = Harness::start().await;
     let stripe = connector(h.stripe());
     let outcome = charge(stripe.as_ref(), cards::REQUIRES_ACTION, "order-3ds").await;
     assert_eq!(outcome.status, ChargeStatus::RequiresAction, "{outcome:?}");
-    assert!(outcome.payment_id.is_some());
+    let id = outcome.payment_id.clone().expect("the intent");
+    let intent = h.gateway.payment_intent(&id).expect("stored");
+    let action = outcome.action.expect("what the front end needs");
+    assert_eq!(
+        action.kind.as_deref(),
+        intent["next_action"]["type"].as_str()
+    );
+    assert_eq!(
+        action.client_secret.as_deref(),
+        intent["client_secret"].as_str()
+    );
+    let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
+    assert_eq!(details, intent["next_action"]);
+}
+
+#[tokio::test]
+async fn the_charge_id_can_go_into_the_description_too() {
+    let h = Harness::start().await;
+    let stripe = connector(GatewaySettings {
+        charge_id_in_description: true,
+        ..h.stripe()
+    });
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    for (key, description, expected) in [
+        ("ch_desc1", "order 42", "order 42 [ch_desc1]"),
+        ("ch_desc2", "", "ch_desc2"),
+    ] {
+        let outcome = stripe
+            .charge(
+                &card(&pan, Some("123")),
+                &ChargeParams {
+                    description,
+                    ..params(key)
+                },
+            )
+            .await;
+        assert_eq!(outcome.status, ChargeStatus::Succeeded, "{outcome:?}");
+        let intent = h
+            .gateway
+            .payment_intent(outcome.payment_id.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(intent["description"], expected);
+    }
 }
 
 #[tokio::test]
@@ -811,6 +853,207 @@ async fn serve_tls(pki: &pki::Pki, app: Router) -> String {
         let _ = axum::serve(listener, app).await;
     });
     format!("https://{addr}")
+}
+
+/// One request a [`stripe_operations_server`] received.
+#[derive(Debug, Clone)]
+struct OperationRequest {
+    path: String,
+    idempotency_key: Option<String>,
+    form: Vec<(String, String)>,
+}
+
+/// A Stripe-shaped server for capture, cancel and refund: `pi_busy` is answered 409, `pi_gone`
+/// 400, `pi_down` 503; anything else as Stripe does when it worked.
+async fn stripe_operations_server(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<OperationRequest>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let log = received.clone();
+    let app = Router::new().fallback(post(
+        move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+            let log = log.clone();
+            async move {
+                let form: Vec<(String, String)> = url_form(&body);
+                let path = uri.path().to_owned();
+                log.lock().unwrap().push(OperationRequest {
+                    path: path.clone(),
+                    idempotency_key: headers
+                        .get("idempotency-key")
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    form: form.clone(),
+                });
+                let field = |name: &str| {
+                    form.iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let intent = path
+                    .strip_prefix("/v1/payment_intents/")
+                    .and_then(|rest| rest.split('/').next())
+                    .map(str::to_owned)
+                    .or_else(|| field("payment_intent"))
+                    .unwrap_or_default();
+                let (status, answer) = match intent.as_str() {
+                    "pi_busy" => (
+                        StatusCode::CONFLICT,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "idempotency_key_in_use",
+                                         "message": "There is currently another in-progress request using this Idempotent Key"}}),
+                    ),
+                    "pi_gone" => (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "payment_intent_unexpected_state",
+                                         "message": "This PaymentIntent's status is canceled."}}),
+                    ),
+                    "pi_down" => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"error": {"type": "api_error", "message": "try later"}}),
+                    ),
+                    _ if path.ends_with("/capture") => (
+                        StatusCode::OK,
+                        json!({"id": intent, "object": "payment_intent", "status": "succeeded",
+                               "amount_received": field("amount_to_capture")
+                                   .map_or(1999, |a| a.parse::<u64>().unwrap())}),
+                    ),
+                    _ if path.ends_with("/cancel") => (
+                        StatusCode::OK,
+                        json!({"id": intent, "object": "payment_intent", "status": "canceled"}),
+                    ),
+                    _ => (
+                        StatusCode::OK,
+                        json!({"id": "re_1", "object": "refund", "status": "pending",
+                               "amount": field("amount").map_or(1999, |a| a.parse::<u64>().unwrap())}),
+                    ),
+                };
+                (status, answer.to_string())
+            }
+        },
+    ));
+    (serve_tls(pki, app).await, received)
+}
+
+/// A form body's pairs, decoded.
+fn url_form(body: &[u8]) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn stripe_capture_cancel_and_refund_send_the_documented_requests() {
+    let h = Harness::start().await;
+    let (url, received) = stripe_operations_server(&h.pki).await;
+    let stripe = connector(GatewaySettings {
+        base_url: url,
+        ..h.stripe()
+    });
+    let operation = |kind, payment_id, amount, key| Operation {
+        kind,
+        payment_id,
+        amount,
+        currency: "EUR",
+        charge_id: "ch_ops",
+        idempotency_key: key,
+    };
+    let captured = stripe
+        .operate(&operation(
+            OperationKind::Capture,
+            "pi_ok",
+            Some(1500),
+            "op_1",
+        ))
+        .await;
+    assert_eq!(captured.status, OperationStatus::Succeeded, "{captured:?}");
+    assert_eq!(
+        (captured.gateway_id.as_deref(), captured.amount),
+        (Some("pi_ok"), Some(1500))
+    );
+    let canceled = stripe
+        .operate(&operation(OperationKind::Cancel, "pi_ok", None, "op_2"))
+        .await;
+    assert_eq!(canceled.status, OperationStatus::Succeeded, "{canceled:?}");
+    let refunded = stripe
+        .operate(&operation(
+            OperationKind::Refund,
+            "pi_ok",
+            Some(700),
+            "op_3",
+        ))
+        .await;
+    assert_eq!(
+        refunded.status,
+        OperationStatus::Succeeded,
+        "pending counts"
+    );
+    assert_eq!(
+        (refunded.gateway_id.as_deref(), refunded.amount),
+        (Some("re_1"), Some(700))
+    );
+
+    let requests = received.lock().unwrap().clone();
+    let shape: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            (
+                r.path.as_str(),
+                r.idempotency_key.as_deref(),
+                r.form.clone(),
+            )
+        })
+        .collect();
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        shape,
+        [
+            (
+                "/v1/payment_intents/pi_ok/capture",
+                Some("op_1"),
+                pairs(&[("amount_to_capture", "1500")])
+            ),
+            ("/v1/payment_intents/pi_ok/cancel", Some("op_2"), vec![]),
+            (
+                "/v1/refunds",
+                Some("op_3"),
+                pairs(&[
+                    ("payment_intent", "pi_ok"),
+                    ("amount", "700"),
+                    ("metadata[cardvault_charge_id]", "ch_ops")
+                ])
+            ),
+        ]
+    );
+
+    for (payment_id, status) in [
+        ("pi_busy", OperationStatus::Unknown),
+        ("pi_down", OperationStatus::Unknown),
+        ("pi_gone", OperationStatus::Failed),
+    ] {
+        let outcome = stripe
+            .operate(&operation(OperationKind::Refund, payment_id, None, "op_4"))
+            .await;
+        assert_eq!(outcome.status, status, "{payment_id}: {outcome:?}");
+        assert!(outcome.message.is_some());
+    }
+    let refused = stripe
+        .operate(&operation(
+            OperationKind::Capture,
+            "pi_../refunds",
+            None,
+            "op_5",
+        ))
+        .await;
+    assert_eq!(refused.status, OperationStatus::Failed);
+    assert_eq!(
+        received.lock().unwrap().len(),
+        6,
+        "the odd id was never sent"
+    );
 }
 
 #[tokio::test]

@@ -10,12 +10,12 @@
 //! - `connect_timeout` bounds TCP connect plus TLS handshake. `timeout` bounds a whole call of
 //!   a connector (every exchange of one charge, lookup or operation together): each exchange
 //!   gets what is left of its [`Deadline`], reading the body included, so a two-step charge
-//!   cannot take twice the time the caller's own deadline was set against. The body is read chunk by chunk and refused past
-//!   `max_response_bytes` ([`Failure::TooLarge`]), so a hostile gateway cannot make us buffer
-//!   gigabytes.
+//!   cannot take twice the time the caller's own deadline was set against.
+//! - The body is read chunk by chunk and refused past `max_response_bytes`
+//!   ([`Failure::TooLarge`]), so a hostile gateway cannot make us buffer gigabytes.
 //!
 //! What a failure means for a charge is the connector's call (see the [module
-//! docs](super)): only [`Failure::Unreachable`] proves the request was not sent.
+//! docs](super)): only [`Failure::not_sent`] failures prove the request was not sent.
 
 use std::{
     fs,
@@ -64,13 +64,6 @@ pub(crate) enum Failure {
     OutOfTime,
 }
 
-impl Failure {
-    /// Whether the request certainly never reached the gateway.
-    pub(crate) fn not_sent(self) -> bool {
-        matches!(self, Failure::Unreachable | Failure::OutOfTime)
-    }
-}
-
 /// When one connector call (all its HTTP exchanges together) must be over.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline(Instant);
@@ -90,6 +83,11 @@ impl Deadline {
 }
 
 impl Failure {
+    /// Whether the request certainly never reached the gateway.
+    pub(crate) fn not_sent(self) -> bool {
+        matches!(self, Failure::Unreachable | Failure::OutOfTime)
+    }
+
     /// Our message for an outcome, naming no URL and no data.
     pub(crate) fn message(self) -> &'static str {
         match self {

@@ -747,6 +747,7 @@ async fn observed(
                 http_status = outcome.http_status,
                 latency_ms,
                 idempotency_key_suffix = key,
+                resend = params.resend,
                 "gateway charge"
             );
         }
@@ -757,6 +758,7 @@ async fn observed(
                 http_status = outcome.http_status,
                 latency_ms,
                 idempotency_key_suffix = key,
+                resend = params.resend,
                 reason = outcome.message.as_deref().unwrap_or(""),
                 "gateway charge"
             );

@@ -281,36 +281,12 @@ impl StripeConnector {
             Ok(headers) => headers,
             Err(outcome) => return (outcome, false),
         };
-        let amount = params.amount.to_string();
-        let currency = params.currency.to_ascii_lowercase();
-        let description = match (self.charge_id_in_description, params.description) {
-            (false, description) => description.to_owned(),
-            (true, "") => params.idempotency_key.to_owned(),
-            (true, description) => format!("{description} [{}]", params.idempotency_key),
-        };
-        let callers: Vec<(String, &str)> = params
-            .metadata
-            .iter()
-            .filter(|(k, _)| k != CHARGE_ID_METADATA)
-            .map(|(k, v)| (format!("metadata[{k}]"), v.as_str()))
-            .collect();
-        let tag = format!("metadata[{CHARGE_ID_METADATA}]");
-        let mut pairs = vec![
-            ("amount", amount.as_str()),
-            ("currency", currency.as_str()),
-            ("payment_method", payment_method),
-            ("confirm", "true"),
-            ("capture_method", params.capture.as_str()),
-            (self.payment_method_types, "card"),
-        ];
-        if !description.is_empty() {
-            pairs.push(("description", description.as_str()));
-        }
-        for (key, value) in &callers {
-            pairs.push((key.as_str(), value));
-        }
-        pairs.push((tag.as_str(), params.idempotency_key));
-        let body = encode::form_body(&pairs);
+        let body = payment_intent_body(
+            payment_method,
+            params,
+            self.payment_method_types,
+            self.charge_id_in_description,
+        );
         match self
             .http
             .send(
@@ -544,6 +520,46 @@ impl StripeConnector {
             },
         }
     }
+}
+
+/// Step 2's form body: the same bytes for the same charge, so a re-send matches the first
+/// send's parameters as Stripe's idempotency check demands.
+fn payment_intent_body(
+    payment_method: &str,
+    params: &ChargeParams<'_>,
+    payment_method_types: &str,
+    charge_id_in_description: bool,
+) -> Zeroizing<Vec<u8>> {
+    let amount = params.amount.to_string();
+    let currency = params.currency.to_ascii_lowercase();
+    let description = match (charge_id_in_description, params.description) {
+        (false, description) => description.to_owned(),
+        (true, "") => params.idempotency_key.to_owned(),
+        (true, description) => format!("{description} [{}]", params.idempotency_key),
+    };
+    let callers: Vec<(String, &str)> = params
+        .metadata
+        .iter()
+        .filter(|(k, _)| k != CHARGE_ID_METADATA)
+        .map(|(k, v)| (format!("metadata[{k}]"), v.as_str()))
+        .collect();
+    let tag = format!("metadata[{CHARGE_ID_METADATA}]");
+    let mut pairs = vec![
+        ("amount", amount.as_str()),
+        ("currency", currency.as_str()),
+        ("payment_method", payment_method),
+        ("confirm", "true"),
+        ("capture_method", params.capture.as_str()),
+        (payment_method_types, "card"),
+    ];
+    if !description.is_empty() {
+        pairs.push(("description", description.as_str()));
+    }
+    for (key, value) in &callers {
+        pairs.push((key.as_str(), value));
+    }
+    pairs.push((tag.as_str(), params.idempotency_key));
+    encode::form_body(&pairs)
 }
 
 /// `outcome` of a re-send that says nothing about the payment itself: Unknown, saying why.
@@ -1372,5 +1388,43 @@ mod tests {
             .status,
             OperationStatus::Unknown
         );
+    }
+
+    #[test]
+    fn the_intent_body_names_the_version_parameter_and_tags_the_charge_last() {
+        let metadata = [
+            ("order".to_owned(), "42".to_owned()),
+            (CHARGE_ID_METADATA.to_owned(), "spoofed".to_owned()),
+        ];
+        let params = ChargeParams {
+            amount: 1999,
+            currency: "EUR",
+            capture: super::super::Capture::Manual,
+            description: "order 42",
+            metadata: &metadata,
+            idempotency_key: "ch_1",
+            resend: false,
+        };
+        let body = |types, in_description| {
+            String::from_utf8(payment_intent_body("pm_1", &params, types, in_description).to_vec())
+                .unwrap()
+        };
+        assert_eq!(
+            body("payment_method_types[0]", false),
+            "amount=1999&currency=eur&payment_method=pm_1&confirm=true&capture_method=manual&\
+             payment_method_types%5B0%5D=card&description=order+42&metadata%5Border%5D=42&\
+             metadata%5Bcardvault_charge_id%5D=ch_1"
+        );
+        let endive = body(
+            payment_method_types_param("2026-10-28.endive").unwrap(),
+            true,
+        );
+        assert!(
+            endive.contains("&allowed_payment_method_types%5B0%5D=card&")
+                && !endive.contains("&payment_method_types")
+                && endive.contains("description=order+42+%5Bch_1%5D"),
+            "{endive}"
+        );
+        assert!(!endive.contains("spoofed"), "the caller cannot set the tag");
     }
 }
