@@ -1157,6 +1157,204 @@ async fn the_generic_endpoint_hands_back_a_challenge_for_the_3ds_card() {
     assert!(!answer.body.to_string().contains(cards::REQUIRES_ACTION));
 }
 
+fn capture_path(id: &str) -> String {
+    format!("{}/{id}/capture", paths::PAYMENT_INTENTS)
+}
+
+fn cancel_path(id: &str) -> String {
+    format!("{}/{id}/cancel", paths::PAYMENT_INTENTS)
+}
+
+#[tokio::test]
+async fn capture_takes_a_manual_intent_to_succeeded_once_and_idempotently() {
+    let h = Harness::start().await;
+    let manual = h.charge(cards::SUCCESS, "manual").await;
+    let id = manual.body["id"].as_str().unwrap();
+
+    let too_much = h
+        .post(
+            &capture_path(id),
+            &[("amount_to_capture", "1235")],
+            Some("cap-1"),
+        )
+        .await;
+    assert_eq!(too_much.status, StatusCode::BAD_REQUEST);
+    assert_eq!(too_much.error()["code"], "amount_too_large");
+    assert_eq!(too_much.error()["param"], "amount_to_capture");
+
+    let captured = h
+        .post(
+            &capture_path(id),
+            &[("amount_to_capture", "1000")],
+            Some("cap-1"),
+        )
+        .await;
+    assert_eq!(captured.status, StatusCode::OK, "{}", captured.body);
+    assert!(!captured.replayed(), "the refused attempt saved nothing");
+    assert_eq!(captured.body["id"], id);
+    assert_eq!(captured.body["status"], "succeeded");
+    assert_eq!(captured.body["amount_received"], 1000);
+    assert_eq!(captured.body["amount_capturable"], 0);
+    assert_eq!(h.gateway.payment_intent(id).unwrap(), captured.body);
+
+    let replay = h
+        .post(
+            &capture_path(id),
+            &[("amount_to_capture", "1000")],
+            Some("cap-1"),
+        )
+        .await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, captured.body);
+
+    let twice = h.post(&capture_path(id), &[], Some("cap-2")).await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert_eq!(twice.error()["type"], "invalid_request_error");
+    assert_eq!(twice.error()["code"], "payment_intent_unexpected_state");
+    assert_eq!(twice.error()["payment_intent"]["status"], "succeeded");
+
+    let automatic = h.charge(cards::SUCCESS, "automatic").await;
+    let auto_id = automatic.body["id"].as_str().unwrap();
+    let refused = h.post(&capture_path(auto_id), &[], None).await;
+    assert_eq!(refused.error()["code"], "payment_intent_unexpected_state");
+
+    // Without an amount, all that is capturable.
+    let whole = h.charge(cards::SUCCESS, "manual").await;
+    let whole_id = whole.body["id"].as_str().unwrap();
+    let all = h.post(&capture_path(whole_id), &[], None).await;
+    assert_eq!(all.body["amount_received"], 1234);
+
+    let missing = h.post(&capture_path("pi_nope"), &[], None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.error()["code"], "resource_missing");
+}
+
+#[tokio::test]
+async fn cancel_takes_an_unpaid_or_uncaptured_intent_to_canceled_but_not_a_succeeded_one() {
+    let h = Harness::start().await;
+    let manual = h.charge(cards::SUCCESS, "manual").await;
+    let id = manual.body["id"].as_str().unwrap();
+    let params = [("cancellation_reason", "requested_by_customer")];
+    let canceled = h.post(&cancel_path(id), &params, Some("void-1")).await;
+    assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
+    assert_eq!(canceled.body["status"], "canceled");
+    assert_eq!(
+        canceled.body["cancellation_reason"],
+        "requested_by_customer"
+    );
+    assert!(canceled.body["canceled_at"].is_i64());
+    assert_eq!(canceled.body["amount_capturable"], 0);
+    assert_eq!(canceled.body["amount_received"], 0);
+    let replay = h.post(&cancel_path(id), &params, Some("void-1")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, canceled.body);
+    assert_eq!(h.stats().executed_on(&cancel_path(id)), 1);
+
+    // A canceled intent cannot be captured.
+    let capture = h.post(&capture_path(id), &[], None).await;
+    assert_eq!(capture.error()["code"], "payment_intent_unexpected_state");
+
+    let action = h.charge(cards::REQUIRES_ACTION, "automatic").await;
+    let action_id = action.body["id"].as_str().unwrap();
+    let canceled = h.post(&cancel_path(action_id), &[], None).await;
+    assert_eq!(canceled.body["status"], "canceled");
+    assert!(canceled.body["next_action"].is_null());
+
+    let declined = h.charge(cards::DECLINED, "automatic").await;
+    let declined_id = declined.error()["payment_intent"]["id"].as_str().unwrap();
+    let canceled = h.post(&cancel_path(declined_id), &[], None).await;
+    assert_eq!(canceled.body["status"], "canceled");
+
+    let paid = h.charge(cards::SUCCESS, "automatic").await;
+    let paid_id = paid.body["id"].as_str().unwrap();
+    let refused = h.post(&cancel_path(paid_id), &[], None).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error()["code"], "payment_intent_unexpected_state");
+    assert_eq!(
+        h.gateway.payment_intent(paid_id).unwrap()["status"],
+        "succeeded"
+    );
+
+    let bad_reason = h
+        .post(
+            &cancel_path(paid_id),
+            &[("cancellation_reason", "bored")],
+            None,
+        )
+        .await;
+    assert_eq!(bad_reason.error()["param"], "cancellation_reason");
+}
+
+#[tokio::test]
+async fn refunds_never_exceed_what_was_received_and_replay_under_their_key() {
+    let h = Harness::start().await;
+    let paid = h.charge(cards::SUCCESS, "automatic").await;
+    let id = paid.body["id"].as_str().unwrap();
+    let part = [
+        ("payment_intent", id),
+        ("amount", "234"),
+        ("reason", "requested_by_customer"),
+        ("metadata[charge_id]", "ch_r"),
+    ];
+    let first = h.post(paths::REFUNDS, &part, Some("refund-1")).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_id(&first.body["id"], "re_");
+    assert_eq!(first.body["object"], "refund");
+    assert_eq!(first.body["status"], "succeeded");
+    assert_eq!(first.body["amount"], 234);
+    assert_eq!(first.body["currency"], "usd");
+    assert_eq!(first.body["payment_intent"], id);
+    assert_eq!(first.body["charge"], paid.body["latest_charge"]);
+    assert_eq!(first.body["reason"], "requested_by_customer");
+    assert_eq!(first.body["metadata"]["charge_id"], "ch_r");
+    let replay = h.post(paths::REFUNDS, &part, Some("refund-1")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, first.body);
+    assert_eq!(h.gateway.refunds_of(id).len(), 1);
+
+    let too_much = h
+        .post(
+            paths::REFUNDS,
+            &[("payment_intent", id), ("amount", "1001")],
+            None,
+        )
+        .await;
+    assert_eq!(too_much.status, StatusCode::BAD_REQUEST);
+    assert_eq!(too_much.error()["code"], "amount_too_large");
+
+    // Without an amount, what remains; named by the charge this time.
+    let charge = paid.body["latest_charge"].as_str().unwrap();
+    let rest = h.post(paths::REFUNDS, &[("charge", charge)], None).await;
+    assert_eq!(rest.status, StatusCode::OK, "{}", rest.body);
+    assert_eq!(rest.body["amount"], 1000);
+
+    let again = h
+        .post(paths::REFUNDS, &[("payment_intent", id)], None)
+        .await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    assert_eq!(again.error()["code"], "charge_already_refunded");
+    assert_eq!(h.gateway.refunds_of(id).len(), 2);
+
+    let refund_id = first.body["id"].as_str().unwrap();
+    let fetched = h.get(&format!("/v1/refunds/{refund_id}")).await;
+    assert_eq!(fetched.body, first.body);
+
+    let uncaptured = h.charge(cards::SUCCESS, "manual").await;
+    let uncaptured_id = uncaptured.body["id"].as_str().unwrap();
+    let refused = h
+        .post(paths::REFUNDS, &[("payment_intent", uncaptured_id)], None)
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.error()["code"], "payment_intent_unexpected_state");
+
+    let missing = h
+        .post(paths::REFUNDS, &[("payment_intent", "pi_nope")], None)
+        .await;
+    assert_eq!(missing.error()["code"], "resource_missing");
+    let neither = h.post(paths::REFUNDS, &[("amount", "1")], None).await;
+    assert_eq!(neither.error()["code"], "parameter_missing");
+}
+
 #[tokio::test]
 async fn get_payment_intent_returns_the_stored_intent() {
     let h = Harness::start().await;

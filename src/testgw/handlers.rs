@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::{
     Idempotent, KeyEntry, RecordedRequest, Shared, StoredCard, cards,
     form::{Form, segments},
-    paths,
+    lifecycle, paths,
     search::Query,
     stripe::{self, ApiResponse, ApiVersion, StripeError},
 };
@@ -30,18 +30,27 @@ const MAX_AMOUNT: i64 = 99_999_999;
 /// Chunk size of the streamed `/test/huge` body.
 const HUGE_CHUNK: usize = 64 * 1024;
 
-/// Which create endpoint a POST runs.
-#[derive(Debug, Clone, Copy)]
+/// Which endpoint a POST runs.
+#[derive(Debug, Clone)]
 enum Endpoint {
     PaymentMethod,
     PaymentIntent,
+    /// Captures the PaymentIntent with this id.
+    Capture(String),
+    /// Cancels the PaymentIntent with this id.
+    Cancel(String),
+    Refund,
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    /// The request path: the idempotency scope and the key of the counters.
+    fn path(&self) -> String {
         match self {
-            Endpoint::PaymentMethod => paths::PAYMENT_METHODS,
-            Endpoint::PaymentIntent => paths::PAYMENT_INTENTS,
+            Endpoint::PaymentMethod => paths::PAYMENT_METHODS.to_owned(),
+            Endpoint::PaymentIntent => paths::PAYMENT_INTENTS.to_owned(),
+            Endpoint::Capture(id) => format!("{}/{id}/capture", paths::PAYMENT_INTENTS),
+            Endpoint::Cancel(id) => format!("{}/{id}/cancel", paths::PAYMENT_INTENTS),
+            Endpoint::Refund => paths::REFUNDS.to_owned(),
         }
     }
 }
@@ -99,6 +108,57 @@ pub(super) async fn create_payment_intent(
     body: Bytes,
 ) -> Response {
     handle_post(gw, Endpoint::PaymentIntent, &headers, &body).await
+}
+
+/// `POST /v1/payment_intents/{id}/capture`.
+pub(super) async fn capture_payment_intent(
+    State(gw): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle_post(gw, Endpoint::Capture(id), &headers, &body).await
+}
+
+/// `POST /v1/payment_intents/{id}/cancel`.
+pub(super) async fn cancel_payment_intent(
+    State(gw): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle_post(gw, Endpoint::Cancel(id), &headers, &body).await
+}
+
+/// `POST /v1/refunds`.
+pub(super) async fn create_refund(
+    State(gw): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle_post(gw, Endpoint::Refund, &headers, &body).await
+}
+
+/// `GET /v1/refunds/{id}`.
+pub(super) async fn get_refund(
+    State(gw): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = stripe_api(&gw, &headers) {
+        return refused;
+    }
+    let found = gw
+        .lock()
+        .refunds
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .cloned();
+    let response = match found {
+        Some(refund) => ApiResponse::ok(refund),
+        None => not_such("refund", &id, "id"),
+    };
+    respond(&response, false, None)
 }
 
 /// `GET /v1/payment_intents/{id}`.
@@ -322,7 +382,7 @@ async fn handle_post(
     let fingerprint = form.fingerprint();
     let conflict = {
         let mut state = gw.lock();
-        let slot = (path.to_owned(), key.clone());
+        let slot = (path.clone(), key.clone());
         match state.idempotent(&slot, gw.idempotency_key_ttl) {
             None => {
                 state.idempotency.insert(
@@ -339,7 +399,7 @@ async fn handle_post(
                 state.replays += 1;
                 drop(state);
                 tracing::info!(
-                    path,
+                    %path,
                     status = saved.status.as_u16(),
                     "test gateway: replayed"
                 );
@@ -372,7 +432,7 @@ async fn handle_post(
     }
     let in_flight = InFlight {
         gw: gw.clone(),
-        slot: Some((path.to_owned(), key.clone())),
+        slot: Some((path, key.clone())),
     };
     let response = run(gw, endpoint, form, version, Some(in_flight)).await;
     respond(&response, false, Some(&key))
@@ -387,14 +447,14 @@ async fn run(
     version: ApiVersion,
     in_flight: Option<InFlight>,
 ) -> ApiResponse {
-    *gw.lock()
-        .executed
-        .entry(endpoint.path().to_owned())
-        .or_default() += 1;
+    *gw.lock().executed.entry(endpoint.path()).or_default() += 1;
     let task = tokio::spawn(async move {
         let response = match endpoint {
             Endpoint::PaymentMethod => create_pm(&gw, &form),
             Endpoint::PaymentIntent => create_pi(&gw, &form, version).await,
+            Endpoint::Capture(id) => lifecycle::capture(&gw, &id, &form),
+            Endpoint::Cancel(id) => lifecycle::cancel(&gw, &id, &form),
+            Endpoint::Refund => lifecycle::refund(&gw, &form),
         };
         if let Some(in_flight) = in_flight {
             in_flight.settle(&response);
@@ -521,7 +581,7 @@ fn respond(answer: &ApiResponse, replayed: bool, key: Option<&str>) -> Response 
 }
 
 /// `prefix` and 24 random base62 characters, as Stripe's ids look.
-fn new_id(prefix: &str) -> Result<String, ApiResponse> {
+pub(super) fn new_id(prefix: &str) -> Result<String, ApiResponse> {
     random_part(24).map(|random| format!("{prefix}{random}"))
 }
 
@@ -536,7 +596,7 @@ fn random_part(len: usize) -> Result<String, ApiResponse> {
 }
 
 /// 404 `resource_missing`.
-fn not_such(kind: &str, id: &str, param: &str) -> ApiResponse {
+pub(super) fn not_such(kind: &str, id: &str, param: &str) -> ApiResponse {
     ApiResponse::error(
         StatusCode::NOT_FOUND,
         StripeError::invalid_request(format!("No such {kind}: '{id}'"))
@@ -548,7 +608,7 @@ fn not_such(kind: &str, id: &str, param: &str) -> ApiResponse {
 /// 400 `parameter_unknown` for the first parameter the endpoint does not take, as Stripe
 /// refuses them. `scalars` take no brackets; `one_level` take exactly one (`metadata[k]`);
 /// `nested` take any.
-fn check_params(
+pub(super) fn check_params(
     form: &Form,
     scalars: &[&str],
     one_level: &[(&str, Option<&[&str]>)],
@@ -705,7 +765,7 @@ fn create_pm(gw: &Shared, form: &Form) -> ApiResponse {
 }
 
 /// `metadata[k]=v` pairs as an object; an empty value unsets a key, as in Stripe.
-fn metadata(form: &Form) -> Value {
+pub(super) fn metadata(form: &Form) -> Value {
     let map: Map<String, Value> = form
         .children("metadata")
         .into_iter()

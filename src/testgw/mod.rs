@@ -29,6 +29,20 @@
 //!   the `param`.
 //! - `GET /v1/payment_intents/{id}`, `GET /v1/payment_methods/{id}` — the stored object
 //!   (for reconciliation; `card.checks.cvc_check` says whether a CVC came with the card).
+//! - `POST /v1/payment_intents/{id}/capture` — optional `amount_to_capture` (at most
+//!   `amount_capturable`, else 400 `amount_too_large`), `metadata[…]`: `requires_capture` →
+//!   `succeeded` with `amount_received` set and `amount_capturable` 0 (the rest is
+//!   released); from any other status a 400 `payment_intent_unexpected_state` carrying the
+//!   intent.
+//! - `POST /v1/payment_intents/{id}/cancel` — optional `cancellation_reason`: from
+//!   `requires_payment_method`, `requires_capture`, `requires_confirmation` or
+//!   `requires_action` → `canceled` (`canceled_at`, `cancellation_reason`); otherwise a 400
+//!   `payment_intent_unexpected_state`.
+//! - `POST /v1/refunds` — `payment_intent` (or its `charge`), optional `amount` (all that
+//!   remains by default), `reason`, `metadata[…]` → a Refund (`re_…`, `status: succeeded`).
+//!   Only a `succeeded` intent (else 400 `payment_intent_unexpected_state`); more than
+//!   remains is a 400 `amount_too_large`, nothing left a 400 `charge_already_refunded`.
+//!   `GET /v1/refunds/{id}` returns one.
 //! - `GET /v1/payment_intents/search?query=…` (`limit` 1–100, default 10; `page` from an
 //!   answer's `next_page`) — Stripe's search result object `{"object": "search_result",
 //!   "url": "/v1/payment_intents/search", "has_more": …, "next_page": …, "data": […]}`,
@@ -51,18 +65,19 @@
 //!
 //! # Idempotency
 //!
-//! As Stripe documents it: an `Idempotency-Key` header on a POST saves the answer under
-//! (path, key) — paths standing in for Stripe's per-account scope — once the endpoint has
-//! begun executing, 402 declines and 500s included (a 400 from validation saves nothing). A repeat
-//! with the same parameters gets the saved answer again (same ids, same status) with
-//! `Idempotent-Replayed: true` and does nothing; different parameters get a 400
-//! `idempotency_error`; a repeat while the first is still running (the hang card) gets a
-//! 409 `invalid_request_error` with code `idempotency_key_in_use`, Stripe's shape for it (a
-//! client must take any 409 as "not known yet, try again later"). The endpoint runs in a
-//! task of its own, so a client that times out does not stop it: its answer is saved and a
-//! later retry replays it. A key is forgotten [`TestGatewayOptions::idempotency_key_ttl`]
-//! after its first use (Stripe prunes keys once they are at least 24 hours old): a repeat
-//! after that runs the endpoint afresh — with the same parameters, a second PaymentIntent.
+//! As Stripe documents it, for every `/v1` POST alike: an `Idempotency-Key` header saves
+//! the answer under (path, key) — paths standing in for Stripe's per-account scope — once
+//! the endpoint has begun executing, 402 declines and 500s included (a 400 from validation
+//! or from the intent's state saves nothing). A repeat with the same parameters gets the
+//! saved answer again (same ids, same status) with `Idempotent-Replayed: true` and does
+//! nothing; different parameters get a 400 `idempotency_error`; a repeat while the first is
+//! still running (the hang card) gets a 409 `invalid_request_error` with code
+//! `idempotency_key_in_use`, Stripe's shape for it (a client must take any 409 as "not known
+//! yet, try again later"). The endpoint runs in a task of its own, so a client that times
+//! out does not stop it: its answer is saved and a later retry replays it. A key is
+//! forgotten [`TestGatewayOptions::idempotency_key_ttl`] after its first use (Stripe prunes
+//! keys once they are at least 24 hours old): a repeat after that runs the endpoint afresh —
+//! with the same parameters, a second PaymentIntent.
 //!
 //! # Misbehaviour for the outbound-safety tests
 //!
@@ -75,7 +90,10 @@
 //!
 //! [`TestGateway::stats`] counts POSTs per path, executions and replays and distinct
 //! idempotency keys; [`TestGateway::requests`] logs method, path, idempotency key and
-//! `Stripe-Version` of every request. Neither ever holds card data, and logs (`tracing`)
+//! `Stripe-Version` of every request; [`TestGateway::payment_intent`],
+//! [`TestGateway::payment_intents_with_metadata`] and [`TestGateway::refunds_of`] show the
+//! stored objects, so a test can count the PaymentIntents made for one charge. None of
+//! them ever holds card data, and logs (`tracing`)
 //! name only ids and statuses: card numbers and CVCs live only in the in-memory
 //! PaymentMethods, as [`crate::card::Pan`] and [`crate::card::Cvc`] (zeroized, redacted).
 //!
@@ -92,6 +110,7 @@ pub mod cards;
 mod cli;
 mod form;
 mod handlers;
+mod lifecycle;
 mod search;
 mod stripe;
 
@@ -156,6 +175,8 @@ pub mod paths {
     pub const PAYMENT_INTENTS: &str = "/v1/payment_intents";
     /// Searches PaymentIntents (`GET`).
     pub const PAYMENT_INTENTS_SEARCH: &str = "/v1/payment_intents/search";
+    /// Refunds succeeded PaymentIntents.
+    pub const REFUNDS: &str = "/v1/refunds";
     /// Answers with a redirect.
     pub const TEST_REDIRECT: &str = "/test/redirect";
     /// Answers with an oversized body.
@@ -407,6 +428,17 @@ impl TestGateway {
             .collect()
     }
 
+    /// The refunds of PaymentIntent `payment_intent`, oldest first.
+    pub fn refunds_of(&self, payment_intent: &str) -> Vec<Value> {
+        self.shared
+            .lock()
+            .refunds
+            .iter()
+            .filter(|refund| refund["payment_intent"] == payment_intent)
+            .cloned()
+            .collect()
+    }
+
     /// Stops accepting, lets requests in flight finish (hanging ones answer at once) and
     /// waits for open connections to close, at most a few seconds.
     pub async fn shutdown(mut self) {
@@ -462,6 +494,10 @@ struct State {
     payment_intents: HashMap<String, Value>,
     /// PaymentIntent ids in the order they were created.
     intent_order: Vec<String>,
+    /// Refunds, oldest first.
+    refunds: Vec<Value>,
+    /// The amount refunded so far, by PaymentIntent id.
+    refunded: HashMap<String, i64>,
     idempotency: HashMap<(String, String), KeyEntry>,
     posts: BTreeMap<String, u64>,
     executed: BTreeMap<String, u64>,
@@ -537,6 +573,16 @@ fn router(shared: Arc<Shared>) -> Router {
             get(h::search_payment_intents),
         )
         .route("/v1/payment_intents/{id}", get(h::get_payment_intent))
+        .route(
+            "/v1/payment_intents/{id}/capture",
+            post(h::capture_payment_intent),
+        )
+        .route(
+            "/v1/payment_intents/{id}/cancel",
+            post(h::cancel_payment_intent),
+        )
+        .route(paths::REFUNDS, post(h::create_refund))
+        .route("/v1/refunds/{id}", get(h::get_refund))
         .route(paths::TEST_REDIRECT, post(h::redirect))
         .route(paths::TEST_HUGE, post(h::huge))
         .route(paths::TEST_SLOW, post(h::slow))
