@@ -338,6 +338,23 @@ async fn a_payment_method_shows_brand_last4_and_expiry_but_never_the_number() {
 }
 
 #[tokio::test]
+async fn a_test_can_tell_which_cvc_a_payment_method_came_with_without_seeing_it() {
+    let h = Harness::start().await;
+    let with = h.payment_method(cards::SUCCESS).await;
+    assert_eq!(h.gateway.payment_method_cvc_is(&with, "123"), Some(true));
+    assert_eq!(h.gateway.payment_method_cvc_is(&with, "124"), Some(false));
+    let without: Vec<_> = card_params(cards::SUCCESS)
+        .into_iter()
+        .filter(|(k, _)| *k != "card[cvc]")
+        .collect();
+    let answer = h.post(paths::PAYMENT_METHODS, &without, None).await;
+    let id = answer.body["id"].as_str().unwrap();
+    assert!(answer.body["card"]["checks"]["cvc_check"].is_null());
+    assert_eq!(h.gateway.payment_method_cvc_is(id, "123"), Some(false));
+    assert_eq!(h.gateway.payment_method_cvc_is("pm_nope", "123"), None);
+}
+
+#[tokio::test]
 async fn missing_or_invalid_card_numbers_are_402_incorrect_number() {
     let h = Harness::start().await;
     let without: Vec<_> = card_params(cards::SUCCESS)
@@ -1441,6 +1458,74 @@ async fn requests_are_logged_with_keys_and_stripe_version_but_no_card_data() {
         !text.contains(cards::SUCCESS) && !text.contains("123"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn no_answer_log_or_stored_object_ever_holds_a_card_number_or_cvc() {
+    let h = Harness::start_with(Duration::from_millis(50), false).await;
+    let cvc = "8642";
+    let all = [
+        cards::SUCCESS,
+        cards::DECLINED,
+        cards::INSUFFICIENT_FUNDS,
+        cards::EXPIRED,
+        cards::INCORRECT_CVC,
+        cards::PROCESSING_ERROR,
+        cards::REQUIRES_ACTION,
+        cards::HANG,
+        cards::ANSWER_LOST,
+    ];
+    let mut seen = Vec::new();
+    for (n, card) in all.iter().enumerate() {
+        let mut params = card_params(card);
+        params[4] = ("card[cvc]", cvc);
+        params.push(("metadata[charge_id]", "ch_canary"));
+        let key = format!("canary-{n}");
+        let pm = h.post(paths::PAYMENT_METHODS, &params, Some(&key)).await;
+        let pm_id = pm.body["id"].as_str().unwrap().to_owned();
+        seen.push(pm.body);
+        let mut intent = intent_params(&pm_id, "manual");
+        intent.push(("metadata[charge_id]", "ch_canary"));
+        for _ in 0..2 {
+            let answer = h.post(paths::PAYMENT_INTENTS, &intent, Some(&key)).await;
+            seen.push(answer.body);
+        }
+    }
+    for intent in h
+        .gateway
+        .payment_intents_with_metadata("charge_id", "ch_canary")
+    {
+        let id = intent["id"].as_str().unwrap();
+        if intent["status"] == "requires_capture" {
+            let captured = h.post(&capture_path(id), &[], None).await;
+            let refund = h
+                .post(paths::REFUNDS, &[("payment_intent", id)], None)
+                .await;
+            seen.extend([captured.body, refund.body]);
+        } else {
+            seen.push(h.post(&cancel_path(id), &[], None).await.body);
+        }
+        seen.push(intent);
+    }
+    let search = h
+        .search(&[
+            ("query", "metadata['charge_id']:'ch_canary'"),
+            ("limit", "100"),
+        ])
+        .await;
+    assert_eq!(search.body["data"].as_array().unwrap().len(), all.len());
+    seen.push(search.body);
+    let text = format!(
+        "{} {:?} {:?} {:?}",
+        serde_json::to_string(&seen).unwrap(),
+        h.gateway.requests(),
+        h.stats(),
+        h.gateway
+    );
+    for card in all {
+        assert!(!text.contains(card), "{card} found");
+    }
+    assert!(!text.contains(cvc), "the CVC found");
 }
 
 #[tokio::test]

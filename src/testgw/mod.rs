@@ -428,6 +428,19 @@ impl TestGateway {
             .collect()
     }
 
+    /// Whether PaymentMethod `id` was created with CVC `cvc` (`Some(false)` also when it came
+    /// without one; `None` for an unknown id): how a test tells which CVC a re-send used,
+    /// without the gateway ever showing one.
+    pub fn payment_method_cvc_is(&self, id: &str, cvc: &str) -> Option<bool> {
+        let state = self.shared.lock();
+        let card = state.payment_methods.get(id)?;
+        Some(card.cvc.as_ref().is_some_and(|held| {
+            // Digests, so the comparison's timing says nothing about the CVC.
+            let digest = |text: &str| ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            digest(held.expose()).as_ref() == digest(cvc).as_ref()
+        }))
+    }
+
     /// The refunds of PaymentIntent `payment_intent`, oldest first.
     pub fn refunds_of(&self, payment_intent: &str) -> Vec<Value> {
         self.shared
@@ -510,11 +523,7 @@ struct State {
 struct StoredCard {
     pan: Pan,
     /// Kept as Stripe keeps it for the first charge; only its presence is ever shown
-    /// (`checks.cvc_check`).
-    #[allow(
-        dead_code,
-        reason = "held like Stripe holds it; test mode never checks it"
-    )]
+    /// (`checks.cvc_check`), and tests may ask whether it equals a given one.
     cvc: Option<Cvc>,
     /// The JSON returned for it: brand, last four digits, expiry.
     view: Value,
