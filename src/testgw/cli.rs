@@ -10,8 +10,8 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 use super::{TestGateway, TestGatewayOptions, cards};
 use crate::tls::TlsFiles;
 
-/// Runs a Stripe-compatible test payment gateway (test cards, idempotency keys) until
-/// Ctrl-C.
+/// Runs a Stripe-compatible test payment gateway (test cards, idempotency keys that expire,
+/// search, capture, cancel and refunds) until Ctrl-C.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TestGatewayArgs {
     /// Address to listen on; without TLS it must be loopback.
@@ -97,6 +97,12 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
         );
     }
     println!("  secret key: {}", gateway.secret_key());
+    println!(
+        "  Stripe-Version: {} (default {}); idempotency keys kept {} s",
+        super::STRIPE_VERSIONS.join(", "),
+        super::DEFAULT_STRIPE_VERSION,
+        args.idempotency_key_ttl_secs
+    );
     println!("  test cards (any future expiry, any CVC):");
     for (card, outcome) in [
         (
@@ -124,4 +130,34 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
     shutdown.await;
     gateway.shutdown().await;
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TestGatewayArgs,
+    }
+
+    #[test]
+    fn keys_are_kept_a_day_unless_told_otherwise() {
+        let default = Cli::try_parse_from(["test-gateway"]).unwrap().args;
+        assert_eq!(default.idempotency_key_ttl_secs, 24 * 60 * 60);
+        assert_eq!(
+            Duration::from_secs(default.idempotency_key_ttl_secs),
+            super::super::DEFAULT_IDEMPOTENCY_KEY_TTL
+        );
+        let short = Cli::try_parse_from(["test-gateway", "--idempotency-key-ttl-secs", "2"])
+            .unwrap()
+            .args;
+        assert_eq!(short.idempotency_key_ttl_secs, 2);
+        assert!(
+            Cli::try_parse_from(["test-gateway", "--idempotency-key-ttl-secs", "soon"]).is_err()
+        );
+    }
 }
