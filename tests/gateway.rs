@@ -1705,6 +1705,9 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             .await;
         outcomes.push(format!("{found:?}"));
     }
+    let absent = stripe.lookup(&by_charge_id("canary-6")).await;
+    assert!(matches!(absent, Lookup::NotFound { .. }), "{absent:?}");
+    outcomes.push(format!("{absent:?}"));
     let refund = stripe
         .operate(&Operation {
             kind: OperationKind::Refund,
@@ -1730,6 +1733,14 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
     assert!(
         logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"nary-4\""),
         "the lookups were logged"
+    );
+    assert!(
+        logs.contains("charge_id_suffix=\"nary-6\"") && logs.contains("…nary-6"),
+        "the absent charge's lookup was logged with its evidence"
+    );
+    assert!(
+        !logs.contains("canary-4") && !logs.contains("canary-6"),
+        "logs name a charge by the end of its id only"
     );
     // Every card number any test here uses, the canary CVC and the API key: none may
     // appear, whichever test logged it.
