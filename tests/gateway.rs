@@ -287,10 +287,9 @@ async fn stripe_reports_a_card_needing_3ds_as_requires_action_with_its_next_acti
         action.kind.as_deref(),
         intent["next_action"]["type"].as_str()
     );
-    assert_eq!(
-        action.client_secret.as_deref(),
-        intent["client_secret"].as_str()
-    );
+    let secret = action.client_secret.as_deref().expect("a client secret");
+    assert!(secret.starts_with(&format!("{id}_secret_")), "{secret}");
+    assert_eq!(Some(secret), intent["client_secret"].as_str());
     let details: Value = serde_json::from_str(action.details_json.as_deref().unwrap()).unwrap();
     assert_eq!(details, intent["next_action"]);
 }
@@ -775,6 +774,46 @@ async fn lookup_of_an_unreachable_gateway_is_unavailable_and_generic_without_loo
         .await;
     assert_eq!(refused.status, OperationStatus::Failed);
     assert!(stripe.supports(OperationKind::Capture) && stripe.supports(OperationKind::Cancel));
+}
+
+#[tokio::test]
+async fn a_configured_endive_version_charges_with_its_own_parameter_names() {
+    let h = Harness::start().await;
+    for version in ["2026-09-30.endive", "2026-10-28.endive"] {
+        let stripe = connector(GatewaySettings {
+            stripe_version: Some(version.to_owned()),
+            ..h.stripe()
+        });
+        let key = format!("order-{version}");
+        let outcome = charge(stripe.as_ref(), cards::SUCCESS, &key).await;
+        assert_eq!(
+            outcome.status,
+            ChargeStatus::Succeeded,
+            "{version}: {outcome:?}"
+        );
+        let intent = h
+            .gateway
+            .payment_intent(outcome.payment_id.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(intent["status"], "succeeded");
+    }
+    let posts: Vec<_> = h
+        .gateway
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 4);
+    assert!(
+        posts[..2]
+            .iter()
+            .all(|p| p.stripe_version.as_deref() == Some("2026-09-30.endive"))
+    );
+    assert!(
+        posts[2..]
+            .iter()
+            .all(|p| p.stripe_version.as_deref() == Some("2026-10-28.endive"))
+    );
 }
 
 #[tokio::test]
@@ -1666,6 +1705,9 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             .await;
         outcomes.push(format!("{found:?}"));
     }
+    let absent = stripe.lookup(&by_charge_id("canary-6")).await;
+    assert!(matches!(absent, Lookup::NotFound { .. }), "{absent:?}");
+    outcomes.push(format!("{absent:?}"));
     let refund = stripe
         .operate(&Operation {
             kind: OperationKind::Refund,
@@ -1691,6 +1733,14 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
     assert!(
         logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"nary-4\""),
         "the lookups were logged"
+    );
+    assert!(
+        logs.contains("charge_id_suffix=\"nary-6\"") && logs.contains("…nary-6"),
+        "the absent charge's lookup was logged with its evidence"
+    );
+    assert!(
+        !logs.contains("canary-4") && !logs.contains("canary-6"),
+        "logs name a charge by the end of its id only"
     );
     // Every card number any test here uses, the canary CVC and the API key: none may
     // appear, whichever test logged it.

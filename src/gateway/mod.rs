@@ -798,12 +798,17 @@ async fn observed_lookup(
         "result" => label,
     )
     .increment(1);
+    // Logs name a charge by the end of its id only, here too.
+    let suffix = key_suffix(charge.charge_id);
+    let detail = detail
+        .unwrap_or("")
+        .replace(charge.charge_id, &format!("…{suffix}"));
     tracing::info!(
         gateway,
         result = label,
         latency_ms,
-        charge_id_suffix = key_suffix(charge.charge_id),
-        detail = detail.unwrap_or(""),
+        charge_id_suffix = suffix,
+        detail,
         "gateway lookup"
     );
     result
