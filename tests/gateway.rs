@@ -894,6 +894,123 @@ async fn serve_tls(pki: &pki::Pki, app: Router) -> String {
     format!("https://{addr}")
 }
 
+/// A capture, cancel or refund of `payment_id` under `key`.
+fn operation<'a>(
+    kind: OperationKind,
+    payment_id: &'a str,
+    amount: Option<u64>,
+    key: &'a str,
+) -> Operation<'a> {
+    Operation {
+        kind,
+        payment_id,
+        amount,
+        currency: "EUR",
+        charge_id: "ch_lifecycle",
+        idempotency_key: key,
+    }
+}
+
+#[tokio::test]
+async fn capture_refund_and_cancel_through_the_test_gateway_are_idempotent() {
+    let h = Harness::start().await;
+    let stripe = connector(h.stripe());
+    let pan = Pan::parse(cards::SUCCESS).unwrap();
+    let manual = |key| ChargeParams {
+        capture: Capture::Manual,
+        ..params(key)
+    };
+    let authorized = stripe
+        .charge(&card(&pan, Some("123")), &manual("order-capture"))
+        .await;
+    assert_eq!(authorized.status, ChargeStatus::Succeeded, "{authorized:?}");
+    let id = authorized.payment_id.expect("the intent");
+
+    let capture = operation(OperationKind::Capture, &id, Some(1500), "op_capture");
+    let captured = stripe.operate(&capture).await;
+    assert_eq!(captured.status, OperationStatus::Succeeded, "{captured:?}");
+    assert_eq!(
+        (captured.gateway_id.as_deref(), captured.amount),
+        (Some(id.as_str()), Some(1500))
+    );
+    assert_eq!(
+        stripe.operate(&capture).await,
+        captured,
+        "a replay, not a second capture"
+    );
+    let intent = h.gateway.payment_intent(&id).unwrap();
+    assert_eq!(
+        (
+            intent["status"].as_str(),
+            intent["amount_received"].as_u64()
+        ),
+        (Some("succeeded"), Some(1500))
+    );
+    let other_amount = stripe
+        .operate(&operation(
+            OperationKind::Capture,
+            &id,
+            Some(1000),
+            "op_capture",
+        ))
+        .await;
+    assert_eq!(
+        other_amount.status,
+        OperationStatus::Failed,
+        "{other_amount:?}"
+    );
+
+    let refund = operation(OperationKind::Refund, &id, Some(500), "op_refund");
+    let refunded = stripe.operate(&refund).await;
+    assert_eq!(refunded.status, OperationStatus::Succeeded, "{refunded:?}");
+    let refund_id = refunded.gateway_id.clone().expect("re_…");
+    assert!(refund_id.starts_with("re_"), "{refund_id}");
+    assert_eq!(refunded.amount, Some(500));
+    assert_eq!(
+        stripe.operate(&refund).await,
+        refunded,
+        "a replay, not a second refund"
+    );
+    let refunds = h.gateway.refunds_of(&id);
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(
+        refunds[0]["metadata"]["cardvault_charge_id"],
+        "ch_lifecycle"
+    );
+    let too_much = stripe
+        .operate(&operation(
+            OperationKind::Refund,
+            &id,
+            Some(5000),
+            "op_refund_2",
+        ))
+        .await;
+    assert_eq!(too_much.status, OperationStatus::Failed, "{too_much:?}");
+    assert!(too_much.message.is_some());
+
+    let other = stripe
+        .charge(&card(&pan, Some("123")), &manual("order-cancel"))
+        .await;
+    let other_id = other.payment_id.expect("the intent");
+    let cancel = operation(OperationKind::Cancel, &other_id, None, "op_cancel");
+    let canceled = stripe.operate(&cancel).await;
+    assert_eq!(canceled.status, OperationStatus::Succeeded, "{canceled:?}");
+    assert_eq!(stripe.operate(&cancel).await, canceled);
+    assert_eq!(
+        h.gateway.payment_intent(&other_id).unwrap()["status"],
+        "canceled"
+    );
+    let late = stripe
+        .operate(&operation(
+            OperationKind::Capture,
+            &other_id,
+            None,
+            "op_capture_late",
+        ))
+        .await;
+    assert_eq!(late.status, OperationStatus::Failed, "{late:?}");
+}
+
 /// One request a [`stripe_operations_server`] received.
 #[derive(Debug, Clone)]
 struct OperationRequest {
