@@ -1,0 +1,552 @@
+//! CaptureCharge, RefundCharge and CancelCharge: the vault's rules and idempotency against a
+//! recording connector (every call it gets, and the answer it is told to give), on both
+//! backends; then end to end through the `stripe` connector and the test gateway over TLS.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cardvault::{
+    gateway::{
+        ChargeCard, ChargeParams, Connector, Gateways, Operation, OperationKind, OperationOutcome,
+        OperationStatus, Outcome,
+    },
+    server,
+    store::{ChargeRow, ChargeSettlement, Store},
+    vault::{
+        Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
+        VaultOptions,
+    },
+};
+use time::OffsetDateTime;
+use tokio::task::JoinSet;
+
+use crate::{
+    helpers::{AppState, Backend},
+    on_both_backends,
+};
+
+on_both_backends!(
+    each_operation_is_sent_once_per_key_and_a_reused_key_with_other_parameters_is_refused,
+    an_unknown_operation_is_sent_again_under_its_own_gateway_key,
+    concurrent_refunds_never_exceed_what_was_captured,
+    another_tenants_charge_is_not_found_exactly_like_a_missing_one,
+    broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent,
+    a_cancelled_authorization_is_never_captured,
+);
+
+/// One call the connector got: kind, payment id, amount, gateway idempotency key.
+type Call = (OperationKind, String, Option<u64>, String);
+
+/// A connector that records every operation and answers as told, after `delay`.
+#[derive(Debug)]
+struct Recorder {
+    name: &'static str,
+    capable: bool,
+    delay: Duration,
+    answer: Mutex<OperationStatus>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Recorder {
+    fn new(name: &'static str, capable: bool, delay: Duration) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            name,
+            capable,
+            delay,
+            answer: Mutex::new(OperationStatus::Succeeded),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn answer(&self, status: OperationStatus) {
+        *self.answer.lock().expect("answer") = status;
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls").clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Connector for Recorder {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    async fn charge(&self, _card: &ChargeCard<'_>, _params: &ChargeParams<'_>) -> Outcome {
+        panic!("these tests make no charges through the connector")
+    }
+
+    fn resend_window(&self) -> Option<Duration> {
+        Some(Duration::from_secs(24 * 3600))
+    }
+
+    fn supports(&self, _kind: OperationKind) -> bool {
+        self.capable
+    }
+
+    async fn operate(&self, operation: &Operation<'_>) -> OperationOutcome {
+        self.calls.lock().expect("calls").push((
+            operation.kind,
+            operation.payment_id.to_owned(),
+            operation.amount,
+            operation.idempotency_key.to_owned(),
+        ));
+        tokio::time::sleep(self.delay).await;
+        let status = *self.answer.lock().expect("answer");
+        OperationOutcome {
+            status,
+            gateway_id: (status == OperationStatus::Succeeded)
+                .then(|| format!("gw_{}", operation.idempotency_key)),
+            amount: (status == OperationStatus::Succeeded)
+                .then_some(operation.amount)
+                .flatten(),
+            message: (status != OperationStatus::Succeeded).then(|| "gateway said no".to_owned()),
+            http_status: Some(200),
+        }
+    }
+}
+
+/// A vault (tenant `dev`, the loopback caller) whose gateways are `pay` (a capable
+/// recorder) and `blind` (one that cannot do operations); tenant `other` exists too.
+struct Rig {
+    _state: AppState,
+    vault: Arc<Vault>,
+    store: Arc<dyn Store>,
+    pay: Arc<Recorder>,
+}
+
+async fn rig(backend: Backend, delay: Duration) -> Rig {
+    let state = AppState::new(backend).await;
+    let settings = state.settings("dev");
+    let store = server::open_store(&settings).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let provider = server::key_provider(&settings).expect("keys");
+    let pay = Recorder::new("pay", true, delay);
+    let mut gateways = Gateways::empty();
+    gateways.insert(pay.clone());
+    gateways.insert(Recorder::new("blind", false, Duration::ZERO));
+    let dev = TenantId::parse("dev").expect("tenant");
+    let vault = Arc::new(Vault::new(
+        store.clone(),
+        provider,
+        VaultOptions {
+            unauthenticated_tenant: Some(dev.clone()),
+            gateways: Arc::new(gateways),
+            ..VaultOptions::default()
+        },
+    ));
+    vault.warm_up(Some(&dev)).await.expect("dev");
+    vault
+        .warm_up(Some(&TenantId::parse("other").expect("tenant")))
+        .await
+        .expect("other");
+    Rig {
+        _state: state,
+        vault,
+        store,
+        pay,
+    }
+}
+
+impl Rig {
+    /// The loopback caller, authorized for `kind`.
+    async fn auth(&self, kind: OperationKind) -> Authorized {
+        let caller = self
+            .vault
+            .authenticate(
+                Credentials {
+                    bearer: None,
+                    mtls_identity: None,
+                    peer: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000))),
+                    forwarded_for: None,
+                },
+                None,
+            )
+            .await
+            .expect("loopback caller");
+        self.vault
+            .authorize(caller, cardvault::vault::action_of(kind))
+            .await
+            .expect("authorized")
+    }
+
+    /// A charge of `tenant` through `gateway`, settled `status` with payment id `pi_…`
+    /// (none when `payment` is false).
+    async fn charge(
+        &self,
+        tenant: &str,
+        gateway: &str,
+        capture: &str,
+        status: &str,
+        payment: bool,
+    ) -> String {
+        let id = format!("ch_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let now = OffsetDateTime::now_utc();
+        let row = ChargeRow {
+            id: id.clone(),
+            tenant_id: tenant.to_owned(),
+            idempotency_key: format!("order-{id}"),
+            request_hash: vec![1; 32],
+            token: "tok_none".to_owned(),
+            gateway: gateway.to_owned(),
+            amount: 1000,
+            currency: "EUR".to_owned(),
+            capture: capture.to_owned(),
+            description: String::new(),
+            metadata: Vec::new(),
+            status: "pending".to_owned(),
+            gateway_payment_id: None,
+            decline_code: None,
+            message: None,
+            attempts: 1,
+            sending_until: None,
+            created_at: now,
+            updated_at: now,
+        };
+        assert_eq!(self.store.insert_charge(&row).await.expect("charge"), None);
+        if status != "pending" {
+            let settled = ChargeSettlement {
+                status: status.to_owned(),
+                gateway_payment_id: payment.then(|| format!("pi_{}", &id[3..])),
+                decline_code: None,
+                message: None,
+            };
+            assert!(
+                self.store
+                    .settle_charge(&id, &settled, now)
+                    .await
+                    .expect("settle")
+            );
+        }
+        id
+    }
+
+    async fn operate(
+        &self,
+        kind: OperationKind,
+        charge_id: &str,
+        key: &str,
+        amount: u64,
+    ) -> Result<Operated, VaultError> {
+        let auth = self.auth(kind).await;
+        self.vault
+            .operate_charge(
+                &auth,
+                OperationCommand {
+                    kind,
+                    charge_id: charge_id.to_owned(),
+                    idempotency_key: key.to_owned(),
+                    amount,
+                },
+            )
+            .await
+    }
+}
+
+fn refused(result: Result<Operated, VaultError>, why: &str) -> String {
+    match result {
+        Err(VaultError::Precondition(text)) => {
+            assert!(text.contains(why), "{text:?} should say {why:?}");
+            text
+        }
+        other => panic!("expected a refusal saying {why:?}, got {other:?}"),
+    }
+}
+
+async fn each_operation_is_sent_once_per_key_and_a_reused_key_with_other_parameters_is_refused(
+    backend: Backend,
+) {
+    let rig = rig(backend, Duration::ZERO).await;
+    let charge = rig.charge("dev", "pay", "manual", "succeeded", true).await;
+    let payment = format!("pi_{}", &charge[3..]);
+
+    let captured = rig
+        .operate(OperationKind::Capture, &charge, "cap-1", 600)
+        .await
+        .expect("capture");
+    let op = &captured.operation;
+    assert!(captured.created);
+    assert!(op.id.starts_with("op_"), "{}", op.id);
+    assert_eq!(
+        (op.status.as_str(), op.amount, op.amount_done),
+        ("succeeded", 600, Some(600))
+    );
+    assert_eq!(
+        rig.pay.calls(),
+        vec![(
+            OperationKind::Capture,
+            payment.clone(),
+            Some(600),
+            op.id.clone()
+        )],
+        "sent once, under the operation id, for the charge's payment"
+    );
+
+    let again = rig
+        .operate(OperationKind::Capture, &charge, "cap-1", 600)
+        .await
+        .expect("replay");
+    assert!(!again.created);
+    assert_eq!(again.operation, captured.operation, "the stored answer");
+    assert_eq!(rig.pay.calls().len(), 1, "a replay sends nothing");
+    refused(
+        rig.operate(OperationKind::Capture, &charge, "cap-1", 700)
+            .await,
+        "other parameters",
+    );
+    refused(
+        rig.operate(OperationKind::Refund, &charge, "cap-1", 600)
+            .await,
+        "other parameters",
+    );
+
+    // Refunds: in part twice, then more than remains, then the rest (0 = all that remains).
+    let first = rig
+        .operate(OperationKind::Refund, &charge, "ref-1", 200)
+        .await
+        .expect("refund");
+    let second = rig
+        .operate(OperationKind::Refund, &charge, "ref-2", 100)
+        .await
+        .expect("refund");
+    assert_eq!(first.operation.status, "succeeded");
+    assert_eq!(second.operation.status, "succeeded");
+    assert_ne!(first.operation.id, second.operation.id);
+    let too_much = refused(
+        rig.operate(OperationKind::Refund, &charge, "ref-3", 301)
+            .await,
+        "exceeds what remains to refund (300)",
+    );
+    assert!(!too_much.contains("4242"), "{too_much}");
+    let rest = rig
+        .operate(OperationKind::Refund, &charge, "ref-4", 0)
+        .await
+        .expect("the rest");
+    assert_eq!(rest.operation.amount, 300, "0 refunds what remains");
+    refused(
+        rig.operate(OperationKind::Refund, &charge, "ref-5", 0)
+            .await,
+        "refunded",
+    );
+    let sent: Vec<Option<u64>> = rig.pay.calls().iter().map(|c| c.2).collect();
+    assert_eq!(sent, vec![Some(600), Some(200), Some(100), Some(300)]);
+}
+
+async fn an_unknown_operation_is_sent_again_under_its_own_gateway_key(backend: Backend) {
+    let rig = rig(backend, Duration::ZERO).await;
+    let charge = rig
+        .charge("dev", "pay", "automatic", "succeeded", true)
+        .await;
+    rig.pay.answer(OperationStatus::Unknown);
+    let unknown = rig
+        .operate(OperationKind::Refund, &charge, "ref-1", 300)
+        .await
+        .expect("sent");
+    assert_eq!(unknown.operation.status, "unknown");
+    assert_eq!(unknown.operation.attempts, 1);
+
+    // While unknown, the refund counts as taken.
+    refused(
+        rig.operate(OperationKind::Refund, &charge, "ref-2", 701)
+            .await,
+        "exceeds what remains to refund (700)",
+    );
+
+    rig.pay.answer(OperationStatus::Succeeded);
+    let settled = rig
+        .operate(OperationKind::Refund, &charge, "ref-1", 300)
+        .await
+        .expect("re-sent");
+    assert!(!settled.created);
+    assert_eq!(settled.operation.id, unknown.operation.id);
+    assert_eq!(settled.operation.status, "succeeded");
+    assert_eq!(settled.operation.attempts, 2);
+    let keys: Vec<String> = rig.pay.calls().into_iter().map(|c| c.3).collect();
+    assert_eq!(
+        keys,
+        vec![unknown.operation.id.clone(), unknown.operation.id.clone()],
+        "the re-send uses the same gateway key"
+    );
+    // Settled: the same key again sends nothing more.
+    rig.operate(OperationKind::Refund, &charge, "ref-1", 300)
+        .await
+        .expect("replay");
+    assert_eq!(rig.pay.calls().len(), 2);
+}
+
+async fn concurrent_refunds_never_exceed_what_was_captured(backend: Backend) {
+    // Each gateway call takes a while, so the requests overlap at the gateway too.
+    let rig = Arc::new(rig(backend, Duration::from_millis(50)).await);
+    let charge = rig
+        .charge("dev", "pay", "automatic", "succeeded", true)
+        .await;
+    let mut tasks = JoinSet::new();
+    for i in 0..8 {
+        let rig = rig.clone();
+        let charge = charge.clone();
+        tasks.spawn(async move {
+            rig.operate(OperationKind::Refund, &charge, &format!("race-{i}"), 300)
+                .await
+        });
+    }
+    let (mut done, mut refusals) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.expect("task") {
+            Ok(op) => {
+                assert_eq!(op.operation.status, "succeeded");
+                done += 1;
+            }
+            Err(VaultError::Precondition(_)) => refusals += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        (done, refusals),
+        (3, 5),
+        "3 × 300 fit in 1000, a 4th does not"
+    );
+    let refunded: u64 = rig.pay.calls().iter().filter_map(|c| c.2).sum();
+    assert_eq!(refunded, 900);
+}
+
+async fn another_tenants_charge_is_not_found_exactly_like_a_missing_one(backend: Backend) {
+    let rig = rig(backend, Duration::ZERO).await;
+    let theirs = rig
+        .charge("other", "pay", "manual", "succeeded", true)
+        .await;
+    for kind in [
+        OperationKind::Capture,
+        OperationKind::Refund,
+        OperationKind::Cancel,
+    ] {
+        let foreign = rig.operate(kind, &theirs, "k-1", 0).await;
+        let missing = rig.operate(kind, "ch_0000000000000000", "k-2", 0).await;
+        match (foreign, missing) {
+            (Err(VaultError::Missing(a)), Err(VaultError::Missing(b))) => assert_eq!(a, b),
+            other => panic!("expected both not found, got {other:?}"),
+        }
+    }
+    assert!(rig.pay.calls().is_empty());
+    assert!(
+        rig.store
+            .charge_operation_by_key("dev", "k-1")
+            .await
+            .expect("read")
+            .is_none(),
+        "nothing stored"
+    );
+}
+
+async fn broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent(backend: Backend) {
+    let rig = rig(backend, Duration::ZERO).await;
+    // A declined charge without a payment: what a honeytoken's decoy decline leaves.
+    let declined = rig
+        .charge("dev", "pay", "automatic", "declined", false)
+        .await;
+    for kind in [
+        OperationKind::Capture,
+        OperationKind::Refund,
+        OperationKind::Cancel,
+    ] {
+        refused(
+            rig.operate(kind, &declined, &format!("d-{}", kind.as_str()), 0)
+                .await,
+            "is declined",
+        );
+    }
+    let unknown = rig
+        .charge("dev", "pay", "automatic", "pending", false)
+        .await;
+    refused(
+        rig.operate(OperationKind::Refund, &unknown, "u-1", 0).await,
+        "not known yet",
+    );
+    let automatic = rig
+        .charge("dev", "pay", "automatic", "succeeded", true)
+        .await;
+    refused(
+        rig.operate(OperationKind::Capture, &automatic, "a-1", 0)
+            .await,
+        "captured automatically",
+    );
+    refused(
+        rig.operate(OperationKind::Cancel, &automatic, "a-2", 0)
+            .await,
+        "refund it instead",
+    );
+    refused(
+        rig.operate(OperationKind::Refund, &automatic, "a-3", 1001)
+            .await,
+        "exceeds",
+    );
+    let manual = rig.charge("dev", "pay", "manual", "succeeded", true).await;
+    refused(
+        rig.operate(OperationKind::Refund, &manual, "m-1", 0).await,
+        "not captured",
+    );
+    refused(
+        rig.operate(OperationKind::Capture, &manual, "m-2", 1001)
+            .await,
+        "exceeds the authorized amount (1000)",
+    );
+    let blind = rig
+        .charge("dev", "blind", "manual", "succeeded", true)
+        .await;
+    refused(
+        rig.operate(OperationKind::Capture, &blind, "b-1", 0).await,
+        "cannot capture",
+    );
+    let elsewhere = rig.charge("dev", "gone", "manual", "succeeded", true).await;
+    refused(
+        rig.operate(OperationKind::Capture, &elsewhere, "g-1", 0)
+            .await,
+        "not configured on this replica",
+    );
+    assert!(rig.pay.calls().is_empty(), "nothing was sent");
+    // A refused request stores nothing: its key stays free for a request that can succeed.
+    let ok = rig
+        .operate(OperationKind::Capture, &manual, "m-2", 1000)
+        .await
+        .expect("capture");
+    assert_eq!(ok.operation.status, "succeeded");
+}
+
+async fn a_cancelled_authorization_is_never_captured(backend: Backend) {
+    let rig = rig(backend, Duration::ZERO).await;
+    let charge = rig.charge("dev", "pay", "manual", "succeeded", true).await;
+    let cancelled = rig
+        .operate(OperationKind::Cancel, &charge, "c-1", 0)
+        .await
+        .expect("cancel");
+    assert_eq!(cancelled.operation.status, "succeeded");
+    assert_eq!(cancelled.operation.amount, 0);
+    assert_eq!(rig.pay.calls()[0].2, None, "a cancellation sends no amount");
+    refused(
+        rig.operate(OperationKind::Capture, &charge, "c-2", 0).await,
+        "cancelled",
+    );
+    refused(
+        rig.operate(OperationKind::Cancel, &charge, "c-3", 0).await,
+        "cancelled",
+    );
+    let replay = rig
+        .operate(OperationKind::Cancel, &charge, "c-1", 0)
+        .await
+        .expect("replay");
+    assert_eq!(replay.operation.id, cancelled.operation.id);
+    assert_eq!(rig.pay.calls().len(), 1);
+
+    // A charge waiting for the cardholder can be cancelled too.
+    let waiting = rig
+        .charge("dev", "pay", "automatic", "requires_action", true)
+        .await;
+    let voided = rig
+        .operate(OperationKind::Cancel, &waiting, "w-1", 0)
+        .await
+        .expect("cancel");
+    assert_eq!(voided.operation.status, "succeeded");
+}
