@@ -13,6 +13,7 @@ use cardvault::{
         ChargeCard, ChargeParams, Connector, Gateways, Operation, OperationKind, OperationOutcome,
         OperationStatus, Outcome,
     },
+    pb::v1 as pb,
     server,
     store::{ChargeRow, ChargeSettlement, Store},
     vault::{
@@ -22,9 +23,10 @@ use cardvault::{
 };
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
+use tonic::Code;
 
 use crate::{
-    helpers::{AppState, Backend},
+    helpers::{AppState, Backend, spawn_app, violated_fields},
     on_both_backends,
 };
 
@@ -35,6 +37,7 @@ on_both_backends!(
     another_tenants_charge_is_not_found_exactly_like_a_missing_one,
     broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent,
     a_cancelled_authorization_is_never_captured,
+    bad_requests_name_their_fields_and_unknown_charges_are_not_found,
 );
 
 /// One call the connector got: kind, payment id, amount, gateway idempotency key.
@@ -113,7 +116,7 @@ impl Connector for Recorder {
 /// A vault (tenant `dev`, the loopback caller) whose gateways are `pay` (a capable
 /// recorder) and `blind` (one that cannot do operations); tenant `other` exists too.
 struct Rig {
-    _state: AppState,
+    state: AppState,
     vault: Arc<Vault>,
     store: Arc<dyn Store>,
     pay: Arc<Recorder>,
@@ -145,7 +148,7 @@ async fn rig(backend: Backend, delay: Duration) -> Rig {
         .await
         .expect("other");
     Rig {
-        _state: state,
+        state,
         vault,
         store,
         pay,
@@ -334,6 +337,69 @@ async fn each_operation_is_sent_once_per_key_and_a_reused_key_with_other_paramet
     );
     let sent: Vec<Option<u64>> = rig.pay.calls().iter().map(|c| c.2).collect();
     assert_eq!(sent, vec![Some(600), Some(200), Some(100), Some(300)]);
+
+    // On record: the send before it left, its outcome, the replay and both refusals.
+    let id = &captured.operation.id;
+    let records = audit_of(&rig.state, "charges.capture").await;
+    let expected = [
+        (
+            "ok",
+            format!("capture {id} of charge {charge} via pay: 600 EUR sending (attempt 1)"),
+        ),
+        (
+            "ok",
+            format!("capture {id} of charge {charge} via pay: 600 EUR succeeded"),
+        ),
+        (
+            "ok",
+            format!("capture {id} of charge {charge} via pay: 600 EUR succeeded (replayed)"),
+        ),
+        (
+            "conflict",
+            format!("operation {id}: idempotency key reused with other parameters"),
+        ),
+    ];
+    let got: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(o, d)| (o.as_str(), d.as_str()))
+        .collect();
+    let want: Vec<(&str, &str)> = expected.iter().map(|(o, d)| (*o, d.as_str())).collect();
+    assert_eq!(got, want);
+    let refunds = audit_of(&rig.state, "charges.refund").await;
+    assert!(
+        refunds
+            .iter()
+            .any(|(o, d)| o == "conflict" && d.contains("exceeds what remains to refund")),
+        "{refunds:?}"
+    );
+}
+
+/// `(outcome, detail)` of the audit records of `action`, oldest first.
+async fn audit_of(state: &AppState, action: &str) -> Vec<(String, String)> {
+    let sql = "SELECT outcome, COALESCE(detail, '') FROM audit_records \
+               WHERE action = $1 ORDER BY at, shard, seq";
+    match state.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&state.database_url)
+                .await
+                .expect("open sqlite");
+            sqlx::query_as(sql)
+                .bind(action)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&state.database_url)
+                .await
+                .expect("open postgres");
+            sqlx::query_as(sql)
+                .bind(action)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+    }
 }
 
 async fn an_unknown_operation_is_sent_again_under_its_own_gateway_key(backend: Backend) {
@@ -549,4 +615,43 @@ async fn a_cancelled_authorization_is_never_captured(backend: Backend) {
         .await
         .expect("cancel");
     assert_eq!(voided.operation.status, "succeeded");
+}
+
+async fn bad_requests_name_their_fields_and_unknown_charges_are_not_found(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut client = app.client.clone();
+    let card_number = "4242424242424242";
+    // Malformed charge id, a key carrying a card number, an amount no store holds.
+    let err = client
+        .refund_charge(pb::RefundChargeRequest {
+            charge_id: card_number.to_owned(),
+            idempotency_key: format!("refund {card_number}"),
+            amount: u64::MAX,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_fields(&err),
+        vec!["charge_id", "idempotency_key", "amount"]
+    );
+    assert!(!format!("{err:?}").contains(card_number), "{err:?}");
+    let err = client
+        .capture_charge(pb::CaptureChargeRequest {
+            charge_id: "ch_0000000000000000".to_owned(),
+            idempotency_key: String::new(),
+            amount: 0,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(violated_fields(&err), vec!["idempotency_key"]);
+    let err = client
+        .cancel_charge(pb::CancelChargeRequest {
+            charge_id: "ch_0000000000000000".to_owned(),
+            idempotency_key: "cancel-1".to_owned(),
+        })
+        .await
+        .expect_err("no such charge");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "charge not found");
 }
