@@ -15,7 +15,7 @@ use cardvault::{
     },
     pb::v1 as pb,
     server,
-    store::{ChargeRow, ChargeSettlement, Store},
+    store::{CardRow, ChargeRow, ChargeSettlement, Store},
     vault::{
         Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
         VaultOptions,
@@ -38,6 +38,7 @@ on_both_backends!(
     broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent,
     a_cancelled_authorization_is_never_captured,
     bad_requests_name_their_fields_and_unknown_charges_are_not_found,
+    a_honeytokens_charge_is_refused_like_a_decline_and_raises_the_alarm,
 );
 
 /// One call the connector got: kind, payment id, amount, gateway idempotency key.
@@ -187,6 +188,20 @@ impl Rig {
         status: &str,
         payment: bool,
     ) -> String {
+        self.charge_of("tok_none", tenant, gateway, capture, status, payment)
+            .await
+    }
+
+    /// As [`Rig::charge`], of the card `token`.
+    async fn charge_of(
+        &self,
+        token: &str,
+        tenant: &str,
+        gateway: &str,
+        capture: &str,
+        status: &str,
+        payment: bool,
+    ) -> String {
         let id = format!("ch_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let now = OffsetDateTime::now_utc();
         let row = ChargeRow {
@@ -194,7 +209,7 @@ impl Rig {
             tenant_id: tenant.to_owned(),
             idempotency_key: format!("order-{id}"),
             request_hash: vec![1; 32],
-            token: "tok_none".to_owned(),
+            token: token.to_owned(),
             gateway: gateway.to_owned(),
             amount: 1000,
             currency: "EUR".to_owned(),
@@ -654,4 +669,96 @@ async fn bad_requests_name_their_fields_and_unknown_charges_are_not_found(backen
         .expect_err("no such charge");
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.message(), "charge not found");
+}
+
+async fn a_honeytokens_charge_is_refused_like_a_decline_and_raises_the_alarm(backend: Backend) {
+    let rig = rig(backend, Duration::ZERO).await;
+    let dek = rig
+        .store
+        .active_dek("dev")
+        .await
+        .expect("read")
+        .expect("dev has a data key")
+        .id;
+    let honey = "tok_HoneyHoneyHoneyHoneyHo";
+    let real = "tok_RealRealRealRealRealRe";
+    let mut tx = rig.store.begin().await.expect("begin");
+    for (token, honeytoken) in [(honey, true), (real, false)] {
+        tx.insert_card(&CardRow {
+            token: token.to_owned(),
+            tenant_id: "dev".to_owned(),
+            token_format: "opaque".to_owned(),
+            fingerprint: token.as_bytes().to_vec(),
+            dek_id: dek,
+            ciphertext: vec![1, 2, 3],
+            brand: "VISA".to_owned(),
+            last4: "4242".to_owned(),
+            bin: "42424242".to_owned(),
+            exp_month: 12,
+            exp_year: 2030,
+            metadata: Vec::new(),
+            canonical: false,
+            created_at: OffsetDateTime::now_utc(),
+            expires_at: None,
+            honeytoken,
+            import_id: None,
+        })
+        .await
+        .expect("card");
+    }
+    tx.commit().await.expect("commit");
+    // The vault declines a honeytoken's charge itself, without a payment; a real decline may
+    // carry the gateway's payment id.
+    let decoy = rig
+        .charge_of(honey, "dev", "pay", "automatic", "declined", false)
+        .await;
+    let declined = rig
+        .charge_of(real, "dev", "pay", "automatic", "declined", true)
+        .await;
+    for kind in [
+        OperationKind::Capture,
+        OperationKind::Refund,
+        OperationKind::Cancel,
+    ] {
+        let a = refused(rig.operate(kind, &decoy, "h-1", 0).await, "declined");
+        let b = refused(rig.operate(kind, &declined, "h-2", 0).await, "declined");
+        assert_eq!(a.replace(&decoy, "ch_"), b.replace(&declined, "ch_"));
+    }
+    assert!(rig.pay.calls().is_empty(), "nothing sent");
+    let alarms = alarms_of(&rig.state, honey).await;
+    assert_eq!(
+        alarms,
+        vec![true; 3],
+        "each refusal on record, marked alarm"
+    );
+    assert_eq!(alarms_of(&rig.state, real).await, vec![false; 3]);
+}
+
+/// The `alarm` flags of the operation records about `token`, oldest first.
+async fn alarms_of(state: &AppState, token: &str) -> Vec<bool> {
+    let sql = "SELECT alarm FROM audit_records WHERE token = $1 \
+               AND action IN ('charges.capture', 'charges.refund', 'charges.cancel') \
+               ORDER BY at, shard, seq";
+    match state.backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&state.database_url)
+                .await
+                .expect("open sqlite");
+            sqlx::query_scalar(sql)
+                .bind(token)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&state.database_url)
+                .await
+                .expect("open postgres");
+            sqlx::query_scalar(sql)
+                .bind(token)
+                .fetch_all(&pool)
+                .await
+                .expect("audit")
+        }
+    }
 }
