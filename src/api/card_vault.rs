@@ -62,7 +62,15 @@ impl CardVaultService {
             |auth| async move {
                 let command = convert::operation_command(kind, charge_id, idempotency_key, amount)
                     .map_err(ApiError::Invalid)?;
-                let operated = self.vault.operate_charge(&auth, command).await?;
+                // Once the operation is on record as sending, it runs to its settlement even
+                // if the caller goes away (a deadline, a dropped connection): a call cut short
+                // would leave it pending until its send lease lapsed.
+                let vault = self.vault.clone();
+                let operated = tokio::spawn(
+                    async move { vault.operate_charge(&auth, command).await }.in_current_span(),
+                )
+                .await
+                .map_err(|e| VaultError::internal("a charge operation task failed", e))??;
                 Ok(convert::operation_response(operated))
             },
         )

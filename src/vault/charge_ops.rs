@@ -14,7 +14,7 @@
 //! request again while the outcome is unknown sends it again under that key, which the gateway
 //! answers from its own record rather than refunding twice.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ring::digest;
 use time::OffsetDateTime;
@@ -23,7 +23,7 @@ use super::{Authorized, Vault, VaultError, event, expect_action, key_admin::new_
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::Token,
-    gateway::{Capture, Connector, Operation, OperationKind, OperationOutcome, OperationStatus},
+    gateway::{Capture, Connector, Operation, OperationKind},
     store::{ChargeOperationRow, ChargeRow, OperationSettlement},
 };
 
@@ -316,9 +316,8 @@ impl Vault {
             charge_id: &charge.id,
             idempotency_key: &operation.id,
         };
-        let started = Instant::now();
+        // The connector logs the call and counts it (`cardvault_gateway_operations_total`).
         let outcome = connector.operate(&request).await;
-        log_outcome(connector.name(), operation, &outcome, started.elapsed());
         let settlement = OperationSettlement {
             status: outcome.status.as_str().to_owned(),
             gateway_id: outcome.gateway_id,
@@ -381,38 +380,6 @@ impl Vault {
             .map_err(|e| VaultError::internal("charge send lease out of range", e))?;
         now.checked_add(lease)
             .ok_or_else(|| VaultError::internal("charge send lease out of range", "overflow"))
-    }
-}
-
-/// The operation's log line: gateway, kind, outcome, HTTP status, latency and the operation
-/// id (no card data: an operation carries none).
-fn log_outcome(
-    gateway: &str,
-    operation: &ChargeOperationRow,
-    outcome: &OperationOutcome,
-    elapsed: Duration,
-) {
-    let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-    match outcome.status {
-        OperationStatus::Succeeded => tracing::info!(
-            gateway,
-            kind = operation.kind.as_str(),
-            operation = operation.id.as_str(),
-            outcome = outcome.status.as_str(),
-            http_status = outcome.http_status,
-            latency_ms,
-            "gateway charge operation"
-        ),
-        OperationStatus::Failed | OperationStatus::Unknown => tracing::warn!(
-            gateway,
-            kind = operation.kind.as_str(),
-            operation = operation.id.as_str(),
-            outcome = outcome.status.as_str(),
-            http_status = outcome.http_status,
-            latency_ms,
-            reason = outcome.message.as_deref().unwrap_or(""),
-            "gateway charge operation"
-        ),
     }
 }
 

@@ -524,7 +524,7 @@ async fn another_tenants_charge_is_not_found_exactly_like_a_missing_one(backend:
 
 async fn broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent(backend: Backend) {
     let rig = rig(backend, Duration::ZERO).await;
-    // A declined charge without a payment: what a honeytoken's decoy decline leaves.
+    // A declined charge without a payment id.
     let declined = rig
         .charge("dev", "pay", "automatic", "declined", false)
         .await;
@@ -707,10 +707,10 @@ async fn a_honeytokens_charge_is_refused_like_a_decline_and_raises_the_alarm(bac
         .expect("card");
     }
     tx.commit().await.expect("commit");
-    // The vault declines a honeytoken's charge itself, without a payment; a real decline may
-    // carry the gateway's payment id.
+    // The vault declines a honeytoken's charge itself, shaped like the gateway's decline
+    // (for Stripe with a made-up PaymentIntent id), so its row looks like a real decline's.
     let decoy = rig
-        .charge_of(honey, "dev", "pay", "automatic", "declined", false)
+        .charge_of(honey, "dev", "pay", "automatic", "declined", true)
         .await;
     let declined = rig
         .charge_of(real, "dev", "pay", "automatic", "declined", true)
