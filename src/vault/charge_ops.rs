@@ -690,6 +690,17 @@ mod tests {
     }
 
     #[test]
+    fn every_operation_needs_the_charge_permission() {
+        for kind in [Cap, Refund, Cancel] {
+            assert_eq!(
+                super::super::Permission::for_action(action_of(kind)),
+                super::super::Permission::Charge,
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_request_hash_covers_kind_charge_and_amount() {
         let base = OperationCommand {
             kind: Refund,
