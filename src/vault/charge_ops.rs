@@ -172,6 +172,16 @@ impl Vault {
             .await?
             .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))?;
         let earlier = tx.charge_operations(&charge.id).await?;
+        // A request with the same key got here first (after this one found the key free):
+        // its operation is not a rival to check against but the answer to give.
+        if let Some(same) = earlier
+            .iter()
+            .find(|op| op.idempotency_key == command.idempotency_key)
+        {
+            let existing = same.clone();
+            drop(tx);
+            return self.answer_existing(scope, charge, existing, &hash).await;
+        }
         let amount = match check(kind, command.amount, &locked, &earlier) {
             Ok(amount) => amount,
             Err(why) => {

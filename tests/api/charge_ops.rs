@@ -34,6 +34,7 @@ on_both_backends!(
     each_operation_is_sent_once_per_key_and_a_reused_key_with_other_parameters_is_refused,
     an_unknown_operation_is_sent_again_under_its_own_gateway_key,
     concurrent_refunds_never_exceed_what_was_captured,
+    concurrent_duplicates_of_one_key_make_one_gateway_call,
     another_tenants_charge_is_not_found_exactly_like_a_missing_one,
     broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent,
     a_cancelled_authorization_is_never_captured,
@@ -492,6 +493,33 @@ async fn concurrent_refunds_never_exceed_what_was_captured(backend: Backend) {
     );
     let refunded: u64 = rig.pay.calls().iter().filter_map(|c| c.2).sum();
     assert_eq!(refunded, 900);
+}
+
+async fn concurrent_duplicates_of_one_key_make_one_gateway_call(backend: Backend) {
+    let rig = Arc::new(rig(backend, Duration::from_millis(100)).await);
+    let charge = rig.charge("dev", "pay", "manual", "succeeded", true).await;
+    let mut tasks = JoinSet::new();
+    for _ in 0..6 {
+        let rig = rig.clone();
+        let charge = charge.clone();
+        tasks.spawn(async move {
+            rig.operate(OperationKind::Capture, &charge, "cap-once", 0)
+                .await
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        answers.push(result.expect("task").expect("answered"));
+    }
+    assert_eq!(rig.pay.calls().len(), 1, "one gateway call");
+    assert_eq!(answers.iter().filter(|a| a.created).count(), 1);
+    for answer in &answers {
+        assert_eq!(answer.operation.id, answers[0].operation.id);
+        assert_eq!(
+            answer.operation.status, "succeeded",
+            "waited for the outcome"
+        );
+    }
 }
 
 async fn another_tenants_charge_is_not_found_exactly_like_a_missing_one(backend: Backend) {
