@@ -16,6 +16,8 @@ use cardvault::{
     pb::v1 as pb,
     server,
     store::{CardRow, ChargeRow, ChargeSettlement, Store},
+    testgw::{TestGateway, TestGatewayOptions},
+    tls::TlsFiles,
     vault::{
         Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
         VaultOptions,
@@ -26,8 +28,14 @@ use tokio::task::JoinSet;
 use tonic::Code;
 
 use crate::{
-    helpers::{AppState, Backend, spawn_app, violated_fields},
+    canary::read_sqlite_files,
+    helpers::{
+        AppState, Backend, captured_logs, spawn_app, spawn_with, tokenize_request, unique_pan,
+        violated_fields,
+    },
     on_both_backends,
+    pki::Pki,
+    postgres::PgServer,
 };
 
 on_both_backends!(
@@ -40,6 +48,7 @@ on_both_backends!(
     a_cancelled_authorization_is_never_captured,
     bad_requests_name_their_fields_and_unknown_charges_are_not_found,
     a_honeytokens_charge_is_refused_like_a_decline_and_raises_the_alarm,
+    capture_refund_and_cancel_through_stripe_over_tls_once_per_key_and_without_card_data,
 );
 
 /// One call the connector got: kind, payment id, amount, gateway idempotency key.
@@ -788,5 +797,199 @@ async fn alarms_of(state: &AppState, token: &str) -> Vec<bool> {
                 .await
                 .expect("audit")
         }
+    }
+}
+
+/// A dev vault whose one gateway, `stripe`, is the test gateway over TLS.
+async fn stripe_rig(backend: Backend) -> (crate::helpers::TestApp, TestGateway) {
+    let state = Arc::new(AppState::new(backend).await);
+    let pki = Pki::new(state.dir.path());
+    let gateway = TestGateway::start(TestGatewayOptions {
+        tls: Some(TlsFiles {
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+            client_ca_file: None,
+        }),
+        ..TestGatewayOptions::default()
+    })
+    .await
+    .expect("test gateway starts");
+    let secret = state.dir.path().join("gateway.key");
+    std::fs::write(&secret, format!("{}\n", gateway.secret_key())).expect("secret file");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("secret file mode");
+    let toml = format!(
+        "[[gateways]]\nname = \"stripe\"\nkind = \"stripe\"\nbase_url = \"{}\"\nca_file = \"{}\"\nsecret_file = \"{}\"\n",
+        gateway.url(),
+        pki.ca_file.display(),
+        secret.display()
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        gateways: Vec<cardvault::gateway::GatewaySettings>,
+    }
+    let mut settings = state.settings("dev");
+    settings.gateways = toml::from_str::<File>(&toml)
+        .expect("gateway settings")
+        .gateways;
+    (spawn_with(state, "dev", settings).await, gateway)
+}
+
+async fn capture_refund_and_cancel_through_stripe_over_tls_once_per_key_and_without_card_data(
+    backend: Backend,
+) {
+    let (app, gateway) = stripe_rig(backend).await;
+    let mut client = app.client.clone();
+    let pan = unique_pan();
+    let cvc = "0618";
+    let mut tokenize = tokenize_request(&pan);
+    tokenize.cvc = cvc.to_owned();
+    let token = client
+        .tokenize(tokenize)
+        .await
+        .expect("tokenize")
+        .into_inner()
+        .token;
+    let charge = |key: &str, capture: pb::Capture| pb::ChargeRequest {
+        token: token.clone(),
+        amount: 5000,
+        currency: "eur".to_owned(),
+        gateway: "stripe".to_owned(),
+        idempotency_key: key.to_owned(),
+        capture: capture.into(),
+        description: String::new(),
+        metadata: Default::default(),
+    };
+    let manual = client
+        .charge(charge("order-1", pb::Capture::Manual))
+        .await
+        .expect("authorize")
+        .into_inner();
+    assert_eq!(manual.status(), pb::ChargeStatus::Succeeded);
+    let capture = pb::CaptureChargeRequest {
+        charge_id: manual.charge_id.clone(),
+        idempotency_key: "order-1-capture".to_owned(),
+        amount: 4000,
+    };
+    let captured = client
+        .capture_charge(capture.clone())
+        .await
+        .expect("capture")
+        .into_inner();
+    assert_eq!(
+        (captured.kind(), captured.status(), captured.amount),
+        (
+            pb::ChargeOperationKind::Capture,
+            pb::ChargeOperationStatus::Succeeded,
+            4000
+        ),
+        "{captured:?}"
+    );
+    assert_eq!(captured.gateway_id, manual.gateway_payment_id);
+    assert!(captured.created);
+    let again = client
+        .capture_charge(capture.clone())
+        .await
+        .expect("replay")
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.operation_id, captured.operation_id);
+    let err = client
+        .capture_charge(pb::CaptureChargeRequest {
+            amount: 3000,
+            ..capture.clone()
+        })
+        .await
+        .expect_err("other amount");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let captures: Vec<_> = gateway
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/capture"))
+        .collect();
+    assert_eq!(captures.len(), 1, "one capture reached the gateway");
+    assert_eq!(
+        captures[0].idempotency_key.as_deref(),
+        Some(captured.operation_id.as_str())
+    );
+
+    // Refunds: two parts, then more than remains (refused), then the rest.
+    let refund = |key: &str, amount: u64| pb::RefundChargeRequest {
+        charge_id: manual.charge_id.clone(),
+        idempotency_key: key.to_owned(),
+        amount,
+    };
+    for (key, amount) in [("r-1", 1500), ("r-2", 1500)] {
+        let refunded = client
+            .refund_charge(refund(key, amount))
+            .await
+            .expect("refund")
+            .into_inner();
+        assert_eq!(refunded.status(), pb::ChargeOperationStatus::Succeeded);
+        assert_eq!(refunded.amount, amount);
+        assert!(refunded.gateway_id.starts_with("re_"), "{refunded:?}");
+    }
+    let err = client
+        .refund_charge(refund("r-3", 1001))
+        .await
+        .expect_err("too much");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("(1000)"), "{}", err.message());
+    let rest = client
+        .refund_charge(refund("r-4", 0))
+        .await
+        .expect("the rest")
+        .into_inner();
+    assert_eq!(rest.amount, 1000);
+
+    // Cancel an authorization instead; it can no longer be captured.
+    let other = client
+        .charge(charge("order-2", pb::Capture::Manual))
+        .await
+        .expect("authorize")
+        .into_inner();
+    let cancelled = client
+        .cancel_charge(pb::CancelChargeRequest {
+            charge_id: other.charge_id.clone(),
+            idempotency_key: "order-2-cancel".to_owned(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status(), pb::ChargeOperationStatus::Succeeded);
+    let err = client
+        .capture_charge(pb::CaptureChargeRequest {
+            charge_id: other.charge_id.clone(),
+            idempotency_key: "order-2-capture".to_owned(),
+            amount: 0,
+        })
+        .await
+        .expect_err("cancelled");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // No card number or CVC in the logs, the audit details or the database.
+    let logs = String::from_utf8_lossy(&captured_logs()).into_owned();
+    assert!(logs.contains("capture"), "operation log lines captured");
+    let stored = match backend {
+        Backend::Sqlite => read_sqlite_files(|| app.state.sqlite_files()),
+        Backend::Postgres => {
+            PgServer::get().dump(app.state.pg_database.as_deref().expect("database name"))
+        }
+    };
+    let stored = String::from_utf8_lossy(&stored).into_owned();
+    assert!(
+        stored.contains(&captured.operation_id),
+        "the dump has the rows"
+    );
+    for (place, text) in [("logs", &logs), ("database", &stored)] {
+        for secret in [pan.as_str(), &pan[..12]] {
+            assert!(!text.contains(secret), "a card number is in the {place}");
+        }
+        let joined = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '_');
+        let standalone = text.match_indices(cvc).any(|(i, _)| {
+            !text[..i].chars().next_back().is_some_and(joined)
+                && !text[i + cvc.len()..].chars().next().is_some_and(joined)
+        });
+        assert!(!standalone, "the CVC is in the {place}");
     }
 }
