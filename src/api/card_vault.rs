@@ -20,8 +20,9 @@ use super::{
 use crate::{
     audit::Action,
     card::{Cvc, FieldViolation},
+    gateway::OperationKind,
     pb::v1::{self as pb, card_vault_server::CardVault},
-    vault::{Authorized, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError},
+    vault::{Authorized, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError, action_of},
 };
 
 /// Chunks of one import stream in progress at once. While one chunk's transaction commits,
@@ -44,6 +45,36 @@ impl CardVaultService {
     /// A service over a vault.
     pub fn new(vault: Arc<Vault>) -> Self {
         Self { vault }
+    }
+
+    /// CaptureCharge, RefundCharge and CancelCharge: one call shape, `(charge id,
+    /// idempotency key, amount)`.
+    async fn operate(
+        &self,
+        credentials: RequestCredentials,
+        kind: OperationKind,
+        (charge_id, idempotency_key, amount): (String, String, u64),
+    ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
+        rpc::run(
+            &self.vault,
+            action_of(kind),
+            credentials,
+            |auth| async move {
+                let command = convert::operation_command(kind, charge_id, idempotency_key, amount)
+                    .map_err(ApiError::Invalid)?;
+                // Once the operation is on record as sending, it runs to its settlement even
+                // if the caller goes away (a deadline, a dropped connection): a call cut short
+                // would leave it pending until its send lease lapsed.
+                let vault = self.vault.clone();
+                let operated = tokio::spawn(
+                    async move { vault.operate_charge(&auth, command).await }.in_current_span(),
+                )
+                .await
+                .map_err(|e| VaultError::internal("a charge operation task failed", e))??;
+                Ok(convert::operation_response(operated))
+            },
+        )
+        .await
     }
 }
 
@@ -150,23 +181,44 @@ impl CardVault for CardVaultService {
 
     async fn capture_charge(
         &self,
-        _request: Request<pb::CaptureChargeRequest>,
+        request: Request<pb::CaptureChargeRequest>,
     ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
-        Err(Status::unimplemented("CaptureCharge is being built"))
+        let credentials = RequestCredentials::of(&request);
+        let m = request.into_inner();
+        self.operate(
+            credentials,
+            OperationKind::Capture,
+            (m.charge_id, m.idempotency_key, m.amount),
+        )
+        .await
     }
 
     async fn refund_charge(
         &self,
-        _request: Request<pb::RefundChargeRequest>,
+        request: Request<pb::RefundChargeRequest>,
     ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
-        Err(Status::unimplemented("RefundCharge is being built"))
+        let credentials = RequestCredentials::of(&request);
+        let m = request.into_inner();
+        self.operate(
+            credentials,
+            OperationKind::Refund,
+            (m.charge_id, m.idempotency_key, m.amount),
+        )
+        .await
     }
 
     async fn cancel_charge(
         &self,
-        _request: Request<pb::CancelChargeRequest>,
+        request: Request<pb::CancelChargeRequest>,
     ) -> Result<Response<pb::ChargeOperationResponse>, Status> {
-        Err(Status::unimplemented("CancelCharge is being built"))
+        let credentials = RequestCredentials::of(&request);
+        let m = request.into_inner();
+        self.operate(
+            credentials,
+            OperationKind::Cancel,
+            (m.charge_id, m.idempotency_key, 0),
+        )
+        .await
     }
 
     async fn tokenize(

@@ -5,11 +5,11 @@ use time::{Date, Duration, OffsetDateTime};
 
 use crate::{
     card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat, contains_card_number},
-    gateway::Capture,
+    gateway::{Capture, OperationKind},
     pb::v1 as pb,
     vault::{
         CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome,
-        MAX_CHARGE_AMOUNT, Metadata, TokenizeCommand,
+        MAX_CHARGE_AMOUNT, Metadata, Operated, OperationCommand, TokenizeCommand,
     },
 };
 
@@ -402,6 +402,88 @@ pub fn charge_status(status: &str) -> pb::ChargeStatus {
         "failed" => pb::ChargeStatus::Failed,
         // `pending` is only seen while another request sends it: its outcome is not known.
         _ => pb::ChargeStatus::Unknown,
+    }
+}
+
+/// Parses a capture, refund or cancellation request (a cancellation's `amount` is 0),
+/// reporting every bad field.
+pub fn operation_command(
+    kind: OperationKind,
+    charge_id: String,
+    idempotency_key: String,
+    amount: u64,
+) -> Result<OperationCommand, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let well_formed = charge_id.len() == 19
+        && charge_id.starts_with("ch_")
+        && charge_id[3..].bytes().all(|b| b.is_ascii_alphanumeric());
+    if !well_formed {
+        violations.push(violation(
+            "charge_id",
+            "charge_id is required: the charge's id as Charge returned it (ch_ and 16 letters or digits)",
+        ));
+    }
+    if idempotency_key.is_empty()
+        || idempotency_key.len() > 255
+        || !idempotency_key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        violations.push(violation(
+            "idempotency_key",
+            "idempotency_key is required: 1 to 255 printable ASCII characters",
+        ));
+    } else if contains_card_number(&idempotency_key) {
+        // Stored in clear with the operation: no side door for a card number.
+        violations.push(violation(
+            "idempotency_key",
+            "idempotency_key contains a card number; it is stored in clear, so use another key",
+        ));
+    }
+    if amount > MAX_CHARGE_AMOUNT {
+        violations.push(violation(
+            "amount",
+            &format!("amount must be 0 (all) to {MAX_CHARGE_AMOUNT} (minor units)"),
+        ));
+    }
+    if violations.is_empty() {
+        Ok(OperationCommand {
+            kind,
+            charge_id,
+            idempotency_key,
+            amount,
+        })
+    } else {
+        Err(violations)
+    }
+}
+
+/// The answer to a capture, refund or cancellation.
+pub fn operation_response(operated: Operated) -> pb::ChargeOperationResponse {
+    let op = operated.operation;
+    let kind = match op.kind.as_str() {
+        "capture" => pb::ChargeOperationKind::Capture,
+        "refund" => pb::ChargeOperationKind::Refund,
+        _ => pb::ChargeOperationKind::Cancel,
+    };
+    let status = match op.status.as_str() {
+        "succeeded" => pb::ChargeOperationStatus::Succeeded,
+        "failed" => pb::ChargeOperationStatus::Failed,
+        // `pending` is only seen while another request sends it: its outcome is not known.
+        _ => pb::ChargeOperationStatus::Unknown,
+    };
+    let amount = if kind == pb::ChargeOperationKind::Cancel {
+        0
+    } else {
+        op.amount_done.unwrap_or(op.amount)
+    };
+    pb::ChargeOperationResponse {
+        operation_id: op.id,
+        charge_id: op.charge_id,
+        kind: kind.into(),
+        status: status.into(),
+        amount,
+        gateway_id: op.gateway_id.unwrap_or_default(),
+        message: op.message.unwrap_or_default(),
+        created: operated.created,
     }
 }
 

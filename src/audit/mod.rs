@@ -98,6 +98,12 @@ pub enum Action {
     HoldCvc,
     /// Settling charges whose outcome was unknown.
     ReconcileCharges,
+    /// `CaptureCharge`.
+    CaptureCharge,
+    /// `RefundCharge`.
+    RefundCharge,
+    /// `CancelCharge`.
+    CancelCharge,
 }
 
 impl Action {
@@ -127,6 +133,9 @@ impl Action {
             Action::KeyJob => "keys.job",
             Action::HoldCvc => "hold_cvc",
             Action::ReconcileCharges => "charges.reconcile",
+            Action::CaptureCharge => "charges.capture",
+            Action::RefundCharge => "charges.refund",
+            Action::CancelCharge => "charges.cancel",
         }
     }
 }

@@ -5,8 +5,15 @@ use std::process::ExitCode;
 
 use tonic::transport::Channel;
 
-use super::{ConnectArgs, Connection, keys::describe};
-use crate::pb::v1::{self as pb, card_vault_client::CardVaultClient};
+use super::{
+    ConnectArgs, Connection,
+    charge_ops::{self, OperationArgs},
+    keys::describe,
+};
+use crate::{
+    gateway::OperationKind,
+    pb::v1::{self as pb, card_vault_client::CardVaultClient},
+};
 
 /// A `cardvault charges` command.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -22,12 +29,26 @@ pub enum ChargesCommand {
         #[command(flatten)]
         connection: ConnectArgs,
     },
+    /// Captures a charge made with manual capture (all of it, or --amount); prints one line:
+    /// `capture <operation id> <charge id> <status> <amount> <gateway id> <message>`.
+    Capture(OperationArgs),
+    /// Refunds a captured charge (all that remains, or --amount); prints one line as capture.
+    Refund(OperationArgs),
+    /// Cancels an authorized, uncaptured charge; prints one line as capture.
+    Cancel(OperationArgs),
 }
 
 /// Runs `command`; returns 0 on success, 1 when the vault could not be reached or refused
 /// the call, 2 for unusable flags.
 pub async fn run_cli(command: &ChargesCommand) -> ExitCode {
-    let ChargesCommand::Reconcile { limit, connection } = command;
+    let (limit, connection) = match command {
+        ChargesCommand::Reconcile { limit, connection } => (limit, connection),
+        ChargesCommand::Capture(args) => {
+            return charge_ops::run(OperationKind::Capture, args).await;
+        }
+        ChargesCommand::Refund(args) => return charge_ops::run(OperationKind::Refund, args).await,
+        ChargesCommand::Cancel(args) => return charge_ops::run(OperationKind::Cancel, args).await,
+    };
     let connection = match Connection::prepare(connection, "charges") {
         Ok(connection) => connection,
         Err(err) => {

@@ -7,6 +7,7 @@
 //! `$CARDVAULT_API_KEY` — never from a flag, since command lines show in `ps` — and is held
 //! as a sensitive header value that no `Debug` or error message prints.
 
+pub mod charge_ops;
 pub mod charges;
 pub mod keys;
 

@@ -7,11 +7,13 @@
 //! live database of each kind at build time; every query is covered by the integration
 //! suite, which runs against both backends.
 
+mod charge_ops;
 mod charges;
 mod keys;
 pub mod postgres;
 pub mod sqlite;
 
+pub use self::charge_ops::{ChargeOperationRow, OperationSettlement};
 pub use self::charges::{ChargeRow, ChargeSettlement, CvcHoldRow};
 pub use self::keys::{
     DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
@@ -727,6 +729,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: OffsetDateTime,
         limit: u32,
     ) -> Result<u64, StoreError>;
+
+    // --- Captures, refunds and cancellations (see `charge_ops`). ---------------------------
+
+    /// The tenant's operation with this idempotency key.
+    async fn charge_operation_by_key(
+        &self,
+        tenant_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ChargeOperationRow>, StoreError>;
+    /// An operation by id.
+    async fn charge_operation(&self, id: &str) -> Result<Option<ChargeOperationRow>, StoreError>;
+    /// Takes the right to send a `pending` or `unknown` operation until `until`, as
+    /// [`Store::claim_charge_send`] does for a charge (counting an attempt); returns whether
+    /// it took it.
+    async fn claim_charge_operation_send(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
 }
 
 /// One database transaction. Dropped without [`StoreTx::commit`], it rolls back.
@@ -839,6 +861,33 @@ pub trait StoreTx: Send {
         &mut self,
         id: &str,
         settlement: &ChargeSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    // --- Captures, refunds and cancellations (see `charge_ops`). ---------------------------
+
+    /// A charge by id, locked until this transaction ends (PostgreSQL: `FOR UPDATE`; SQLite
+    /// transactions hold the write lock from their start), so the operations checked against
+    /// it and the one inserted after the check cannot interleave with another request's.
+    async fn lock_charge(&mut self, id: &str) -> Result<Option<ChargeRow>, StoreError>;
+    /// A charge's operations, oldest first.
+    async fn charge_operations(
+        &mut self,
+        charge_id: &str,
+    ) -> Result<Vec<ChargeOperationRow>, StoreError>;
+    /// Inserts an operation unless the tenant already has one with that idempotency key;
+    /// returns whether it inserted.
+    async fn insert_charge_operation(
+        &mut self,
+        row: &ChargeOperationRow,
+    ) -> Result<bool, StoreError>;
+    /// Records how a send of a `pending` or `unknown` operation ended and clears
+    /// `sending_until`; a gateway id or amount learnt before is kept when this send brought
+    /// none. Returns whether the operation changed.
+    async fn settle_charge_operation(
+        &mut self,
+        id: &str,
+        settlement: &OperationSettlement,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError>;
 }

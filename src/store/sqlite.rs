@@ -17,10 +17,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, ChargeRow,
-    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard, KekUsage, KeyJobRow,
-    KeyRequestRow, PrincipalRow, ReuseKey, Rewrap, SealedRecord, Shredded, Store, StoreError,
-    StoreOptions, StoreTx, TenantRow, metadata_from_json, metadata_to_json, narrow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow,
+    ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
+    KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
+    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow,
+    metadata_from_json, metadata_to_json, narrow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -1478,6 +1479,59 @@ impl Store for SqliteStore {
         .await?;
         Ok(done.rows_affected())
     }
+
+    async fn charge_operation_by_key(
+        &self,
+        tenant_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<ChargeOperationRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_operation_columns!(),
+            " FROM charge_operations WHERE tenant_id = ?1 AND idempotency_key = ?2"
+        ))
+        .bind(tenant_id)
+        .bind(idempotency_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(charge_operation_from_row)
+        .transpose()
+    }
+
+    async fn charge_operation(&self, id: &str) -> Result<Option<ChargeOperationRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_operation_columns!(),
+            " FROM charge_operations WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(charge_operation_from_row)
+        .transpose()
+    }
+
+    async fn claim_charge_operation_send(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // One statement, and SQLite serializes writers: two claims cannot both see it free.
+        let done = sqlx::query(
+            "UPDATE charge_operations SET sending_until = ?3, attempts = attempts + 1, \
+             updated_at = ?2 WHERE id = ?1 AND status IN ('pending', 'unknown') \
+             AND (sending_until IS NULL OR sending_until < ?2)",
+        )
+        .bind(id)
+        .bind(micros(now))
+        .bind(micros(until))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }
 
 /// One SQLite transaction (`BEGIN IMMEDIATE`).
@@ -1918,6 +1972,104 @@ impl StoreTx for SqliteTx {
     ) -> Result<bool, StoreError> {
         settle_charge_row(&mut *self.tx, id, settlement, now).await
     }
+
+    async fn lock_charge(&mut self, id: &str) -> Result<Option<ChargeRow>, StoreError> {
+        // The transaction took the write lock when it began (`BEGIN IMMEDIATE`).
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_columns!(),
+            " FROM charges WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?
+        .as_ref()
+        .map(charge_from_row)
+        .transpose()
+    }
+
+    async fn charge_operations(
+        &mut self,
+        charge_id: &str,
+    ) -> Result<Vec<ChargeOperationRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_operation_columns!(),
+            " FROM charge_operations WHERE charge_id = ?1 ORDER BY created_at, id"
+        ))
+        .bind(charge_id)
+        .fetch_all(&mut *self.tx)
+        .await?
+        .iter()
+        .map(charge_operation_from_row)
+        .collect()
+    }
+
+    async fn insert_charge_operation(
+        &mut self,
+        row: &ChargeOperationRow,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO charge_operations (id, tenant_id, charge_id, kind, idempotency_key, \
+             request_hash, amount, status, gateway_id, amount_done, message, attempts, \
+             sending_until, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.tenant_id)
+        .bind(&row.charge_id)
+        .bind(&row.kind)
+        .bind(&row.idempotency_key)
+        .bind(&row.request_hash)
+        .bind(int8_param(
+            row.amount,
+            "an operation amount is out of range",
+        )?)
+        .bind(&row.status)
+        .bind(&row.gateway_id)
+        .bind(
+            row.amount_done
+                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .transpose()?,
+        )
+        .bind(&row.message)
+        .bind(i64::from(row.attempts))
+        .bind(row.sending_until.map(micros))
+        .bind(micros(row.created_at))
+        .bind(micros(row.updated_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn settle_charge_operation(
+        &mut self,
+        id: &str,
+        settlement: &OperationSettlement,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE charge_operations SET status = ?2, \
+             gateway_id = COALESCE(?3, gateway_id), amount_done = COALESCE(?4, amount_done), \
+             message = ?5, sending_until = NULL, updated_at = ?6 \
+             WHERE id = ?1 AND status IN ('pending', 'unknown')",
+        )
+        .bind(id)
+        .bind(&settlement.status)
+        .bind(&settlement.gateway_id)
+        .bind(
+            settlement
+                .amount_done
+                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .transpose()?,
+        )
+        .bind(&settlement.message)
+        .bind(micros(now))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }
 
 fn principal_from_row(row: &SqliteRow) -> Result<PrincipalRow, StoreError> {
@@ -2017,5 +2169,37 @@ fn key_request_from_row(row: &SqliteRow) -> Result<KeyRequestRow, StoreError> {
         decided_at: optional_time(row, "decided_at")?,
         tenant_id: row.try_get("tenant_id")?,
         params: row.try_get("params")?,
+    })
+}
+
+/// Columns of an operation row, as `charge_operation_from_row` reads them.
+macro_rules! charge_operation_columns {
+    () => {
+        "id, tenant_id, charge_id, kind, idempotency_key, request_hash, amount, status, gateway_id, amount_done, message, attempts, sending_until, created_at, updated_at"
+    };
+}
+use charge_operation_columns;
+
+fn charge_operation_from_row(row: &SqliteRow) -> Result<ChargeOperationRow, StoreError> {
+    let amount = |value: i64| narrow(value, "a stored operation amount is out of range");
+    Ok(ChargeOperationRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        charge_id: row.try_get("charge_id")?,
+        kind: row.try_get("kind")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_hash: row.try_get("request_hash")?,
+        amount: amount(row.try_get("amount")?)?,
+        status: row.try_get("status")?,
+        gateway_id: row.try_get("gateway_id")?,
+        amount_done: row
+            .try_get::<Option<i64>, _>("amount_done")?
+            .map(amount)
+            .transpose()?,
+        message: row.try_get("message")?,
+        attempts: narrow(row.try_get::<i64, _>("attempts")?, "operation attempts")?,
+        sending_until: optional_time(row, "sending_until")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        updated_at: from_micros(row.try_get("updated_at")?)?,
     })
 }

@@ -82,7 +82,11 @@ impl Permission {
             Action::Tokenize | Action::ImportCards | Action::HoldCvc => Permission::Tokenize,
             Action::GetCard => Permission::Read,
             Action::Reveal => Permission::Reveal,
-            Action::Charge | Action::ReconcileCharges => Permission::Charge,
+            Action::Charge
+            | Action::ReconcileCharges
+            | Action::CaptureCharge
+            | Action::RefundCharge
+            | Action::CancelCharge => Permission::Charge,
             Action::DeleteCard => Permission::Delete,
             Action::ReadAudit => Permission::AuditRead,
             Action::Authenticate

@@ -11,6 +11,7 @@ pub mod admin;
 mod authn;
 mod batch;
 mod charge;
+mod charge_ops;
 mod error;
 mod guess;
 mod import;
@@ -39,6 +40,7 @@ pub use self::{
     admin::{CreatedApiKey, DualControlled, NewPrincipal},
     batch::BatchOptions,
     charge::{ChargeCommand, Charged, MAX_CHARGE_AMOUNT},
+    charge_ops::{Operated, OperationCommand, action_of},
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},

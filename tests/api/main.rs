@@ -18,6 +18,7 @@ mod audit;
 mod authn;
 mod canary;
 mod charge;
+mod charge_ops;
 mod charge_store;
 mod dedup;
 mod errors;
