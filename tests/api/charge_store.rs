@@ -61,6 +61,9 @@ fn charge(id: &str, tenant_id: &str, key: &str, created_at: OffsetDateTime) -> C
         sending_until: None,
         created_at,
         updated_at: created_at,
+        action: None,
+        reconcile_attempts: 0,
+        next_reconcile_at: None,
     }
 }
 
@@ -70,6 +73,7 @@ fn settlement(status: &str, payment_id: Option<&str>) -> ChargeSettlement {
         gateway_payment_id: payment_id.map(str::to_owned),
         decline_code: None,
         message: None,
+        action: None,
     }
 }
 
