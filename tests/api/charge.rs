@@ -43,15 +43,15 @@ on_both_backends!(
 );
 
 /// A vault (tenant `dev`) whose gateways reach one test gateway over TLS.
-struct Rig {
-    app: TestApp,
-    gateway: TestGateway,
+pub(crate) struct Rig {
+    pub(crate) app: TestApp,
+    pub(crate) gateway: TestGateway,
     /// The vault's `[[gateways]]`, to start another vault with.
-    gateways_toml: String,
+    pub(crate) gateways_toml: String,
 }
 
 /// The test gateway's TLS certificate, signed by the test CA the vault trusts.
-async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
+pub(crate) async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
     TestGateway::start(TestGatewayOptions {
         hang,
         tls: Some(TlsFiles {
@@ -110,7 +110,7 @@ message_pointer = "/reason"
 }
 
 /// Puts the gateways of `toml` into `settings`.
-fn with_gateways(settings: &mut Settings, toml: &str) {
+pub(crate) fn with_gateways(settings: &mut Settings, toml: &str) {
     #[derive(serde::Deserialize)]
     struct File {
         gateways: Vec<cardvault::gateway::GatewaySettings>,
@@ -119,13 +119,24 @@ fn with_gateways(settings: &mut Settings, toml: &str) {
     settings.gateways = file.gateways;
 }
 
-async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
+pub(crate) async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
+    rig_tuned(backend, hang, timeout_ms, |_| {}).await
+}
+
+/// As [`rig_with`], with the vault's settings adjusted by `tune` before it starts.
+pub(crate) async fn rig_tuned(
+    backend: Backend,
+    hang: Duration,
+    timeout_ms: u64,
+    tune: impl FnOnce(&mut Settings),
+) -> Rig {
     let state = Arc::new(AppState::new(backend).await);
     let pki = Pki::new(state.dir.path());
     let gateway = start_gateway(&pki, hang).await;
     let mut settings = state.settings("dev");
     let gateways_toml = gateways(state.dir.path(), &pki, &gateway, timeout_ms);
     with_gateways(&mut settings, &gateways_toml);
+    tune(&mut settings);
     let app = spawn_with(state, "dev", settings).await;
     Rig {
         app,
@@ -134,12 +145,12 @@ async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
     }
 }
 
-async fn rig(backend: Backend) -> Rig {
+pub(crate) async fn rig(backend: Backend) -> Rig {
     rig_with(backend, Duration::from_secs(30), 5_000).await
 }
 
 /// Tokenizes `number` (with `cvc` held, if given) and returns the token.
-async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) -> String {
+pub(crate) async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) -> String {
     let mut request = tokenize_request(number);
     request.cvc = cvc.to_owned();
     client
@@ -150,7 +161,7 @@ async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) ->
         .token
 }
 
-fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
+pub(crate) fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
     pb::ChargeRequest {
         token: token.to_owned(),
         amount: 1999,
@@ -163,7 +174,7 @@ fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
     }
 }
 
-async fn charge(
+pub(crate) async fn charge(
     client: &mut CardVaultClient<Channel>,
     token: &str,
     gateway: &str,
@@ -176,7 +187,7 @@ async fn charge(
         .into_inner()
 }
 
-fn status(response: &pb::ChargeResponse) -> pb::ChargeStatus {
+pub(crate) fn status(response: &pb::ChargeResponse) -> pb::ChargeStatus {
     pb::ChargeStatus::try_from(response.status).expect("known status")
 }
 
@@ -749,7 +760,7 @@ async fn another_tenants_card_cannot_be_charged() {
 }
 
 /// The `detail` of every audit record.
-async fn audit_details(state: &AppState) -> Vec<String> {
+pub(crate) async fn audit_details(state: &AppState) -> Vec<String> {
     let sql = "SELECT COALESCE(detail, '') FROM audit_records";
     match state.backend {
         Backend::Sqlite => {
@@ -774,7 +785,7 @@ async fn audit_details(state: &AppState) -> Vec<String> {
 }
 
 /// Everything the database holds, as text: the SQLite files, or a `pg_dump`.
-fn database_text(state: &AppState) -> String {
+pub(crate) fn database_text(state: &AppState) -> String {
     let bytes = match state.backend {
         Backend::Sqlite => read_sqlite_files(|| state.sqlite_files()),
         Backend::Postgres => {
