@@ -14,7 +14,10 @@
 //! sealed on the charge row for its own re-sends until the charge settles or the hold's time
 //! runs out.
 
+use std::sync::Arc;
+
 use ring::digest;
+
 use time::OffsetDateTime;
 
 use super::{
@@ -266,9 +269,10 @@ impl Vault {
     }
 
     /// The caller's charge under `idempotency_key` as it stands, with its card: the answer to
-    /// a request whose deadline came before the charge's outcome. Audited as such.
+    /// a request whose deadline came before the charge's outcome. Audited as such, in the
+    /// background: the deadline leaves no time to wait for a commit.
     pub async fn charge_in_progress(
-        &self,
+        self: &Arc<Self>,
         auth: &Authorized,
         token: &Token,
         idempotency_key: &str,
@@ -291,7 +295,8 @@ impl Vault {
             &charge,
             &format!("{} (answered at the request's deadline)", charge.status),
         ));
-        self.record(&answered).await;
+        let vault = self.clone();
+        tokio::spawn(async move { vault.record(&answered).await });
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
             charge,
