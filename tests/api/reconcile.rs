@@ -6,11 +6,19 @@
 
 use std::time::Duration;
 
-use cardvault::{pb::v1 as pb, testgw::cards, testgw::paths};
+use cardvault::{
+    pb::v1 as pb,
+    store::ChargeRow,
+    testgw::{cards, paths},
+};
+use time::OffsetDateTime;
 
 use crate::{
-    charge::{Rig, audit_details, card, charge, charge_request, database_text, rig_tuned, status},
-    helpers::{AppState, Backend, captured_logs},
+    charge::{
+        Rig, audit_details, card, charge, charge_request, database_text, rig_forgetful, rig_tuned,
+        status,
+    },
+    helpers::{AppState, Backend, captured_logs, unique_pan},
     on_both_backends,
 };
 
@@ -20,6 +28,10 @@ on_both_backends!(
     a_resend_after_the_cvc_hold_lapsed_uses_its_own_cvc_and_never_another_charges_hold,
     a_charge_that_stays_unknown_raises_the_alarm_once,
     a_charge_whose_gateway_cannot_be_asked_nor_sent_again_stays_for_an_operator,
+    an_answer_lost_in_a_500_is_settled_by_asking_the_gateway,
+    a_key_the_gateway_forgot_never_leads_to_a_second_payment,
+    a_charge_still_processing_at_the_gateway_stays_unknown_and_then_succeeds_once,
+    a_charge_the_gateway_never_got_is_resent_within_the_window_and_not_charged_past_it,
 );
 
 /// Waits (polling, at most `within`) until `done` holds; false if it never did.
@@ -298,4 +310,202 @@ async fn a_charge_whose_gateway_cannot_be_asked_nor_sent_again_stays_for_an_oper
         "{reconciled:?}"
     );
     assert_eq!(rig.gateway.stats().executed_on(paths::GENERIC_CHARGES), 1);
+}
+
+/// The PaymentIntents the test gateway holds for one vault charge.
+fn intents_of(rig: &Rig, charge_id: &str) -> usize {
+    rig.gateway
+        .payment_intents_with_metadata("cardvault_charge_id", charge_id)
+        .len()
+}
+
+async fn reconcile(rig: &mut Rig) -> Vec<pb::ReconciledCharge> {
+    rig.app
+        .client
+        .reconcile_charges(pb::ReconcileChargesRequest { limit: 0 })
+        .await
+        .expect("reconcile")
+        .into_inner()
+        .charges
+}
+
+fn reconciled_status(charge: &pb::ReconciledCharge) -> pb::ChargeStatus {
+    pb::ChargeStatus::try_from(charge.status).expect("known status")
+}
+
+async fn an_answer_lost_in_a_500_is_settled_by_asking_the_gateway(backend: Backend) {
+    let mut rig = rig_tuned(backend, Duration::from_secs(30), 5_000, |_| {}).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::ANSWER_LOST, "0518").await;
+    let answer = charge(client, &token, "stripe", "lost-1").await;
+    // The gateway charged and answered 500: unknown, never failed.
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    // A re-send would get the saved 500 again; asking finds the payment.
+    let reconciled = reconcile(&mut rig).await;
+    assert_eq!(reconciled.len(), 1, "{reconciled:?}");
+    assert_eq!(
+        reconciled_status(&reconciled[0]),
+        pb::ChargeStatus::Succeeded,
+        "{reconciled:?}"
+    );
+    assert!(reconciled[0].gateway_payment_id.starts_with("pi_"));
+    assert_eq!(intents_of(&rig, &answer.charge_id), 1);
+    let replay = charge(&mut rig.app.client, &token, "stripe", "lost-1").await;
+    assert_eq!(status(&replay), pb::ChargeStatus::Succeeded);
+    assert_eq!(replay.gateway_payment_id, reconciled[0].gateway_payment_id);
+    let details = audit_details(&rig.app.state).await;
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains(&answer.charge_id) && d.contains("found at the gateway")),
+        "{details:?}"
+    );
+    assert_no_card_secrets(&rig, &[cards::ANSWER_LOST, "0518"]).await;
+}
+
+async fn a_key_the_gateway_forgot_never_leads_to_a_second_payment(backend: Backend) {
+    // The gateway forgets keys after a second, as Stripe does after a day; it answers the
+    // hang card after 1.5 s, the vault gives up after 0.5 s.
+    let mut rig = rig_forgetful(
+        backend,
+        Duration::from_millis(1_500),
+        500,
+        Duration::from_secs(1),
+        |_| {},
+    )
+    .await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::HANG, "0633").await;
+    let answer = charge(client, &token, "stripe", "pruned-1").await;
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    // The payment went through, and the gateway has forgotten the key since.
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let reconciled = reconcile(&mut rig).await;
+    assert_eq!(
+        reconciled_status(&reconciled[0]),
+        pb::ChargeStatus::Succeeded,
+        "{reconciled:?}"
+    );
+    // A re-send under the forgotten key would have made a second one.
+    assert_eq!(intents_of(&rig, &answer.charge_id), 1);
+    let replay = charge(&mut rig.app.client, &token, "stripe", "pruned-1").await;
+    assert_eq!(status(&replay), pb::ChargeStatus::Succeeded);
+    assert_eq!(intents_of(&rig, &answer.charge_id), 1);
+    assert_no_card_secrets(&rig, &[cards::HANG, "0633"]).await;
+}
+
+async fn a_charge_still_processing_at_the_gateway_stays_unknown_and_then_succeeds_once(
+    backend: Backend,
+) {
+    // The gateway takes 2 s; the vault gives up after 0.5 s and the caller retries at once,
+    // while the first request is still running (a re-send now would get Stripe's 409).
+    let mut rig = rig_tuned(backend, Duration::from_secs(2), 500, |_| {}).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::HANG, "0271").await;
+    let answer = charge(client, &token, "stripe", "busy-1").await;
+    assert_eq!(status(&answer), pb::ChargeStatus::Unknown, "{answer:?}");
+    let retry = charge(client, &token, "stripe", "busy-1").await;
+    assert_eq!(status(&retry), pb::ChargeStatus::Unknown, "{retry:?}");
+    let reconciled = reconcile(&mut rig).await;
+    assert_eq!(
+        reconciled_status(&reconciled[0]),
+        pb::ChargeStatus::Unknown,
+        "{reconciled:?}"
+    );
+    assert!(!reconciled[0].message.is_empty(), "{reconciled:?}");
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let settled = charge(&mut rig.app.client, &token, "stripe", "busy-1").await;
+    assert_eq!(status(&settled), pb::ChargeStatus::Succeeded, "{settled:?}");
+    assert_eq!(intents_of(&rig, &answer.charge_id), 1);
+    let stats = rig.gateway.stats();
+    assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 1, "{stats:?}");
+}
+
+/// An unknown charge of tenant `dev` for `token`, sent once `age` ago (as after a crash
+/// right after sending): written straight to the store, the gateway never saw it.
+fn unknown_charge(id: &str, token: &str, age: time::Duration) -> ChargeRow {
+    let created_at = OffsetDateTime::now_utc() - age;
+    ChargeRow {
+        id: id.to_owned(),
+        tenant_id: "dev".to_owned(),
+        idempotency_key: format!("key-{id}"),
+        request_hash: vec![7; 32],
+        token: token.to_owned(),
+        gateway: "stripe".to_owned(),
+        amount: 1999,
+        currency: "EUR".to_owned(),
+        capture: "automatic".to_owned(),
+        description: "order 42".to_owned(),
+        metadata: Vec::new(),
+        status: "unknown".to_owned(),
+        gateway_payment_id: None,
+        decline_code: None,
+        message: Some("gateway timed out".to_owned()),
+        attempts: 1,
+        sending_until: None,
+        created_at,
+        updated_at: created_at,
+        action: None,
+        reconcile_attempts: 0,
+        next_reconcile_at: None,
+    }
+}
+
+async fn a_charge_the_gateway_never_got_is_resent_within_the_window_and_not_charged_past_it(
+    backend: Backend,
+) {
+    let mut rig = rig_tuned(backend, Duration::from_secs(30), 5_000, |_| {}).await;
+    let pan = unique_pan();
+    let token = card(&mut rig.app.client, &pan, "").await;
+    let mut settings = rig.app.state.settings("dev");
+    crate::charge::with_gateways(&mut settings, &rig.gateways_toml);
+    let vault = cardvault::server::open_vault(&settings)
+        .await
+        .expect("vault on the same database");
+    let recent = "ch_recentChargeAbCd";
+    let old = "ch_oldChargeWxYzAbC";
+    for row in [
+        unknown_charge(recent, &token, time::Duration::minutes(1)),
+        // Past the gateway's 23 h idempotency window.
+        unknown_charge(old, &token, time::Duration::hours(24)),
+    ] {
+        assert!(
+            vault
+                .store()
+                .insert_charge(&row)
+                .await
+                .expect("insert")
+                .is_none()
+        );
+    }
+    let reconciled = reconcile(&mut rig).await;
+    let of = |id: &str| {
+        reconciled
+            .iter()
+            .find(|c| c.charge_id == id)
+            .unwrap_or_else(|| panic!("{id} in {reconciled:?}"))
+    };
+    // No payment, key still remembered: sent again, once.
+    assert_eq!(reconciled_status(of(recent)), pb::ChargeStatus::Succeeded);
+    assert_eq!(intents_of(&rig, recent), 1);
+    // No payment, key possibly forgotten: not charged, and never sent again.
+    let failed = of(old);
+    assert_eq!(
+        reconciled_status(failed),
+        pb::ChargeStatus::Failed,
+        "{failed:?}"
+    );
+    assert!(
+        failed.message.starts_with("not charged") && failed.message.contains(old),
+        "the evidence names how the gateway was asked: {failed:?}"
+    );
+    assert_eq!(intents_of(&rig, old), 0);
+    let details = audit_details(&rig.app.state).await;
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains(old) && d.contains("failed (not charged, evidence:")),
+        "{details:?}"
+    );
+    assert_no_card_secrets(&rig, &[pan.as_str()]).await;
 }
