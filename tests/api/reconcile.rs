@@ -186,6 +186,15 @@ async fn scheduled_reconciliation_settles_unknown_charges_without_an_operator(ba
     assert_eq!(rig.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
     let replay = charge(client, &token, "stripe", "background-1").await;
     assert_eq!(status(&replay), pb::ChargeStatus::Succeeded);
+    // The operator sees it in the metrics.
+    let metrics = crate::errors::http_get(rig.app.admin_addr, "/metrics").await;
+    for name in [
+        "cardvault_charges_unknown",
+        "cardvault_charges_unknown_overdue",
+        "cardvault_charge_reconciliations_total{result=\"found\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
     assert_no_card_secrets(&rig, &[cards::HANG, "0927"]).await;
 }
 
