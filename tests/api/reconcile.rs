@@ -236,6 +236,21 @@ async fn a_resend_after_the_cvc_hold_lapsed_uses_its_own_cvc_and_never_another_c
     );
     let stats = rig.gateway.stats();
     assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 1, "{stats:?}");
+    let intent = rig
+        .gateway
+        .payment_intent(&reconciled[0].gateway_payment_id)
+        .expect("the intent");
+    let method = intent["payment_method"]
+        .as_str()
+        .expect("its PaymentMethod");
+    assert_eq!(
+        rig.gateway.payment_method_cvc_is(method, "0361"),
+        Some(true)
+    );
+    assert_eq!(
+        rig.gateway.payment_method_cvc_is(method, "0742"),
+        Some(false)
+    );
     // The next charge's hold is untouched, and settling erased the charge's own CVC.
     let state = &rig.app.state;
     assert_eq!(state.count("SELECT COUNT(*) FROM cvc_holds").await, 1);
