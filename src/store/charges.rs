@@ -39,7 +39,8 @@ pub struct ChargeRow {
     pub decline_code: Option<String>,
     /// The gateway's message (never card data: connectors pass gateway text only).
     pub message: Option<String>,
-    /// How many times the charge was sent to the gateway.
+    /// How many times a request took the charge's send lease (to send it, or to ask the gateway
+    /// about it): more than 0 means it may have been sent.
     pub attempts: u32,
     /// While in the future, a request is sending this charge to the gateway.
     pub sending_until: Option<OffsetDateTime>,

@@ -5,14 +5,14 @@
 //! before anything goes out and settled after. Only the request holding the row's send lease
 //! (`sending_until`) talks to the gateway, so concurrent duplicates make one gateway call and
 //! then read its outcome. The gateway idempotency key is the charge id, stable for the
-//! charge's life, so a re-send after an unknown outcome (a retry by the caller, or
-//! `ReconcileCharges`) is answered by the gateway from its own record rather than charging
-//! again.
+//! charge's life. A charge whose outcome is unknown (a retry by the caller,
+//! `ReconcileCharges`, the background reconciler) is settled by asking the gateway, and sent
+//! again only while the gateway still remembers its key (see the `settle` module).
 //!
 //! The CVC: a hold (sealed like a card record, for `cvc:<token>`) waits for the card's next
-//! charge; that charge takes it (deleting the hold, so it serves one charge only) and keeps it
-//! sealed on the charge row for its own re-sends until the charge settles or the hold's time
-//! runs out.
+//! charge; that charge's first send takes it (deleting the hold, so it serves one charge only)
+//! and keeps it sealed on the charge row for its own re-sends until the charge settles or can
+//! no longer be re-sent.
 
 use std::sync::Arc;
 
@@ -228,7 +228,7 @@ impl Vault {
     }
 
     /// Settles the caller's tenant's unsettled charges by asking their gateways (see
-    /// [`settle`](super::settle)); returns them as they stand afterwards.
+    /// the `settle` module); returns them as they stand afterwards.
     #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
     pub async fn reconcile_charges(
         &self,

@@ -1,6 +1,6 @@
 //! The background reconciler: settles unknown charges (and pending ones whose sender went
 //! away) of every tenant without an operator, by asking their gateways (see
-//! [`settle`](super::settle)). One replica at a time runs it, under the `charges.reconcile`
+//! the `settle` module). One replica at a time runs it, under the `charges.reconcile`
 //! job lease; each charge it cannot settle waits longer before its next turn (the interval, 30 s
 //! by default, doubling, at most an hour). A charge unknown for longer than the alarm age raises an alarm: an error
 //! log line on every run and an audit record once.
