@@ -204,6 +204,20 @@ pub struct ChargeSettings {
     /// Seconds one request may be sending a charge before another may send it again; must
     /// exceed every gateway's `timeout_ms`.
     pub send_lease_secs: u64,
+    /// Seconds between runs of the background reconciliation of unknown charges (1 to 3600).
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
+    /// Seconds a charge may stay unknown before the reconciler raises the alarm.
+    #[serde(default = "default_unknown_alarm_secs")]
+    pub unknown_alarm_secs: u64,
+}
+
+fn default_reconcile_interval_secs() -> u64 {
+    30
+}
+
+fn default_unknown_alarm_secs() -> u64 {
+    3600
 }
 
 /// `[tokens]`
@@ -416,6 +430,8 @@ fn defaults() -> Defaults {
         charges: ChargeSettings {
             cvc_hold_secs: 600,
             send_lease_secs: 60,
+            reconcile_interval_secs: default_reconcile_interval_secs(),
+            unknown_alarm_secs: default_unknown_alarm_secs(),
         },
         tls: TlsSettings {
             reload_interval_secs: 10,
@@ -604,6 +620,16 @@ impl Settings {
                  be less than grpc.request_timeout_ms ({}): lower timeout_ms or raise \
                  grpc.request_timeout_ms",
                 slow.name, slow.timeout_ms, self.grpc.request_timeout_ms
+            )));
+        }
+        if !(1..=3600).contains(&self.charges.reconcile_interval_secs) {
+            return Err(ConfigError::Rejected(
+                "charges.reconcile_interval_secs must be 1 to 3600".to_owned(),
+            ));
+        }
+        if !(1..=MAX_PERIOD_SECS).contains(&self.charges.unknown_alarm_secs) {
+            return Err(ConfigError::Rejected(format!(
+                "charges.unknown_alarm_secs must be 1 to {MAX_PERIOD_SECS}"
             )));
         }
         for proxy in &self.auth.trusted_proxies {

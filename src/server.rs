@@ -34,7 +34,8 @@ use crate::{
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles},
     vault::{
         BatchOptions, Cidr, ConfigPrincipal, DekPolicy, GuessBudgets, KeyJobOptions, Permissions,
-        Principal, Rate, TenantId, Vault, VaultOptions, key_jobs, refusals, sweeper,
+        Principal, Rate, TenantId, Vault, VaultOptions, key_jobs, reconciler,
+        reconciler::ReconcileOptions, refusals, sweeper,
     },
 };
 
@@ -340,6 +341,12 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
         ),
         cvc_hold_ttl: Duration::from_secs(settings.charges.cvc_hold_secs),
         charge_send_lease: Duration::from_secs(settings.charges.send_lease_secs),
+        reconcile: ReconcileOptions {
+            interval: Duration::from_secs(settings.charges.reconcile_interval_secs),
+            unknown_alarm: Duration::from_secs(settings.charges.unknown_alarm_secs),
+            ..ReconcileOptions::default()
+        },
+        request_timeout: settings.request_timeout(),
     })
 }
 
@@ -425,6 +432,7 @@ impl Application {
             )),
             tokio::spawn(key_jobs::run(vault.clone(), job_owner(), stop_rx.clone())),
             tokio::spawn(refusals::run(vault.clone(), stop_rx.clone())),
+            tokio::spawn(reconciler::run(vault.clone(), job_owner(), stop_rx.clone())),
             tokio::spawn(readiness(
                 vault.store().clone(),
                 health.clone(),

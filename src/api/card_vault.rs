@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::{
     auth::RequestCredentials,
-    convert,
+    convert, deadline,
     error::ApiError,
     rpc::{self, StreamError, StreamScope},
 };
@@ -29,6 +29,11 @@ use crate::{
 /// the next ones are being parsed and sealed, so neither the vault's CPU nor the database
 /// waits for the other; more would only hold more database connections per stream.
 const IMPORT_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The message of a charge answered before its outcome was known.
+const PENDING_MESSAGE: &str = "the gateway has not answered within the request's deadline; the \
+                               charge is being settled — retry with the same idempotency key or \
+                               reconcile";
 
 /// Most charges one ReconcileCharges call settles.
 const MAX_RECONCILE: u32 = 100;
@@ -87,6 +92,10 @@ impl CardVault for CardVaultService {
         request: Request<pb::ChargeRequest>,
     ) -> Result<Response<pb::ChargeResponse>, Status> {
         let credentials = RequestCredentials::of(&request);
+        // The gateway work must not die with the call: it runs in a task of its own, and the
+        // call answers by its deadline with whatever is known then.
+        let answer_by = tokio::time::Instant::now()
+            + deadline::budget(request.metadata(), self.vault.request_timeout());
         let message = request.into_inner();
         rpc::run(
             &self.vault,
@@ -95,17 +104,41 @@ impl CardVault for CardVaultService {
             |auth| async move {
                 let command = convert::charge_command(message, &self.vault.gateway_names())
                     .map_err(ApiError::Invalid)?;
-                let charged = self.vault.charge(&auth, command).await?;
+                let token = command.token.clone();
+                let key = command.idempotency_key.clone();
+                let work = tokio::spawn({
+                    let vault = self.vault.clone();
+                    let auth = auth.clone();
+                    async move { vault.charge(&auth, command, Some(answer_by)).await }
+                        .instrument(tracing::Span::current())
+                });
+                let charged = match tokio::time::timeout_at(answer_by, work).await {
+                    Ok(Ok(charged)) => charged?,
+                    Ok(Err(failed)) => {
+                        return Err(VaultError::internal("a charge task failed", failed).into());
+                    }
+                    Err(_) => self.vault.charge_in_progress(&auth, &token, &key).await?,
+                };
                 let charge = charged.charge;
+                let message = if charge.status == "pending" {
+                    tracing::warn!(
+                        charge = %charge.id,
+                        "the gateway has not answered within the request's deadline; the \
+                         charge is being settled in the background"
+                    );
+                    PENDING_MESSAGE.to_owned()
+                } else {
+                    charge.message.unwrap_or_default()
+                };
                 Ok(pb::ChargeResponse {
                     status: convert::charge_status(&charge.status).into(),
                     charge_id: charge.id,
                     gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),
                     decline_code: charge.decline_code.unwrap_or_default(),
-                    message: charge.message.unwrap_or_default(),
+                    message,
                     card: Some(convert::card(charged.card)),
                     created: charged.created,
-                    action: None,
+                    action: charge.action.map(convert::charge_action),
                 })
             },
         )

@@ -7,9 +7,11 @@ use crate::{
     card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat, contains_card_number},
     gateway::{Capture, OperationKind},
     pb::v1 as pb,
+    store::ChargeActionRow,
     vault::{
         CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome,
-        MAX_CHARGE_AMOUNT, Metadata, Operated, OperationCommand, TokenizeCommand,
+        MAX_CHARGE_AMOUNT, MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand,
+        RESERVED_METADATA_KEY, TokenizeCommand,
     },
 };
 
@@ -369,6 +371,18 @@ pub fn charge_command(
             "description must be at most 500 characters and must not contain a card number",
         ));
     }
+    if request.metadata.len() > MAX_CHARGE_METADATA {
+        violations.push(violation(
+            "metadata",
+            &format!("a charge takes at most {MAX_CHARGE_METADATA} metadata entries"),
+        ));
+    }
+    if request.metadata.contains_key(RESERVED_METADATA_KEY) {
+        violations.push(violation(
+            "metadata",
+            &format!("metadata key {RESERVED_METADATA_KEY:?} is reserved for the vault"),
+        ));
+    }
     let metadata = match Metadata::parse(request.metadata) {
         Ok(m) => Some(m),
         Err(v) => {
@@ -390,6 +404,16 @@ pub fn charge_command(
             })
         }
         _ => Err(violations),
+    }
+}
+
+/// The API form of a stored next action.
+pub fn charge_action(action: ChargeActionRow) -> pb::ChargeAction {
+    pb::ChargeAction {
+        client_secret: action.client_secret.unwrap_or_default(),
+        r#type: action.kind.unwrap_or_default(),
+        redirect_url: action.redirect_url.unwrap_or_default(),
+        next_action_json: action.details_json.unwrap_or_default(),
     }
 }
 

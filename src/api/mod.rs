@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod card_vault;
 mod convert;
+mod deadline;
 mod error;
 mod key_admin;
 mod rpc;

@@ -39,7 +39,8 @@ pub struct ChargeRow {
     pub decline_code: Option<String>,
     /// The gateway's message (never card data: connectors pass gateway text only).
     pub message: Option<String>,
-    /// How many times the charge was sent to the gateway.
+    /// How many times a request took the charge's send lease (to send it, or to ask the gateway
+    /// about it): more than 0 means it may have been sent.
     pub attempts: u32,
     /// While in the future, a request is sending this charge to the gateway.
     pub sending_until: Option<OffsetDateTime>,
@@ -47,6 +48,36 @@ pub struct ChargeRow {
     pub created_at: OffsetDateTime,
     /// Last change.
     pub updated_at: OffsetDateTime,
+    /// For a `requires_action` charge: what the shop's front end needs to finish it.
+    pub action: Option<ChargeActionRow>,
+    /// How many times the background reconciler tried to settle the charge.
+    pub reconcile_attempts: u32,
+    /// The reconciler leaves the charge alone until then (`None`: it is due now).
+    pub next_reconcile_at: Option<OffsetDateTime>,
+}
+
+/// A charge's next action for the cardholder (3-D Secure), as stored. Not card data; `Debug`
+/// still leaves the client secret out, since it lets a browser finish the payment.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ChargeActionRow {
+    /// The gateway's client secret for the payment (Stripe's PaymentIntent `client_secret`).
+    pub client_secret: Option<String>,
+    /// The kind of action, in the gateway's words.
+    pub kind: Option<String>,
+    /// Where to send the cardholder, for a redirect.
+    pub redirect_url: Option<String>,
+    /// The gateway's whole action object as JSON.
+    pub details_json: Option<String>,
+}
+
+impl fmt::Debug for ChargeActionRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChargeActionRow")
+            .field("has_client_secret", &self.client_secret.is_some())
+            .field("kind", &self.kind)
+            .field("redirect_url", &self.redirect_url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a send to the gateway ended, to settle a charge with.
@@ -60,6 +91,8 @@ pub struct ChargeSettlement {
     pub decline_code: Option<String>,
     /// The gateway's message.
     pub message: Option<String>,
+    /// The next action of a `requires_action` outcome; `None` clears a stored one.
+    pub action: Option<ChargeActionRow>,
 }
 
 /// A sealed CVC waiting for the next charge of its token.

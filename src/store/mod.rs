@@ -14,7 +14,7 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use self::charge_ops::{ChargeOperationRow, OperationSettlement};
-pub use self::charges::{ChargeRow, ChargeSettlement, CvcHoldRow};
+pub use self::charges::{ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow};
 pub use self::keys::{
     DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
 };
@@ -694,6 +694,42 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<ChargeRow>, StoreError>;
 
+    /// Up to `limit` unsettled charges (as [`Store::unsettled_charges`], of every tenant)
+    /// whose `next_reconcile_at` is unset or not after `now`, oldest first: the background
+    /// reconciler's work.
+    async fn charges_due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<ChargeRow>, StoreError>;
+    /// Records a reconciliation that left a charge unsettled: its count of attempts and when
+    /// the reconciler may try again. Only an unsettled charge changes; returns whether it did.
+    async fn defer_charge_reconcile(
+        &self,
+        id: &str,
+        attempts: u32,
+        next_at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// How many charges are `unknown`, and how many of those were created before
+    /// `overdue_before`.
+    async fn unknown_charge_counts(
+        &self,
+        overdue_before: OffsetDateTime,
+    ) -> Result<(u64, u64), StoreError>;
+    /// Marks the alarm of a charge unknown for too long as raised; true only the first time.
+    async fn mark_charge_alarmed(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError>;
+    /// Takes (or renews) the lease of the background job `name` for `owner` until `until`,
+    /// if no other owner holds it at `now`. Of concurrent callers at most one gets it.
+    async fn claim_job_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Gives up `owner`'s lease of `name`, if it holds it.
+    async fn release_job_lease(&self, name: &str, owner: &str) -> Result<(), StoreError>;
+
     /// Attaches a taken CVC hold to a charge (its `cvc_dek_id`, `cvc_ciphertext`,
     /// `cvc_expires_at` from the hold), for the charge's own re-sends.
     async fn attach_charge_cvc(&self, charge_id: &str, hold: &CvcHoldRow)
@@ -914,6 +950,22 @@ fn first_of_each_token(rows: &[&CardRow]) -> Vec<bool> {
 }
 
 /// Metadata travels as a JSON object of strings in both backends.
+/// A stored action from its four nullable columns: none when all are NULL.
+fn action_from_parts(
+    client_secret: Option<String>,
+    kind: Option<String>,
+    redirect_url: Option<String>,
+    details_json: Option<String>,
+) -> Option<ChargeActionRow> {
+    let action = ChargeActionRow {
+        client_secret,
+        kind,
+        redirect_url,
+        details_json,
+    };
+    (action != ChargeActionRow::default()).then_some(action)
+}
+
 fn metadata_to_json(metadata: &[(String, String)]) -> String {
     let map: serde_json::Map<String, serde_json::Value> = metadata
         .iter()

@@ -13,7 +13,7 @@ use super::{
     ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
     KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
     SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
-    metadata_from_json, metadata_to_json, narrow,
+    action_from_parts, metadata_from_json, metadata_to_json, narrow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -72,7 +72,7 @@ macro_rules! audit_columns {
 /// Columns of a charge row, as `charge_from_row` reads them.
 macro_rules! charge_columns {
     () => {
-        "id, tenant_id, idempotency_key, request_hash, token, gateway, amount, currency, capture, description, metadata::text AS metadata, status, gateway_payment_id, decline_code, message, attempts, sending_until, created_at, updated_at"
+        "id, tenant_id, idempotency_key, request_hash, token, gateway, amount, currency, capture, description, metadata::text AS metadata, status, gateway_payment_id, decline_code, message, attempts, sending_until, created_at, updated_at, action_client_secret, action_type, action_redirect_url, action_json, reconcile_attempts, next_reconcile_at"
     };
 }
 
@@ -194,13 +194,17 @@ where
     E: sqlx::Executor<'e, Database = sqlx::Postgres>,
 {
     // A payment id learnt by an earlier send is kept when this one brought none. A final
-    // status ends the re-sends, and with them the need for the attached CVC.
+    // status ends the re-sends, and with them the need for the attached CVC. The action is
+    // the latest outcome's: a charge that no longer waits for the cardholder has none.
+    let action = settlement.action.as_ref();
     let done = sqlx::query(
         "UPDATE charges SET status = $2, gateway_payment_id = COALESCE($3, gateway_payment_id), \
          decline_code = $4, message = $5, sending_until = NULL, updated_at = $6, \
          cvc_dek_id = CASE WHEN $7 THEN NULL ELSE cvc_dek_id END, \
          cvc_ciphertext = CASE WHEN $7 THEN NULL ELSE cvc_ciphertext END, \
-         cvc_expires_at = CASE WHEN $7 THEN NULL ELSE cvc_expires_at END \
+         cvc_expires_at = CASE WHEN $7 THEN NULL ELSE cvc_expires_at END, \
+         action_client_secret = $8, action_type = $9, action_redirect_url = $10, \
+         action_json = $11 \
          WHERE id = $1 AND status IN ('pending', 'unknown')",
     )
     .bind(id)
@@ -210,6 +214,10 @@ where
     .bind(&settlement.message)
     .bind(now)
     .bind(settlement.status != "unknown")
+    .bind(action.and_then(|a| a.client_secret.as_deref()))
+    .bind(action.and_then(|a| a.kind.as_deref()))
+    .bind(action.and_then(|a| a.redirect_url.as_deref()))
+    .bind(action.and_then(|a| a.details_json.as_deref()))
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -310,6 +318,17 @@ fn charge_from_row(row: &PgRow) -> Result<ChargeRow, StoreError> {
         sending_until: row.try_get("sending_until")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        action: action_from_parts(
+            row.try_get("action_client_secret")?,
+            row.try_get("action_type")?,
+            row.try_get("action_redirect_url")?,
+            row.try_get("action_json")?,
+        ),
+        reconcile_attempts: narrow(
+            i64::from(row.try_get::<i32, _>("reconcile_attempts")?),
+            "charge reconcile attempts",
+        )?,
+        next_reconcile_at: row.try_get("next_reconcile_at")?,
     })
 }
 
@@ -1504,6 +1523,109 @@ impl Store for PgStore {
         .iter()
         .map(charge_from_row)
         .collect()
+    }
+
+    async fn charges_due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<ChargeRow>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            charge_columns!(),
+            " FROM charges WHERE (status = 'unknown' OR (status = 'pending' \
+             AND (sending_until IS NULL OR sending_until < $1))) \
+             AND (next_reconcile_at IS NULL OR next_reconcile_at <= $1) \
+             ORDER BY created_at, id LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(charge_from_row)
+        .collect()
+    }
+
+    async fn defer_charge_reconcile(
+        &self,
+        id: &str,
+        attempts: u32,
+        next_at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE charges SET reconcile_attempts = $2, next_reconcile_at = $3 \
+             WHERE id = $1 AND status IN ('pending', 'unknown')",
+        )
+        .bind(id)
+        .bind(int4_param(
+            attempts,
+            "charge reconcile attempts out of range",
+        )?)
+        .bind(next_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unknown_charge_counts(
+        &self,
+        overdue_before: OffsetDateTime,
+    ) -> Result<(u64, u64), StoreError> {
+        let (all, overdue): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN created_at < $1 THEN 1 ELSE 0 END), 0) \
+             FROM charges WHERE status = 'unknown'",
+        )
+        .bind(overdue_before)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            narrow(all, "unknown charges")?,
+            narrow(overdue, "overdue charges")?,
+        ))
+    }
+
+    async fn mark_charge_alarmed(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE charges SET alarmed_at = $2 WHERE id = $1 AND alarmed_at IS NULL")
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_job_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        // One statement: the insert, or the update of a lapsed or own lease. A lease another
+        // owner holds makes the update's WHERE false, and nothing changes.
+        let done = sqlx::query(
+            "INSERT INTO job_leases (name, owner, lease_until) VALUES ($1, $2, $4) \
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, \
+             lease_until = excluded.lease_until \
+             WHERE job_leases.lease_until < $3 OR job_leases.owner = excluded.owner",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_job_lease(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM job_leases WHERE name = $1 AND owner = $2")
+            .bind(name)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn attach_charge_cvc(

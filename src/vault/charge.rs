@@ -5,35 +5,45 @@
 //! before anything goes out and settled after. Only the request holding the row's send lease
 //! (`sending_until`) talks to the gateway, so concurrent duplicates make one gateway call and
 //! then read its outcome. The gateway idempotency key is the charge id, stable for the
-//! charge's life, so a re-send after an unknown outcome (a retry by the caller, or
-//! `ReconcileCharges`) is answered by the gateway from its own record rather than charging
-//! again.
+//! charge's life. A charge whose outcome is unknown (a retry by the caller,
+//! `ReconcileCharges`, the background reconciler) is settled by asking the gateway, and sent
+//! again only while the gateway still remembers its key (see the `settle` module).
 //!
 //! The CVC: a hold (sealed like a card record, for `cvc:<token>`) waits for the card's next
-//! charge; that charge takes it (deleting the hold, so it serves one charge only) and keeps it
-//! sealed on the charge row for its own re-sends until the charge settles or the hold's time
-//! runs out.
+//! charge; that charge's first send takes it (deleting the hold, so it serves one charge only)
+//! and keeps it sealed on the charge row for its own re-sends until the charge settles or can
+//! no longer be re-sent.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use ring::digest;
+
 use time::OffsetDateTime;
 
 use super::{
     Authorized, CardView, Metadata, TenantId, Vault, VaultError, event, expect_action,
-    key_admin::new_id, view_of,
+    key_admin::new_id,
+    settle::{Actor, charge_detail, is_unsettled},
+    view_of,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::{Cvc, Token},
-    crypto::{self, DekId},
-    gateway::{Capture, ChargeCard, ChargeParams, ChargeStatus, Connector},
-    store::{ChargeRow, ChargeSettlement, CvcHoldRow},
+    crypto,
+    gateway::{Capture, ChargeStatus},
+    store::{ChargeRow, CvcHoldRow},
 };
 
 /// The largest amount a charge may have, in minor units: what both backends' 64-bit signed
 /// `amount` column holds. Far beyond any real charge; the API refuses more at the edge.
 pub const MAX_CHARGE_AMOUNT: u64 = i64::MAX.unsigned_abs();
+
+/// The metadata key the connectors tag a payment with (the vault's charge id), so the
+/// gateway can be asked about it; a caller may not use it.
+pub const RESERVED_METADATA_KEY: &str = "cardvault_charge_id";
+
+/// Most metadata entries a charge may carry: Stripe takes 50, and the vault adds one.
+pub const MAX_CHARGE_METADATA: usize = 49;
 
 /// A charge to make.
 #[derive(Debug)]
@@ -67,10 +77,6 @@ pub struct Charged {
     pub created: bool,
 }
 
-/// How long a request waits for another request that is sending the same charge, between
-/// looks at the row.
-const WAIT_STEP: Duration = Duration::from_millis(50);
-
 impl Vault {
     /// The names of the configured gateways.
     pub fn gateway_names(&self) -> Vec<&str> {
@@ -78,13 +84,16 @@ impl Vault {
     }
 
     /// Charges a card, exactly once per idempotency key. Each send is on record before it
-    /// leaves (see [`Vault::send`]); a request that sends nothing (a replay, or one that
-    /// waited for another's send) records the outcome it answers with.
+    /// leaves; a request that sends nothing (a replay, or one that waited for another's send)
+    /// records the outcome it answers with. A request that finds another one sending the
+    /// charge waits for it until `wait_until` at most, and then answers with the charge as it
+    /// stands (`pending`: its outcome is not known yet).
     #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant(), gateway = %command.gateway))]
     pub async fn charge(
         &self,
         auth: &Authorized,
         command: ChargeCommand,
+        wait_until: Option<tokio::time::Instant>,
     ) -> Result<Charged, VaultError> {
         expect_action(auth, Action::Charge)?;
         let tenant = auth.caller().tenant().clone();
@@ -111,6 +120,9 @@ impl Vault {
             sending_until: None,
             created_at: now,
             updated_at: now,
+            action: None,
+            reconcile_attempts: 0,
+            next_reconcile_at: None,
         };
         let (charge, created) = match self.store.insert_charge(&fresh).await? {
             None => (fresh, true),
@@ -129,8 +141,9 @@ impl Vault {
             Some(existing) => (existing, false),
         };
         let (charge, sent) = if is_unsettled(&charge) {
-            let sent = self.send(auth, &tenant, token, &row, &charge).await;
-            self.recorded(auth, Some(token), sent).await?
+            let settled = self.settle(Actor::Caller(auth), &charge, wait_until).await;
+            let settled = self.recorded(auth, Some(token), settled).await?;
+            (settled.charge, settled.acted)
         } else {
             (charge, false)
         };
@@ -158,179 +171,6 @@ impl Vault {
             charge,
             created,
         })
-    }
-
-    /// Sends an unsettled charge, exactly as it was first asked for, or waits for the request
-    /// that is sending it; returns the charge as it stands afterwards, and whether this call
-    /// sent it (and so recorded it).
-    ///
-    /// The attempt's audit record commits before anything goes to the gateway, and the
-    /// outcome's in the same transaction as the settled charge: a crash during the call
-    /// leaves a record of a charge that may have been made, never a charge without one.
-    /// A honeytoken is never sent: it is declined the way the gateway declines a card.
-    async fn send(
-        &self,
-        auth: &Authorized,
-        tenant: &TenantId,
-        token: &Token,
-        card_row: &crate::store::CardRow,
-        charge: &ChargeRow,
-    ) -> Result<(ChargeRow, bool), VaultError> {
-        let lease = time::Duration::try_from(self.options.charge_send_lease)
-            .map_err(|e| VaultError::internal("charge send lease out of range", e))?;
-        let connector = self
-            .options
-            .gateways
-            .get(&charge.gateway)
-            .ok_or_else(|| {
-                VaultError::Precondition(format!(
-                    "charge {}: gateway {:?} is not configured on this replica",
-                    charge.id, charge.gateway
-                ))
-            })?
-            .clone();
-        if charge.attempts > 0 && connector.resend_window().is_none() {
-            // Sent once already, to a gateway that cannot tell a re-send from a new charge:
-            // the outcome stays unknown until an operator settles it at the gateway.
-            return Ok((charge.clone(), false));
-        }
-        loop {
-            let now = OffsetDateTime::now_utc();
-            let until = now.checked_add(lease).ok_or_else(|| {
-                VaultError::internal("charge send lease out of range", "overflow")
-            })?;
-            if self.store.claim_charge_send(&charge.id, now, until).await? {
-                break;
-            }
-            // Another request is sending it: wait for its outcome.
-            tokio::time::sleep(WAIT_STEP).await;
-            let current = self
-                .store
-                .charge(&charge.id)
-                .await?
-                .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))?;
-            if !is_unsettled(&current) {
-                return Ok((current, false));
-            }
-        }
-        let honeytoken = card_row.honeytoken;
-        let (outcome, what) = if honeytoken {
-            // Before the card is opened or anything is sent, and shaped like the gateway's
-            // own decline, so the caller learns nothing; the operators get the alarm.
-            (
-                connector.decoy_decline(),
-                "honeytoken, not sent to the gateway",
-            )
-        } else {
-            // The claim counted this attempt.
-            let attempt = charge.attempts.saturating_add(1);
-            let mut sending = charge_event(auth, Outcome::Ok, token, false);
-            sending.detail = Some(charge_detail(
-                charge,
-                &format!("sending (attempt {attempt})"),
-            ));
-            self.batcher().await?.audit(sending).await?;
-            (
-                self.call_gateway(tenant, token, card_row, charge, connector.as_ref())
-                    .await?,
-                "",
-            )
-        };
-        let settlement = ChargeSettlement {
-            status: status_name(outcome.status).to_owned(),
-            gateway_payment_id: outcome.payment_id,
-            decline_code: outcome.decline_code,
-            message: outcome.message,
-        };
-        let mut settled = charge_event(auth, Outcome::Ok, token, honeytoken);
-        settled.detail = Some(charge_detail(
-            charge,
-            &if what.is_empty() {
-                settlement.status.clone()
-            } else {
-                format!("{} ({what})", settlement.status)
-            },
-        ));
-        let mut tx = self.begin().await?;
-        tx.settle_charge(&charge.id, &settlement, OffsetDateTime::now_utc())
-            .await?;
-        self.commit_with(tx, &settled).await?;
-        let current = self
-            .store
-            .charge(&charge.id)
-            .await?
-            .ok_or_else(|| VaultError::internal("a charge vanished", "no row"))?;
-        Ok((current, true))
-    }
-
-    /// Opens the card (and the CVC held for it) inside the vault and sends the charge.
-    async fn call_gateway(
-        &self,
-        tenant: &TenantId,
-        token: &Token,
-        card_row: &crate::store::CardRow,
-        charge: &ChargeRow,
-        connector: &dyn Connector,
-    ) -> Result<crate::gateway::Outcome, VaultError> {
-        let secret = self.open_card(tenant, token, card_row).await?;
-        let cvc = self.charge_cvc(tenant, token, &charge.id).await?;
-        let card = ChargeCard {
-            pan: &secret.pan,
-            exp_month: card_row.exp_month,
-            exp_year: card_row.exp_year,
-            cvc: cvc.as_ref().map(Cvc::expose),
-            holder: secret.holder.as_ref().map(|h| h.expose()),
-        };
-        let params = ChargeParams {
-            amount: charge.amount,
-            currency: &charge.currency,
-            capture: capture_of(&charge.capture),
-            description: &charge.description,
-            metadata: &charge.metadata,
-            idempotency_key: &charge.id,
-            resend: charge.attempts > 0,
-        };
-        Ok(connector.charge(&card, &params).await)
-    }
-
-    /// The CVC for a charge: the one already attached to it (a re-send), else the token's
-    /// hold, which the charge takes for itself. `None` when there is neither, or the DEK that
-    /// sealed it is gone.
-    async fn charge_cvc(
-        &self,
-        tenant: &TenantId,
-        token: &Token,
-        charge_id: &str,
-    ) -> Result<Option<Cvc>, VaultError> {
-        let now = OffsetDateTime::now_utc();
-        let hold = match self.store.charge_cvc(charge_id, now).await? {
-            Some(hold) => hold,
-            None => match self
-                .store
-                .take_cvc_hold(tenant.as_str(), token.as_str(), now)
-                .await?
-            {
-                Some(hold) => {
-                    self.store.attach_charge_cvc(charge_id, &hold).await?;
-                    hold
-                }
-                None => return Ok(None),
-            },
-        };
-        let Ok(dek) = self.keys.dek(tenant, DekId(hold.dek_id)).await else {
-            tracing::warn!("a CVC hold's data key is gone; charging without the CVC");
-            return Ok(None);
-        };
-        let digits = crypto::open_record(
-            &dek,
-            tenant.as_str(),
-            &cvc_aad_token(token),
-            &hold.ciphertext,
-        )
-        .map_err(|e| VaultError::internal("failed to open a CVC hold", e))?;
-        let text = std::str::from_utf8(&digits)
-            .map_err(|e| VaultError::internal("a CVC hold is not text", e))?;
-        Cvc::parse(text).map_err(|e| VaultError::internal("a CVC hold is malformed", e))
     }
 
     /// Holds a CVC for the next charge of a card of the caller's tenant; returns when the
@@ -387,8 +227,8 @@ impl Vault {
         Ok(expires_at)
     }
 
-    /// Sends the caller's tenant's unsettled charges again under their gateway idempotency
-    /// keys; returns them as they stand afterwards.
+    /// Settles the caller's tenant's unsettled charges by asking their gateways (see
+    /// the `settle` module); returns them as they stand afterwards.
     #[tracing::instrument(skip_all, fields(tenant = %auth.caller().tenant()))]
     pub async fn reconcile_charges(
         &self,
@@ -404,24 +244,10 @@ impl Vault {
             .await?;
         let mut settled = Vec::with_capacity(pending.len());
         for charge in pending {
-            let Ok(token) = Token::parse(&charge.token) else {
-                return Err(VaultError::internal(
-                    "a stored token is malformed",
-                    "corrupt row",
-                ));
-            };
-            let Some(card_row) = self
-                .store
-                .card(tenant.as_str(), token.as_str(), now)
-                .await?
-            else {
-                // The card was deleted since: nothing can be re-sent; it stays unknown.
-                settled.push(charge);
-                continue;
-            };
-            let sent = self.send(auth, &tenant, &token, &card_row, &charge).await;
-            match self.recorded(auth, Some(&token), sent).await {
-                Ok((current, _)) => settled.push(current),
+            let token = Token::parse(&charge.token).ok();
+            let result = self.settle(Actor::Caller(auth), &charge, None).await;
+            match self.recorded(auth, token.as_ref(), result).await {
+                Ok(done) => settled.push(done.charge),
                 // A gateway only another replica has: that replica can settle it; this one
                 // leaves it as it stands rather than fail the others.
                 Err(VaultError::Precondition(_)) => settled.push(charge),
@@ -441,6 +267,42 @@ impl Vault {
         self.record(&done).await;
         Ok(settled)
     }
+
+    /// The caller's charge under `idempotency_key` as it stands, with its card: the answer to
+    /// a request whose deadline came before the charge's outcome. Audited as such, in the
+    /// background: the deadline leaves no time to wait for a commit.
+    pub async fn charge_in_progress(
+        self: &Arc<Self>,
+        auth: &Authorized,
+        token: &Token,
+        idempotency_key: &str,
+    ) -> Result<Charged, VaultError> {
+        expect_action(auth, Action::Charge)?;
+        let tenant = auth.caller().tenant();
+        let row = self.live_row(auth, token).await?;
+        let charge = self
+            .store
+            .charge_by_key(tenant.as_str(), idempotency_key)
+            .await?
+            .ok_or_else(|| {
+                // Not even written yet: the database is too slow for the deadline.
+                VaultError::Unavailable(
+                    "the charge was not recorded within the request's deadline".into(),
+                )
+            })?;
+        let mut answered = charge_event(auth, Outcome::Ok, token, row.honeytoken);
+        answered.detail = Some(charge_detail(
+            &charge,
+            &format!("{} (answered at the request's deadline)", charge.status),
+        ));
+        let vault = self.clone();
+        tokio::spawn(async move { vault.record(&answered).await });
+        Ok(Charged {
+            card: view_of(row)?.shown_to(auth),
+            charge,
+            created: false,
+        })
+    }
 }
 
 /// The audit event of a charge request about `token`, an alarm for a honeytoken.
@@ -455,25 +317,13 @@ fn charge_event(
     event
 }
 
-/// `charge ch_… via stripe: 1999 EUR <what>`: the charge's audit detail (no card data).
-fn charge_detail(charge: &ChargeRow, what: &str) -> String {
-    format!(
-        "charge {} via {}: {} {} {what}",
-        charge.id, charge.gateway, charge.amount, charge.currency
-    )
-}
-
 /// The AAD "token" of a CVC hold: a hold can never be opened as a card record, nor a card
 /// record as a hold.
-fn cvc_aad_token(token: &Token) -> String {
+pub(super) fn cvc_aad_token(token: &Token) -> String {
     format!("cvc:{}", token.as_str())
 }
 
-fn is_unsettled(charge: &ChargeRow) -> bool {
-    matches!(charge.status.as_str(), "pending" | "unknown")
-}
-
-fn capture_of(name: &str) -> Capture {
+pub(super) fn capture_of(name: &str) -> Capture {
     if name == "manual" {
         Capture::Manual
     } else {

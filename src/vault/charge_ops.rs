@@ -588,6 +588,9 @@ mod tests {
             sending_until: None,
             created_at: now,
             updated_at: now,
+            action: None,
+            reconcile_attempts: 0,
+            next_reconcile_at: None,
         }
     }
 

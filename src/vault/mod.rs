@@ -21,9 +21,11 @@ mod keys;
 pub mod limits;
 pub mod metadata;
 pub mod peer;
+pub mod reconciler;
 mod record;
 pub mod refusals;
 mod seal;
+mod settle;
 pub mod sweeper;
 mod tenant;
 
@@ -39,7 +41,9 @@ pub use self::{
     },
     admin::{CreatedApiKey, DualControlled, NewPrincipal},
     batch::BatchOptions,
-    charge::{ChargeCommand, Charged, MAX_CHARGE_AMOUNT},
+    charge::{
+        ChargeCommand, Charged, MAX_CHARGE_AMOUNT, MAX_CHARGE_METADATA, RESERVED_METADATA_KEY,
+    },
     charge_ops::{Operated, OperationCommand, action_of},
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
@@ -186,6 +190,11 @@ pub struct VaultOptions {
     /// How long one request may be sending a charge before another may send it again (must
     /// exceed the gateways' total timeouts).
     pub charge_send_lease: Duration,
+    /// The background reconciliation of unknown charges.
+    pub reconcile: reconciler::ReconcileOptions,
+    /// The server's longest unary call: a charge answers within it (or the caller's shorter
+    /// deadline) whether or not its gateway has.
+    pub request_timeout: Duration,
 }
 
 impl Default for VaultOptions {
@@ -213,6 +222,8 @@ impl Default for VaultOptions {
             gateways: Arc::new(Gateways::empty()),
             cvc_hold_ttl: Duration::from_secs(10 * 60),
             charge_send_lease: Duration::from_secs(60),
+            reconcile: reconciler::ReconcileOptions::default(),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -341,6 +352,11 @@ impl Vault {
     /// (see [`VaultError::is_audited`]): malformed arguments, internal errors.
     pub async fn record_failure(&self, auth: &Authorized, outcome: Outcome) {
         self.record(&event(auth, outcome, None)).await;
+    }
+
+    /// The server's longest unary call (see [`VaultOptions::request_timeout`]).
+    pub fn request_timeout(&self) -> Duration {
+        self.options.request_timeout
     }
 
     /// The store, for readiness checks and the sweeper.

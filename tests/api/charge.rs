@@ -40,20 +40,32 @@ on_both_backends!(
     a_honeytoken_charge_reaches_no_gateway_and_looks_like_a_decline,
     every_send_is_on_record_before_it_leaves_and_its_outcome_with_the_settle,
     a_charge_for_a_gateway_this_replica_lacks_is_recorded_and_left_alone,
+    a_charge_needing_3_d_secure_hands_back_its_action_also_on_replay,
+    charge_metadata_may_not_take_the_vaults_key_nor_more_than_49_entries,
 );
 
 /// A vault (tenant `dev`) whose gateways reach one test gateway over TLS.
-struct Rig {
-    app: TestApp,
-    gateway: TestGateway,
+pub(crate) struct Rig {
+    pub(crate) app: TestApp,
+    pub(crate) gateway: TestGateway,
     /// The vault's `[[gateways]]`, to start another vault with.
-    gateways_toml: String,
+    pub(crate) gateways_toml: String,
 }
 
 /// The test gateway's TLS certificate, signed by the test CA the vault trusts.
-async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
+pub(crate) async fn start_gateway(pki: &Pki, hang: Duration) -> TestGateway {
+    start_gateway_with(pki, hang, TestGatewayOptions::default().idempotency_key_ttl).await
+}
+
+/// As [`start_gateway`], forgetting idempotency keys after `key_ttl`.
+pub(crate) async fn start_gateway_with(
+    pki: &Pki,
+    hang: Duration,
+    key_ttl: Duration,
+) -> TestGateway {
     TestGateway::start(TestGatewayOptions {
         hang,
+        idempotency_key_ttl: key_ttl,
         tls: Some(TlsFiles {
             cert_file: pki.server_cert.clone(),
             key_file: pki.server_key.clone(),
@@ -110,7 +122,7 @@ message_pointer = "/reason"
 }
 
 /// Puts the gateways of `toml` into `settings`.
-fn with_gateways(settings: &mut Settings, toml: &str) {
+pub(crate) fn with_gateways(settings: &mut Settings, toml: &str) {
     #[derive(serde::Deserialize)]
     struct File {
         gateways: Vec<cardvault::gateway::GatewaySettings>,
@@ -119,13 +131,36 @@ fn with_gateways(settings: &mut Settings, toml: &str) {
     settings.gateways = file.gateways;
 }
 
-async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
+pub(crate) async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
+    rig_tuned(backend, hang, timeout_ms, |_| {}).await
+}
+
+/// As [`rig_with`], with the vault's settings adjusted by `tune` before it starts.
+pub(crate) async fn rig_tuned(
+    backend: Backend,
+    hang: Duration,
+    timeout_ms: u64,
+    tune: impl FnOnce(&mut Settings),
+) -> Rig {
+    let key_ttl = TestGatewayOptions::default().idempotency_key_ttl;
+    rig_forgetful(backend, hang, timeout_ms, key_ttl, tune).await
+}
+
+/// As [`rig_tuned`], with a gateway that forgets idempotency keys after `key_ttl`.
+pub(crate) async fn rig_forgetful(
+    backend: Backend,
+    hang: Duration,
+    timeout_ms: u64,
+    key_ttl: Duration,
+    tune: impl FnOnce(&mut Settings),
+) -> Rig {
     let state = Arc::new(AppState::new(backend).await);
     let pki = Pki::new(state.dir.path());
-    let gateway = start_gateway(&pki, hang).await;
+    let gateway = start_gateway_with(&pki, hang, key_ttl).await;
     let mut settings = state.settings("dev");
     let gateways_toml = gateways(state.dir.path(), &pki, &gateway, timeout_ms);
     with_gateways(&mut settings, &gateways_toml);
+    tune(&mut settings);
     let app = spawn_with(state, "dev", settings).await;
     Rig {
         app,
@@ -134,12 +169,12 @@ async fn rig_with(backend: Backend, hang: Duration, timeout_ms: u64) -> Rig {
     }
 }
 
-async fn rig(backend: Backend) -> Rig {
+pub(crate) async fn rig(backend: Backend) -> Rig {
     rig_with(backend, Duration::from_secs(30), 5_000).await
 }
 
 /// Tokenizes `number` (with `cvc` held, if given) and returns the token.
-async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) -> String {
+pub(crate) async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) -> String {
     let mut request = tokenize_request(number);
     request.cvc = cvc.to_owned();
     client
@@ -150,7 +185,7 @@ async fn card(client: &mut CardVaultClient<Channel>, number: &str, cvc: &str) ->
         .token
 }
 
-fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
+pub(crate) fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
     pb::ChargeRequest {
         token: token.to_owned(),
         amount: 1999,
@@ -163,7 +198,7 @@ fn charge_request(token: &str, gateway: &str, key: &str) -> pb::ChargeRequest {
     }
 }
 
-async fn charge(
+pub(crate) async fn charge(
     client: &mut CardVaultClient<Channel>,
     token: &str,
     gateway: &str,
@@ -176,7 +211,7 @@ async fn charge(
         .into_inner()
 }
 
-fn status(response: &pb::ChargeResponse) -> pb::ChargeStatus {
+pub(crate) fn status(response: &pb::ChargeResponse) -> pb::ChargeStatus {
     pb::ChargeStatus::try_from(response.status).expect("known status")
 }
 
@@ -322,10 +357,11 @@ async fn a_timeout_is_unknown_until_reconciled(backend: Backend) {
         pb::ChargeStatus::try_from(reconciled[0].status),
         Ok(pb::ChargeStatus::Succeeded)
     );
-    // The gateway ran the PaymentIntent once; the re-send was a replay of its record.
+    // The gateway ran the PaymentIntent once; reconciliation asked for it and sent nothing
+    // again.
     let stats = rig.gateway.stats();
     assert_eq!(stats.executed_on(paths::PAYMENT_INTENTS), 1, "{stats:?}");
-    assert!(stats.replays >= 1, "{stats:?}");
+    assert_eq!(stats.posts_to(paths::PAYMENT_INTENTS), 1, "{stats:?}");
     // The caller's retry now gets the settled outcome; nothing is left to reconcile.
     let again = charge(client, &token, "stripe", "slow-1").await;
     assert_eq!(status(&again), pb::ChargeStatus::Succeeded);
@@ -651,8 +687,8 @@ async fn every_send_is_on_record_before_it_leaves_and_its_outcome_with_the_settl
     assert_eq!(records.len(), 2, "{records:?}");
     assert!(records[1].2.ends_with(" unknown"), "{records:?}");
 
-    // Once the gateway has finished, reconciliation re-sends: one more attempt on record
-    // before it, and the settled outcome after.
+    // Once the gateway has finished, reconciliation asks it and settles with what it holds:
+    // nothing is sent, so the one record is the settled outcome and how it was learnt.
     tokio::time::sleep(hang).await;
     let reconciled = rig
         .app
@@ -668,9 +704,11 @@ async fn every_send_is_on_record_before_it_leaves_and_its_outcome_with_the_settl
     );
     let records = records_of(&state, "charges.reconcile", &token).await;
     let details: Vec<&str> = records.iter().map(|(_, _, d)| d.as_str()).collect();
-    assert_eq!(details.len(), 2, "{details:?}");
-    assert!(details[0].contains("attempt 2"), "{details:?}");
-    assert!(details[1].ends_with(" succeeded"), "{details:?}");
+    assert_eq!(details.len(), 1, "{details:?}");
+    assert!(
+        details[0].contains(" succeeded (found at the gateway: pi_"),
+        "{details:?}"
+    );
     rig.app.stop().await;
     let report = crate::audit::verify(&state).await;
     assert!(report.is_intact(), "{:?}", report.breaks);
@@ -749,7 +787,7 @@ async fn another_tenants_card_cannot_be_charged() {
 }
 
 /// The `detail` of every audit record.
-async fn audit_details(state: &AppState) -> Vec<String> {
+pub(crate) async fn audit_details(state: &AppState) -> Vec<String> {
     let sql = "SELECT COALESCE(detail, '') FROM audit_records";
     match state.backend {
         Backend::Sqlite => {
@@ -774,7 +812,7 @@ async fn audit_details(state: &AppState) -> Vec<String> {
 }
 
 /// Everything the database holds, as text: the SQLite files, or a `pg_dump`.
-fn database_text(state: &AppState) -> String {
+pub(crate) fn database_text(state: &AppState) -> String {
     let bytes = match state.backend {
         Backend::Sqlite => read_sqlite_files(|| state.sqlite_files()),
         Backend::Postgres => {
@@ -782,4 +820,67 @@ fn database_text(state: &AppState) -> String {
         }
     };
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+async fn a_charge_needing_3_d_secure_hands_back_its_action_also_on_replay(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::REQUIRES_ACTION, "0846").await;
+    let answer = charge(client, &token, "stripe", "3ds-1").await;
+    assert_eq!(
+        status(&answer),
+        pb::ChargeStatus::RequiresAction,
+        "{answer:?}"
+    );
+    let action = answer.action.clone().expect("an action");
+    // Exactly the PaymentIntent's client secret, as the gateway holds it.
+    let intent = rig
+        .gateway
+        .payment_intent(&answer.gateway_payment_id)
+        .expect("the intent");
+    assert_eq!(
+        action.client_secret,
+        intent["client_secret"].as_str().unwrap_or_default(),
+        "{action:?}"
+    );
+    assert!(!action.r#type.is_empty(), "{action:?}");
+    assert!(!action.next_action_json.is_empty(), "{action:?}");
+    let replay = charge(client, &token, "stripe", "3ds-1").await;
+    assert!(!replay.created);
+    assert_eq!(replay.action, Some(action.clone()));
+    // The client secret is for the shop's front end, not for the logs.
+    let logs = String::from_utf8_lossy(&captured_logs()).into_owned();
+    assert!(
+        action.client_secret.is_empty() || !logs.contains(&action.client_secret),
+        "client secret logged"
+    );
+    // A charge that settles otherwise carries none.
+    let plain = card(client, cards::SUCCESS, "").await;
+    let succeeded = charge(client, &plain, "stripe", "3ds-2").await;
+    assert_eq!(succeeded.action, None, "{succeeded:?}");
+}
+
+async fn charge_metadata_may_not_take_the_vaults_key_nor_more_than_49_entries(backend: Backend) {
+    let mut rig = rig(backend).await;
+    let client = &mut rig.app.client;
+    let token = card(client, cards::SUCCESS, "").await;
+    let mut reserved = charge_request(&token, "stripe", "md-1");
+    reserved.metadata.insert(
+        "cardvault_charge_id".to_owned(),
+        "ch_forged000000000".to_owned(),
+    );
+    let mut crowded = charge_request(&token, "stripe", "md-2");
+    crowded.metadata = (0..50).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    for request in [reserved, crowded] {
+        let err = client.charge(request).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let fields = crate::helpers::violated_fields(&err);
+        assert!(fields.iter().any(|f| f == "metadata"), "{fields:?}");
+        assert!(!err.message().contains("ch_forged"), "{err:?}");
+    }
+    let mut full = charge_request(&token, "stripe", "md-3");
+    full.metadata = (0..49).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let answer = client.charge(full).await.expect("49 entries").into_inner();
+    assert_eq!(status(&answer), pb::ChargeStatus::Succeeded, "{answer:?}");
+    assert_eq!(rig.app.state.count("SELECT COUNT(*) FROM charges").await, 1);
 }

@@ -234,6 +234,9 @@ impl Rig {
             sending_until: None,
             created_at: now,
             updated_at: now,
+            action: None,
+            reconcile_attempts: 0,
+            next_reconcile_at: None,
         };
         assert_eq!(self.store.insert_charge(&row).await.expect("charge"), None);
         if status != "pending" {
@@ -242,6 +245,7 @@ impl Rig {
                 gateway_payment_id: payment.then(|| format!("pi_{}", &id[3..])),
                 decline_code: None,
                 message: None,
+                action: None,
             };
             assert!(
                 self.store

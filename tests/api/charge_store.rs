@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use cardvault::store::{
-    CardRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, ReuseKey, Shredded, Store,
+    CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, ReuseKey, Shredded,
+    Store,
 };
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
@@ -30,6 +31,9 @@ on_both_backends!(
     expired_cvc_holds_are_swept_up_to_the_limit,
     deleting_a_card_deletes_its_cvc_hold,
     shredding_a_tenant_deletes_its_cvc_holds_and_keeps_its_charges,
+    due_charges_wait_for_their_backoff_and_settle_with_their_action,
+    unknown_charges_are_counted_and_alarmed_once,
+    a_job_lease_is_held_by_one_owner_until_it_lapses_or_is_released,
 );
 
 fn at(seconds: i64) -> OffsetDateTime {
@@ -61,6 +65,9 @@ fn charge(id: &str, tenant_id: &str, key: &str, created_at: OffsetDateTime) -> C
         sending_until: None,
         created_at,
         updated_at: created_at,
+        action: None,
+        reconcile_attempts: 0,
+        next_reconcile_at: None,
     }
 }
 
@@ -70,6 +77,7 @@ fn settlement(status: &str, payment_id: Option<&str>) -> ChargeSettlement {
         gateway_payment_id: payment_id.map(str::to_owned),
         decline_code: None,
         message: None,
+        action: None,
     }
 }
 
@@ -1001,4 +1009,183 @@ async fn shredding_a_tenant_deletes_its_cvc_holds_and_keeps_its_charges(backend:
         Some(u_cvc)
     );
     assert_eq!(read(store.as_ref(), "ch_u").await, u_charge);
+}
+
+async fn due_charges_wait_for_their_backoff_and_settle_with_their_action(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    two_tenants(store.as_ref()).await;
+    insert(store.as_ref(), &charge("ch_1", "t", "key-1", at(0))).await;
+    insert(store.as_ref(), &charge("ch_2", "u", "key-2", at(1))).await;
+    // Every tenant's, oldest first, until one is deferred.
+    let due = store.charges_due(at(10), 10).await.expect("due");
+    assert_eq!(ids(&due), ["ch_1", "ch_2"]);
+    assert!(
+        store
+            .defer_charge_reconcile("ch_1", 3, at(40))
+            .await
+            .expect("defer")
+    );
+    let deferred = read(store.as_ref(), "ch_1").await;
+    assert_eq!(deferred.reconcile_attempts, 3);
+    assert_eq!(deferred.next_reconcile_at, Some(at(40)));
+    assert_eq!(
+        ids(&store.charges_due(at(39), 10).await.expect("due")),
+        ["ch_2"]
+    );
+    assert_eq!(
+        ids(&store.charges_due(at(40), 10).await.expect("due")),
+        ["ch_1", "ch_2"]
+    );
+    // A 3-D Secure outcome keeps its action; settling to anything else clears it, and a
+    // settled charge is neither due nor deferred.
+    let action = ChargeActionRow {
+        client_secret: Some("pi_1_secret_x".to_owned()),
+        kind: Some("use_stripe_sdk".to_owned()),
+        redirect_url: None,
+        details_json: Some("{}".to_owned()),
+    };
+    let challenged = ChargeSettlement {
+        action: Some(action.clone()),
+        ..settlement("requires_action", Some("pi_2"))
+    };
+    assert!(
+        store
+            .settle_charge("ch_2", &challenged, at(41))
+            .await
+            .expect("settle")
+    );
+    let stored = read(store.as_ref(), "ch_2").await;
+    assert_eq!(stored.action, Some(action.clone()));
+    assert!(
+        !format!("{stored:?}").contains("pi_1_secret_x"),
+        "Debug shows the client secret"
+    );
+    assert_eq!(
+        ids(&store.charges_due(at(50), 10).await.expect("due")),
+        ["ch_1"]
+    );
+    assert!(
+        !store
+            .defer_charge_reconcile("ch_2", 1, at(60))
+            .await
+            .expect("defer")
+    );
+    let unknown = ChargeSettlement {
+        action: Some(action),
+        ..settlement("unknown", None)
+    };
+    store
+        .settle_charge("ch_1", &unknown, at(51))
+        .await
+        .expect("settle");
+    store
+        .settle_charge("ch_1", &settlement("succeeded", Some("pi_1")), at(52))
+        .await
+        .expect("settle");
+    assert_eq!(read(store.as_ref(), "ch_1").await.action, None);
+}
+
+async fn unknown_charges_are_counted_and_alarmed_once(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    two_tenants(store.as_ref()).await;
+    for (id, tenant, created) in [("ch_1", "t", 0), ("ch_2", "u", 100), ("ch_3", "t", 200)] {
+        insert(store.as_ref(), &charge(id, tenant, id, at(created))).await;
+    }
+    for id in ["ch_1", "ch_2"] {
+        store
+            .settle_charge(id, &settlement("unknown", None), at(300))
+            .await
+            .expect("settle");
+    }
+    // ch_3 is pending, not unknown.
+    assert_eq!(
+        store.unknown_charge_counts(at(50)).await.expect("count"),
+        (2, 1)
+    );
+    assert_eq!(
+        store.unknown_charge_counts(at(500)).await.expect("count"),
+        (2, 2)
+    );
+    assert!(
+        store
+            .mark_charge_alarmed("ch_1", at(301))
+            .await
+            .expect("mark")
+    );
+    assert!(
+        !store
+            .mark_charge_alarmed("ch_1", at(302))
+            .await
+            .expect("mark")
+    );
+    assert!(
+        store
+            .mark_charge_alarmed("ch_2", at(302))
+            .await
+            .expect("mark")
+    );
+}
+
+async fn a_job_lease_is_held_by_one_owner_until_it_lapses_or_is_released(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    let job = "charges.reconcile";
+    assert!(
+        store
+            .claim_job_lease(job, "a", at(0), at(60))
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_job_lease(job, "b", at(10), at(70))
+            .await
+            .expect("claim")
+    );
+    // Its owner renews it; another job is another lease.
+    assert!(
+        store
+            .claim_job_lease(job, "a", at(20), at(80))
+            .await
+            .expect("claim")
+    );
+    assert!(
+        store
+            .claim_job_lease("other", "b", at(20), at(80))
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_job_lease(job, "b", at(79), at(139))
+            .await
+            .expect("claim")
+    );
+    // Lapsed, anyone takes it.
+    assert!(
+        store
+            .claim_job_lease(job, "b", at(81), at(141))
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_job_lease(job, "a", at(90), at(150))
+            .await
+            .expect("claim")
+    );
+    // Released by a non-owner: nothing; by its owner: free.
+    store.release_job_lease(job, "a").await.expect("release");
+    assert!(
+        !store
+            .claim_job_lease(job, "a", at(91), at(151))
+            .await
+            .expect("claim")
+    );
+    store.release_job_lease(job, "b").await.expect("release");
+    assert!(
+        store
+            .claim_job_lease(job, "a", at(92), at(152))
+            .await
+            .expect("claim")
+    );
 }

@@ -34,5 +34,6 @@ mod lifecycle;
 mod loadgen;
 mod operators;
 mod oracles;
+mod reconcile;
 mod reflection;
 mod store;
