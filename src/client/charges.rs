@@ -82,7 +82,8 @@ pub async fn run_cli(command: &ChargesCommand) -> ExitCode {
     }
 }
 
-/// `charge <id> <key> <status> <payment id or ->`, tab-separated.
+/// `charge <id> <key> <status> <payment id or -> <message or ->`, tab-separated (tabs and
+/// line breaks in the message become spaces, so one charge stays one line).
 fn line(charge: &pb::ReconciledCharge) -> String {
     let status = pb::ChargeStatus::try_from(charge.status)
         .map(|s| {
@@ -96,8 +97,13 @@ fn line(charge: &pb::ReconciledCharge) -> String {
     } else {
         &charge.gateway_payment_id
     };
+    let message = if charge.message.is_empty() {
+        "-".to_owned()
+    } else {
+        charge.message.replace(['\t', '\n', '\r'], " ")
+    };
     format!(
-        "charge\t{}\t{}\t{status}\t{payment}",
+        "charge\t{}\t{}\t{status}\t{payment}\t{message}",
         charge.charge_id, charge.idempotency_key
     )
 }
@@ -115,12 +121,16 @@ mod tests {
             gateway_payment_id: "pi_9".to_owned(),
             message: String::new(),
         };
-        assert_eq!(line(&charge), "charge\tch_1\torder-7\tsucceeded\tpi_9");
+        assert_eq!(line(&charge), "charge\tch_1\torder-7\tsucceeded\tpi_9\t-");
         let unknown = pb::ReconciledCharge {
             status: pb::ChargeStatus::Unknown.into(),
             gateway_payment_id: String::new(),
+            message: "gateway unavailable:\tHTTP 503\nretry".to_owned(),
             ..charge
         };
-        assert_eq!(line(&unknown), "charge\tch_1\torder-7\tunknown\t-");
+        assert_eq!(
+            line(&unknown),
+            "charge\tch_1\torder-7\tunknown\t-\tgateway unavailable: HTTP 503 retry"
+        );
     }
 }
