@@ -520,3 +520,63 @@ async fn reveals_over_the_rate_are_refused_and_recorded() {
         .await;
     assert_eq!(limited, 1);
 }
+
+/// The attacker holding one permission other than `charge` (or one operator alone) tries to
+/// capture, refund or cancel a charge, or reconcile the tenant's charges: every attempt is
+/// PERMISSION_DENIED before the charge is looked up, so the answer is the same whatever the
+/// charge id and says nothing about which charges exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_charge_permission_reaches_capture_refund_cancel_and_reconcile() {
+    let s = secure(Backend::Sqlite).await;
+    let mut callers = Vec::new();
+    for permission in ["tokenize", "read", "reveal", "fingerprint", "audit:read"] {
+        callers.push(s.api_key("acme", permission, &[permission]).await.1);
+    }
+    callers.push(s.global_operator("acme", "ops").await.1);
+    let mut vault = CardVaultClient::new(s.app.channel().await);
+    for key in &callers {
+        for charge_id in ["ch_0000000000000000", "ch_AAAAAAAAAAAAAAAA"] {
+            let capture = vault
+                .capture_charge(with_key(
+                    pb::CaptureChargeRequest {
+                        charge_id: charge_id.to_owned(),
+                        idempotency_key: "cap-1".to_owned(),
+                        amount: 0,
+                    },
+                    key,
+                ))
+                .await
+                .unwrap_err();
+            let refund = vault
+                .refund_charge(with_key(
+                    pb::RefundChargeRequest {
+                        charge_id: charge_id.to_owned(),
+                        idempotency_key: "ref-1".to_owned(),
+                        amount: 0,
+                    },
+                    key,
+                ))
+                .await
+                .unwrap_err();
+            let cancel = vault
+                .cancel_charge(with_key(
+                    pb::CancelChargeRequest {
+                        charge_id: charge_id.to_owned(),
+                        idempotency_key: "can-1".to_owned(),
+                    },
+                    key,
+                ))
+                .await
+                .unwrap_err();
+            for err in [capture, refund, cancel] {
+                assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+                assert!(!err.message().contains(charge_id), "{err:?}");
+            }
+        }
+        let reconcile = vault
+            .reconcile_charges(with_key(pb::ReconcileChargesRequest { limit: 0 }, key))
+            .await
+            .unwrap_err();
+        assert_eq!(reconcile.code(), Code::PermissionDenied, "{reconcile:?}");
+    }
+}
