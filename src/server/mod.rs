@@ -1,21 +1,22 @@
 //! Wiring: builds the vault from settings, binds the listeners, serves, drains.
 
+mod admin;
+mod anchors;
+mod readiness;
+
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
+
+use self::{admin::admin_server, anchors::audit_anchors, readiness::readiness};
 
 use crate::{
     api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
@@ -517,150 +518,5 @@ impl Application {
         }
         tracing::info!("cardvault stopped");
         result
-    }
-}
-
-/// Keeps gRPC health and `/readyz` in step with the database: ready only while it answers.
-async fn readiness(
-    store: Arc<dyn Store>,
-    health: HealthReporter,
-    ready: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval(READINESS_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let ok = store.ping().await.is_ok();
-        if ok != ready.swap(ok, Ordering::SeqCst) {
-            tracing::info!(ready = ok, "readiness changed");
-        }
-        let status = if ok {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        health.set_service_status("", status).await;
-        health.set_service_status(SERVICE_NAME, status).await;
-    }
-}
-
-/// Appends an anchor of the audit chains' heads to `sink` at start, every `interval`, and
-/// once more at stop (after the last request drained, so it covers every record this replica
-/// wrote). Anchoring reads the head rows without locking them, in a task of its own, so it
-/// never holds up a request; a failure is logged, counted, and retried at the next tick.
-async fn audit_anchors(
-    vault: Arc<Vault>,
-    sink: AnchorSink,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = ticker.tick() => *stop.borrow(),
-            _ = stop.changed() => true,
-        };
-        write_anchor(&vault, &sink).await;
-        if stopping {
-            return;
-        }
-    }
-}
-
-async fn write_anchor(vault: &Vault, sink: &AnchorSink) {
-    let written = match vault.auditor().await {
-        Ok(auditor) => match auditor.anchor(vault.store().as_ref()).await {
-            Ok(anchor) => sink.append(&anchor).await.map(|()| anchor),
-            Err(err) => Err(err),
-        },
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot anchor the audit log yet; will retry");
-            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "failed").increment(1);
-            return;
-        }
-    };
-    match written {
-        Ok(anchor) => {
-            tracing::debug!(seq = anchor.seq, "audit anchor written");
-            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "written").increment(1);
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "writing an audit anchor failed; will retry");
-            metrics::counter!("cardvault_audit_anchors_total", "outcome" => "failed").increment(1);
-        }
-    }
-}
-
-/// The process-wide Prometheus recorder: `metrics` allows one global recorder, and tests run
-/// many vaults in one process.
-fn prometheus() -> Option<&'static PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).ok().map(|()| handle)
-        })
-        .as_ref()
-}
-
-/// `/healthz` (the process is up), `/readyz` (the database answers) for Kubernetes probes,
-/// and `/metrics` for Prometheus; over TLS outside `--dev`.
-async fn admin_server(
-    listener: TcpListener,
-    tls: Option<ReloadingAcceptor>,
-    ready: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let metrics = prometheus();
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(ready): State<Arc<AtomicBool>>| async move {
-                if ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                match metrics {
-                    Some(handle) => (StatusCode::OK, handle.render()),
-                    None => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "another metrics recorder is installed\n".to_owned(),
-                    ),
-                }
-            }),
-        )
-        .with_state(ready);
-    let shutdown = async move {
-        let _ = stop.changed().await;
-    };
-    let result = match tls {
-        Some(acceptor) => {
-            axum::serve(
-                tls::TlsListener::new(listener, acceptor, HANDSHAKE_TIMEOUT),
-                app,
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    };
-    if let Err(err) = result {
-        tracing::error!(error = %err, "admin listener failed");
     }
 }
