@@ -82,6 +82,7 @@ struct Pod {
     config: PathBuf,
     ca_file: PathBuf,
     other_ca_file: PathBuf,
+    other_cert_file: PathBuf,
     as_root: bool,
 }
 
@@ -219,14 +220,17 @@ anchor_file = "-"
         }
         chmod(root.path(), 0o755);
 
-        // The CA a caller trusts, and an unrelated one, readable by the probe's user.
+        // The CA a caller trusts, and an unrelated CA and certificate, readable by the
+        // probe's user.
         chmod(&pki.other_ca_file, 0o644);
+        chmod(&pki.other_client_cert, 0o644);
         chmod(&at("pki"), 0o755);
         Pod {
             binary,
             config,
             ca_file: at("etc/cardvault/tls/ca.crt"),
             other_ca_file: pki.other_ca_file.clone(),
+            other_cert_file: pki.other_client_cert.clone(),
             as_root,
             root,
         }
@@ -353,6 +357,18 @@ async fn the_stripped_binary_serves_as_a_non_root_user_with_only_its_data_dir_wr
     let other_ca = pod.other_ca_file.to_str().expect("utf-8 path");
     let untrusted = probe(&pod, &["--url", &url, "--ca-file", other_ca]);
     assert_eq!(untrusted.status.code(), Some(1), "{}", texts(&untrusted));
+    // Pinned to another certificate than the one served: refused too.
+    let mispinned = pod
+        .command(&["probe", "--url", &url])
+        .env("CARDVAULT_TLS_CERT_FILE", &pod.other_cert_file)
+        .output()
+        .expect("run cardvault probe");
+    assert_eq!(mispinned.status.code(), Some(1), "{}", texts(&mispinned));
+    assert!(
+        texts(&mispinned).contains("not the one in tls.cert_file"),
+        "{}",
+        texts(&mispinned)
+    );
 
     // A Tokenize over TLS with the API key made above.
     let ca_pem = fs::read_to_string(&pod.ca_file).expect("read CA");
