@@ -50,7 +50,7 @@ fn the_manifests_and_the_dockerfile_pass_offline_validation() {
     for step in [
         "dev: custom resources against their JSON schemas",
         "production: core objects (kubernetes-validate --strict",
-        "production: promtool check rules",
+        "production: promtool check rules, promtool test rules",
         "checkov (Dockerfile)",
         "hadolint (Dockerfile)",
         "ok   postgresql.cnpg.io/v1 Cluster/cardvault-db",
