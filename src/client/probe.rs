@@ -8,8 +8,8 @@
 //!
 //! Over TLS it trusts `--ca-file` when given. Without it, it trusts exactly the certificate
 //! the vault is configured to serve (the first certificate of `tls.cert_file`): the probe
-//! runs beside the vault, reads the same files, and a certificate issued for the Service's
-//! DNS name would not match `127.0.0.1` anyway. The answer carries no secret either way;
+//! runs beside the vault, reads the same files, and the certificate, issued for the
+//! Service's DNS names, need not name `127.0.0.1`. The answer carries no secret either way;
 //! the pin only makes sure the probe talks to this vault and not to whatever else holds the
 //! port.
 
