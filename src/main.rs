@@ -71,6 +71,9 @@ enum Command {
         #[command(subcommand)]
         command: client::charges::ChargesCommand,
     },
+    /// Asks the admin port for /healthz (or --path /readyz) and exits 0 on 200, else 1: the
+    /// container's health check, with no curl in the image (needs no database).
+    Probe(client::probe::ProbeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +204,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Probe(args) = &cli.command {
+        return probe(cli.config.as_deref(), args);
+    }
     let settings = match load_settings(&cli) {
         Ok(settings) => settings,
         Err(err) => {
@@ -310,6 +316,7 @@ async fn run(command: Command, settings: Settings) -> Result<ExitCode, Box<dyn s
             command: KeysCommand::KeyAdmin(_),
         } => return Err("keys commands of a running vault run without settings".into()),
         Command::Charges { .. } => return Err("charges commands run without settings".into()),
+        Command::Probe(_) => return Err("probe runs before settings load".into()),
         Command::Admin { command } => admin(command, &settings).await?,
         Command::Audit {
             command: AuditCommand::Verify { anchor },
@@ -560,6 +567,22 @@ fn test_gateway(config: Option<&std::path::Path>, args: &testgw::TestGatewayArgs
         Ok(runtime) => runtime.block_on(testgw::run_cli(args, shutdown_signal())),
         Err(err) => {
             eprintln!("cardvault test-gateway: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cardvault probe`: no telemetry set-up, so a health check every few seconds adds no log
+/// lines; it reads settings itself, and only when flags leave a gap.
+fn probe(config: Option<&std::path::Path>, args: &client::probe::ProbeArgs) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(client::probe::run_cli(args, config)),
+        Err(err) => {
+            eprintln!("cardvault probe: cannot start the async runtime: {err}");
             ExitCode::FAILURE
         }
     }

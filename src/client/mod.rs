@@ -1,5 +1,6 @@
 //! Command-line clients of a running vault over gRPC: the connection flags and set-up that
-//! `cardvault bench` ([`crate::loadgen`]) and `cardvault keys …` ([`keys`]) share.
+//! `cardvault bench` ([`crate::loadgen`]) and `cardvault keys …` ([`keys`]) share, and
+//! `cardvault probe` ([`probe`]), the admin port's health check for images without curl.
 //!
 //! [`ConnectArgs`] is the command line (target, CA, client certificate, API key file);
 //! [`Connection::prepare`] checks it and reads the files it names, so a bad flag is a usage
@@ -10,6 +11,7 @@
 pub mod charge_ops;
 pub mod charges;
 pub mod keys;
+pub mod probe;
 
 use std::{path::PathBuf, time::Duration};
 
