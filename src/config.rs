@@ -930,6 +930,27 @@ mod tests {
     }
 
     #[test]
+    fn admission_class_limits_must_leave_room_for_tokenize() {
+        Jail::expect_with(|jail| {
+            let s = load_in(jail, "[grpc]\nmax_in_flight = 100\n").map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.max_in_flight_reveal, 64);
+            let err = load_in(
+                jail,
+                "[grpc]\nmax_in_flight = 20\nmax_in_flight_reveal = 10\n\
+                 max_in_flight_admin = 6\nmax_import_streams = 4\n",
+            )
+            .expect_err("the classes fill the vault");
+            assert!(err.to_string().contains("cannot starve tokenize"), "{err}");
+            let err = load_in(jail, "[grpc]\nmax_import_streams = 0\n").expect_err("zero");
+            assert!(err.to_string().contains("must be positive"), "{err}");
+            jail.set_env("CARDVAULT_GRPC_DRAIN_PERIOD_MS", "250");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.drain_period_ms, 250);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_gateway_timeout_must_leave_the_vault_time_inside_the_grpc_deadline() {
         let config = |gateway_ms: u64, grpc_ms: u64| {
             format!(

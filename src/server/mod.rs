@@ -391,8 +391,10 @@ impl Application {
         self.admin.local_addr().unwrap_or(self.settings.admin.addr)
     }
 
-    /// Serves until `shutdown` completes, then drains: health goes NOT_SERVING, listeners stop
-    /// accepting, in-flight calls finish, background tasks stop.
+    /// Serves until `shutdown` completes, then drains: readiness and health go NOT_SERVING at
+    /// once, calls are still served for `grpc.drain_period_ms`, then the listener stops
+    /// accepting, in-flight calls finish, background tasks stop. When this returns nothing is
+    /// left running: the caller flushes telemetry exporters then, and exits.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,

@@ -198,3 +198,49 @@ async fn bounded(check: impl Future<Output = Result<(), String>>) -> Result<(), 
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {} ms", CHECK_TIMEOUT.as_millis())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passing() -> Vec<Check> {
+        ["database", "keys", "migrations"]
+            .into_iter()
+            .map(|name| Check {
+                name,
+                failure: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ready_only_when_every_check_passes_and_the_body_says_why_not() {
+        let state = Readiness::new();
+        assert!(!state.is_ready(), "not ready before the first round");
+        assert!(state.set(passing()));
+        assert!(state.is_ready());
+        assert!(state.report().starts_with("ready\n"));
+
+        let mut checks = passing();
+        checks[1].failure = Some("the key provider cannot unwrap: HSM logged out".to_owned());
+        assert!(!state.set(checks));
+        let report = state.report();
+        assert!(report.starts_with("not ready\n"), "{report}");
+        assert!(report.contains("keys: failing: the key provider cannot unwrap"));
+        assert!(report.contains("database: ok"));
+    }
+
+    #[test]
+    fn a_drain_makes_it_not_ready_for_good() {
+        let state = Readiness::new();
+        assert!(state.set(passing()));
+        state.drain();
+        assert!(!state.is_ready());
+        assert!(
+            !state.set(passing()),
+            "checks passing after a drain do not undo it"
+        );
+        assert!(!state.is_ready());
+        assert!(state.report().contains("shutdown: failing"));
+    }
+}

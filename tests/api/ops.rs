@@ -373,3 +373,36 @@ async fn readiness_follows_the_key_provider() {
     let (_, body) = readyz_turns(&app, 200, Duration::from_secs(5)).await;
     assert!(body.contains("keys: ok"), "{body}");
 }
+
+/// A schema behind the binary (a migration it embeds not applied) makes the vault not ready,
+/// naming the migration and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_schema() {
+    let state = std::sync::Arc::new(AppState::new(Backend::Sqlite).await);
+    let app = spawn_with(state.clone(), "dev", state.settings("dev")).await;
+    readyz_turns(&app, 200, Duration::from_secs(10)).await;
+    let latest: i64 = state
+        .count("SELECT MAX(version) FROM _sqlx_migrations")
+        .await;
+    let forgotten = state
+        .execute(
+            "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM \
+             _sqlx_migrations)",
+            &[],
+        )
+        .await;
+    assert_eq!(forgotten, 1);
+    let (took, body) = readyz_turns(&app, 503, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "not ready only after {took:?}"
+    );
+    assert!(
+        body.contains(&format!(
+            "migrations: failing: 1 migration(s) of this binary not applied (first {latest})"
+        )),
+        "{body}"
+    );
+    assert!(body.contains("cardvault migrate"), "{body}");
+    assert!(body.contains("database: ok"), "{body}");
+}
