@@ -79,6 +79,24 @@ pub struct GrpcSettings {
     /// on with `serve --dev` only: in production it maps the attack surface for anyone who
     /// can connect.
     pub reflection: Option<bool>,
+    /// Calls in flight at once on this replica, all classes together; past it a call is
+    /// refused at once with `RESOURCE_EXHAUSTED` (health checks are never refused).
+    pub max_in_flight: usize,
+    /// `Reveal` calls in flight at once (part of `max_in_flight`).
+    pub max_in_flight_reveal: usize,
+    /// Administrative calls (`AccessAdmin`, `KeyAdmin`, `Audit`) in flight at once.
+    pub max_in_flight_admin: usize,
+    /// `ImportCards` streams open at once.
+    pub max_import_streams: usize,
+    /// Seconds between HTTP/2 pings on an idle connection (0: none).
+    pub http2_keepalive_interval_secs: u64,
+    /// Seconds a ping may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout_secs: u64,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Milliseconds after SIGTERM during which the vault reports not ready but still accepts
+    /// calls, so load balancers take it out of rotation before the listener closes.
+    pub drain_period_ms: u64,
 }
 
 /// `[admin]`
@@ -389,6 +407,16 @@ fn defaults() -> Defaults {
             request_timeout_ms: 10_000,
             concurrency_per_connection: 256,
             reflection: None,
+            // Sized for 2 to 4 cores: a tokenize is ~1 ms of CPU and a group-commit wait, so
+            // more calls in flight only queue on the database pool.
+            max_in_flight: 512,
+            max_in_flight_reveal: 64,
+            max_in_flight_admin: 16,
+            max_import_streams: 4,
+            http2_keepalive_interval_secs: 30,
+            http2_keepalive_timeout_secs: 10,
+            max_concurrent_streams: 256,
+            drain_period_ms: 5_000,
         },
         admin: AdminSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
@@ -549,6 +577,32 @@ impl Settings {
         {
             return Err(ConfigError::Rejected(
                 "every [limits] value must be positive".to_owned(),
+            ));
+        }
+        let g = &self.grpc;
+        if [
+            g.max_in_flight,
+            g.max_in_flight_reveal,
+            g.max_in_flight_admin,
+            g.max_import_streams,
+        ]
+        .contains(&0)
+            || g.max_concurrent_streams == 0
+        {
+            return Err(ConfigError::Rejected(
+                "grpc.max_in_flight, max_in_flight_reveal, max_in_flight_admin, grpc.max_import_streams and grpc.max_concurrent_streams \
+                 must be positive"
+                    .to_owned(),
+            ));
+        }
+        // Tokenize and the other calls share what the classes leave over: the classes alone
+        // must never be able to fill the vault.
+        if g.max_in_flight_reveal + g.max_in_flight_admin + g.max_import_streams >= g.max_in_flight
+        {
+            return Err(ConfigError::Rejected(
+                "grpc.max_in_flight must exceed max_in_flight_reveal + max_in_flight_admin + \
+                 max_import_streams, so reveals, imports and admin calls cannot starve tokenize"
+                    .to_owned(),
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
@@ -871,6 +925,27 @@ mod tests {
                 s.keyring_path(),
                 PathBuf::from("./cardvault-data/keyring.toml")
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn admission_class_limits_must_leave_room_for_tokenize() {
+        Jail::expect_with(|jail| {
+            let s = load_in(jail, "[grpc]\nmax_in_flight = 100\n").map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.max_in_flight_reveal, 64);
+            let err = load_in(
+                jail,
+                "[grpc]\nmax_in_flight = 20\nmax_in_flight_reveal = 10\n\
+                 max_in_flight_admin = 6\nmax_import_streams = 4\n",
+            )
+            .expect_err("the classes fill the vault");
+            assert!(err.to_string().contains("cannot starve tokenize"), "{err}");
+            let err = load_in(jail, "[grpc]\nmax_import_streams = 0\n").expect_err("zero");
+            assert!(err.to_string().contains("must be positive"), "{err}");
+            jail.set_env("CARDVAULT_GRPC_DRAIN_PERIOD_MS", "250");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.grpc.drain_period_ms, 250);
             Ok(())
         });
     }

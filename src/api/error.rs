@@ -83,6 +83,9 @@ impl ApiError {
             ApiError::Vault(VaultError::SeparationOfDuties(what)) => {
                 Status::permission_denied(what)
             }
+            ApiError::Vault(VaultError::DeadlineExceeded) => {
+                Status::deadline_exceeded("deadline exceeded; nothing was stored")
+            }
             ApiError::Vault(err @ VaultError::Unavailable(_)) => {
                 tracing::warn!(error = %chain(&err), "database unavailable");
                 Status::unavailable("the vault's database is unavailable; retry later")

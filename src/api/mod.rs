@@ -2,6 +2,7 @@
 //! `tonic::Status`. No business rules and no SQL live here.
 
 mod access_admin;
+pub mod admission;
 mod audit;
 mod auth;
 mod card_vault;

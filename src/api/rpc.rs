@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     audit::{Action, Outcome},
-    vault::{Authorized, Vault},
+    vault::{Authorized, Vault, VaultError},
 };
 
 /// Runs `body` for an authenticated caller authorized for `action`. Request messages are
@@ -335,8 +335,17 @@ impl Call {
 }
 
 /// Records a failure of an authorized request unless the vault already did; returns it.
+///
+/// Not when the database is unavailable or the caller's deadline passed: the record would
+/// go to the very database that does not answer (holding the call for another acquire
+/// timeout, past the caller's deadline), and an abandoned call changed nothing. The call's
+/// log line still says how it ended.
 async fn record_unaudited(vault: &Vault, auth: &Authorized, err: ApiError) -> ApiError {
-    if !err.is_audited() {
+    let nothing_happened = matches!(
+        err,
+        ApiError::Vault(VaultError::Unavailable(_) | VaultError::DeadlineExceeded)
+    );
+    if !err.is_audited() && !nothing_happened {
         vault.record_failure(auth, err.outcome()).await;
     }
     err

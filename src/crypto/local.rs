@@ -377,6 +377,25 @@ impl KeyProvider for LocalKeyring {
     async fn refresh(&self) -> Result<(), CryptoError> {
         self.reload()
     }
+
+    /// The file must still load (a keyring deleted, unreadable or loosened to group access
+    /// fails: this replica could not follow a rotation, nor restart), and the keys in memory
+    /// must wrap and unwrap. The file is only read: the state in memory is left as it is, so
+    /// the check never races a rotation.
+    async fn check(&self) -> Result<(), CryptoError> {
+        if let Some(path) = &self.path {
+            LocalKeyring::load(path)?;
+        }
+        let mut probe = Zeroizing::new([0u8; 32]);
+        crate::crypto::fill_random(probe.as_mut())?;
+        let wrapped = self.wrap_now(probe.as_ref(), b"cardvault readiness probe")?;
+        let unwrapped = self.unwrap_now(&wrapped, b"cardvault readiness probe")?;
+        if unwrapped.as_slice() == probe.as_ref() {
+            Ok(())
+        } else {
+            Err(CryptoError::Unwrap)
+        }
+    }
 }
 
 fn wrap_aad(version: KekVersion, aad: &[u8]) -> Vec<u8> {

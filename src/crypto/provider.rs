@@ -90,4 +90,22 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug + 'static {
     async fn refresh(&self) -> Result<(), CryptoError> {
         Ok(())
     }
+
+    /// Proves the provider can still serve: wraps a random probe under the primary KEK and
+    /// unwraps it again (an HSM that logged out or lost its session fails here). Changes
+    /// nothing; readiness calls it every second.
+    async fn check(&self) -> Result<(), CryptoError> {
+        let mut probe = Zeroizing::new([0u8; 32]);
+        super::fill_random(probe.as_mut())?;
+        let wrapped = self.wrap(probe.as_ref(), PROBE_AAD).await?;
+        let unwrapped = self.unwrap(&wrapped, PROBE_AAD).await?;
+        if unwrapped.as_slice() == probe.as_ref() {
+            Ok(())
+        } else {
+            Err(CryptoError::Unwrap)
+        }
+    }
 }
+
+/// What the readiness probe's wrapping is bound to, so it can never pass for a real key's.
+const PROBE_AAD: &[u8] = b"cardvault readiness probe";

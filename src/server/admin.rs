@@ -1,15 +1,12 @@
 //! The admin HTTP port: Kubernetes probes and Prometheus metrics.
 
-use std::sync::{
-    Arc, OnceLock,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::{Arc, OnceLock};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, sync::watch};
 
-use super::HANDSHAKE_TIMEOUT;
+use super::{HANDSHAKE_TIMEOUT, readiness::Readiness};
 use crate::tls::{self, ReloadingAcceptor};
 
 /// The process-wide Prometheus recorder: `metrics` allows one global recorder, and tests run
@@ -25,12 +22,12 @@ fn prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// `/healthz` (the process is up), `/readyz` (the database answers) for Kubernetes probes,
+/// `/healthz` (the process is up), `/readyz` (each readiness check, and why it fails) for Kubernetes probes,
 /// and `/metrics` for Prometheus; over TLS outside `--dev`.
 pub(super) async fn admin_server(
     listener: TcpListener,
     tls: Option<ReloadingAcceptor>,
-    ready: Arc<AtomicBool>,
+    ready: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) {
     let metrics = prometheus();
@@ -38,12 +35,13 @@ pub(super) async fn admin_server(
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
-            get(|State(ready): State<Arc<AtomicBool>>| async move {
-                if ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready\n")
+            get(|State(ready): State<Arc<Readiness>>| async move {
+                let status = if ready.is_ready() {
+                    StatusCode::OK
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, ready.report())
             }),
         )
         .route(

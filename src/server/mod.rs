@@ -4,22 +4,24 @@ mod admin;
 mod anchors;
 mod readiness;
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use self::{admin::admin_server, anchors::audit_anchors, readiness::readiness};
+use self::{
+    admin::admin_server,
+    anchors::audit_anchors,
+    readiness::{Readiness, readiness},
+};
 
 use crate::{
-    api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
+    api::{
+        AccessAdminService, AuditService, CardVaultService, KeyAdminService,
+        admission::{AdmissionLayer, Limits},
+    },
     audit::AnchorSink,
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
     crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
@@ -43,8 +45,9 @@ use crate::{
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often readiness re-checks the database.
-const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often readiness re-checks the database, the key provider and the schema: with each
+/// check bounded by a second, readiness follows a failure within about two.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The service name health reports for, besides the overall `""`.
 const SERVICE_NAME: &str = "cardvault.v1.CardVault";
@@ -388,8 +391,10 @@ impl Application {
         self.admin.local_addr().unwrap_or(self.settings.admin.addr)
     }
 
-    /// Serves until `shutdown` completes, then drains: health goes NOT_SERVING, listeners stop
-    /// accepting, in-flight calls finish, background tasks stop.
+    /// Serves until `shutdown` completes, then drains: readiness and health go NOT_SERVING at
+    /// once, calls are still served for `grpc.drain_period_ms`, then the listener stops
+    /// accepting, in-flight calls finish, background tasks stop. When this returns nothing is
+    /// left running: the caller flushes telemetry exporters then, and exits.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -404,7 +409,7 @@ impl Application {
         let grpc_addr = grpc.local_addr().ok();
         let admin_addr = admin.local_addr().ok();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let ready = Arc::new(AtomicBool::new(false));
+        let ready = Readiness::new();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         // Both reflection versions: grpcurl 1.8 and grpcio-reflection speak only v1alpha.
@@ -436,6 +441,7 @@ impl Application {
             tokio::spawn(reconciler::run(vault.clone(), job_owner(), stop_rx.clone())),
             tokio::spawn(readiness(
                 vault.store().clone(),
+                vault.key_provider().clone(),
                 health.clone(),
                 ready.clone(),
                 stop_rx.clone(),
@@ -443,7 +449,7 @@ impl Application {
             tokio::spawn(admin_server(
                 admin,
                 tls.as_ref().map(|(_, admin)| admin.clone()),
-                ready,
+                ready.clone(),
                 stop_rx.clone(),
             )),
         ];
@@ -474,21 +480,64 @@ impl Application {
             .max_decoding_message_size(max_message);
         let audit =
             AuditServer::new(AuditService::new(vault)).max_decoding_message_size(max_message);
+        let grpc_settings = &settings.grpc;
+        let admission = AdmissionLayer::new(
+            Limits {
+                max_in_flight: grpc_settings.max_in_flight,
+                max_in_flight_reveal: grpc_settings.max_in_flight_reveal,
+                max_in_flight_admin: grpc_settings.max_in_flight_admin,
+                max_import_streams: grpc_settings.max_import_streams,
+                request_timeout: settings.request_timeout(),
+            },
+            ready.database_down(),
+        );
+        let drain_period = Duration::from_millis(grpc_settings.drain_period_ms);
+        // Unary calls cannot outlast the request timeout; a stream still open that long after
+        // the listener closed is cut, so shutdown always ends.
+        let grace = settings.request_timeout();
+        let (closing_tx, closing) = tokio::sync::oneshot::channel::<()>();
         let drain_health = health.clone();
+        let drain_ready = ready.clone();
         let drain = async move {
             shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
+            // Not ready at once, while still serving: load balancers and Kubernetes
+            // endpoints stop sending calls before the listener closes.
+            drain_ready.drain();
             drain_health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
             drain_health
                 .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
                 .await;
+            tracing::info!(
+                drain_period_ms = drain_period.as_millis() as u64,
+                "shutting down: not ready; serving on through the drain period"
+            );
+            tokio::time::sleep(drain_period).await;
+            tracing::info!("shutting down: listener closed; finishing in-flight calls");
+            let _ = closing_tx.send(());
+        };
+        let cut = async move {
+            if closing.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
         };
         tracing::info!(grpc = ?grpc_addr, admin = ?admin_addr, "cardvault serving");
+        let keepalive_interval = Some(Duration::from_secs(
+            grpc_settings.http2_keepalive_interval_secs,
+        ))
+        .filter(|d| !d.is_zero());
         let router = tonic::transport::Server::builder()
             .timeout(settings.request_timeout())
-            .concurrency_limit_per_connection(settings.grpc.concurrency_per_connection)
+            .concurrency_limit_per_connection(grpc_settings.concurrency_per_connection)
+            .max_concurrent_streams(grpc_settings.max_concurrent_streams)
+            .http2_keepalive_interval(keepalive_interval)
+            .http2_keepalive_timeout(Some(Duration::from_secs(
+                grpc_settings.http2_keepalive_timeout_secs,
+            )))
+            .layer(admission)
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
@@ -496,22 +545,35 @@ impl Application {
             .add_service(access_admin)
             .add_service(key_admin)
             .add_service(audit);
-        let result = match tls {
-            Some((grpc_tls, _)) => {
-                router
-                    .serve_with_incoming_shutdown(
-                        tls::incoming(grpc, grpc_tls, HANDSHAKE_TIMEOUT),
-                        drain,
-                    )
-                    .await
+        let serve = async move {
+            match tls {
+                Some((grpc_tls, _)) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tls::incoming(grpc, grpc_tls, HANDSHAKE_TIMEOUT),
+                            drain,
+                        )
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain)
+                        .await
+                }
             }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain)
-                    .await
+        };
+        let result = tokio::select! {
+            result = serve => result,
+            () = cut => {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "shutting down: calls still open after the grace period were cut"
+                );
+                Ok(())
             }
         };
 
+        // Background jobs stop at their next checkpoint (each finishes the batch it holds).
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;

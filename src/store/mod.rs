@@ -375,6 +375,15 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Of `embedded`, the up migrations whose version is not in `applied`.
+fn pending(embedded: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<i64> {
+    embedded
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .map(|m| m.version)
+        .collect()
+}
+
 /// TLS to PostgreSQL (ignored by SQLite), as libpq's `sslmode`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreTls {
@@ -420,6 +429,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Versions of the migrations this binary embeds that the database has not applied,
+    /// ascending: the schema is behind the binary while any are left.
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
 
     /// Reads a tenant's key material.
     async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError>;

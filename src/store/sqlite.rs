@@ -490,6 +490,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(applied) => applied,
+                // No migration table: nothing was ever applied.
+                Err(sqlx::Error::Database(db)) if db.message().contains("no such table") => {
+                    Vec::new()
+                }
+                Err(err) => return Err(err.into()),
+            };
+        Ok(super::pending(&MIGRATOR, &applied))
+    }
+
     async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",

@@ -75,6 +75,18 @@ struct Job {
     card: Option<CardRow>,
     audit: AuditEvent,
     reply: oneshot::Sender<Result<Written, VaultError>>,
+    /// The deadline of the call that queued the write, if it has one.
+    deadline: Option<Instant>,
+}
+
+impl Job {
+    /// A new card whose caller has given up (hung up, or its deadline passed) before its
+    /// batch formed: storing it would leave a card nobody holds the token of. Audit-only
+    /// writes (refusals, reveals) are never dropped: what happened is recorded regardless.
+    fn abandoned(&self, now: Instant) -> bool {
+        self.card.is_some()
+            && (self.reply.is_closed() || self.deadline.is_some_and(|deadline| deadline <= now))
+    }
 }
 
 /// The queue of writes and the tasks that commit them. Dropping it lets the writers finish
@@ -144,7 +156,12 @@ impl Batcher {
         audit: AuditEvent,
     ) -> Result<Written, VaultError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { card, audit, reply };
+        let job = Job {
+            card,
+            audit,
+            reply,
+            deadline: super::deadline::current(),
+        };
         self.queue
             .send(job)
             .await
@@ -186,6 +203,16 @@ struct Writer {
 impl Writer {
     async fn run(self: Arc<Self>, mut lane: Lane) {
         while let Some(jobs) = self.next_batch().await {
+            let now = Instant::now();
+            let (abandoned, jobs): (Vec<Job>, Vec<Job>) =
+                jobs.into_iter().partition(|job| job.abandoned(now));
+            for job in abandoned {
+                metrics::counter!("cardvault_write_abandoned_total").increment(1);
+                let _ = job.reply.send(Err(VaultError::DeadlineExceeded));
+            }
+            if jobs.is_empty() {
+                continue;
+            }
             metrics::histogram!("cardvault_write_batch_size").record(jobs.len() as f64);
             self.commit(&mut lane, jobs).await;
         }

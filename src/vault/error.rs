@@ -33,6 +33,10 @@ pub enum VaultError {
     /// another tenant or on something vault-wide).
     #[error("{0}")]
     SeparationOfDuties(&'static str),
+    /// The caller gave up (its deadline passed or it hung up) before the work was done; the
+    /// work was abandoned before it wrote anything.
+    #[error("deadline exceeded before the work started")]
+    DeadlineExceeded,
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),

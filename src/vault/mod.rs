@@ -12,6 +12,7 @@ mod authn;
 mod batch;
 mod charge;
 mod charge_ops;
+pub mod deadline;
 mod error;
 mod guess;
 mod import;
@@ -362,6 +363,11 @@ impl Vault {
     /// The store, for readiness checks and the sweeper.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The key provider, for readiness checks.
+    pub fn key_provider(&self) -> &Arc<dyn crate::crypto::KeyProvider> {
+        self.keys.provider()
     }
 
     /// Loads (or creates) a tenant's keys, so the first request does not pay for it.

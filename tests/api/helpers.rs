@@ -131,6 +131,8 @@ impl AppState {
         s.database.max_connections = 4;
         s.keys.keyring = Some(self.dir.path().join("keyring.toml"));
         s.database.tls_mode = DatabaseTlsMode::Disable;
+        // Tests stop and restart vaults often; none waits for a load balancer to notice.
+        s.grpc.drain_period_ms = 0;
         // The core suite runs as `--dev` does: plain text, every caller is `tenant`.
         s.dev = true;
         s.auth.unauthenticated_tenant = Some(tenant.to_owned());

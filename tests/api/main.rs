@@ -33,6 +33,7 @@ mod keys;
 mod lifecycle;
 mod loadgen;
 mod operators;
+mod ops;
 mod oracles;
 mod reconcile;
 mod reflection;

@@ -239,3 +239,129 @@ fn start_throwaway_cluster() -> PgServer {
         .expect("start the cluster watchdog");
     from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
 }
+
+/// A PostgreSQL cluster of one test's own, which the test may stop and start again (the
+/// shared server must never go down under other tests). Removed when dropped.
+pub struct PrivateCluster {
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl PrivateCluster {
+    /// initdb and start a cluster on a free loopback port (needs `initdb` and `pg_ctl`).
+    pub fn start() -> PrivateCluster {
+        let missing = "no initdb/pg_ctl: install PostgreSQL (apt-get install postgresql)";
+        let initdb = find_binary("initdb").unwrap_or_else(|| panic!("{missing}"));
+        let pg_ctl = find_binary("pg_ctl").unwrap_or_else(|| panic!("{missing}"));
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "cardvault-pg-private-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir).expect("create cluster directory");
+        if as_postgres {
+            run(
+                Path::new("chown"),
+                &[
+                    "-R".to_owned(),
+                    "postgres".to_owned(),
+                    dir.display().to_string(),
+                ],
+                false,
+            );
+        }
+        run(
+            &initdb,
+            &[
+                "-D".to_owned(),
+                data.display().to_string(),
+                "-A".to_owned(),
+                "trust".to_owned(),
+                "-U".to_owned(),
+                "postgres".to_owned(),
+                "--no-sync".to_owned(),
+            ],
+            as_postgres,
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a free port")
+            .port();
+        let cluster = PrivateCluster {
+            pg_ctl,
+            data,
+            dir,
+            port,
+            as_postgres,
+        };
+        cluster.resume();
+        cluster
+    }
+
+    /// URL of the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections (same port as before).
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        run(
+            &self.pg_ctl,
+            &[
+                "-D".to_owned(),
+                self.data.display().to_string(),
+                "-o".to_owned(),
+                options,
+                "-l".to_owned(),
+                self.dir.join("log").display().to_string(),
+                "-w".to_owned(),
+                "start".to_owned(),
+            ],
+            self.as_postgres,
+        );
+    }
+
+    /// `pg_ctl stop -m fast`: sessions are disconnected, the server exits.
+    pub fn stop(&self) {
+        run(
+            &self.pg_ctl,
+            &[
+                "-D".to_owned(),
+                self.data.display().to_string(),
+                "-m".to_owned(),
+                "fast".to_owned(),
+                "-w".to_owned(),
+                "stop".to_owned(),
+            ],
+            self.as_postgres,
+        );
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
+            c
+        } else {
+            Command::new(&self.pg_ctl)
+        };
+        let _ = command
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
