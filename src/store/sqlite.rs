@@ -8,7 +8,8 @@ use std::{
 
 use async_trait::async_trait;
 use sqlx::{
-    Row, SqlitePool,
+    Row, Sqlite, SqlitePool, Transaction,
+    pool::PoolConnection,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
@@ -22,6 +23,7 @@ use super::{
     KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
     SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow, action_from_parts,
     metadata_from_json, metadata_to_json, narrow,
+    pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -109,6 +111,7 @@ macro_rules! cvc_hold_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    acquires: Acquires,
 }
 
 impl SqliteStore {
@@ -129,7 +132,26 @@ impl SqliteStore {
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            acquires: Acquires::new("sqlite"),
+        })
+    }
+
+    /// A pooled connection, its wait counted and timed.
+    async fn conn(&self) -> Result<PoolConnection<Sqlite>, sqlx::Error> {
+        self.acquires.timed(self.pool.acquire()).await
+    }
+
+    /// `BEGIN IMMEDIATE` on a connection from [`SqliteStore::conn`]. `Transaction::begin` is
+    /// what `Pool::begin_with` runs once it has a connection; calling it here keeps the pool
+    /// wait measured apart from the wait for SQLite's write lock.
+    async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        Transaction::begin(
+            self.conn().await?,
+            Some(sqlx::SqlSafeStr::into_sql_str("BEGIN IMMEDIATE")),
+        )
+        .await
     }
 }
 
@@ -478,6 +500,15 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+            waiters: self.acquires.waiting(),
+        })
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(|err| match err {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
@@ -486,7 +517,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.conn().await?)
+            .await?;
         Ok(())
     }
 
@@ -497,7 +530,7 @@ impl Store for SqliteStore {
             " FROM tenants WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(tenant_from_row)
@@ -505,7 +538,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&self.pool, row).await
+        insert_tenant_row(&mut *self.conn().await?, row).await
     }
 
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
@@ -515,7 +548,7 @@ impl Store for SqliteStore {
             " FROM data_keys WHERE tenant_id = ?1 AND active = 1"
         ))
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -530,7 +563,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(id.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -538,7 +571,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        insert_active_dek_row(&self.pool, row).await
+        insert_active_dek_row(&mut *self.conn().await?, row).await
     }
 
     async fn card(
@@ -547,7 +580,7 @@ impl Store for SqliteStore {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&self.pool, tenant_id, token, now).await
+        card_by_token(&mut *self.conn().await?, tenant_id, token, now).await
     }
 
     async fn card_bin_at(
@@ -562,7 +595,7 @@ impl Store for SqliteStore {
         )
         .bind(tenant_id)
         .bind(from)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?)
     }
 
@@ -575,7 +608,7 @@ impl Store for SqliteStore {
             sqlx::query("SELECT 1 FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 LIMIT 1")
                 .bind(tenant_id)
                 .bind(fingerprint)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok(found.is_some())
     }
@@ -583,7 +616,7 @@ impl Store for SqliteStore {
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
         // fail with SQLITE_BUSY when it tries to upgrade under concurrency.
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let tx = self.begin_immediate().await?;
         Ok(Box::new(SqliteTx { tx }))
     }
 
@@ -594,7 +627,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -611,7 +644,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE mtls_identity = ?1 AND revoked_at IS NULL"
         ))
         .bind(identity)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -625,7 +658,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY tenant_id, name, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(principal_from_row)
@@ -639,7 +672,7 @@ impl Store for SqliteStore {
             " FROM api_keys WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(api_key_from_row)
@@ -653,7 +686,7 @@ impl Store for SqliteStore {
             " FROM api_keys WHERE principal_id = ?1 ORDER BY created_at, id"
         ))
         .bind(principal_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(api_key_from_row)
@@ -664,7 +697,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT kek_version, wrapped_key, shards, created_at FROM audit_keys WHERE id = 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         row.map(|row| {
             Ok(AuditKeyRow {
@@ -679,7 +712,7 @@ impl Store for SqliteStore {
 
     async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError> {
         sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads ORDER BY shard")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?
             .iter()
             .map(head_from_row)
@@ -700,7 +733,7 @@ impl Store for SqliteStore {
         .bind(i64::from(shard))
         .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -729,7 +762,7 @@ impl Store for SqliteStore {
         .bind(shard)
         .bind(seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -739,7 +772,7 @@ impl Store for SqliteStore {
     async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
         // The cards and the CVC holds of their tokens in one transaction: the tokens the first
         // statement returns are the ones whose holds go.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let tokens: Vec<String> = sqlx::query_scalar(
             "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
              WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2) RETURNING token",
@@ -769,7 +802,7 @@ impl Store for SqliteStore {
                SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
              ) AS per_source GROUP BY version ORDER BY version",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(kek_usage_from_row)
@@ -787,7 +820,7 @@ impl Store for SqliteStore {
              ORDER BY tenant_id, active DESC, created_at DESC, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -807,7 +840,7 @@ impl Store for SqliteStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -827,7 +860,7 @@ impl Store for SqliteStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(tenant_from_row)
@@ -840,7 +873,7 @@ impl Store for SqliteStore {
         }
         // In-process, one statement per key costs no round trip; one transaction makes the
         // batch one fsync.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in rewraps {
             // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
@@ -867,7 +900,7 @@ impl Store for SqliteStore {
         if rewraps.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in rewraps {
             // A shredded tenant's erased secret is never given a wrapped one back.
@@ -895,7 +928,7 @@ impl Store for SqliteStore {
         .bind(i64::from(rewrap.old_version))
         .bind(i64::from(rewrap.new_version))
         .bind(&rewrap.wrapped)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -907,7 +940,7 @@ impl Store for SqliteStore {
         new: &DekRow,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         if let Some(old) = old {
             let done = sqlx::query(
                 "UPDATE data_keys SET active = 0, retired_at = ?3 \
@@ -951,7 +984,7 @@ impl Store for SqliteStore {
         .bind(dek_id.as_bytes().as_slice())
         .bind(int8_param(count, "encryption count out of range")?)
         .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
         .transpose()
@@ -965,7 +998,7 @@ impl Store for SqliteStore {
              ORDER BY created_at, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -985,7 +1018,7 @@ impl Store for SqliteStore {
         .bind(dek_id.as_bytes().as_slice())
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -1007,7 +1040,7 @@ impl Store for SqliteStore {
         if records.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in records {
             replaced += sqlx::query(
@@ -1039,7 +1072,7 @@ impl Store for SqliteStore {
         )
         .bind(id.as_bytes().as_slice())
         .bind(micros(retired_before))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1066,7 +1099,7 @@ impl Store for SqliteStore {
         .bind(micros(row.updated_at))
         .bind(row.finished_at.map(micros))
         .bind(&row.error)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1080,7 +1113,7 @@ impl Store for SqliteStore {
              ORDER BY created_at DESC, id DESC"
         ))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_job_from_row)
@@ -1106,7 +1139,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(now))
         .bind(micros(lease_until))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_job_from_row)
@@ -1132,7 +1165,7 @@ impl Store for SqliteStore {
         .bind(int8_param(total, "job total out of range")?)
         .bind(micros(lease_until))
         .bind(micros(OffsetDateTime::now_utc()))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(updated.rows_affected() == 1)
     }
@@ -1155,7 +1188,7 @@ impl Store for SqliteStore {
         .bind(state)
         .bind(error)
         .bind(micros(at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1167,7 +1200,7 @@ impl Store for SqliteStore {
             " FROM key_requests WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_request_from_row)
@@ -1185,7 +1218,7 @@ impl Store for SqliteStore {
              ORDER BY requested_at, id"
         ))
         .bind(micros(now))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_request_from_row)
@@ -1209,7 +1242,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(until))
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1227,7 +1260,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(version.map(i64::from))
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1235,7 +1268,7 @@ impl Store for SqliteStore {
     async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
         let version: Option<i64> =
             sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         version.map(|v| narrow(v, "kek_version")).transpose()
     }
@@ -1273,7 +1306,7 @@ impl Store for SqliteStore {
         .bind(row.sending_until.map(micros))
         .bind(micros(row.created_at))
         .bind(micros(row.updated_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(None);
@@ -1302,7 +1335,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1316,7 +1349,7 @@ impl Store for SqliteStore {
             " FROM charges WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1339,7 +1372,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1350,7 +1383,7 @@ impl Store for SqliteStore {
         settlement: &ChargeSettlement,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        settle_charge_row(&self.pool, id, settlement, now).await
+        settle_charge_row(&mut *self.conn().await?, id, settlement, now).await
     }
 
     async fn unsettled_charges(
@@ -1369,7 +1402,7 @@ impl Store for SqliteStore {
         .bind(tenant_id)
         .bind(micros(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1391,7 +1424,7 @@ impl Store for SqliteStore {
         ))
         .bind(micros(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1411,7 +1444,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(i64::from(attempts))
         .bind(micros(next_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1425,7 +1458,7 @@ impl Store for SqliteStore {
              FROM charges WHERE status = 'unknown'",
         )
         .bind(micros(overdue_before))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?;
         Ok((
             narrow(all, "unknown charges")?,
@@ -1438,7 +1471,7 @@ impl Store for SqliteStore {
             sqlx::query("UPDATE charges SET alarmed_at = ?2 WHERE id = ?1 AND alarmed_at IS NULL")
                 .bind(id)
                 .bind(micros(now))
-                .execute(&self.pool)
+                .execute(&mut *self.conn().await?)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1462,7 +1495,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1471,7 +1504,7 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM job_leases WHERE name = ?1 AND owner = ?2")
             .bind(name)
             .bind(owner)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -1495,7 +1528,7 @@ impl Store for SqliteStore {
         .bind(hold.dek_id.as_bytes().as_slice())
         .bind(&hold.ciphertext)
         .bind(micros(hold.expires_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1513,7 +1546,7 @@ impl Store for SqliteStore {
         )
         .bind(charge_id)
         .bind(micros(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(cvc_hold_from_row)
@@ -1534,7 +1567,7 @@ impl Store for SqliteStore {
         )
         .bind(micros(now))
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1554,7 +1587,7 @@ impl Store for SqliteStore {
         .bind(row.dek_id.as_bytes().as_slice())
         .bind(&row.ciphertext)
         .bind(micros(row.expires_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1574,7 +1607,7 @@ impl Store for SqliteStore {
         ))
         .bind(token)
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         else {
             return Ok(None);
@@ -1594,7 +1627,7 @@ impl Store for SqliteStore {
         )
         .bind(micros(now))
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1611,7 +1644,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1625,7 +1658,7 @@ impl Store for SqliteStore {
             " FROM charge_operations WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1647,7 +1680,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
