@@ -32,11 +32,18 @@ use tokio::{
     time::Instant,
 };
 
+use tracing::Instrument;
+
 use super::VaultError;
 use crate::{
     audit::{AuditEvent, Auditor},
     store::{AuditHeadRow, CardRow, Store, StoreError},
 };
+
+/// Histogram of writes per group commit.
+const BATCH_SIZE: &str = "cardvault_write_batch_size";
+/// Histogram of how long a group commit takes, retries included, by `backend`.
+const COMMIT_DURATION: &str = "cardvault_db_batch_commit_duration_seconds";
 
 /// How writes are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +82,8 @@ struct Job {
     card: Option<CardRow>,
     audit: AuditEvent,
     reply: oneshot::Sender<Result<Written, VaultError>>,
+    /// The caller's span, so the commit shows up in its request's trace.
+    span: tracing::Span,
 }
 
 /// The queue of writes and the tasks that commit them. Dropping it lets the writers finish
@@ -144,7 +153,12 @@ impl Batcher {
         audit: AuditEvent,
     ) -> Result<Written, VaultError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { card, audit, reply };
+        let job = Job {
+            card,
+            audit,
+            reply,
+            span: tracing::Span::current(),
+        };
         self.queue
             .send(job)
             .await
@@ -186,8 +200,12 @@ struct Writer {
 impl Writer {
     async fn run(self: Arc<Self>, mut lane: Lane) {
         while let Some(jobs) = self.next_batch().await {
-            metrics::histogram!("cardvault_write_batch_size").record(jobs.len() as f64);
-            self.commit(&mut lane, jobs).await;
+            metrics::histogram!(BATCH_SIZE).record(jobs.len() as f64);
+            let span = commit_span(&jobs, self.store.backend());
+            let started = std::time::Instant::now();
+            self.commit(&mut lane, jobs).instrument(span).await;
+            metrics::histogram!(COMMIT_DURATION, "backend" => self.store.backend())
+                .record(started.elapsed().as_secs_f64());
         }
     }
 
@@ -239,6 +257,7 @@ impl Writer {
                     match self.try_commit(std::slice::from_ref(&job)).await {
                         Ok(stored) => answer_all(vec![job], stored),
                         Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => {
+                            crate::audit::append_failed(1);
                             let _ = job.reply.send(Err(err));
                         }
                     }
@@ -312,6 +331,25 @@ impl Writer {
     }
 }
 
+/// The span of one group commit. A batch serves many requests but a span has one parent:
+/// it is the child of the first write's request and links to the others' (OpenTelemetry
+/// span links), so every request's trace leads to the commit that made it durable. It
+/// carries sizes and the backend only, never a card or an audit detail.
+fn commit_span(jobs: &[Job], backend: &'static str) -> tracing::Span {
+    let parent = jobs.first().and_then(|job| job.span.id());
+    let span = tracing::info_span!(
+        parent: parent,
+        "db.batch_commit",
+        db.system = backend,
+        db.batch.size = jobs.len(),
+        db.batch.cards = jobs.iter().filter(|job| job.card.is_some()).count(),
+    );
+    for job in jobs.iter().skip(1) {
+        span.follows_from(&job.span);
+    }
+    span
+}
+
 /// A fast-lane error: an unreachable database leaves the outcome unknown (the statement
 /// may have committed); any other error means the statement failed and wrote nothing.
 fn fast_failure(err: StoreError) -> Failure {
@@ -324,6 +362,10 @@ fn fast_failure(err: StoreError) -> Failure {
 /// Answers each job with whether its write took effect.
 fn answer_all(jobs: Vec<Job>, stored: impl IntoIterator<Item = bool>) {
     for (job, stored) in jobs.into_iter().zip(stored) {
+        // A card that clashed left no record in this batch.
+        if stored {
+            crate::audit::appended([&job.audit]);
+        }
         let _ = job.reply.send(Ok(Written {
             stored,
             card: job.card,
@@ -335,6 +377,7 @@ fn answer_all(jobs: Vec<Job>, stored: impl IntoIterator<Item = bool>) {
 /// Fails every job of a batch with a copy of one cause.
 fn fail_all(jobs: Vec<Job>, err: VaultError) {
     let cause = Arc::new(err);
+    crate::audit::append_failed(jobs.len());
     for job in jobs {
         let _ = job.reply.send(Err(shared(&cause)));
     }
