@@ -15,7 +15,7 @@ fn main() -> io::Result<()> {
         "proto/cardvault/v1/audit.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
-    println!("cargo:rustc-env=CARDVAULT_GIT_SHA={}", git_sha());
+    println!("cargo:rustc-env=BUILD_GIT_SHA={}", git_sha());
 
     let fds = protox::compile(protos, ["proto"]).map_err(io::Error::other)?;
 
@@ -32,12 +32,14 @@ fn main() -> io::Result<()> {
         .compile_fds(fds)
 }
 
-/// The short commit hash of the checkout: `CARDVAULT_GIT_SHA` when set (an image build from
+/// The short commit hash of the checkout, as the compile-time variable `BUILD_GIT_SHA` (not
+/// `CARDVAULT_…`: cargo also sets it when it runs tests, and the settings loader reads every
+/// `CARDVAULT_` variable as a setting). `BUILD_GIT_SHA` when set (an image build from
 /// a tarball passes it in), else `git rev-parse`, else `unknown` (no git, or no `.git`: a
 /// source tarball still builds). Asks cargo to rerun when HEAD moves.
 fn git_sha() -> String {
-    println!("cargo:rerun-if-env-changed=CARDVAULT_GIT_SHA");
-    if let Ok(sha) = env::var("CARDVAULT_GIT_SHA")
+    println!("cargo:rerun-if-env-changed=BUILD_GIT_SHA");
+    if let Ok(sha) = env::var("BUILD_GIT_SHA")
         && is_short_sha(&sha)
     {
         return sha;

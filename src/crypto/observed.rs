@@ -39,8 +39,14 @@ pub struct ObservedProvider {
 }
 
 impl ObservedProvider {
-    /// Observes `inner`.
+    /// Observes `inner`. Its error series start at 0, so an alert on their increase fires
+    /// on the first failure too (a series born at 1 shows no increase).
     pub fn new(inner: Arc<dyn KeyProvider>) -> Self {
+        let provider = inner.name();
+        for operation in ["wrap", "unwrap", "rotate", "retire", "refresh"] {
+            metrics::counter!(ERRORS, "provider" => provider, "operation" => operation)
+                .increment(0);
+        }
         Self { inner }
     }
 
@@ -161,6 +167,6 @@ mod tests {
         assert_eq!(sample(&scrape, &count, "wrap"), Some(1.0), "{scrape}");
         assert_eq!(sample(&scrape, &count, "unwrap"), Some(2.0), "{scrape}");
         assert_eq!(sample(&scrape, ERRORS, "unwrap"), Some(1.0), "{scrape}");
-        assert_eq!(sample(&scrape, ERRORS, "wrap"), None, "{scrape}");
+        assert_eq!(sample(&scrape, ERRORS, "wrap"), Some(0.0), "{scrape}");
     }
 }

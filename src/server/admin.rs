@@ -43,6 +43,7 @@ fn prometheus() -> Option<&'static PrometheusHandle> {
             if installed.is_some() {
                 super::metric_docs::describe();
                 super::metric_docs::build_info();
+                super::metric_docs::start_alerting_counters();
             }
             installed
         })

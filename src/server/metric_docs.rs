@@ -134,13 +134,22 @@ pub(super) fn describe() {
     );
 }
 
+/// Starts the counters alerts watch at 0: an alert on their increase then fires on the
+/// first event too (a series born at 1 shows no increase).
+pub(super) fn start_alerting_counters() {
+    for check in ["head", "chain"] {
+        metrics::counter!("cardvault_audit_verify_failures_total", "check" => check).increment(0);
+    }
+    metrics::counter!("cardvault_audit_append_failures_total").increment(0);
+}
+
 /// Sets `cardvault_build_info{version,git_sha} 1`, so a dashboard can tell which build
 /// each replica runs (and join it onto other series).
 pub(super) fn build_info() {
     metrics::gauge!(
         "cardvault_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
-        "git_sha" => env!("CARDVAULT_GIT_SHA"),
+        "git_sha" => env!("BUILD_GIT_SHA"),
     )
     .set(1.0);
 }
