@@ -22,7 +22,11 @@ pub const ERRORS: &str = "cardvault_key_provider_errors_total";
 /// names one, the KEK version.
 macro_rules! kms_span {
     ($name:literal, $provider:expr, $version:expr) => {
-        tracing::info_span!(
+        kms_span!(tracing::Level::INFO, $name, $provider, $version)
+    };
+    ($level:expr, $name:literal, $provider:expr, $version:expr) => {
+        tracing::span!(
+            $level,
             $name,
             kms.provider = $provider,
             kms.kek_version = $version.map(|v: KekVersion| v.0),
@@ -117,7 +121,9 @@ impl KeyProvider for ObservedProvider {
     }
 
     async fn refresh(&self) -> Result<(), CryptoError> {
-        let span = kms_span!("kms.refresh", self.name(), None);
+        // Debug: the key-job runner refreshes every poll (a second by default), and a root
+        // span a second per replica would drown the traces worth reading.
+        let span = kms_span!(tracing::Level::DEBUG, "kms.refresh", self.name(), None);
         self.observe("refresh", span, self.inner.refresh()).await
     }
 }

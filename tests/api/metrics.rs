@@ -19,7 +19,7 @@ use crate::{
     access::{operator, secure},
     charge::{card, charge, rig_tuned},
     errors::http_get,
-    helpers::{Backend, tokenize_request, unique_pan},
+    helpers::{AppState, Backend, spawn_with, tokenize_request, unique_pan},
     honeytoken::https_get,
     import::{card as import_card, chunk, import},
     on_both_backends,
@@ -371,4 +371,40 @@ async fn the_tls_expiry_gauge_is_the_served_certificates_not_after() {
             scrape.text
         );
     }
+}
+
+on_both_backends!(a_chain_head_altered_in_the_database_counts_as_an_audit_verify_failure);
+
+async fn a_chain_head_altered_in_the_database_counts_as_an_audit_verify_failure(backend: Backend) {
+    let state = std::sync::Arc::new(AppState::new(backend).await);
+    let mut settings = state.settings("dev");
+    settings.audit.anchor_file = Some(state.dir.path().join("anchors.jsonl"));
+    settings.audit.anchor_interval_secs = 1;
+    let mut app = spawn_with(state.clone(), "dev", settings).await;
+    app.tokenize(&unique_pan()).await;
+    let failures = |scrape: &Scrape| {
+        scrape.present(
+            "cardvault_audit_verify_failures_total",
+            &[("check", "head")],
+        )
+    };
+    let before = failures(&Scrape::parse(&http_get(app.admin_addr, "/metrics").await));
+
+    // A head moved without its MAC: what an attacker hiding records would have to do.
+    state
+        .execute("UPDATE audit_heads SET seq = seq + 1000", &[])
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let scrape = Scrape::parse(&http_get(app.admin_addr, "/metrics").await);
+        if failures(&scrape) > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no verify failure counted within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
 }
