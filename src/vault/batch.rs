@@ -337,10 +337,15 @@ impl Writer {
 /// carries sizes and the backend only, never a card or an audit detail.
 fn commit_span(jobs: &[Job], backend: &'static str) -> tracing::Span {
     let parent = jobs.first().and_then(|job| job.span.id());
+    // OpenTelemetry's names for the two backends.
+    let system = match backend {
+        "postgres" => "postgresql",
+        other => other,
+    };
     let span = tracing::info_span!(
         parent: parent,
         "db.batch_commit",
-        db.system = backend,
+        db.system = system,
         db.batch.size = jobs.len(),
         db.batch.cards = jobs.iter().filter(|job| job.card.is_some()).count(),
     );
