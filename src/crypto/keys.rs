@@ -135,8 +135,12 @@ impl LruState {
 }
 
 impl DekCache {
-    /// A cache holding at most `capacity` keys.
+    /// A cache holding at most `capacity` keys. Its counters are exported from 0, so a
+    /// hit ratio is defined before the first miss.
     pub fn new(capacity: usize) -> DekCache {
+        for counter in [DEK_CACHE_HITS, DEK_CACHE_MISSES, DEK_CACHE_EVICTIONS] {
+            metrics::counter!(counter).increment(0);
+        }
         DekCache {
             capacity,
             inner: Mutex::new(LruState::default()),
