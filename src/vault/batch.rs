@@ -396,3 +396,93 @@ fn shared(cause: &Arc<VaultError>) -> VaultError {
         _ => VaultError::internal("the group commit that held this write failed", failed),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use tracing::{Subscriber, span};
+    use tracing_subscriber::{
+        layer::{Context, Layer},
+        prelude::*,
+        registry::LookupSpan,
+    };
+
+    use super::*;
+    use crate::{
+        audit::{Action, Outcome},
+        crypto::LocalKeyring,
+        store::{self, StoreOptions},
+    };
+
+    /// A span's name and its parent's name, if it has one.
+    type Parented = (String, Option<String>);
+
+    /// Each new span's name and its parent's name; each follows-from link, by names.
+    #[derive(Clone, Default)]
+    struct Spans {
+        parents: Arc<StdMutex<Vec<Parented>>>,
+        links: Arc<StdMutex<Vec<(String, String)>>>,
+    }
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
+        fn on_new_span(&self, _: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+            let span = ctx.span(id).expect("new span");
+            let parent = span.parent().map(|p| p.name().to_owned());
+            self.parents
+                .lock()
+                .unwrap()
+                .push((span.name().to_owned(), parent));
+        }
+
+        fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+            let name = |id| {
+                ctx.span(id)
+                    .map(|s| s.name().to_owned())
+                    .unwrap_or_default()
+            };
+            self.links.lock().unwrap().push((name(id), name(follows)));
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_span_is_the_child_of_the_first_request_and_linked_to_the_others() {
+        let spans = Spans::default();
+        // Thread-local, and a current-thread runtime runs the writers on this thread.
+        let _default =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("batch.db").display());
+        let store = store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let provider = LocalKeyring::ephemeral().unwrap();
+        let auditor = Arc::new(Auditor::open(store.as_ref(), &provider).await.unwrap());
+        let batcher = Batcher::start(store, auditor, BatchOptions::default());
+
+        let write = |request: &'static str| {
+            batcher
+                .audit(AuditEvent::now(Action::Tokenize, Outcome::Ok))
+                .instrument(tracing::info_span!("request", name = request))
+        };
+        // Queued together (the writer runs only when this task yields), so one batch.
+        let (first, second) = tokio::join!(write("first"), write("second"));
+        first.unwrap();
+        second.unwrap();
+
+        let parents = spans.parents.lock().unwrap().clone();
+        let commits: Vec<_> = parents
+            .iter()
+            .filter(|(name, _)| name == "db.batch_commit")
+            .collect();
+        assert_eq!(commits.len(), 1, "one batch: {parents:?}");
+        assert_eq!(commits[0].1.as_deref(), Some("request"), "{parents:?}");
+        let links = spans.links.lock().unwrap().clone();
+        assert_eq!(
+            links,
+            vec![("db.batch_commit".to_owned(), "request".to_owned())],
+            "the second request is linked"
+        );
+    }
+}
