@@ -145,12 +145,33 @@ mod tests {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The names of the spans opened, in order.
+    #[derive(Clone, Default)]
+    struct Names(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Names {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let name = attrs.metadata().name().to_owned();
+            self.0.lock().unwrap().push(name);
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn calls_are_timed_and_failures_counted_by_operation() {
+        use tracing_subscriber::prelude::*;
+
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         // Thread-local, and a current-thread runtime polls everything on this thread.
         let _local = metrics::set_default_local_recorder(&recorder);
+        let names = Names::default();
+        let _spans =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(names.clone()));
 
         let provider = ObservedProvider::new(Arc::new(LocalKeyring::ephemeral().unwrap()));
         assert_eq!(provider.name(), "local");
@@ -174,5 +195,10 @@ mod tests {
         assert_eq!(sample(&scrape, &count, "unwrap"), Some(2.0), "{scrape}");
         assert_eq!(sample(&scrape, ERRORS, "unwrap"), Some(1.0), "{scrape}");
         assert_eq!(sample(&scrape, ERRORS, "wrap"), Some(0.0), "{scrape}");
+        assert_eq!(
+            *names.0.lock().unwrap(),
+            ["kms.wrap", "kms.unwrap", "kms.unwrap"],
+            "one span per call, named by operation"
+        );
     }
 }
