@@ -15,7 +15,7 @@ use std::{
     fmt, fs, io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -322,6 +322,8 @@ fn pem_error(path: &Path, err: &rustls::pki_types::pem::Error) -> TlsError {
 struct LeafSummary {
     serial: String,
     not_after: String,
+    /// `not_after` in seconds since the Unix epoch, for the expiry gauge.
+    not_after_unix: Option<i64>,
 }
 
 impl LeafSummary {
@@ -330,6 +332,7 @@ impl LeafSummary {
             Ok((_, cert)) => LeafSummary {
                 serial: cert.raw_serial_as_string(),
                 not_after: cert.validity().not_after.to_string(),
+                not_after_unix: Some(cert.validity().not_after.timestamp()),
             },
             // rustls has parsed it already; an empty summary only makes the log line poorer.
             Err(_) => LeafSummary::default(),
@@ -396,6 +399,9 @@ struct Inner {
     current: RwLock<Arc<ServerConfig>>,
     /// The stamps of the last successful load. The mutex also serialises reloads.
     last: Mutex<(Vec<FileStamp>, LeafSummary)>,
+    /// The `listener` label of the expiry gauge, once [`ReloadingAcceptor::report_expiry_as`]
+    /// named it.
+    listener: OnceLock<&'static str>,
 }
 
 impl fmt::Debug for ReloadingAcceptor {
@@ -422,6 +428,7 @@ impl ReloadingAcceptor {
                 alpn,
                 current: RwLock::new(loaded.config),
                 last: Mutex::new((stamps, loaded.leaf)),
+                listener: OnceLock::new(),
             }),
         })
     }
@@ -453,7 +460,18 @@ impl ReloadingAcceptor {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = loaded.config;
         *last = (stamps, loaded.leaf);
+        if let Some(listener) = inner.listener.get() {
+            publish_expiry(listener, &last.1);
+        }
         Ok(true)
+    }
+
+    /// Publishes the served leaf's expiry as
+    /// [`CERTIFICATE_EXPIRY`]`{listener="…"}` now and after every reload that swaps it, so
+    /// an alert sees a renewal as soon as it is served. The first name given sticks.
+    pub fn report_expiry_as(&self, listener: &'static str) {
+        let listener = *self.inner.listener.get_or_init(|| listener);
+        publish_expiry(listener, &self.leaf());
     }
 
     /// Calls [`reload`](Self::reload) every `interval` until `stop` changes (or its sender
@@ -498,6 +516,18 @@ impl ReloadingAcceptor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         last.1.clone()
+    }
+}
+
+/// Gauge of the served leaf certificate's notAfter, in seconds since the Unix epoch, by
+/// `listener` (`grpc` or `admin`).
+pub const CERTIFICATE_EXPIRY: &str = "cardvault_tls_certificate_expiry_timestamp_seconds";
+
+fn publish_expiry(listener: &'static str, leaf: &LeafSummary) {
+    // rustls accepted a certificate x509-parser could not read: better no sample than a
+    // made-up one (an absent series is what `absent()` alerts catch).
+    if let Some(not_after) = leaf.not_after_unix {
+        metrics::gauge!(CERTIFICATE_EXPIRY, "listener" => listener).set(not_after as f64);
     }
 }
 

@@ -28,6 +28,27 @@ mod anchor;
 mod chain;
 mod verify;
 
+/// Counter of audit records committed, by the audited event's `outcome` (a fixed set).
+pub const APPENDS: &str = "cardvault_audit_appends_total";
+/// Counter of audit writes whose transaction failed, so the events they carried are not
+/// in the log (the requests failed with them).
+pub const APPEND_FAILURES: &str = "cardvault_audit_append_failures_total";
+/// Counter of audit checks that found the log tampered with, by `check`: `head` (a chain
+/// head failed its MAC when anchoring) or `chain` (a full verify found a break).
+pub const VERIFY_FAILURES: &str = "cardvault_audit_verify_failures_total";
+
+/// Counts `events` as committed to the log; call it after the commit.
+pub(crate) fn appended<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) {
+    for event in events {
+        metrics::counter!(APPENDS, "outcome" => event.outcome.as_str()).increment(1);
+    }
+}
+
+/// Counts `events` audit records lost with a failed transaction.
+pub(crate) fn append_failed(events: usize) {
+    metrics::counter!(APPEND_FAILURES).increment(events as u64);
+}
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use time::OffsetDateTime;
@@ -408,6 +429,7 @@ impl Auditor {
         let mut tx = store.begin().await?;
         self.append(tx.as_mut(), event).await?;
         tx.commit().await?;
+        appended([event]);
         Ok(())
     }
 

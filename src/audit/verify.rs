@@ -210,6 +210,9 @@ pub async fn verify_anchored(
         }
         report.breaks.extend(broken);
     }
+    if !report.is_intact() {
+        metrics::counter!(super::VERIFY_FAILURES, "check" => "chain").increment(1);
+    }
     Ok(report)
 }
 

@@ -78,6 +78,14 @@ pub fn tenant_secret_wrap_aad(tenant: &str) -> Vec<u8> {
         .finish()
 }
 
+/// Counter of DEK cache lookups that found their key.
+pub const DEK_CACHE_HITS: &str = "cardvault_dek_cache_hits_total";
+/// Counter of DEK cache lookups that did not (the DEK is then unwrapped by the key provider).
+pub const DEK_CACHE_MISSES: &str = "cardvault_dek_cache_misses_total";
+/// Counter of keys pushed out of the DEK cache by its capacity (not removals of destroyed
+/// DEKs): a steady rate means the cache is too small for the working set.
+pub const DEK_CACHE_EVICTIONS: &str = "cardvault_dek_cache_evictions_total";
+
 /// Bounded LRU cache of unwrapped DEKs, each cached under its id and the tenant it belongs
 /// to: a lookup names both, so a DEK id of one tenant never yields a key to another, cached
 /// or not (the miss path reads the DEK row by tenant and id).
@@ -127,8 +135,12 @@ impl LruState {
 }
 
 impl DekCache {
-    /// A cache holding at most `capacity` keys.
+    /// A cache holding at most `capacity` keys. Its counters are exported from 0, so a
+    /// hit ratio is defined before the first miss.
     pub fn new(capacity: usize) -> DekCache {
+        for counter in [DEK_CACHE_HITS, DEK_CACHE_MISSES, DEK_CACHE_EVICTIONS] {
+            metrics::counter!(counter).increment(0);
+        }
         DekCache {
             capacity,
             inner: Mutex::new(LruState::default()),
@@ -146,12 +158,13 @@ impl DekCache {
     /// a hit or a miss. A key cached for another tenant is a miss.
     pub fn get(&self, tenant: &str, id: &DekId) -> Option<Arc<DataKey>> {
         let found = self.state().touch(tenant, id);
-        let counter = if found.is_some() {
-            &self.hits
+        let (counter, metric) = if found.is_some() {
+            (&self.hits, DEK_CACHE_HITS)
         } else {
-            &self.misses
+            (&self.misses, DEK_CACHE_MISSES)
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric).increment(1);
         found
     }
 
@@ -186,6 +199,9 @@ impl DekCache {
             }
             evicted
         };
+        if !evicted.is_empty() {
+            metrics::counter!(DEK_CACHE_EVICTIONS).increment(evicted.len() as u64);
+        }
         // Evicted keys drop (and zeroize, if no one else holds them) outside the lock.
         drop(evicted);
         key

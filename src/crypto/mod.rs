@@ -55,6 +55,7 @@ mod fingerprint;
 pub(crate) mod hex;
 mod keys;
 mod local;
+mod observed;
 mod pkcs11;
 mod provider;
 mod random;
@@ -67,6 +68,7 @@ pub use self::error::CryptoError;
 pub use self::fingerprint::{Fingerprint, FingerprintKey, TenantSecret};
 pub use self::keys::{DataKey, DekCache, DekId, dek_wrap_aad, tenant_secret_wrap_aad};
 pub use self::local::{LOCAL_WRAP_FORMAT_V1, LocalKeyring};
+pub use self::observed::ObservedProvider;
 pub use self::pkcs11::{
     DEFAULT_KEY_LABEL, PKCS11_WRAP_FORMAT_V1, PinSource, Pkcs11Config, Pkcs11Provider,
 };

@@ -735,8 +735,12 @@ async fn observed(
         "outcome" => outcome.status.as_str(),
     )
     .increment(1);
-    metrics::histogram!("cardvault_gateway_latency_seconds", "gateway" => gateway.to_owned())
-        .record(elapsed.as_secs_f64());
+    metrics::histogram!(
+        "cardvault_gateway_latency_seconds",
+        "gateway" => gateway.to_owned(),
+        "outcome" => outcome.status.as_str(),
+    )
+    .record(elapsed.as_secs_f64());
     let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     let key = key_suffix(params.idempotency_key);
     match outcome.status {
@@ -785,7 +789,8 @@ async fn observed_lookup(
         },
         Lookup::Unsupported => Lookup::Unsupported,
     };
-    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let elapsed = started.elapsed();
+    let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     let (label, detail) = match &result {
         Lookup::Found(outcome) => (outcome.status.as_str(), outcome.message.as_deref()),
         Lookup::NotFound { evidence } => ("not_found", Some(evidence.as_str())),
@@ -798,6 +803,12 @@ async fn observed_lookup(
         "result" => label,
     )
     .increment(1);
+    metrics::histogram!(
+        "cardvault_gateway_lookup_latency_seconds",
+        "gateway" => gateway.to_owned(),
+        "result" => label,
+    )
+    .record(elapsed.as_secs_f64());
     // Logs name a charge by the end of its id only, here too.
     let suffix = key_suffix(charge.charge_id);
     let detail = detail
@@ -855,6 +866,7 @@ async fn observed_operation(
         "cardvault_gateway_operation_latency_seconds",
         "gateway" => gateway.to_owned(),
         "operation" => operation.kind.as_str(),
+        "outcome" => outcome.status.as_str(),
     )
     .record(elapsed.as_secs_f64());
     let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);

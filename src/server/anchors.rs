@@ -4,7 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{audit::AnchorSink, vault::Vault};
+use crate::{
+    audit::{self, AnchorSink, AuditError},
+    vault::Vault,
+};
 
 /// Appends an anchor of the audit chains' heads to `sink` at start, every `interval`, and
 /// once more at stop (after the last request drained, so it covers every record this replica
@@ -48,6 +51,9 @@ async fn write_anchor(vault: &Vault, sink: &AnchorSink) {
             metrics::counter!("cardvault_audit_anchors_total", "outcome" => "written").increment(1);
         }
         Err(err) => {
+            if matches!(err, AuditError::Corrupt(_)) {
+                metrics::counter!(audit::VERIFY_FAILURES, "check" => "head").increment(1);
+            }
             tracing::error!(error = %err, "writing an audit anchor failed; will retry");
             metrics::counter!("cardvault_audit_anchors_total", "outcome" => "failed").increment(1);
         }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod anchors;
+mod metric_docs;
 mod readiness;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -24,7 +25,7 @@ use crate::{
     },
     audit::AnchorSink,
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
-    crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
+    crypto::{KeyProvider, LocalKeyring, ObservedProvider, Pkcs11Provider},
     gateway::Gateways,
     pb::{
         self,
@@ -48,6 +49,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often readiness re-checks the database, the key provider and the schema: with each
 /// check bounded by a second, readiness follows a failure within about two.
 const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the database pool's gauges are sampled: a few atomic reads, well inside any
+/// scrape interval.
+const POOL_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The service name health reports for, besides the overall `""`.
 const SERVICE_NAME: &str = "cardvault.v1.CardVault";
@@ -110,6 +115,11 @@ impl std::fmt::Debug for Application {
 /// Opens the key provider named in the settings. In dev mode a missing local keyring is
 /// created (and announced); KEKs in an HSM must exist already.
 pub fn key_provider(settings: &Settings) -> Result<Arc<dyn KeyProvider>, StartupError> {
+    raw_key_provider(settings).map(|p| Arc::new(ObservedProvider::new(p)) as Arc<dyn KeyProvider>)
+}
+
+/// The configured provider itself, before [`ObservedProvider`] wraps it.
+fn raw_key_provider(settings: &Settings) -> Result<Arc<dyn KeyProvider>, StartupError> {
     match settings.keys.provider {
         KeyProviderKind::Local => {
             let path = settings.keyring_path();
@@ -178,6 +188,8 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault>, StartupError>
 pub async fn build(settings: Settings) -> Result<Application, StartupError> {
     // One TLS crypto provider for the whole process (sqlx's PostgreSQL TLS, tonic).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before anything records a metric: samples sent to no recorder are lost.
+    admin::install_recorder();
 
     // Settings built by hand skip loading's checks; this one must hold whatever built them.
     settings.check_unauthenticated_tenant()?;
@@ -253,6 +265,8 @@ fn acceptors(
         ClientAuth::None,
         &[tls::ALPN_HTTP1],
     )?;
+    grpc.report_expiry_as("grpc");
+    admin.report_expiry_as("admin");
     Ok((grpc, admin))
 }
 
@@ -439,6 +453,11 @@ impl Application {
             tokio::spawn(key_jobs::run(vault.clone(), job_owner(), stop_rx.clone())),
             tokio::spawn(refusals::run(vault.clone(), stop_rx.clone())),
             tokio::spawn(reconciler::run(vault.clone(), job_owner(), stop_rx.clone())),
+            tokio::spawn(store::sample_pool(
+                vault.store().clone(),
+                POOL_SAMPLE_INTERVAL,
+                stop_rx.clone(),
+            )),
             tokio::spawn(readiness(
                 vault.store().clone(),
                 vault.key_provider().clone(),

@@ -10,6 +10,7 @@
 mod charge_ops;
 mod charges;
 mod keys;
+mod pool;
 pub mod postgres;
 pub mod sqlite;
 
@@ -18,6 +19,7 @@ pub use self::charges::{ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow
 pub use self::keys::{
     DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
 };
+pub use self::pool::{PoolStats, sample_pool};
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
@@ -425,6 +427,10 @@ impl Default for StoreOptions {
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Backend name for logs: `"postgres"` or `"sqlite"`.
     fn backend(&self) -> &'static str;
+    /// The connection pool's occupancy, for metrics; none for a store without a pool.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap round trip, for readiness.

@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use sqlx::{
-    PgPool, Row,
+    PgPool, Postgres, Row, Transaction,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode},
 };
 use time::OffsetDateTime;
@@ -14,6 +15,7 @@ use super::{
     KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
     SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
     action_from_parts, metadata_from_json, metadata_to_json, narrow,
+    pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -104,6 +106,7 @@ macro_rules! delete_cards_and_holds {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    acquires: Acquires,
 }
 
 impl PgStore {
@@ -125,7 +128,21 @@ impl PgStore {
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect.application_name("cardvault"));
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            acquires: Acquires::new("postgres"),
+        })
+    }
+
+    /// A pooled connection, its wait counted and timed.
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        self.acquires.timed(self.pool.acquire()).await
+    }
+
+    /// A transaction on a connection from [`PgStore::conn`]. `Transaction::begin` is what
+    /// `Pool::begin` runs once it has a connection; calling it here keeps the wait measured.
+    async fn begin_tx(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        Transaction::begin(self.conn().await?, None).await
     }
 
     /// The underlying pool, for tests and tools that inspect the database directly.
@@ -569,6 +586,15 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+            waiters: self.acquires.waiting(),
+        })
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(|err| match err {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
@@ -577,7 +603,9 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.conn().await?)
+            .await?;
         Ok(())
     }
 
@@ -604,7 +632,7 @@ impl Store for PgStore {
             " FROM tenants WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(tenant_from_row)
@@ -612,7 +640,7 @@ impl Store for PgStore {
     }
 
     async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&self.pool, row).await
+        insert_tenant_row(&mut *self.conn().await?, row).await
     }
 
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
@@ -622,7 +650,7 @@ impl Store for PgStore {
             " FROM data_keys WHERE tenant_id = $1 AND active"
         ))
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -637,7 +665,7 @@ impl Store for PgStore {
         ))
         .bind(tenant_id)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -645,7 +673,7 @@ impl Store for PgStore {
     }
 
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        insert_active_dek_row(&self.pool, row).await
+        insert_active_dek_row(&mut *self.conn().await?, row).await
     }
 
     async fn card(
@@ -654,7 +682,7 @@ impl Store for PgStore {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&self.pool, tenant_id, token, now).await
+        card_by_token(&mut *self.conn().await?, tenant_id, token, now).await
     }
 
     async fn commit_batch(
@@ -706,7 +734,7 @@ impl Store for PgStore {
             .bind(seq_param(expected.seq)?)
             .bind(&expected.mac)
             .bind(expected_cards)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.conn().await?)
             .await;
         match result {
             Ok(_) => Ok(true),
@@ -733,7 +761,7 @@ impl Store for PgStore {
         )
         .bind(tenant_id)
         .bind(from)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?)
     }
 
@@ -746,13 +774,13 @@ impl Store for PgStore {
             sqlx::query("SELECT 1 FROM cards WHERE tenant_id = $1 AND fingerprint = $2 LIMIT 1")
                 .bind(tenant_id)
                 .bind(fingerprint)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok(found.is_some())
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
-        let tx = self.pool.begin().await?;
+        let tx = self.begin_tx().await?;
         Ok(Box::new(PgTx { tx }))
     }
 
@@ -763,7 +791,7 @@ impl Store for PgStore {
             " FROM principals WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -780,7 +808,7 @@ impl Store for PgStore {
             " FROM principals WHERE mtls_identity = $1 AND revoked_at IS NULL"
         ))
         .bind(identity)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -794,7 +822,7 @@ impl Store for PgStore {
             " FROM principals WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY tenant_id, name, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(principal_from_row)
@@ -808,7 +836,7 @@ impl Store for PgStore {
             " FROM api_keys WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(api_key_from_row)
@@ -822,7 +850,7 @@ impl Store for PgStore {
             " FROM api_keys WHERE principal_id = $1 ORDER BY created_at, id"
         ))
         .bind(principal_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(api_key_from_row)
@@ -833,7 +861,7 @@ impl Store for PgStore {
         let row = sqlx::query(
             "SELECT kek_version, wrapped_key, shards, created_at FROM audit_keys WHERE id = 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         row.map(|row| {
             Ok(AuditKeyRow {
@@ -848,7 +876,7 @@ impl Store for PgStore {
 
     async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError> {
         sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads ORDER BY shard")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?
             .iter()
             .map(head_from_row)
@@ -869,7 +897,7 @@ impl Store for PgStore {
         .bind(shard_param(shard)?)
         .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -898,7 +926,7 @@ impl Store for PgStore {
         .bind(shard)
         .bind(seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -914,7 +942,7 @@ impl Store for PgStore {
         ))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?;
         narrow(deleted, "deleted card count")
     }
@@ -935,7 +963,7 @@ impl Store for PgStore {
                SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
              ) AS per_source GROUP BY version ORDER BY version",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(kek_usage_from_row)
@@ -953,7 +981,7 @@ impl Store for PgStore {
              ORDER BY tenant_id, active DESC, created_at DESC, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -973,7 +1001,7 @@ impl Store for PgStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -993,7 +1021,7 @@ impl Store for PgStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(tenant_from_row)
@@ -1012,7 +1040,7 @@ impl Store for PgStore {
              AS r(id, old_version, new_version, wrapped) \
              WHERE data_keys.id = r.id AND data_keys.kek_version = r.old_version",
         );
-        let done = c.bind(query).execute(&self.pool).await?;
+        let done = c.bind(query).execute(&mut *self.conn().await?).await?;
         Ok(done.rows_affected())
     }
 
@@ -1029,7 +1057,7 @@ impl Store for PgStore {
              WHERE tenants.id = r.id AND tenants.secret_kek_version = r.old_version \
              AND tenants.shredded_at IS NULL",
         );
-        let done = c.bind(query).execute(&self.pool).await?;
+        let done = c.bind(query).execute(&mut *self.conn().await?).await?;
         Ok(done.rows_affected())
     }
 
@@ -1041,7 +1069,7 @@ impl Store for PgStore {
         .bind(i64::from(rewrap.old_version))
         .bind(i64::from(rewrap.new_version))
         .bind(&rewrap.wrapped)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1053,7 +1081,7 @@ impl Store for PgStore {
         new: &DekRow,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_tx().await?;
         if let Some(old) = old {
             // A replica that rotated first holds the row lock until it commits; this UPDATE
             // then re-reads the row, finds it inactive and retires nothing.
@@ -1099,7 +1127,7 @@ impl Store for PgStore {
         .bind(dek_id)
         .bind(int8_param(count, "encryption count out of range")?)
         .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
         .transpose()
@@ -1113,7 +1141,7 @@ impl Store for PgStore {
              ORDER BY created_at, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -1133,7 +1161,7 @@ impl Store for PgStore {
         .bind(dek_id)
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -1171,7 +1199,7 @@ impl Store for PgStore {
         .bind(tenant_id)
         .bind(dek_id)
         .bind(ciphertext)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1187,7 +1215,7 @@ impl Store for PgStore {
         )
         .bind(id)
         .bind(retired_before)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await;
         match result {
             Ok(done) => Ok(done.rows_affected() == 1),
@@ -1224,7 +1252,7 @@ impl Store for PgStore {
         .bind(row.updated_at)
         .bind(row.finished_at)
         .bind(&row.error)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1238,7 +1266,7 @@ impl Store for PgStore {
              ORDER BY created_at DESC, id DESC"
         ))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_job_from_row)
@@ -1267,7 +1295,7 @@ impl Store for PgStore {
         .bind(owner)
         .bind(now)
         .bind(lease_until)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_job_from_row)
@@ -1293,7 +1321,7 @@ impl Store for PgStore {
         .bind(int8_param(total, "job total out of range")?)
         .bind(lease_until)
         .bind(OffsetDateTime::now_utc())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(updated.rows_affected() == 1)
     }
@@ -1316,7 +1344,7 @@ impl Store for PgStore {
         .bind(state)
         .bind(error)
         .bind(at)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1328,7 +1356,7 @@ impl Store for PgStore {
             " FROM key_requests WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_request_from_row)
@@ -1346,7 +1374,7 @@ impl Store for PgStore {
              ORDER BY requested_at, id"
         ))
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_request_from_row)
@@ -1370,7 +1398,7 @@ impl Store for PgStore {
         .bind(owner)
         .bind(until)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1388,7 +1416,7 @@ impl Store for PgStore {
         .bind(owner)
         .bind(version.map(i64::from))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1396,7 +1424,7 @@ impl Store for PgStore {
     async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
         let version: Option<i64> =
             sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         version.map(|v| narrow(v, "kek_version")).transpose()
     }
@@ -1435,7 +1463,7 @@ impl Store for PgStore {
         .bind(row.sending_until)
         .bind(row.created_at)
         .bind(row.updated_at)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(None);
@@ -1466,7 +1494,7 @@ impl Store for PgStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1480,7 +1508,7 @@ impl Store for PgStore {
             " FROM charges WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1504,7 +1532,7 @@ impl Store for PgStore {
         .bind(id)
         .bind(now)
         .bind(until)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1515,7 +1543,7 @@ impl Store for PgStore {
         settlement: &ChargeSettlement,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        settle_charge_row(&self.pool, id, settlement, now).await
+        settle_charge_row(&mut *self.conn().await?, id, settlement, now).await
     }
 
     async fn unsettled_charges(
@@ -1534,7 +1562,7 @@ impl Store for PgStore {
         .bind(tenant_id)
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1556,7 +1584,7 @@ impl Store for PgStore {
         ))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1579,7 +1607,7 @@ impl Store for PgStore {
             "charge reconcile attempts out of range",
         )?)
         .bind(next_at)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1593,7 +1621,7 @@ impl Store for PgStore {
              FROM charges WHERE status = 'unknown'",
         )
         .bind(overdue_before)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?;
         Ok((
             narrow(all, "unknown charges")?,
@@ -1606,7 +1634,7 @@ impl Store for PgStore {
             sqlx::query("UPDATE charges SET alarmed_at = $2 WHERE id = $1 AND alarmed_at IS NULL")
                 .bind(id)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&mut *self.conn().await?)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1630,7 +1658,7 @@ impl Store for PgStore {
         .bind(owner)
         .bind(now)
         .bind(until)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1639,7 +1667,7 @@ impl Store for PgStore {
         sqlx::query("DELETE FROM job_leases WHERE name = $1 AND owner = $2")
             .bind(name)
             .bind(owner)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -1663,7 +1691,7 @@ impl Store for PgStore {
         .bind(hold.dek_id)
         .bind(&hold.ciphertext)
         .bind(hold.expires_at)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1681,7 +1709,7 @@ impl Store for PgStore {
         )
         .bind(charge_id)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(cvc_hold_from_row)
@@ -1702,7 +1730,7 @@ impl Store for PgStore {
         )
         .bind(now)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1722,7 +1750,7 @@ impl Store for PgStore {
         .bind(row.dek_id)
         .bind(&row.ciphertext)
         .bind(row.expires_at)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1742,7 +1770,7 @@ impl Store for PgStore {
         ))
         .bind(token)
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         else {
             return Ok(None);
@@ -1763,7 +1791,7 @@ impl Store for PgStore {
         )
         .bind(now)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1780,7 +1808,7 @@ impl Store for PgStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1794,7 +1822,7 @@ impl Store for PgStore {
             " FROM charge_operations WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1816,7 +1844,7 @@ impl Store for PgStore {
         .bind(id)
         .bind(now)
         .bind(until)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -8,7 +8,8 @@ use std::{
 
 use async_trait::async_trait;
 use sqlx::{
-    Row, SqlitePool,
+    Row, Sqlite, SqlitePool, Transaction,
+    pool::PoolConnection,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
@@ -22,6 +23,7 @@ use super::{
     KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
     SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow, action_from_parts,
     metadata_from_json, metadata_to_json, narrow,
+    pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -109,6 +111,7 @@ macro_rules! cvc_hold_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    acquires: Acquires,
 }
 
 impl SqliteStore {
@@ -129,7 +132,26 @@ impl SqliteStore {
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            acquires: Acquires::new("sqlite"),
+        })
+    }
+
+    /// A pooled connection, its wait counted and timed.
+    async fn conn(&self) -> Result<PoolConnection<Sqlite>, sqlx::Error> {
+        self.acquires.timed(self.pool.acquire()).await
+    }
+
+    /// `BEGIN IMMEDIATE` on a connection from [`SqliteStore::conn`]. `Transaction::begin` is
+    /// what `Pool::begin_with` runs once it has a connection; calling it here keeps the pool
+    /// wait measured apart from the wait for SQLite's write lock.
+    async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        Transaction::begin(
+            self.conn().await?,
+            Some(sqlx::SqlSafeStr::into_sql_str("BEGIN IMMEDIATE")),
+        )
+        .await
     }
 }
 
@@ -478,6 +500,15 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+            waiters: self.acquires.waiting(),
+        })
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await.map_err(|err| match err {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
@@ -486,7 +517,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.conn().await?)
+            .await?;
         Ok(())
     }
 
@@ -513,7 +546,7 @@ impl Store for SqliteStore {
             " FROM tenants WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(tenant_from_row)
@@ -521,7 +554,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&self.pool, row).await
+        insert_tenant_row(&mut *self.conn().await?, row).await
     }
 
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
@@ -531,7 +564,7 @@ impl Store for SqliteStore {
             " FROM data_keys WHERE tenant_id = ?1 AND active = 1"
         ))
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -546,7 +579,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(id.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(dek_from_row)
@@ -554,7 +587,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        insert_active_dek_row(&self.pool, row).await
+        insert_active_dek_row(&mut *self.conn().await?, row).await
     }
 
     async fn card(
@@ -563,7 +596,7 @@ impl Store for SqliteStore {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&self.pool, tenant_id, token, now).await
+        card_by_token(&mut *self.conn().await?, tenant_id, token, now).await
     }
 
     async fn card_bin_at(
@@ -578,7 +611,7 @@ impl Store for SqliteStore {
         )
         .bind(tenant_id)
         .bind(from)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?)
     }
 
@@ -591,7 +624,7 @@ impl Store for SqliteStore {
             sqlx::query("SELECT 1 FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 LIMIT 1")
                 .bind(tenant_id)
                 .bind(fingerprint)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok(found.is_some())
     }
@@ -599,7 +632,7 @@ impl Store for SqliteStore {
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
         // fail with SQLITE_BUSY when it tries to upgrade under concurrency.
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let tx = self.begin_immediate().await?;
         Ok(Box::new(SqliteTx { tx }))
     }
 
@@ -610,7 +643,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -627,7 +660,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE mtls_identity = ?1 AND revoked_at IS NULL"
         ))
         .bind(identity)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(principal_from_row)
@@ -641,7 +674,7 @@ impl Store for SqliteStore {
             " FROM principals WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY tenant_id, name, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(principal_from_row)
@@ -655,7 +688,7 @@ impl Store for SqliteStore {
             " FROM api_keys WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(api_key_from_row)
@@ -669,7 +702,7 @@ impl Store for SqliteStore {
             " FROM api_keys WHERE principal_id = ?1 ORDER BY created_at, id"
         ))
         .bind(principal_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(api_key_from_row)
@@ -680,7 +713,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT kek_version, wrapped_key, shards, created_at FROM audit_keys WHERE id = 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         row.map(|row| {
             Ok(AuditKeyRow {
@@ -695,7 +728,7 @@ impl Store for SqliteStore {
 
     async fn audit_heads(&self) -> Result<Vec<AuditHeadRow>, StoreError> {
         sqlx::query("SELECT shard, seq, mac, head_mac FROM audit_heads ORDER BY shard")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?
             .iter()
             .map(head_from_row)
@@ -716,7 +749,7 @@ impl Store for SqliteStore {
         .bind(i64::from(shard))
         .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -745,7 +778,7 @@ impl Store for SqliteStore {
         .bind(shard)
         .bind(seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(audit_from_row)
@@ -755,7 +788,7 @@ impl Store for SqliteStore {
     async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
         // The cards and the CVC holds of their tokens in one transaction: the tokens the first
         // statement returns are the ones whose holds go.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let tokens: Vec<String> = sqlx::query_scalar(
             "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
              WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2) RETURNING token",
@@ -785,7 +818,7 @@ impl Store for SqliteStore {
                SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
              ) AS per_source GROUP BY version ORDER BY version",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(kek_usage_from_row)
@@ -803,7 +836,7 @@ impl Store for SqliteStore {
              ORDER BY tenant_id, active DESC, created_at DESC, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -823,7 +856,7 @@ impl Store for SqliteStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -843,7 +876,7 @@ impl Store for SqliteStore {
         ))
         .bind(i64::from(version))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(tenant_from_row)
@@ -856,7 +889,7 @@ impl Store for SqliteStore {
         }
         // In-process, one statement per key costs no round trip; one transaction makes the
         // batch one fsync.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in rewraps {
             // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
@@ -883,7 +916,7 @@ impl Store for SqliteStore {
         if rewraps.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in rewraps {
             // A shredded tenant's erased secret is never given a wrapped one back.
@@ -911,7 +944,7 @@ impl Store for SqliteStore {
         .bind(i64::from(rewrap.old_version))
         .bind(i64::from(rewrap.new_version))
         .bind(&rewrap.wrapped)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -923,7 +956,7 @@ impl Store for SqliteStore {
         new: &DekRow,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         if let Some(old) = old {
             let done = sqlx::query(
                 "UPDATE data_keys SET active = 0, retired_at = ?3 \
@@ -967,7 +1000,7 @@ impl Store for SqliteStore {
         .bind(dek_id.as_bytes().as_slice())
         .bind(int8_param(count, "encryption count out of range")?)
         .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
         .transpose()
@@ -981,7 +1014,7 @@ impl Store for SqliteStore {
              ORDER BY created_at, id"
         ))
         .bind(tenant_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(dek_from_row)
@@ -1001,7 +1034,7 @@ impl Store for SqliteStore {
         .bind(dek_id.as_bytes().as_slice())
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(|row| {
@@ -1023,7 +1056,7 @@ impl Store for SqliteStore {
         if records.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_immediate().await?;
         let mut replaced = 0;
         for r in records {
             replaced += sqlx::query(
@@ -1055,7 +1088,7 @@ impl Store for SqliteStore {
         )
         .bind(id.as_bytes().as_slice())
         .bind(micros(retired_before))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1082,7 +1115,7 @@ impl Store for SqliteStore {
         .bind(micros(row.updated_at))
         .bind(row.finished_at.map(micros))
         .bind(&row.error)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1096,7 +1129,7 @@ impl Store for SqliteStore {
              ORDER BY created_at DESC, id DESC"
         ))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_job_from_row)
@@ -1122,7 +1155,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(now))
         .bind(micros(lease_until))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_job_from_row)
@@ -1148,7 +1181,7 @@ impl Store for SqliteStore {
         .bind(int8_param(total, "job total out of range")?)
         .bind(micros(lease_until))
         .bind(micros(OffsetDateTime::now_utc()))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(updated.rows_affected() == 1)
     }
@@ -1171,7 +1204,7 @@ impl Store for SqliteStore {
         .bind(state)
         .bind(error)
         .bind(micros(at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1183,7 +1216,7 @@ impl Store for SqliteStore {
             " FROM key_requests WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(key_request_from_row)
@@ -1201,7 +1234,7 @@ impl Store for SqliteStore {
              ORDER BY requested_at, id"
         ))
         .bind(micros(now))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(key_request_from_row)
@@ -1225,7 +1258,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(until))
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1243,7 +1276,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(version.map(i64::from))
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1251,7 +1284,7 @@ impl Store for SqliteStore {
     async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
         let version: Option<i64> =
             sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         version.map(|v| narrow(v, "kek_version")).transpose()
     }
@@ -1289,7 +1322,7 @@ impl Store for SqliteStore {
         .bind(row.sending_until.map(micros))
         .bind(micros(row.created_at))
         .bind(micros(row.updated_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(None);
@@ -1318,7 +1351,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1332,7 +1365,7 @@ impl Store for SqliteStore {
             " FROM charges WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_from_row)
@@ -1355,7 +1388,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1366,7 +1399,7 @@ impl Store for SqliteStore {
         settlement: &ChargeSettlement,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        settle_charge_row(&self.pool, id, settlement, now).await
+        settle_charge_row(&mut *self.conn().await?, id, settlement, now).await
     }
 
     async fn unsettled_charges(
@@ -1385,7 +1418,7 @@ impl Store for SqliteStore {
         .bind(tenant_id)
         .bind(micros(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1407,7 +1440,7 @@ impl Store for SqliteStore {
         ))
         .bind(micros(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?
         .iter()
         .map(charge_from_row)
@@ -1427,7 +1460,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(i64::from(attempts))
         .bind(micros(next_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1441,7 +1474,7 @@ impl Store for SqliteStore {
              FROM charges WHERE status = 'unknown'",
         )
         .bind(micros(overdue_before))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?;
         Ok((
             narrow(all, "unknown charges")?,
@@ -1454,7 +1487,7 @@ impl Store for SqliteStore {
             sqlx::query("UPDATE charges SET alarmed_at = ?2 WHERE id = ?1 AND alarmed_at IS NULL")
                 .bind(id)
                 .bind(micros(now))
-                .execute(&self.pool)
+                .execute(&mut *self.conn().await?)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1478,7 +1511,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1487,7 +1520,7 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM job_leases WHERE name = ?1 AND owner = ?2")
             .bind(name)
             .bind(owner)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -1511,7 +1544,7 @@ impl Store for SqliteStore {
         .bind(hold.dek_id.as_bytes().as_slice())
         .bind(&hold.ciphertext)
         .bind(micros(hold.expires_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1529,7 +1562,7 @@ impl Store for SqliteStore {
         )
         .bind(charge_id)
         .bind(micros(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(cvc_hold_from_row)
@@ -1550,7 +1583,7 @@ impl Store for SqliteStore {
         )
         .bind(micros(now))
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1570,7 +1603,7 @@ impl Store for SqliteStore {
         .bind(row.dek_id.as_bytes().as_slice())
         .bind(&row.ciphertext)
         .bind(micros(row.expires_at))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -1590,7 +1623,7 @@ impl Store for SqliteStore {
         ))
         .bind(token)
         .bind(tenant_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         else {
             return Ok(None);
@@ -1610,7 +1643,7 @@ impl Store for SqliteStore {
         )
         .bind(micros(now))
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -1627,7 +1660,7 @@ impl Store for SqliteStore {
         ))
         .bind(tenant_id)
         .bind(idempotency_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1641,7 +1674,7 @@ impl Store for SqliteStore {
             " FROM charge_operations WHERE id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?
         .as_ref()
         .map(charge_operation_from_row)
@@ -1663,7 +1696,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(micros(now))
         .bind(micros(until))
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

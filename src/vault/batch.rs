@@ -32,11 +32,18 @@ use tokio::{
     time::Instant,
 };
 
+use tracing::Instrument;
+
 use super::VaultError;
 use crate::{
     audit::{AuditEvent, Auditor},
     store::{AuditHeadRow, CardRow, Store, StoreError},
 };
+
+/// Histogram of writes per group commit.
+const BATCH_SIZE: &str = "cardvault_write_batch_size";
+/// Histogram of how long a group commit takes, retries included, by `backend`.
+const COMMIT_DURATION: &str = "cardvault_db_batch_commit_duration_seconds";
 
 /// How writes are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +84,8 @@ struct Job {
     reply: oneshot::Sender<Result<Written, VaultError>>,
     /// The deadline of the call that queued the write, if it has one.
     deadline: Option<Instant>,
+    /// The caller's span, so the commit shows up in its request's trace.
+    span: tracing::Span,
 }
 
 impl Job {
@@ -161,6 +170,7 @@ impl Batcher {
             audit,
             reply,
             deadline: super::deadline::current(),
+            span: tracing::Span::current(),
         };
         self.queue
             .send(job)
@@ -213,8 +223,12 @@ impl Writer {
             if jobs.is_empty() {
                 continue;
             }
-            metrics::histogram!("cardvault_write_batch_size").record(jobs.len() as f64);
-            self.commit(&mut lane, jobs).await;
+            metrics::histogram!(BATCH_SIZE).record(jobs.len() as f64);
+            let span = commit_span(&jobs, self.store.backend());
+            let started = Instant::now();
+            self.commit(&mut lane, jobs).instrument(span).await;
+            metrics::histogram!(COMMIT_DURATION, "backend" => self.store.backend())
+                .record(started.elapsed().as_secs_f64());
         }
     }
 
@@ -266,6 +280,7 @@ impl Writer {
                     match self.try_commit(std::slice::from_ref(&job)).await {
                         Ok(stored) => answer_all(vec![job], stored),
                         Err(Failure::BeforeCommit(err) | Failure::AtCommit(err)) => {
+                            crate::audit::append_failed(1);
                             let _ = job.reply.send(Err(err));
                         }
                     }
@@ -339,6 +354,30 @@ impl Writer {
     }
 }
 
+/// The span of one group commit. A batch serves many requests but a span has one parent:
+/// it is the child of the first write's request and links to the others' (OpenTelemetry
+/// span links), so every request's trace leads to the commit that made it durable. It
+/// carries sizes and the backend only, never a card or an audit detail.
+fn commit_span(jobs: &[Job], backend: &'static str) -> tracing::Span {
+    let parent = jobs.first().and_then(|job| job.span.id());
+    // OpenTelemetry's names for the two backends.
+    let system = match backend {
+        "postgres" => "postgresql",
+        other => other,
+    };
+    let span = tracing::info_span!(
+        parent: parent,
+        "db.batch_commit",
+        db.system = system,
+        db.batch.size = jobs.len(),
+        db.batch.cards = jobs.iter().filter(|job| job.card.is_some()).count(),
+    );
+    for job in jobs.iter().skip(1) {
+        span.follows_from(&job.span);
+    }
+    span
+}
+
 /// A fast-lane error: an unreachable database leaves the outcome unknown (the statement
 /// may have committed); any other error means the statement failed and wrote nothing.
 fn fast_failure(err: StoreError) -> Failure {
@@ -351,6 +390,10 @@ fn fast_failure(err: StoreError) -> Failure {
 /// Answers each job with whether its write took effect.
 fn answer_all(jobs: Vec<Job>, stored: impl IntoIterator<Item = bool>) {
     for (job, stored) in jobs.into_iter().zip(stored) {
+        // A card that clashed left no record in this batch.
+        if stored {
+            crate::audit::appended([&job.audit]);
+        }
         let _ = job.reply.send(Ok(Written {
             stored,
             card: job.card,
@@ -362,6 +405,7 @@ fn answer_all(jobs: Vec<Job>, stored: impl IntoIterator<Item = bool>) {
 /// Fails every job of a batch with a copy of one cause.
 fn fail_all(jobs: Vec<Job>, err: VaultError) {
     let cause = Arc::new(err);
+    crate::audit::append_failed(jobs.len());
     for job in jobs {
         let _ = job.reply.send(Err(shared(&cause)));
     }
@@ -373,5 +417,95 @@ fn shared(cause: &Arc<VaultError>) -> VaultError {
     match **cause {
         VaultError::Unavailable(_) => VaultError::Unavailable(Box::new(failed)),
         _ => VaultError::internal("the group commit that held this write failed", failed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use tracing::{Subscriber, span};
+    use tracing_subscriber::{
+        layer::{Context, Layer},
+        prelude::*,
+        registry::LookupSpan,
+    };
+
+    use super::*;
+    use crate::{
+        audit::{Action, Outcome},
+        crypto::LocalKeyring,
+        store::{self, StoreOptions},
+    };
+
+    /// A span's name and its parent's name, if it has one.
+    type Parented = (String, Option<String>);
+
+    /// Each new span's name and its parent's name; each follows-from link, by names.
+    #[derive(Clone, Default)]
+    struct Spans {
+        parents: Arc<StdMutex<Vec<Parented>>>,
+        links: Arc<StdMutex<Vec<(String, String)>>>,
+    }
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
+        fn on_new_span(&self, _: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+            let span = ctx.span(id).expect("new span");
+            let parent = span.parent().map(|p| p.name().to_owned());
+            self.parents
+                .lock()
+                .unwrap()
+                .push((span.name().to_owned(), parent));
+        }
+
+        fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+            let name = |id| {
+                ctx.span(id)
+                    .map(|s| s.name().to_owned())
+                    .unwrap_or_default()
+            };
+            self.links.lock().unwrap().push((name(id), name(follows)));
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_span_is_the_child_of_the_first_request_and_linked_to_the_others() {
+        let spans = Spans::default();
+        // Thread-local, and a current-thread runtime runs the writers on this thread.
+        let _default =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("batch.db").display());
+        let store = store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let provider = LocalKeyring::ephemeral().unwrap();
+        let auditor = Arc::new(Auditor::open(store.as_ref(), &provider).await.unwrap());
+        let batcher = Batcher::start(store, auditor, BatchOptions::default());
+
+        let write = |request: &'static str| {
+            batcher
+                .audit(AuditEvent::now(Action::Tokenize, Outcome::Ok))
+                .instrument(tracing::info_span!("request", name = request))
+        };
+        // Queued together (the writer runs only when this task yields), so one batch.
+        let (first, second) = tokio::join!(write("first"), write("second"));
+        first.unwrap();
+        second.unwrap();
+
+        let parents = spans.parents.lock().unwrap().clone();
+        let commits: Vec<_> = parents
+            .iter()
+            .filter(|(name, _)| name == "db.batch_commit")
+            .collect();
+        assert_eq!(commits.len(), 1, "one batch: {parents:?}");
+        assert_eq!(commits[0].1.as_deref(), Some("request"), "{parents:?}");
+        let links = spans.links.lock().unwrap().clone();
+        assert_eq!(
+            links,
+            vec![("db.batch_commit".to_owned(), "request".to_owned())],
+            "the second request is linked"
+        );
     }
 }

@@ -66,6 +66,16 @@ pub struct ChargeCommand {
     pub metadata: Metadata,
 }
 
+/// Counter of charges entering each status (`pending` when created, then each settlement),
+/// by `gateway` (a configured name) and `status`.
+pub(crate) const CHARGES: &str = "cardvault_charges_total";
+
+/// Counts a charge entering `status`: once per transition, never for a replayed answer.
+pub(super) fn entered_status(gateway: &str, status: &str) {
+    metrics::counter!(CHARGES, "gateway" => gateway.to_owned(), "status" => status.to_owned())
+        .increment(1);
+}
+
 /// A charge's outcome.
 #[derive(Debug)]
 pub struct Charged {
@@ -140,6 +150,9 @@ impl Vault {
             }
             Some(existing) => (existing, false),
         };
+        if created {
+            entered_status(&charge.gateway, &charge.status);
+        }
         let (charge, sent) = if is_unsettled(&charge) {
             let settled = self.settle(Actor::Caller(auth), &charge, wait_until).await;
             let settled = self.recorded(auth, Some(token), settled).await?;
@@ -160,12 +173,6 @@ impl Vault {
             self.batcher().await?.audit(answered).await?;
         }
         self.alarm_if(row.honeytoken, auth, token);
-        metrics::counter!(
-            "cardvault_charges_total",
-            "gateway" => charge.gateway.clone(),
-            "status" => charge.status.clone()
-        )
-        .increment(1);
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
             charge,

@@ -24,6 +24,13 @@ use crate::{
     store::{KeyJobRow, Rewrap, SealedRecord},
 };
 
+/// Gauge of the items a key job has processed, by `kind` and `job_id`.
+pub(crate) const JOB_ITEMS_DONE: &str = "cardvault_key_job_items_done";
+/// Gauge of the items a key job expects to process in all (it grows if work appears while
+/// the job runs), by `kind` and `job_id`. Not `…_items_total`: that name is the counter of
+/// items processed, and `_total` is for counters.
+pub(crate) const JOB_ITEMS_EXPECTED: &str = "cardvault_key_job_items_expected";
+
 /// How background key jobs run.
 #[derive(Debug, Clone)]
 pub struct KeyJobOptions {
@@ -201,6 +208,7 @@ impl Vault {
             id: job.id.clone(),
             kind: job.kind.clone(),
         };
+        worker.report();
         let result = match JobKind::parse(&job.kind) {
             Some(JobKind::Rewrap) => worker.rewrap().await,
             Some(JobKind::Reencrypt) => {
@@ -284,11 +292,21 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// Publishes the job's progress gauges. Labelled by job id: ids are vault-made
+    /// (`kj_` and random characters) and jobs are few (one per rotation or retirement).
+    fn report(&self) {
+        let kind = JobKind::parse(&self.kind).map_or("unknown", JobKind::as_str);
+        let labels = [("kind", kind.to_owned()), ("job_id", self.id.clone())];
+        metrics::gauge!(JOB_ITEMS_DONE, &labels).set(self.done as f64);
+        metrics::gauge!(JOB_ITEMS_EXPECTED, &labels).set(self.total as f64);
+    }
+
     /// Records `processed` more items and renews the lease; stops the run if the lease was
     /// lost or the server is stopping.
     async fn progress(&mut self, processed: u64) -> Result<(), Interrupted> {
         self.done += processed;
         self.total = self.total.max(self.done);
+        self.report();
         metrics::counter!("cardvault_key_job_items_total", "kind" => self.kind.clone())
             .increment(processed);
         metrics::counter!("cardvault_key_job_batches_total", "kind" => self.kind.clone())

@@ -314,9 +314,17 @@ impl Vault {
         mut tx: Box<dyn StoreTx>,
         event: &AuditEvent,
     ) -> Result<(), VaultError> {
-        self.auditor().await?.append(tx.as_mut(), event).await?;
-        tx.commit().await?;
-        Ok(())
+        let committed = async {
+            self.auditor().await?.append(tx.as_mut(), event).await?;
+            tx.commit().await?;
+            Ok::<_, VaultError>(())
+        }
+        .await;
+        match &committed {
+            Ok(()) => crate::audit::appended([event]),
+            Err(_) => crate::audit::append_failed(1),
+        }
+        committed
     }
 
     /// Records an event that has no other write (a refusal, a failed request). A failure to

@@ -178,9 +178,13 @@ impl Vault {
             },
         ));
         let mut tx = self.begin().await?;
-        tx.settle_charge(&claimed.id, &settlement, OffsetDateTime::now_utc())
+        let changed = tx
+            .settle_charge(&claimed.id, &settlement, OffsetDateTime::now_utc())
             .await?;
         self.commit_with(tx, &settled).await?;
+        if changed && settlement.status != claimed.status {
+            super::charge::entered_status(&claimed.gateway, &settlement.status);
+        }
         Ok(Settled {
             charge: self.charge_row(&claimed.id).await?,
             acted: true,

@@ -32,6 +32,7 @@ mod key_store;
 mod keys;
 mod lifecycle;
 mod loadgen;
+mod metrics;
 mod operators;
 mod ops;
 mod oracles;
