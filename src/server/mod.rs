@@ -19,7 +19,7 @@ use tonic_health::ServingStatus;
 use self::{admin::admin_server, anchors::audit_anchors, readiness::readiness};
 
 use crate::{
-    api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService},
+    api::{AccessAdminService, AuditService, CardVaultService, KeyAdminService, observe},
     audit::AnchorSink,
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
     crypto::{KeyProvider, LocalKeyring, Pkcs11Provider},
@@ -489,6 +489,7 @@ impl Application {
         let router = tonic::transport::Server::builder()
             .timeout(settings.request_timeout())
             .concurrency_limit_per_connection(settings.grpc.concurrency_per_connection)
+            .layer(observe::layer())
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
