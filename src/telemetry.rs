@@ -53,7 +53,10 @@ where
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(true)
-                    .with_span_list(false)
+                    // The whole list: a line logged inside a child span (a vault operation,
+                    // a gateway request) still carries the call's request id and trace id,
+                    // which live on the server span at the list's root.
+                    .with_span_list(true)
                     .with_writer(writer),
             ),
         ),

@@ -349,7 +349,11 @@ fn spans_of_tokenize_reveal_and_charge_reach_the_collector_under_the_callers_tra
                 .filter(|l| l.contains(trace_id))
                 .collect();
             assert_eq!(request_lines.len(), 3, "{logs}");
-            for line in logs.lines().filter(|l| l.contains("\"request_id\"")) {
+            // Also lines logged inside a child span: the server span heads their span list.
+            let in_spans: Vec<&str> = logs.lines().filter(|l| l.contains("\"span\":{")).collect();
+            assert!(in_spans.len() >= 3, "{logs}");
+            for line in in_spans {
+                assert!(line.contains("\"request_id\""), "{line}");
                 assert!(line.contains("\"trace_id\""), "{line}");
             }
             assert!(!logs.contains(&pan));
