@@ -1245,4 +1245,25 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_its_ratio_is_checked() {
+        Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.telemetry.otlp_endpoint, None);
+            assert!((s.telemetry.sampling_ratio - 1.0).abs() < f64::EPSILON);
+            jail.set_env("CARDVAULT_TELEMETRY_OTLP_ENDPOINT", "http://collector:4317");
+            jail.set_env("CARDVAULT_TELEMETRY_SAMPLING_RATIO", "0.25");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.telemetry.otlp_endpoint.as_deref(),
+                Some("http://collector:4317")
+            );
+            assert!((s.telemetry.sampling_ratio - 0.25).abs() < f64::EPSILON);
+            jail.set_env("CARDVAULT_TELEMETRY_SAMPLING_RATIO", "1.5");
+            let err = Settings::load(None).expect_err("ratio above 1");
+            assert!(err.to_string().contains("sampling_ratio"), "{err}");
+            Ok(())
+        });
+    }
 }
