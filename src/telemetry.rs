@@ -44,6 +44,12 @@ where
     let otel = traces.map(|traces| {
         tracing_opentelemetry::layer()
             .with_tracer(traces.tracer())
+            // Source locations, thread names and busy/idle times add bytes to every span
+            // and say nothing an operator reads a trace for.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target("cardvault", tracing::Level::INFO))
     });
     let registry = tracing_subscriber::registry().with(filter).with(otel);
