@@ -5,7 +5,9 @@
 //!
 //! The tracer is per vault, not process-wide: each test runs its vault on a runtime whose
 //! threads all use a subscriber exporting to that test's pipeline, while the rest of this
-//! binary keeps the global one.
+//! binary keeps the global one. Both run on PostgreSQL: SQLite's driver works on threads of
+//! its own, outside the test's runtime, and a span whose last handle is dropped on a thread
+//! with another default subscriber cannot be closed there.
 
 use std::{
     future::Future,
@@ -217,7 +219,8 @@ fn spans_of_tokenize_reveal_and_charge_reach_the_collector_under_the_callers_tra
         &format!("http://{collector_addr}"),
         |_| {},
         |traces, lines| async move {
-            let mut rig = rig_tuned(Backend::Sqlite, Duration::from_secs(30), 5_000, |_| {}).await;
+            let mut rig =
+                rig_tuned(Backend::Postgres, Duration::from_secs(30), 5_000, |_| {}).await;
             let client = &mut rig.app.client;
             let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
             let caller_span = "00f067aa0ba902b7";
@@ -389,7 +392,7 @@ fn a_collector_that_is_down_fails_no_call_and_the_lost_spans_are_counted() {
             settings.telemetry.max_export_batch_size = 8;
         },
         |traces, _| async move {
-            let state = Arc::new(crate::helpers::AppState::new(Backend::Sqlite).await);
+            let state = Arc::new(crate::helpers::AppState::new(Backend::Postgres).await);
             let settings = state.settings("dev");
             let mut app = spawn_with(state, "dev", settings).await;
             for _ in 0..40 {
