@@ -58,6 +58,9 @@ pub struct Settings {
     pub log: LogSettings,
     /// Audit log anchors.
     pub audit: AuditSettings,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     /// Set by `serve --dev` only (never from the file): development mode.
     #[serde(skip)]
     pub dev: bool,
@@ -737,6 +740,7 @@ impl Settings {
             ));
         }
         self.audit.check()?;
+        self.telemetry.check()?;
         self.keys.check()
     }
 
@@ -895,6 +899,66 @@ impl KeySettings {
             pin: pin.read()?,
             key_label: self.pkcs11_key_label.clone(),
         })
+    }
+}
+
+/// `[telemetry]`: traces over OTLP/gRPC. Off unless `otlp_endpoint` or the standard
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The collector, e.g. `http://otel-collector:4317` (`https://` for TLS). Unset: the
+    /// standard variables decide.
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded, 0 to 1; a caller's sampled flag in `traceparent`
+    /// wins (parent-based), so one trace is never half-recorded across services.
+    pub sampling_ratio: f64,
+    /// PEM CA certificates of an `https://` collector; unset: the Mozilla roots built in.
+    pub ca_file: Option<PathBuf>,
+    /// Finished spans held waiting for export; past it spans are dropped and counted.
+    pub max_queue_size: usize,
+    /// Spans per export call.
+    pub max_export_batch_size: usize,
+    /// How long a partial batch waits before it is sent, in ms.
+    pub scheduled_delay_ms: u64,
+    /// How long one export call may take before its spans are dropped, in ms.
+    pub export_timeout_ms: u64,
+    /// How long stopping waits for the last spans to be exported, in ms.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            ca_file: None,
+            max_queue_size: 2048,
+            max_export_batch_size: 512,
+            scheduled_delay_ms: 1_000,
+            export_timeout_ms: 10_000,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl TelemetrySettings {
+    fn check(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(ConfigError::Rejected(
+                "telemetry.sampling_ratio must be between 0 and 1".to_owned(),
+            ));
+        }
+        if self.max_queue_size == 0
+            || self.max_export_batch_size == 0
+            || self.scheduled_delay_ms == 0
+            || self.export_timeout_ms == 0
+        {
+            return Err(ConfigError::Rejected(
+                "telemetry queue, batch, delay and export timeout must be positive".to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1253,6 +1317,27 @@ mod tests {
             );
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert!(!format!("{s:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_its_ratio_is_checked() {
+        Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.telemetry.otlp_endpoint, None);
+            assert!((s.telemetry.sampling_ratio - 1.0).abs() < f64::EPSILON);
+            jail.set_env("CARDVAULT_TELEMETRY_OTLP_ENDPOINT", "http://collector:4317");
+            jail.set_env("CARDVAULT_TELEMETRY_SAMPLING_RATIO", "0.25");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.telemetry.otlp_endpoint.as_deref(),
+                Some("http://collector:4317")
+            );
+            assert!((s.telemetry.sampling_ratio - 0.25).abs() < f64::EPSILON);
+            jail.set_env("CARDVAULT_TELEMETRY_SAMPLING_RATIO", "1.5");
+            let err = Settings::load(None).expect_err("ratio above 1");
+            assert!(err.to_string().contains("sampling_ratio"), "{err}");
             Ok(())
         });
     }

@@ -214,13 +214,33 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cardvault: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Traces are the server's only; their export worker runs on the runtime.
+    let traces = if matches!(cli.command, Command::Serve { .. }) {
+        match telemetry::Traces::start(&settings.telemetry, runtime.handle()) {
+            Ok(traces) => traces,
+            Err(err) => {
+                eprintln!("cardvault: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     // The server logs to stdout (for the container runtime); the one-shot commands print
     // their results there, so their logs go to stderr.
     if matches!(cli.command, Command::Serve { .. }) {
-        telemetry::init(telemetry::subscriber(
+        telemetry::init(telemetry::subscriber_with_traces(
             settings.log.format,
             &settings.log.level,
             std::io::stdout,
+            traces.as_ref(),
         ));
     } else {
         telemetry::init(telemetry::subscriber(
@@ -231,14 +251,12 @@ fn main() -> ExitCode {
     }
     telemetry::install_panic_hook();
 
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("cardvault: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command, settings)) {
+    let outcome = runtime.block_on(run(cli.command, settings));
+    // After the server stopped: the last spans out, within telemetry.shutdown_timeout_ms.
+    if let Some(traces) = traces {
+        runtime.block_on(traces.shutdown());
+    }
+    match outcome {
         Ok(code) => code,
         Err(err) => {
             // The whole chain: "database unavailable" alone would hide a TLS or auth cause.

@@ -1,9 +1,19 @@
-//! Logging, composed once. Spans use `skip_all`, and request messages are never recorded,
-//! so card data cannot become a log field by accident.
+//! Logging and traces, composed once. Spans use `skip_all`, and request messages are never
+//! recorded, so card data cannot become a log field or span attribute by accident.
+
+pub mod propagation;
+mod queue;
+mod traces;
 
 use tracing::Subscriber;
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, layer::SubscriberExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, fmt::MakeWriter, layer::SubscriberExt,
+};
 
+pub use self::{
+    queue::{DROPPED_METRIC, Dropped},
+    traces::{Traces, TracesError, enabled as traces_enabled},
+};
 use crate::config::LogFormat;
 
 /// A subscriber writing `format` lines to `writer`, filtered by `RUST_LOG` when set, else by
@@ -16,15 +26,43 @@ pub fn subscriber<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    subscriber_with_traces(format, level, writer, None)
+}
+
+/// As [`subscriber`], also exporting spans through `traces` when given: only the vault's
+/// own spans and events (target `cardvault`, info and above), never those of its libraries.
+pub fn subscriber_with_traces<W>(
+    format: LogFormat,
+    level: &str,
+    writer: W,
+    traces: Option<&Traces>,
+) -> Box<dyn Subscriber + Send + Sync + 'static>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let registry = tracing_subscriber::registry().with(filter);
+    let otel = traces.map(|traces| {
+        tracing_opentelemetry::layer()
+            .with_tracer(traces.tracer())
+            // Source locations, thread names and busy/idle times add bytes to every span
+            // and say nothing an operator reads a trace for.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target("cardvault", tracing::Level::INFO))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match format {
         LogFormat::Json => Box::new(
             registry.with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(true)
-                    .with_span_list(false)
+                    // The whole list: a line logged inside a child span (a vault operation,
+                    // a gateway request) still carries the call's request id and trace id,
+                    // which live on the server span at the list's root.
+                    .with_span_list(true)
                     .with_writer(writer),
             ),
         ),

@@ -65,6 +65,38 @@ fn the_manifests_and_the_dockerfile_pass_offline_validation() {
     }
 }
 
+/// The configuration files the ConfigMaps ship are ones the vault accepts, with the values
+/// the manifests rely on: a setting renamed in the code would otherwise show up only as
+/// pods crash-looping after a rollout.
+#[test]
+fn the_shipped_configuration_files_load() {
+    use cardvault::config::Settings;
+
+    for (file, sampling_ratio) in [
+        ("deploy/kubernetes/base/cardvault.toml", 0.1),
+        ("deploy/kubernetes/overlays/dev/cardvault.toml", 1.0),
+    ] {
+        let path = repo().join(file);
+        let settings = Settings::load(Some(&path)).unwrap_or_else(|err| panic!("{file}: {err}"));
+        // The Service and the probes name these ports.
+        assert_eq!(settings.grpc.addr.port(), 50051, "{file}: gRPC port");
+        assert_eq!(settings.admin.addr.port(), 9090, "{file}: admin port");
+        // Migrations are the Job's; three replicas must not race to run them.
+        assert!(
+            !settings.database.migrate_on_start,
+            "{file}: migrate_on_start"
+        );
+        assert_eq!(
+            settings.telemetry.otlp_endpoint.as_deref(),
+            Some("http://otel-collector.observability.svc:4317"),
+            "{file}: the collector the NetworkPolicy lets the pods reach"
+        );
+        assert_eq!(
+            settings.telemetry.sampling_ratio, sampling_ratio,
+            "{file}: sampling ratio"
+        );
+    }
+}
 /// The uid the test runs as: `/proc/self` belongs to the process's effective user.
 fn euid() -> u32 {
     fs::metadata("/proc/self").expect("stat /proc/self").uid()

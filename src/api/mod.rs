@@ -10,6 +10,7 @@ mod convert;
 mod deadline;
 mod error;
 mod key_admin;
+pub mod observe;
 mod rpc;
 
 pub use self::{

@@ -274,13 +274,23 @@ struct Call {
 impl Call {
     fn new(action: Action) -> Call {
         let request_id = RequestId::generate();
-        let span = tracing::info_span!(
-            "rpc",
-            rpc = action.as_str(),
-            request_id = %request_id,
-            tenant = tracing::field::Empty,
-            principal = tracing::field::Empty,
-        );
+        // The server span of the observe layer, when the call came through it: one span per
+        // RPC, so the request id, tenant and principal are on the exported span and every
+        // log line of the call (with its trace id). Without the layer (a service called
+        // directly) the call gets a span of its own, as before.
+        let current = tracing::Span::current();
+        let span = if current.metadata().map(|m| m.name()) == Some(super::observe::SPAN_NAME) {
+            current.record("request_id", tracing::field::display(&request_id));
+            current
+        } else {
+            tracing::info_span!(
+                "rpc",
+                rpc = action.as_str(),
+                request_id = %request_id,
+                tenant = tracing::field::Empty,
+                principal = tracing::field::Empty,
+            )
+        };
         Call {
             request_id,
             span,

@@ -32,6 +32,7 @@ use rustls::{
     ClientConfig, RootCertStore,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::{GatewayError, GatewaySettings};
@@ -182,7 +183,36 @@ impl HttpClient {
     ) -> Result<Answer, Failure> {
         let started = Instant::now();
         let result = match deadline.remaining() {
-            Some(left) => self.exchange(method, url, headers, body, left).await,
+            Some(left) => {
+                // The client span of this request: method, gateway and status only (the URL
+                // and body may carry card data or secrets). The log lines below stay in the
+                // caller's span, which holds its request id.
+                let span = tracing::info_span!(
+                    "gateway.request",
+                    otel.kind = "client",
+                    otel.status_code = tracing::field::Empty,
+                    http.request.method = method.as_str(),
+                    cardvault.gateway = %self.gateway,
+                    http.response.status_code = tracing::field::Empty,
+                );
+                let mut headers = headers;
+                crate::telemetry::propagation::inject(&span, &mut headers);
+                let result = self
+                    .exchange(method, url, headers, body, left)
+                    .instrument(span.clone())
+                    .await;
+                let status = match &result {
+                    Ok(answer) => Some(answer.status),
+                    Err(failure) => failure.http_status(),
+                };
+                if let Some(status) = status {
+                    span.record("http.response.status_code", i64::from(status));
+                }
+                if result.is_err() || status.is_some_and(|s| s >= 500) {
+                    span.record("otel.status_code", "error");
+                }
+                result
+            }
             None => Err(Failure::OutOfTime),
         };
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -22,6 +22,7 @@ use crate::{
     api::{
         AccessAdminService, AuditService, CardVaultService, KeyAdminService,
         admission::{AdmissionLayer, Limits},
+        observe,
     },
     audit::AnchorSink,
     config::{DatabaseTlsMode, KeyProviderKind, Settings},
@@ -556,6 +557,9 @@ impl Application {
             .http2_keepalive_timeout(Some(Duration::from_secs(
                 grpc_settings.http2_keepalive_timeout_secs,
             )))
+            // Outermost first: a call the admission layer sheds still gets its server span
+            // and is counted under RESOURCE_EXHAUSTED.
+            .layer(observe::layer())
             .layer(admission)
             .add_service(health_service)
             .add_optional_service(reflection_v1)
