@@ -156,88 +156,18 @@ fn run(program: &Path, args: &[String], as_postgres: bool) {
     );
 }
 
-// The cluster watchdog outlives this process by design; see below.
-#[allow(clippy::zombie_processes)]
 fn start_throwaway_cluster() -> PgServer {
     let missing = "no PostgreSQL for the tests: set DATABASE_URL, start a server on \
                    127.0.0.1:5432 (user postgres, trust auth), or install PostgreSQL \
                    (apt-get install postgresql) so the tests can start their own with initdb";
-    let initdb = find_binary("initdb").unwrap_or_else(|| panic!("{missing}"));
-    let pg_ctl = find_binary("pg_ctl").unwrap_or_else(|| panic!("{missing}"));
-    let as_postgres = is_root();
-
-    let dir = std::env::temp_dir().join(format!("cardvault-pg-{}", std::process::id()));
-    let data = dir.join("data");
-    std::fs::create_dir_all(&dir).expect("create cluster directory");
-    if as_postgres {
-        run(
-            Path::new("chown"),
-            &[
-                "-R".to_owned(),
-                "postgres".to_owned(),
-                dir.display().to_string(),
-            ],
-            false,
-        );
-    }
-    run(
-        &initdb,
-        &[
-            "-D".to_owned(),
-            data.display().to_string(),
-            "-A".to_owned(),
-            "trust".to_owned(),
-            "-U".to_owned(),
-            "postgres".to_owned(),
-            "--no-sync".to_owned(),
-        ],
-        as_postgres,
+    let cluster = PrivateCluster::init(
+        std::env::temp_dir().join(format!("cardvault-pg-{}", std::process::id())),
+        missing,
     );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("pick a free port")
-        .port();
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-        dir.display()
-    );
-    run(
-        &pg_ctl,
-        &[
-            "-D".to_owned(),
-            data.display().to_string(),
-            "-o".to_owned(),
-            options,
-            "-l".to_owned(),
-            dir.join("log").display().to_string(),
-            "-w".to_owned(),
-            "start".to_owned(),
-        ],
-        as_postgres,
-    );
-    // Statics are never dropped: a detached watchdog stops the cluster once this test
-    // process has exited. It outlives us by design, so it is never waited for.
-    let stop = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         {runas}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-        pid = std::process::id(),
-        runas = if as_postgres {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        },
-        pg_ctl = pg_ctl.display(),
-        data = data.display(),
-        dir = dir.display(),
-    );
-    let _watchdog = Command::new("setsid")
-        .args(["sh", "-c", &stop])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the cluster watchdog");
-    from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+    cluster.resume();
+    let url = cluster.url();
+    cluster.stop_when_this_process_exits();
+    from_url(&url)
 }
 
 /// A PostgreSQL cluster of one test's own, which the test may stop and start again (the
@@ -253,15 +183,23 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// initdb and start a cluster on a free loopback port (needs `initdb` and `pg_ctl`).
     pub fn start() -> PrivateCluster {
-        let missing = "no initdb/pg_ctl: install PostgreSQL (apt-get install postgresql)";
+        let cluster = PrivateCluster::init(
+            std::env::temp_dir().join(format!(
+                "cardvault-pg-private-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            )),
+            "no initdb/pg_ctl: install PostgreSQL (apt-get install postgresql)",
+        );
+        cluster.resume();
+        cluster
+    }
+
+    /// initdb in `dir` (not started); panics with `missing` without `initdb` and `pg_ctl`.
+    fn init(dir: PathBuf, missing: &str) -> PrivateCluster {
         let initdb = find_binary("initdb").unwrap_or_else(|| panic!("{missing}"));
         let pg_ctl = find_binary("pg_ctl").unwrap_or_else(|| panic!("{missing}"));
         let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!(
-            "cardvault-pg-private-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
         let data = dir.join("data");
         std::fs::create_dir_all(&dir).expect("create cluster directory");
         if as_postgres {
@@ -292,15 +230,42 @@ impl PrivateCluster {
             .and_then(|l| l.local_addr())
             .expect("pick a free port")
             .port();
-        let cluster = PrivateCluster {
+        PrivateCluster {
             pg_ctl,
             data,
             dir,
             port,
             as_postgres,
-        };
-        cluster.resume();
-        cluster
+        }
+    }
+
+    /// Hands the cluster to a detached watchdog that stops it and removes its files once
+    /// this test process has exited: the shared throwaway cluster lives in a static, and
+    /// statics are never dropped. The watchdog outlives us by design, so it is never waited
+    /// for.
+    #[allow(clippy::zombie_processes)]
+    fn stop_when_this_process_exits(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        let stop = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             {runas}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            runas = if this.as_postgres {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            },
+            pg_ctl = this.pg_ctl.display(),
+            data = this.data.display(),
+            dir = this.dir.display(),
+        );
+        let _watchdog = Command::new("setsid")
+            .args(["sh", "-c", &stop])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the cluster watchdog");
     }
 
     /// URL of the `postgres` database.
@@ -311,7 +276,7 @@ impl PrivateCluster {
     /// `pg_ctl start`, waiting until it accepts connections (same port as before).
     pub fn resume(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
             self.port,
             self.dir.display()
         );
