@@ -29,7 +29,7 @@ macro_rules! kms_span {
             $level,
             $name,
             kms.provider = $provider,
-            kms.kek_version = $version.map(|v: KekVersion| v.0),
+            kms.kek_version = $version.map(|v: KekVersion| i64::from(v.0)),
             otel.status_code = Empty,
         )
     };

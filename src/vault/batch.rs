@@ -369,8 +369,10 @@ fn commit_span(jobs: &[Job], backend: &'static str) -> tracing::Span {
         parent: parent,
         "db.batch_commit",
         db.system = system,
-        db.batch.size = jobs.len(),
-        db.batch.cards = jobs.iter().filter(|job| job.card.is_some()).count(),
+        // As i64: OpenTelemetry has no unsigned integers, and the exporter would send a
+        // usize as a string.
+        db.batch.size = jobs.len() as i64,
+        db.batch.cards = jobs.iter().filter(|job| job.card.is_some()).count() as i64,
     );
     for job in jobs.iter().skip(1) {
         span.follows_from(&job.span);

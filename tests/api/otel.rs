@@ -338,6 +338,7 @@ fn spans_of_tokenize_reveal_and_charge_reach_the_collector_under_the_callers_tra
                 );
                 for commit in commits {
                     assert_eq!(string_attribute(commit, "db.system"), "postgresql");
+                    assert!(int_attribute(commit, "db.batch.size") >= 1, "{commit:#?}");
                 }
             }
             // Key-provider calls made for a traced call sit under it too.
