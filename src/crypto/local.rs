@@ -33,13 +33,18 @@ use zeroize::Zeroizing;
 use super::aead::{NONCE_LEN, TAG_LEN, gcm_open, gcm_seal_append};
 use super::hex;
 use super::secret::{KEY_LEN, Key32};
+use super::wrap_format::WrapFormat;
 use super::{CryptoError, KekVersion, KeyProvider, WrappedKey, fill_random};
 
 /// Format byte of keys wrapped by the local keyring.
 pub const LOCAL_WRAP_FORMAT_V1: u8 = 1;
 
-const WRAP_AAD_LABEL: &[u8; 16] = b"cardvault.kek.v1";
-const WRAP_HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
+/// How the local keyring lays out its wrapped keys.
+const WRAP: WrapFormat = WrapFormat {
+    format: LOCAL_WRAP_FORMAT_V1,
+    what: "local wrapped key",
+    aad_label: b"cardvault.kek.v1",
+};
 /// Keyrings are a few hundred bytes per version; anything huge is not a keyring.
 const MAX_KEYRING_BYTES: u64 = 1 << 20;
 const FILE_HEADER: &str =
@@ -262,14 +267,11 @@ impl LocalKeyring {
             .ok_or(CryptoError::UnknownKekVersion(version.0))?;
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
-        let mut bytes = Vec::with_capacity(WRAP_HEADER_LEN + plaintext.len() + TAG_LEN);
-        bytes.push(LOCAL_WRAP_FORMAT_V1);
-        bytes.extend_from_slice(&version.0.to_be_bytes());
-        bytes.extend_from_slice(&nonce);
+        let mut bytes = WRAP.header(version, &nonce, plaintext.len() + TAG_LEN);
         gcm_seal_append(
             kek.key.expose(),
             &nonce,
-            &wrap_aad(version, aad),
+            &WRAP.aad(version, aad),
             plaintext,
             &mut bytes,
         )?;
@@ -284,43 +286,17 @@ impl LocalKeyring {
         wrapped: &WrappedKey,
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let bytes = wrapped.bytes.as_slice();
-        let (&format, rest) = bytes
-            .split_first()
-            .ok_or(CryptoError::Malformed("wrapped key is empty"))?;
-        if format != LOCAL_WRAP_FORMAT_V1 {
-            return Err(CryptoError::UnknownFormat {
-                what: "local wrapped key",
-                version: format,
-            });
-        }
-        let (version, rest) = rest.split_first_chunk::<4>().ok_or(CryptoError::Malformed(
-            "wrapped key is shorter than its header",
-        ))?;
-        let (nonce, sealed) =
-            rest.split_first_chunk::<NONCE_LEN>()
-                .ok_or(CryptoError::Malformed(
-                    "wrapped key is shorter than its header",
-                ))?;
-        if sealed.len() < TAG_LEN {
-            return Err(CryptoError::Malformed(
-                "wrapped key is shorter than its authentication tag",
-            ));
-        }
-        let version = KekVersion(u32::from_be_bytes(*version));
-        if version != wrapped.kek_version {
-            return Err(CryptoError::Unwrap);
-        }
+        let parsed = WRAP.parse(&wrapped.bytes, wrapped.kek_version)?;
         let state = self.read();
         let kek = state
             .keks
-            .get(&version)
-            .ok_or(CryptoError::UnknownKekVersion(version.0))?;
+            .get(&parsed.version)
+            .ok_or(CryptoError::UnknownKekVersion(parsed.version.0))?;
         gcm_open(
             kek.key.expose(),
-            nonce,
-            &wrap_aad(version, aad),
-            sealed,
+            parsed.nonce,
+            &WRAP.aad(parsed.version, aad),
+            parsed.sealed,
             CryptoError::Unwrap,
         )
     }
@@ -396,14 +372,6 @@ impl KeyProvider for LocalKeyring {
             Err(CryptoError::Unwrap)
         }
     }
-}
-
-fn wrap_aad(version: KekVersion, aad: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(WRAP_AAD_LABEL.len() + 4 + aad.len());
-    out.extend_from_slice(WRAP_AAD_LABEL);
-    out.extend_from_slice(&version.0.to_be_bytes());
-    out.extend_from_slice(aad);
-    out
 }
 
 fn now() -> OffsetDateTime {
@@ -692,6 +660,7 @@ fn sync_parent(path: &Path) -> Result<(), CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::wrap_format::HEADER_LEN as WRAP_HEADER_LEN;
     use std::os::unix::fs::PermissionsExt;
 
     const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";

@@ -60,6 +60,7 @@ mod pkcs11;
 mod provider;
 mod random;
 mod secret;
+mod wrap_format;
 
 pub use self::aead::{RECORD_FORMAT_V1, open_record, record_dek_id, seal_record};
 pub use self::api_key::{ApiKey, random_base62};

@@ -34,6 +34,7 @@ use zeroize::Zeroizing;
 
 use super::aead::{NONCE_LEN, TAG_LEN};
 use super::secret::KEY_LEN;
+use super::wrap_format::WrapFormat;
 use super::{CryptoError, KekVersion, KeyProvider, WrappedKey, fill_random};
 
 /// Format byte of keys wrapped by the `pkcs11` provider.
@@ -42,8 +43,12 @@ pub const PKCS11_WRAP_FORMAT_V1: u8 = 2;
 /// Default prefix of KEK object labels: version N is labelled `cardvault-kek-vN`.
 pub const DEFAULT_KEY_LABEL: &str = "cardvault-kek";
 
-const WRAP_AAD_LABEL: &[u8; 16] = b"cardvault.p11.v1";
-const WRAP_HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
+/// How the pkcs11 provider lays out its wrapped keys.
+const WRAP: WrapFormat = WrapFormat {
+    format: PKCS11_WRAP_FORMAT_V1,
+    what: "pkcs11 wrapped key",
+    aad_label: b"cardvault.p11.v1",
+};
 /// A PIN is a few dozen bytes; a bigger "PIN file" is the wrong file.
 const MAX_PIN_FILE_BYTES: u64 = 4096;
 /// Idle sessions kept for reuse. Enough for the few concurrent unwraps a cold DEK cache sees;
@@ -220,7 +225,7 @@ impl KeyProvider for Pkcs11Provider {
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         // Malformed input is refused before it costs an HSM call.
-        parse_wrapped(&wrapped.bytes, wrapped.kek_version)?;
+        WRAP.parse(&wrapped.bytes, wrapped.kek_version)?;
         let wrapped = wrapped.clone();
         let aad = aad.to_vec();
         self.blocking(move |inner| inner.unwrap(&wrapped, &aad))
@@ -399,7 +404,7 @@ impl Inner {
             inner.check_handle(session, handle, version)?;
             let mut iv = [0u8; NONCE_LEN];
             fill_random(&mut iv)?;
-            let full_aad = wrap_aad(version, aad);
+            let full_aad = WRAP.aad(version, aad);
             let sealed = {
                 let params = GcmParams::new(&mut iv, &full_aad, Ulong::new(TAG_BITS))
                     .map_err(|e| Failure::Call("CK_GCM_PARAMS", e))?;
@@ -416,10 +421,7 @@ impl Inner {
                     plaintext.len()
                 ))));
             }
-            let mut bytes = Vec::with_capacity(WRAP_HEADER_LEN + sealed.len());
-            bytes.push(PKCS11_WRAP_FORMAT_V1);
-            bytes.extend_from_slice(&version.0.to_be_bytes());
-            bytes.extend_from_slice(&iv);
+            let mut bytes = WRAP.header(version, &iv, sealed.len());
             bytes.extend_from_slice(&sealed);
             Ok(WrappedKey {
                 kek_version: version,
@@ -429,12 +431,12 @@ impl Inner {
     }
 
     fn unwrap(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let parsed = parse_wrapped(&wrapped.bytes, wrapped.kek_version)?;
-        let full_aad = wrap_aad(parsed.version, aad);
+        let parsed = WRAP.parse(&wrapped.bytes, wrapped.kek_version)?;
+        let full_aad = WRAP.aad(parsed.version, aad);
         self.with_session(|inner, session| {
             let handle = inner.handle(parsed.version)?;
             // C_Decrypt takes a mutable IV (for HSMs that write theirs back); ours is a copy.
-            let mut iv = *parsed.iv;
+            let mut iv = *parsed.nonce;
             let params = GcmParams::new(&mut iv, &full_aad, Ulong::new(TAG_BITS))
                 .map_err(|e| Failure::Call("CK_GCM_PARAMS", e))?;
             match session.decrypt(&Mechanism::AesGcm(params), handle, parsed.sealed) {
@@ -813,60 +815,6 @@ impl Module {
     }
 }
 
-/// A parsed pkcs11 wrapped key, borrowing from its bytes.
-#[derive(Debug)]
-struct ParsedWrap<'a> {
-    version: KekVersion,
-    iv: &'a [u8; NONCE_LEN],
-    /// Ciphertext ‖ tag, at least a tag long.
-    sealed: &'a [u8],
-}
-
-/// Parses `[0x02][version u32 BE][iv 12][ciphertext ‖ tag 16]`, checking every length before
-/// slicing. A header version other than `expected` (the version the caller says wrapped it)
-/// is an authentication failure, like any other tampering.
-fn parse_wrapped(bytes: &[u8], expected: KekVersion) -> Result<ParsedWrap<'_>, CryptoError> {
-    let (&format, rest) = bytes
-        .split_first()
-        .ok_or(CryptoError::Malformed("wrapped key is empty"))?;
-    if format != PKCS11_WRAP_FORMAT_V1 {
-        return Err(CryptoError::UnknownFormat {
-            what: "pkcs11 wrapped key",
-            version: format,
-        });
-    }
-    let (version, rest) = rest.split_first_chunk::<4>().ok_or(CryptoError::Malformed(
-        "wrapped key is shorter than its header",
-    ))?;
-    let (iv, sealed) = rest
-        .split_first_chunk::<NONCE_LEN>()
-        .ok_or(CryptoError::Malformed(
-            "wrapped key is shorter than its header",
-        ))?;
-    if sealed.len() < TAG_LEN {
-        return Err(CryptoError::Malformed(
-            "wrapped key is shorter than its authentication tag",
-        ));
-    }
-    let version = KekVersion(u32::from_be_bytes(*version));
-    if version != expected {
-        return Err(CryptoError::Unwrap);
-    }
-    Ok(ParsedWrap {
-        version,
-        iv,
-        sealed,
-    })
-}
-
-fn wrap_aad(version: KekVersion, aad: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(WRAP_AAD_LABEL.len() + 4 + aad.len());
-    out.extend_from_slice(WRAP_AAD_LABEL);
-    out.extend_from_slice(&version.0.to_be_bytes());
-    out.extend_from_slice(aad);
-    out
-}
-
 /// Whether a failed `C_Decrypt` means "this ciphertext does not authenticate".
 ///
 /// PKCS#11 has no one code for it: `CKR_ENCRYPTED_DATA_INVALID` (2.40), `CKR_AEAD_DECRYPT_FAILED`
@@ -998,19 +946,19 @@ mod tests {
     #[test]
     fn parsing_splits_header_iv_and_sealed_bytes() {
         let bytes = wrapped(3, 32 + TAG_LEN);
-        let parsed = parse_wrapped(&bytes, KekVersion(3)).unwrap();
+        let parsed = WRAP.parse(&bytes, KekVersion(3)).unwrap();
         assert_eq!(parsed.version, KekVersion(3));
-        assert_eq!(parsed.iv, &[7u8; NONCE_LEN]);
+        assert_eq!(parsed.nonce, &[7u8; NONCE_LEN]);
         assert_eq!(parsed.sealed.len(), 32 + TAG_LEN);
         // An empty plaintext still has a tag.
-        assert!(parse_wrapped(&wrapped(3, TAG_LEN), KekVersion(3)).is_ok());
+        assert!(WRAP.parse(&wrapped(3, TAG_LEN), KekVersion(3)).is_ok());
     }
 
     #[test]
     fn parsing_refuses_every_truncation_without_panicking() {
         let bytes = wrapped(1, TAG_LEN);
         for len in 0..bytes.len() {
-            let err = parse_wrapped(&bytes[..len], KekVersion(1)).unwrap_err();
+            let err = WRAP.parse(&bytes[..len], KekVersion(1)).unwrap_err();
             assert!(
                 matches!(err, CryptoError::Malformed(_)),
                 "length {len}: {err:?}"
@@ -1023,7 +971,7 @@ mod tests {
         let mut bytes = wrapped(1, TAG_LEN);
         bytes[0] = 1; // the local keyring's format
         assert!(matches!(
-            parse_wrapped(&bytes, KekVersion(1)).unwrap_err(),
+            WRAP.parse(&bytes, KekVersion(1)).unwrap_err(),
             CryptoError::UnknownFormat { version: 1, .. }
         ));
     }
@@ -1032,14 +980,14 @@ mod tests {
     fn a_header_version_other_than_the_claimed_one_is_an_unwrap_failure() {
         let bytes = wrapped(2, TAG_LEN);
         assert!(matches!(
-            parse_wrapped(&bytes, KekVersion(1)).unwrap_err(),
+            WRAP.parse(&bytes, KekVersion(1)).unwrap_err(),
             CryptoError::Unwrap
         ));
     }
 
     #[test]
     fn the_aad_binds_label_version_and_caller_context() {
-        let aad = wrap_aad(KekVersion(0x0102_0304), b"ctx");
+        let aad = WRAP.aad(KekVersion(0x0102_0304), b"ctx");
         assert_eq!(&aad[..16], b"cardvault.p11.v1");
         assert_eq!(&aad[16..20], &[1, 2, 3, 4]);
         assert_eq!(&aad[20..], b"ctx");
