@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use super::{
     Authorized, Metadata, TOKEN_ATTEMPTS, TenantId, Vault, VaultError, event, expect_action,
-    guess::GuessKind, keys::TenantKeys, now_micros, record, seal::Sealer,
+    guess::GuessKind, now_micros, record, seal::Sealer, tenant_keys::TenantKeys,
 };
 use crate::{
     audit::{Action, Outcome},

@@ -13,7 +13,7 @@ use super::{
     CreatedApiKey, NewPrincipal, Operator, OperatorScope, Permissions, TenantId, Vault, VaultError,
     admin::{admin_event, new_api_key, new_principal_row, scope_of},
     key_jobs::JobKind,
-    keys::DekPolicy,
+    tenant_keys::DekPolicy,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},

@@ -18,7 +18,6 @@ mod guess;
 mod import;
 pub mod key_admin;
 pub mod key_jobs;
-mod keys;
 pub mod limits;
 pub mod metadata;
 pub mod peer;
@@ -29,6 +28,7 @@ mod seal;
 mod settle;
 pub mod sweeper;
 mod tenant;
+mod tenant_keys;
 
 use std::{sync::Arc, time::Duration};
 
@@ -50,20 +50,20 @@ pub use self::{
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
     key_jobs::{JobKind, KeyJobOptions},
-    keys::DekPolicy,
     limits::{GuessBudgets, Rate},
     metadata::Metadata,
     peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
+    tenant_keys::DekPolicy,
 };
 use self::{
     authn::CredentialCache,
     batch::Batcher,
     guess::Guesses,
-    keys::KeyManager,
     limits::RateLimiter,
     refusals::Refusals,
     seal::{Sealer, format_name},
+    tenant_keys::KeyManager,
 };
 use crate::{
     audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
