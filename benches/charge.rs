@@ -5,7 +5,7 @@
 //! cargo bench --bench charge -- --charges 1000
 //! ```
 //!
-//! In one run, against one test gateway (`cardvault::testgw`, plain HTTP on loopback so both
+//! In one run, against one test gateway (`cardvault_test_gateway`, plain HTTP on loopback so both
 //! paths pay the same transport): `--charges` sequential charges made
 //! 1. by a client straight at the gateway — the two Stripe calls a shop would make itself
 //!    (create a card PaymentMethod, then create and confirm a PaymentIntent); and
@@ -22,8 +22,8 @@ use cardvault::{
     config::Settings,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
     server,
-    testgw::{TestGateway, TestGatewayOptions, cards},
 };
+use cardvault_test_gateway::{TestGateway, TestGatewayOptions, cards};
 
 fn charges() -> usize {
     let mut args = std::env::args().skip(1);

@@ -19,7 +19,7 @@
 //!    (`keys.job_rate` = 5,000 records/s).
 //!
 //! The vault runs in this process (no gRPC), with a local ephemeral keyring, so the numbers
-//! are the vault core and PostgreSQL; `cardvault bench` measures the whole stack.
+//! are the vault core and PostgreSQL; `cardvault-bench` measures the whole stack.
 
 use std::{
     sync::{
@@ -33,7 +33,6 @@ use cardvault::{
     audit::Action,
     card::{Card, CardInput, TokenFormat},
     crypto::LocalKeyring,
-    loadgen::cards::{CardGenerator, FastRng},
     store::{self, StoreOptions},
     vault::{
         ConfigPrincipal, Credentials, DekPolicy, ImportChunk, ImportCommand, ImportEntry, ImportId,
@@ -41,6 +40,7 @@ use cardvault::{
         TokenizeCommand, Vault, VaultOptions,
     },
 };
+use cardvault_bench::cards::{CardGenerator, FastRng};
 use sqlx::Connection;
 use tokio::sync::watch;
 

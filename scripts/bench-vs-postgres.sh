@@ -3,7 +3,7 @@
 #
 # pgbench measures what this PostgreSQL can do with the vault's own `cards` table (durable
 # single-row inserts, prepared primary-key selects); then the vault, on PostgreSQL and on its
-# embedded SQLite, is loaded with `cardvault bench` at the same client count. The ratios say
+# embedded SQLite, is loaded with `cardvault-bench` at the same client count. The ratios say
 # whether the vault's write batching outruns one-row-per-commit and how close reveal comes
 # to a bare select. docs/benchmarks.md explains every number.
 #
@@ -25,7 +25,7 @@ Usage: scripts/bench-vs-postgres.sh [options]
                      env BENCH_IMPORT)
   --wide N           connections (and callers) of the memory run (default 64; env BENCH_WIDE)
   --out DIR          keep the raw results (pgbench output, load-tool JSON, samples) in DIR
-  --skip-build       use the existing target/release/cardvault
+  --skip-build       use the existing target/release/cardvault and cardvault-bench
   --no-load          skip the vault load runs (start, readiness and memory only)
   -h, --help         this text
 
@@ -91,6 +91,8 @@ die() {
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="${CARGO_TARGET_DIR:-$root/target}/release/cardvault"
+# The load tool: a workspace member of its own, not a subcommand of the production binary.
+bench_bin="${CARGO_TARGET_DIR:-$root/target}/release/cardvault-bench"
 
 # Debian installs the server tools off PATH, per major version; take the newest.
 find_pg_tool() {
@@ -213,13 +215,13 @@ PY
 )
 
 if [[ $skip_build -eq 0 ]]; then
-    log "building the release binary"
-    (cd "$root" && cargo build --release --locked)
+    log "building the release binaries (the vault and the load tool)"
+    (cd "$root" && cargo build --release --locked -p cardvault -p cardvault-bench)
 fi
 [[ -x $bin ]] || die "$bin not found: build it, or drop --skip-build"
 
-if [[ $no_load -eq 0 ]] && ! "$bin" bench --help >/dev/null 2>&1; then
-    die "this cardvault has no 'bench' subcommand (the load tool); rebuild, or pass --no-load"
+if [[ $no_load -eq 0 ]] && ! "$bench_bin" --help >/dev/null 2>&1; then
+    die "$bench_bin (the load tool) not found: build it (cargo build --release -p cardvault-bench), or pass --no-load"
 fi
 
 suffix="$$_$(date +%s)"
@@ -407,13 +409,13 @@ run_load() {
     local name=$1 rpc=$2
     shift 2
     echo "$name" >"$work/phase"
-    log "cardvault bench $name: --rpc $rpc --concurrency $clients --connections $connections $*"
-    if ! "$bin" bench --target "http://127.0.0.1:$grpc_port" --rpc "$rpc" \
+    log "cardvault-bench $name: --rpc $rpc --concurrency $clients --connections $connections $*"
+    if ! "$bench_bin" --target "http://127.0.0.1:$grpc_port" --rpc "$rpc" \
         --concurrency "$clients" --connections "$connections" \
         --duration "${duration}s" --warmup "${warmup}s" --json "$@" \
         >"$work/$name.json" 2>"$work/$name.err"; then
         cat "$work/$name.err" >&2
-        die "cardvault bench $name failed"
+        die "cardvault-bench $name failed"
     fi
     # Closes the phase on the dot, not up to a second early at the sampler's last tick.
     sample_vault >>"$samples"
@@ -423,13 +425,13 @@ run_load() {
 run_wide() {
     local name=$1
     echo "$name" >"$work/phase"
-    log "cardvault bench $name: --rpc tokenize --concurrency $wide --connections $wide"
-    if ! "$bin" bench --target "http://127.0.0.1:$grpc_port" --rpc tokenize \
+    log "cardvault-bench $name: --rpc tokenize --concurrency $wide --connections $wide"
+    if ! "$bench_bin" --target "http://127.0.0.1:$grpc_port" --rpc tokenize \
         --concurrency "$wide" --connections "$wide" \
         --duration "${duration}s" --warmup "${warmup}s" --json \
         >"$work/$name.json" 2>"$work/$name.err"; then
         cat "$work/$name.err" >&2
-        die "cardvault bench $name failed"
+        die "cardvault-bench $name failed"
     fi
     sample_vault >>"$samples"
 }
@@ -438,12 +440,12 @@ run_wide() {
 run_import() {
     local name=$1
     echo "$name" >"$work/phase"
-    log "cardvault bench $name: --rpc import --requests $import_cards"
-    if ! "$bin" bench --target "http://127.0.0.1:$grpc_port" --rpc import \
+    log "cardvault-bench $name: --rpc import --requests $import_cards"
+    if ! "$bench_bin" --target "http://127.0.0.1:$grpc_port" --rpc import \
         --requests "$import_cards" --chunk 1000 --concurrency 2 --connections 2 --json \
         >"$work/$name.json" 2>"$work/$name.err"; then
         cat "$work/$name.err" >&2
-        die "cardvault bench $name failed"
+        die "cardvault-bench $name failed"
     fi
     sample_vault >>"$samples"
 }

@@ -510,7 +510,7 @@ pub enum ConfigError {
 impl Settings {
     /// Loads defaults, then the TOML file (if given), then `CARDVAULT_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        // CARDVAULT_API_KEY is a client's credential (`cardvault bench` reads it), not a
+        // CARDVAULT_API_KEY is a client's credential (`cardvault-bench` reads it), not a
         // setting: a shell that exports it must still be able to run the server commands.
         Self::load_from(file, Env::prefixed("CARDVAULT_").ignore(&["API_KEY"]))
     }

@@ -20,14 +20,28 @@
 //! - [`config`], [`telemetry`], [`tls`], [`server`] — wiring: configuration, logs, reloading
 //!   TLS listeners, start-up and drain. [`secret_file`] reads key, PIN and secret files and
 //!   refuses those group or others may read.
-//! - [`client`] — `cardvault keys …`, the operators' client of the `KeyAdmin` service, and
-//!   the connection flags (target, TLS, API key) it shares with `bench`.
-//! - [`loadgen`] — `cardvault bench`, a load generator: a gRPC client of the vault, beside
-//!   the layers rather than in them (it uses only [`pb`], [`client`] and [`card::luhn`]).
-//! - [`testgw`] — `cardvault test-gateway`, a Stripe-compatible test payment gateway (test
-//!   cards, idempotency keys) for the charge tests and demos; beside the layers too.
+//! - [`client`] — `cardvault keys …` and `cardvault charges …`, the operators' clients of a
+//!   running vault, the connection flags (target, TLS, API key) they share with the load
+//!   generator, and `cardvault probe`.
 //!
 //! [`pb`] holds the generated protobuf code; only `api` (and clients) use it.
+//!
+//! # The binary and the workspace
+//!
+//! The `cardvault` binary (`src/main.rs`) is a few lines: its `cli` module holds one file per
+//! command group (`serve`, `migrate`, `keys`, `admin`, `audit`, `charges`, `probe`), one
+//! dispatch, and one set-up helper that loads the configuration and starts the runtime and
+//! telemetry. It carries only what production runs. The tools built for tests, benchmarks
+//! and demos are workspace members of their own, beside the layers rather than in them, and
+//! depend on this library for what they need:
+//!
+//! - `tools/bench` (`cardvault-bench`) — the load generator, a gRPC client of the vault (it
+//!   uses only [`pb`], [`client`], [`card::luhn`] and [`telemetry`]).
+//! - `tools/test-gateway` (`cardvault-test-gateway`) — a Stripe-compatible test payment
+//!   gateway (test cards, idempotency keys), a library the charge tests start in-process and
+//!   a binary for demos.
+//! - `tests/support` (`cardvault-test-support`) — helpers every integration test target
+//!   shares.
 
 #![forbid(unsafe_code)]
 
@@ -38,12 +52,10 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod gateway;
-pub mod loadgen;
 pub mod pb;
 pub mod secret_file;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod testgw;
 pub mod tls;
 pub mod vault;

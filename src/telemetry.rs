@@ -95,3 +95,22 @@ pub fn install_panic_hook() {
         eprintln!("cardvault panicked at {location} (message withheld)");
     }));
 }
+
+/// An error and all its sources, joined by `: ` — "outer: inner: innermost" — for logs and
+/// for the one line a command prints when it fails ("database unavailable" or "transport
+/// error" alone would hide a TLS or auth cause). A cause that repeats the text before it
+/// (hyper and tonic often repeat their source's message) is said once. The crate's error
+/// types never carry card data, so the chain is safe to log.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

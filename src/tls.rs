@@ -733,13 +733,9 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<String> {
 const SPIFFE_SCHEME: &str = "spiffe://";
 
 #[cfg(test)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-
-#[cfg(test)]
 mod tests {
     use super::*;
-    use pki::Pki;
+    use cardvault_test_support::pki::Pki;
     use rustls::{ClientConfig, ProtocolVersion, SupportedProtocolVersion, pki_types::ServerName};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_rustls::{TlsConnector, client};

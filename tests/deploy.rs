@@ -2,10 +2,7 @@
 //! binary runs the way the image and the Deployment run it — stripped, as a numeric non-root
 //! user, with only its data directory (and a temporary directory) writable.
 
-#[path = "support/pki.rs"]
-mod pki;
-#[path = "support/serve.rs"]
-mod serve;
+use cardvault_test_support::{pki, serve};
 
 use std::{
     fs,

@@ -1,12 +1,11 @@
 //! The gateway layer against real servers over real TLS: the `stripe` connector through the
-//! project's test gateway (`cardvault::testgw`), the `generic` connector through the test
+//! project's test gateway (`cardvault_test_gateway`), the `generic` connector through the test
 //! gateway's misbehaving endpoints and through a small JSON gateway started in each test.
 //!
 //! Every server here is HTTPS with a throwaway CA (`support/pki.rs`) except where plain
 //! HTTP to a loopback test gateway is the point.
 
-#[path = "support/pki.rs"]
-mod pki;
+use cardvault_test_support::pki;
 
 use std::{
     collections::BTreeMap,
@@ -30,9 +29,9 @@ use cardvault::{
         GatewaySettings, Gateways, Lookup, Operation, OperationKind, OperationStatus, Outcome,
         config::MappedStatus,
     },
-    testgw::{TestGateway, TestGatewayOptions, cards, paths},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles, TlsListener},
 };
+use cardvault_test_gateway::{TestGateway, TestGatewayOptions, cards, paths};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 

@@ -1,10 +1,7 @@
 //! Operations end to end: a vault whose PostgreSQL stops and comes back, and the real binary
 //! stopped by SIGTERM in the middle of a steady stream of calls.
 
-#[path = "support/postgres.rs"]
-mod postgres;
-#[path = "support/serve.rs"]
-mod serve;
+use cardvault_test_support::{postgres, serve};
 
 use std::{
     collections::HashSet,

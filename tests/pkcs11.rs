@@ -9,10 +9,7 @@
 //! exactly that one test passed. Each test thus gets its own token and its own process-wide
 //! PKCS#11 state (logins, loaded module).
 
-#[path = "support/serve.rs"]
-mod serve;
-#[path = "support/softhsm.rs"]
-mod softhsm;
+use cardvault_test_support::{serve, softhsm};
 
 use std::{
     future::Future,

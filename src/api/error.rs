@@ -87,11 +87,11 @@ impl ApiError {
                 Status::deadline_exceeded("deadline exceeded; nothing was stored")
             }
             ApiError::Vault(err @ VaultError::Unavailable(_)) => {
-                tracing::warn!(error = %chain(&err), "database unavailable");
+                tracing::warn!(error = %crate::telemetry::error_chain(&err), "database unavailable");
                 Status::unavailable("the vault's database is unavailable; retry later")
             }
             ApiError::Vault(err @ VaultError::Internal { .. }) => {
-                tracing::error!(error = %chain(&err), "request failed");
+                tracing::error!(error = %crate::telemetry::error_chain(&err), "request failed");
                 let mut details = ErrorDetails::new();
                 details.set_request_info(request_id.as_str(), "");
                 Status::with_error_details(
@@ -102,17 +102,4 @@ impl ApiError {
             }
         }
     }
-}
-
-/// "outer: inner: innermost" — our error types never carry card data, so the chain is safe
-/// to log.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

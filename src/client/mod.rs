@@ -1,5 +1,6 @@
 //! Command-line clients of a running vault over gRPC: the connection flags and set-up that
-//! `cardvault bench` ([`crate::loadgen`]) and `cardvault keys …` ([`keys`]) share, and
+//! `cardvault keys …` ([`keys`]), `cardvault charges …` ([`charges`]) and the load generator
+//! (`cardvault-bench`, a workspace member of its own) share, and
 //! `cardvault probe` ([`probe`]), the admin port's health check for images without curl.
 //!
 //! [`ConnectArgs`] is the command line (target, CA, client certificate, API key file);
@@ -20,6 +21,8 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri},
 };
 use zeroize::Zeroizing;
+
+use crate::telemetry::error_chain;
 
 /// Environment variable holding the API key when `--api-key-file` is not given.
 pub const API_KEY_ENV: &str = "CARDVAULT_API_KEY";
@@ -255,22 +258,6 @@ fn bearer(key: &str) -> Result<AsciiMetadataValue, ClientError> {
     })?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-/// An error and all its sources, joined by `: ` ("transport error" alone says nothing).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // hyper and tonic often repeat their source's message; say it once.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

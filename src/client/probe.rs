@@ -219,12 +219,12 @@ async fn probe(target: &Target, timeout: Duration) -> Result<u16, String> {
         // process-default provider.
         .tls_backend_preconfigured(tls_config(&target.trust)?)
         .build()
-        .map_err(|e| super::error_chain(&e))?;
+        .map_err(|e| crate::telemetry::error_chain(&e))?;
     let response = client
         .get(&target.url)
         .send()
         .await
-        .map_err(|e| super::error_chain(&e))?;
+        .map_err(|e| crate::telemetry::error_chain(&e))?;
     Ok(response.status().as_u16())
 }
 

@@ -605,3 +605,23 @@ impl Application {
         result
     }
 }
+
+/// Completes on SIGTERM (Kubernetes) or Ctrl-C: the shutdown signal of `cardvault serve`,
+/// and of the test gateway's binary.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

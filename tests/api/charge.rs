@@ -9,9 +9,9 @@ use std::{sync::Arc, time::Duration};
 use cardvault::{
     config::Settings,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
-    testgw::{TestGateway, TestGatewayOptions, cards, paths},
     tls::TlsFiles,
 };
+use cardvault_test_gateway::{TestGateway, TestGatewayOptions, cards, paths};
 use tonic::{Code, transport::Channel};
 
 use crate::{

@@ -16,13 +16,13 @@ use cardvault::{
     pb::v1 as pb,
     server,
     store::{CardRow, ChargeRow, ChargeSettlement, Store},
-    testgw::{TestGateway, TestGatewayOptions},
     tls::TlsFiles,
     vault::{
         Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
         VaultOptions,
     },
 };
+use cardvault_test_gateway::{TestGateway, TestGatewayOptions};
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
 use tonic::Code;

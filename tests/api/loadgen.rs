@@ -1,10 +1,10 @@
-//! `cardvault bench` against a real vault: the load generator's library entry point, run
+//! `cardvault-bench` against a real vault: the load generator's library entry point, run
 //! in-process with small `--requests` counts, must get every request answered OK and leave
 //! the cards it tokenized in the vault's database.
 
 use std::{future::pending, path::Path, sync::Arc};
 
-use cardvault::loadgen::{Bench, BenchArgs, BenchError, Progress, Report, Rpc};
+use cardvault_bench::{Bench, BenchArgs, BenchError, Progress, Report, Rpc};
 use clap::Parser;
 
 use crate::{

@@ -2,16 +2,7 @@
 //! client, once per backend (SQLite file and PostgreSQL).
 
 mod helpers;
-#[path = "../support/pki.rs"]
-mod pki;
-#[path = "../support/postgres.rs"]
-mod postgres;
-#[path = "../support/serve.rs"]
-mod serve;
-// Shared with tests/pkcs11.rs, which uses the rest of it.
-#[allow(dead_code)]
-#[path = "../support/softhsm.rs"]
-mod softhsm;
+use cardvault_test_support::{pki, postgres, serve, softhsm};
 
 mod access;
 mod audit;

@@ -11,9 +11,9 @@ use cardvault::{
     card::TokenFormat,
     pb::v1 as pb,
     server,
-    testgw::cards,
     vault::{Metadata, TenantId},
 };
+use cardvault_test_gateway::cards;
 
 use crate::{
     access::{operator, secure},

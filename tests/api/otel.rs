@@ -20,8 +20,8 @@ use cardvault::{
     config::{LogFormat, Settings},
     pb::v1 as pb,
     telemetry::{self, Traces},
-    testgw::cards,
 };
+use cardvault_test_gateway::cards;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,

@@ -6,11 +6,8 @@
 
 use std::time::Duration;
 
-use cardvault::{
-    pb::v1 as pb,
-    store::ChargeRow,
-    testgw::{cards, paths},
-};
+use cardvault::{pb::v1 as pb, store::ChargeRow};
+use cardvault_test_gateway::{cards, paths};
 use time::OffsetDateTime;
 
 use crate::{

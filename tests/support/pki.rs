@@ -6,8 +6,7 @@
 //! Keys are ECDSA P-256, generated with `ring` through `rcgen`.
 //!
 //! ```ignore
-//! #[path = "../support/pki.rs"]
-//! mod pki;
+//! use cardvault_test_support::pki;
 //!
 //! let dir = tempfile::tempdir().unwrap();
 //! let pki = pki::Pki::new(dir.path());
@@ -16,9 +15,6 @@
 //! // Client side: trust pki.ca_pem, present cert/key.
 //! pki.reissue_server_cert(); // new serial and key, same paths: exercises reload
 //! ```
-
-// Each test binary that includes this file uses a different part of it.
-#![allow(dead_code)]
 
 use std::{
     fs,

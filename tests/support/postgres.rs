@@ -6,8 +6,6 @@
 //! tests fail with what to install — they never skip. `CV_TEST_PG_FORCE_INITDB=1` skips the
 //! first two options, to exercise the throwaway cluster.
 
-#![allow(dead_code)] // each test binary uses a different part of this file
-
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},

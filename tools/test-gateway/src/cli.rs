@@ -1,14 +1,14 @@
-//! `cardvault test-gateway`: runs the test gateway until Ctrl-C, for demos.
+//! `cardvault-test-gateway`: runs the test gateway until Ctrl-C, for demos.
 //!
 //! There is no `--tls-self-signed`: making a certificate needs an X.509 encoder, and the
-//! crate has one (rcgen) only as a dev-dependency. Without `--cert-file` the gateway speaks
+//! workspace has one (rcgen) only for its tests. Without `--cert-file` the gateway speaks
 //! plain HTTP on loopback, which the vault accepts only for a gateway marked as a loopback
 //! test gateway; for HTTPS, pass a certificate (e.g. from `openssl req -x509` or mkcert).
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use super::{TestGateway, TestGatewayOptions, cards};
-use crate::tls::TlsFiles;
+use cardvault::{telemetry::error_chain, tls::TlsFiles};
 
 /// Runs a Stripe-compatible test payment gateway (test cards, idempotency keys that expire,
 /// search, capture, cancel and refunds) until Ctrl-C.
@@ -50,13 +50,13 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
     let secret_key = match &args.secret_key {
         Some(key) if !key.is_empty() => key.clone(),
         Some(_) => {
-            eprintln!("cardvault test-gateway: --secret-key must not be empty");
+            eprintln!("cardvault-test-gateway: --secret-key must not be empty");
             return ExitCode::from(2);
         }
-        None => match crate::crypto::random_base62(24) {
+        None => match cardvault::crypto::random_base62(24) {
             Ok(random) => format!("sk_test_{random}"),
             Err(err) => {
-                eprintln!("cardvault test-gateway: cannot make a secret key: {err}");
+                eprintln!("cardvault-test-gateway: cannot make a secret key: {err}");
                 return ExitCode::FAILURE;
             }
         },
@@ -79,14 +79,7 @@ pub async fn run_cli(args: &TestGatewayArgs, shutdown: impl Future<Output = ()>)
     let gateway = match TestGateway::start(options).await {
         Ok(gateway) => gateway,
         Err(err) => {
-            let mut text = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            eprintln!("cardvault test-gateway: {text}");
+            eprintln!("cardvault-test-gateway: {}", error_chain(&err));
             return ExitCode::FAILURE;
         }
     };

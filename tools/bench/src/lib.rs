@@ -1,4 +1,4 @@
-//! `cardvault bench`: a load generator that speaks the vault's real gRPC API.
+//! `cardvault-bench`: a load generator that speaks the vault's real gRPC API.
 //!
 //! - [`BenchArgs`] is the command line; [`Bench::prepare`] checks it and reads the files it
 //!   names (CA, client certificate, API key); [`Bench::run`] connects, fills the token pool,
@@ -16,7 +16,13 @@
 //!
 //! - `import` streams `--requests` cards through `ImportCards` ([`import`]).
 //!
-//! The tool needs no configuration file and no database: only a target.
+//! The tool needs no configuration file and no database: only a target. It is a workspace
+//! member of its own, so the vault's production build never carries it, and it uses only the
+//! client side of the `cardvault` library: the generated protobuf code, the connection flags
+//! of [`cardvault::client`], Luhn, and the panic hook and error chain of
+//! [`cardvault::telemetry`].
+
+#![forbid(unsafe_code)]
 
 pub mod cards;
 pub mod import;
@@ -32,10 +38,11 @@ use zeroize::Zeroizing;
 pub use import::ImportReport;
 pub use report::{Latency, Report, RpcStats};
 
-pub use crate::client::API_KEY_ENV;
-use crate::{
-    client::{ClientError, ConnectArgs, Connection, error_chain},
+pub use cardvault::client::API_KEY_ENV;
+use cardvault::{
+    client::{ClientError, ConnectArgs, Connection},
     pb::v1 as pb,
+    telemetry::error_chain,
 };
 
 /// Share of tokenize requests in the `mixed` workload, in percent.
@@ -50,9 +57,10 @@ pub const LATE_AFTER: Duration = Duration::from_millis(1);
 /// Duration of the measured phase when neither `--duration` nor `--requests` is given.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
-/// Load-generates against a running vault over its gRPC API.
+/// Load-generates against a running vault over gRPC and reports throughput and latency
+/// percentiles (needs no configuration file and no database).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "bench")]
+#[command(name = "cardvault-bench", version)]
 pub struct BenchArgs {
     /// The vault to load (`--target`, TLS and API key flags).
     #[command(flatten)]
@@ -375,20 +383,20 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
-/// `cardvault bench`: prepares, runs, prints the report on stdout (text or `--json`) and
+/// `cardvault-bench`: prepares, runs, prints the report on stdout (text or `--json`) and
 /// returns the exit code: 0 when the run happened (errors are in the report), 2 for unusable
 /// arguments, 1 when the target or the pool could not be set up.
 pub async fn run_cli(args: &BenchArgs) -> ExitCode {
     let bench = match Bench::prepare(args) {
         Ok(bench) => bench,
         Err(err) => {
-            eprintln!("cardvault bench: {err}");
+            eprintln!("cardvault-bench: {err}");
             return ExitCode::from(2);
         }
     };
     if bench.has_api_key() && !args.connection.target.starts_with("https://") {
         eprintln!(
-            "cardvault bench: warning: sending the API key over plain text to {}",
+            "cardvault-bench: warning: sending the API key over plain text to {}",
             args.connection.target
         );
     }
@@ -400,7 +408,7 @@ pub async fn run_cli(args: &BenchArgs) -> ExitCode {
         // The first Ctrl-C waits for requests in flight; a second one must still quit.
         tokio::spawn(async {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("cardvault bench: interrupted twice, quitting without a report");
+                eprintln!("cardvault-bench: interrupted twice, quitting without a report");
                 std::process::exit(130);
             }
         });
@@ -416,7 +424,7 @@ pub async fn run_cli(args: &BenchArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("cardvault bench: {err}");
+                eprintln!("cardvault-bench: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -430,13 +438,13 @@ pub async fn run_cli(args: &BenchArgs) -> ExitCode {
             }
             if report.total().ok == 0 {
                 eprintln!(
-                    "cardvault bench: warning: no request succeeded (see the errors by code)"
+                    "cardvault-bench: warning: no request succeeded (see the errors by code)"
                 );
             }
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("cardvault bench: {err}");
+            eprintln!("cardvault-bench: {err}");
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,6 @@
 //! A test payment gateway: a small HTTPS server speaking the subset of Stripe's API that the
 //! `stripe` connector uses, behaving like Stripe's test mode for its documented test cards.
-//! The vault's tests run it in-process; `cardvault test-gateway` runs it for demos.
+//! The vault's tests run it in-process; the `cardvault-test-gateway` binary runs it for demos.
 //!
 //! # API
 //!
@@ -95,16 +95,25 @@
 //! stored objects, so a test can count the PaymentIntents made for one charge. None of
 //! them ever holds card data, and logs (`tracing`)
 //! name only ids and statuses: card numbers and CVCs live only in the in-memory
-//! PaymentMethods, as [`crate::card::Pan`] and [`crate::card::Cvc`] (zeroized, redacted).
+//! PaymentMethods, as [`cardvault::card::Pan`] and [`cardvault::card::Cvc`] (zeroized, redacted).
 //!
 //! # TLS
 //!
 //! With [`TestGatewayOptions::tls`] the gateway serves HTTPS (rustls with ring, HTTP/1.1)
-//! from PEM files through the same listener as the admin port ([`crate::tls::TlsListener`]);
+//! from PEM files through the same listener as the admin port ([`cardvault::tls::TlsListener`]);
 //! a `client_ca_file` there makes client certificates mandatory, for testing a gateway's
 //! client certificate. Without it the gateway speaks plain HTTP and refuses to listen on
 //! anything but loopback: the vault allows `http://127.0.0.1` only for a gateway marked as a
 //! loopback test gateway.
+
+//!
+//! # Where it lives
+//!
+//! A workspace member of its own (library and binary), so the vault's production build never
+//! carries it. It uses the `cardvault` library for card parsing and brands, random ids, the
+//! reloading TLS listener, and logging set-up.
+
+#![forbid(unsafe_code)]
 
 pub mod cards;
 mod cli;
@@ -131,7 +140,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use self::cli::{TestGatewayArgs, run_cli};
 use self::stripe::ApiResponse;
-use crate::{
+use cardvault::{
     card::{Cvc, Pan},
     tls::{self, ClientAuth, ReloadingAcceptor, TlsError, TlsFiles},
 };

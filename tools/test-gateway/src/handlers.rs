@@ -19,7 +19,7 @@ use super::{
     search::Query,
     stripe::{self, ApiResponse, ApiVersion, StripeError},
 };
-use crate::card::{Cvc, Pan};
+use cardvault::card::{Cvc, Pan};
 
 /// Stripe's limit on `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -564,7 +564,7 @@ fn respond(answer: &ApiResponse, replayed: bool, key: Option<&str>) -> Response 
     )
         .into_response();
     let headers = response.headers_mut();
-    if let Ok(id) = crate::crypto::random_base62(14)
+    if let Ok(id) = cardvault::crypto::random_base62(14)
         && let Ok(value) = HeaderValue::from_str(&format!("req_{id}"))
     {
         headers.insert("request-id", value);
@@ -587,7 +587,7 @@ pub(super) fn new_id(prefix: &str) -> Result<String, ApiResponse> {
 
 /// `len` random base62 characters, or the 500 Stripe would give if it had none.
 fn random_part(len: usize) -> Result<String, ApiResponse> {
-    crate::crypto::random_base62(len).map_err(|_| {
+    cardvault::crypto::random_base62(len).map_err(|_| {
         ApiResponse::error(
             StatusCode::INTERNAL_SERVER_ERROR,
             StripeError::api("An unknown error occurred."),

@@ -1,17 +1,13 @@
 //! The test payment gateway over real TLS: authentication, every test card, idempotency as
 //! Stripe documents it, the misbehaving endpoints, and plain HTTP on loopback.
 
-#[path = "support/pki.rs"]
-mod pki;
+use cardvault_test_support::pki;
 
 use std::time::{Duration, Instant};
 
-use cardvault::{
-    testgw::{
-        GatewayStats, HUGE_BODY_BYTES, TestGateway, TestGatewayError, TestGatewayOptions, cards,
-        paths,
-    },
-    tls::TlsFiles,
+use cardvault::tls::TlsFiles;
+use cardvault_test_gateway::{
+    GatewayStats, HUGE_BODY_BYTES, TestGateway, TestGatewayError, TestGatewayOptions, cards, paths,
 };
 use reqwest::{StatusCode, header::HeaderMap};
 use serde_json::Value;

@@ -17,7 +17,7 @@ use super::{
     error_chain,
     report::code_name,
 };
-use crate::pb::v1::{self as pb, card_vault_client::CardVaultClient};
+use cardvault::pb::v1::{self as pb, card_vault_client::CardVaultClient};
 
 /// Chunks a stream sends ahead of the answers: enough to keep the vault's pipeline (4 chunks
 /// per stream) full while the next one is generated.
@@ -90,7 +90,7 @@ impl ImportReport {
     /// The report as text.
     pub fn to_text(&self) -> String {
         let mut text = format!(
-            "cardvault bench: import against {}, {} stream(s), {} cards per chunk\n  \
+            "cardvault-bench: import against {}, {} stream(s), {} cards per chunk\n  \
              duration    {:.2} s\n  cards       {} sent\n  throughput  {:.0} cards/s\n",
             self.target,
             self.streams,
@@ -256,7 +256,7 @@ impl Stream {
         .await;
         if let Err(status) = outcome {
             eprintln!(
-                "cardvault bench: an import stream failed: {} ({})",
+                "cardvault-bench: an import stream failed: {} ({})",
                 code_name(status.code()),
                 error_chain(&status)
             );

@@ -8,7 +8,7 @@
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::{card::luhn, pb::v1 as pb};
+use cardvault::{card::luhn, pb::v1 as pb};
 
 /// A small, fast, non-cryptographic PRNG (wyrand) seeded from the OS CSPRNG.
 ///
@@ -201,7 +201,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::card::{Brand, Expiry, Pan};
+    use cardvault::card::{Brand, Expiry, Pan};
 
     fn generator(seed: u64) -> CardGenerator {
         CardGenerator::new(FastRng::seeded(seed), 2026)

@@ -191,8 +191,8 @@ impl ApiVersion {
 }
 
 /// Stripe's name for a brand (`payment_method.card.brand`).
-pub fn brand_name(brand: crate::card::Brand) -> &'static str {
-    use crate::card::Brand;
+pub fn brand_name(brand: cardvault::card::Brand) -> &'static str {
+    use cardvault::card::Brand;
     match brand {
         Brand::Visa => "visa",
         // Stripe files Maestro under Mastercard.

@@ -110,7 +110,7 @@ pub fn outcome(digits: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::card::luhn;
+    use cardvault::card::luhn;
 
     #[test]
     fn every_test_card_passes_luhn() {

@@ -24,7 +24,7 @@ use super::{
     error_chain,
     report::{Report, RpcStats, code_name},
 };
-use crate::pb::v1::{self as pb, card_vault_client::CardVaultClient};
+use cardvault::pb::v1::{self as pb, card_vault_client::CardVaultClient};
 
 pub(super) async fn run(
     bench: &Bench,
@@ -570,7 +570,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::loadgen::BenchArgs;
+    use crate::BenchArgs;
 
     fn bench(extra: &[&str]) -> Bench {
         let args = BenchArgs::try_parse_from(std::iter::once("bench").chain(extra.iter().copied()))

@@ -227,7 +227,7 @@ impl Report {
         // Writing into a String cannot fail.
         let _ = writeln!(
             out,
-            "cardvault bench: {} against {}, {} workers over {} connections, {mode}{}",
+            "cardvault-bench: {} against {}, {} workers over {} connections, {mode}{}",
             self.workload.name(),
             self.target,
             self.concurrency,
