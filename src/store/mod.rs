@@ -7,12 +7,18 @@
 //! live database of each kind at build time; every query is covered by the integration
 //! suite, which runs against both backends.
 
+mod access;
+mod cards;
 mod charge_ops;
 mod charges;
+pub(crate) mod dialect;
 mod keys;
 mod pool;
 pub mod postgres;
 pub mod sqlite;
+
+pub use self::access::{AccessRepo, AccessTx, ApiKeyRow, PrincipalRow, TenantRow};
+pub use self::cards::{CardInsert, CardRepo, CardRow, CardTx, ImportedCard, ReuseKey};
 
 pub use self::charge_ops::{ChargeOperationRow, OperationSettlement};
 pub use self::charges::{ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow};
@@ -26,30 +32,6 @@ use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use uuid::Uuid;
-
-/// A tenant's key material as stored: its secret, wrapped by a KEK version.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TenantRow {
-    /// Tenant id.
-    pub id: String,
-    /// The tenant secret wrapped by the KEK (provider-specific, self-describing bytes).
-    pub wrapped_secret: Vec<u8>,
-    /// KEK version that wrapped the secret.
-    pub secret_kek_version: u32,
-    /// When the tenant was created.
-    pub created_at: OffsetDateTime,
-    /// When it was crypto-shredded (its secret is then empty and it has no DEKs).
-    pub shredded_at: Option<OffsetDateTime>,
-}
-
-impl fmt::Debug for TenantRow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TenantRow")
-            .field("id", &self.id)
-            .field("secret_kek_version", &self.secret_kek_version)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A data-encryption key as stored: wrapped by a KEK version.
 #[derive(Clone, PartialEq, Eq)]
@@ -79,115 +61,6 @@ impl fmt::Debug for DekRow {
             .field("tenant_id", &self.tenant_id)
             .field("kek_version", &self.kek_version)
             .field("active", &self.active)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A stored card: clear metadata plus the sealed record.
-#[derive(Clone, PartialEq, Eq)]
-pub struct CardRow {
-    /// The token (primary key, unique across tenants).
-    pub token: String,
-    /// Owning tenant.
-    pub tenant_id: String,
-    /// `"opaque"` or `"pan_shaped"`.
-    pub token_format: String,
-    /// Keyed fingerprint of the PAN (32 bytes).
-    pub fingerprint: Vec<u8>,
-    /// DEK that sealed `ciphertext`.
-    pub dek_id: Uuid,
-    /// The sealed record (PAN and cardholder name).
-    pub ciphertext: Vec<u8>,
-    /// Brand name, e.g. `"VISA"`.
-    pub brand: String,
-    /// Last 4 digits.
-    pub last4: String,
-    /// First 6 or 8 digits.
-    pub bin: String,
-    /// Expiry month.
-    pub exp_month: u8,
-    /// Expiry year (4 digits).
-    pub exp_year: u16,
-    /// Caller metadata, sorted by key.
-    pub metadata: Vec<(String, String)>,
-    /// Whether `reuse_existing` resolves to this row (see the `cards_canonical` index).
-    pub canonical: bool,
-    /// Creation time.
-    pub created_at: OffsetDateTime,
-    /// Expiry of the token itself, if any.
-    pub expires_at: Option<OffsetDateTime>,
-    /// A canary card minted by an operator: any access raises an alarm.
-    pub honeytoken: bool,
-    /// The importer's own id for a card stored by `ImportCards`, unique per tenant, so an
-    /// interrupted import can be sent again without storing a card twice.
-    pub import_id: Option<String>,
-}
-
-impl fmt::Debug for CardRow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Everything here is allowed in clear, but a Debug that dumps rows invites copying
-        // them into logs wholesale; show the identifying parts only.
-        f.debug_struct("CardRow")
-            .field("token", &self.token)
-            .field("tenant_id", &self.tenant_id)
-            .field("brand", &self.brand)
-            .field("last4", &self.last4)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A principal as stored: an identity of one tenant with a set of permissions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrincipalRow {
-    /// Principal id (`p_…`), stable and public.
-    pub id: String,
-    /// Owning tenant.
-    pub tenant_id: String,
-    /// Human name, unique among a tenant's live principals.
-    pub name: String,
-    /// mTLS identity (SPIFFE ID or certificate CN) this principal authenticates as, if any.
-    pub mtls_identity: Option<String>,
-    /// Permission names, sorted (`tokenize`, `read`, `reveal`, …).
-    pub permissions: Vec<String>,
-    /// When it was created.
-    pub created_at: OffsetDateTime,
-    /// When it was revoked; a revoked principal never authenticates again.
-    pub revoked_at: Option<OffsetDateTime>,
-    /// The operator that created it (a principal id, or `local:unverified:<user>` for the
-    /// CLI); `None` for principals made before this was recorded.
-    pub created_by: Option<String>,
-    /// A `keys:admin` principal that manages every tenant, not only its own.
-    pub global_operator: bool,
-}
-
-/// An API key as stored: only a hash of the secret, never the key itself.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKeyRow {
-    /// Public key id, the middle part of `cv_<id>_<secret>`.
-    pub id: String,
-    /// The principal the key authenticates as.
-    pub principal_id: String,
-    /// SHA-256 of the whole key.
-    pub secret_hash: Vec<u8>,
-    /// When it was created.
-    pub created_at: OffsetDateTime,
-    /// When it stops working, if ever.
-    pub expires_at: Option<OffsetDateTime>,
-    /// When it was revoked.
-    pub revoked_at: Option<OffsetDateTime>,
-    /// The operator that created it, who was shown the key (a principal id, or
-    /// `local:unverified:<user>` for the CLI); `None` for keys made before this was recorded.
-    pub created_by: Option<String>,
-}
-
-impl fmt::Debug for ApiKeyRow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiKeyRow")
-            .field("id", &self.id)
-            .field("principal_id", &self.principal_id)
-            .field("expires_at", &self.expires_at)
-            .field("revoked_at", &self.revoked_at)
-            .field("created_by", &self.created_by)
             .finish_non_exhaustive()
     }
 }
@@ -288,45 +161,6 @@ impl AuditCursor {
     }
 }
 
-/// The identity of a card for `reuse_existing`: same tenant, PAN, expiry and token format.
-#[derive(Debug, Clone, Copy)]
-pub struct ReuseKey<'a> {
-    /// Tenant.
-    pub tenant_id: &'a str,
-    /// PAN fingerprint.
-    pub fingerprint: &'a [u8],
-    /// Expiry month.
-    pub exp_month: u8,
-    /// Expiry year.
-    pub exp_year: u16,
-    /// Token format name.
-    pub token_format: &'a str,
-}
-
-/// What happened to an insert.
-#[derive(Debug)]
-pub enum CardInsert {
-    /// The row was stored.
-    Inserted,
-    /// Another card already has this token (possible for short PAN-shaped tokens): the
-    /// caller draws a new token and tries again.
-    TokenTaken,
-    /// A canonical row for the same card already exists (only for canonical inserts).
-    CanonicalExists,
-}
-
-/// A card stored by `ImportCards`, as an import that clashes with it needs to see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImportedCard {
-    /// The importer's id of the card.
-    pub import_id: String,
-    /// Its token.
-    pub token: String,
-    /// Keyed fingerprint of its PAN, to tell a resent card from another card under a reused
-    /// import id.
-    pub fingerprint: Vec<u8>,
-}
-
 /// Store failures, split by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -424,7 +258,7 @@ impl Default for StoreOptions {
 
 /// The vault's persistence. Every card query is scoped by tenant.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug + 'static {
+pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
     /// Backend name for logs: `"postgres"` or `"sqlite"`.
     fn backend(&self) -> &'static str;
     /// The connection pool's occupancy, for metrics; none for a store without a pool.
@@ -439,41 +273,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// ascending: the schema is behind the binary while any are left.
     async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
 
-    /// Reads a tenant's key material.
-    async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError>;
-    /// Inserts a tenant unless one with that id exists; returns whether it inserted.
-    async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError>;
-
     /// The tenant's active DEK, if any.
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError>;
     /// A DEK by id, scoped to its tenant.
     async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError>;
     /// Inserts an active DEK unless the tenant already has one; returns whether it inserted.
     async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError>;
-
-    /// A live (not expired at `now`) card by token within a tenant, read outside any
-    /// transaction: the read path of `GetCard` and `Reveal`.
-    async fn card(
-        &self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError>;
-
-    /// The BIN of the tenant's first card (honeytokens left out) whose fingerprint is at or
-    /// after `from`, in fingerprint order. Keyed fingerprints are uniformly random, so a
-    /// random `from` picks a card at random and each BIN comes out as often as the tenant's
-    /// cards have it; `None` when no card's fingerprint is that high (or the tenant has no
-    /// card).
-    async fn card_bin_at(&self, tenant_id: &str, from: &[u8])
-    -> Result<Option<String>, StoreError>;
-    /// Whether any card of the tenant (expired ones and honeytokens included) has this PAN
-    /// fingerprint.
-    async fn fingerprint_in_use(
-        &self,
-        tenant_id: &str,
-        fingerprint: &[u8],
-    ) -> Result<bool, StoreError>;
 
     /// Commits new cards and the audit records that extend one chain from `expected` to
     /// `head`, all or nothing — provided nothing clashes: every card is new (no unique key
@@ -503,20 +308,6 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// transaction, so an action whose record cannot be written does not happen.
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
 
-    /// A principal by id (revoked ones included).
-    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError>;
-    /// The live (not revoked) principal with this mTLS identity.
-    async fn principal_by_mtls_identity(
-        &self,
-        identity: &str,
-    ) -> Result<Option<PrincipalRow>, StoreError>;
-    /// Principals (revoked ones included), of one tenant or of all, ordered by tenant, name, id.
-    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError>;
-    /// An API key by its public id.
-    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError>;
-    /// The API keys of a principal, oldest first.
-    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError>;
-
     /// The audit key, if one was created.
     async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError>;
     /// Every audit chain head, by shard.
@@ -538,9 +329,6 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         after: Option<AuditCursor>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, StoreError>;
-
-    /// Deletes up to `limit` cards whose token expired at or before `now`; returns how many.
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
 
     // --- Key management (see `keys`). -------------------------------------------------------
 
@@ -811,60 +599,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 /// chain head lock then only commits, so two transactions never wait on each other in a
 /// cycle.
 #[async_trait]
-pub trait StoreTx: Send {
+pub trait StoreTx: AccessTx + CardTx + Send {
     /// Commits everything written in this transaction.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
-
-    /// Inserts a tenant unless one with that id exists; returns whether it inserted.
-    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError>;
-    /// Whether a tenant exists.
-    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError>;
-
-    /// Inserts a principal; returns false (and stores nothing) when a live principal of the
-    /// tenant has the same name, or a live principal has the same mTLS identity.
-    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError>;
-    /// Revokes a live principal and its API keys; returns whether it was live.
-    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError>;
-    /// Inserts an API key.
-    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError>;
-    /// Revokes a live API key; returns whether it was live.
-    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError>;
-
-    /// Inserts a card. A canonical insert reports [`CardInsert::CanonicalExists`] instead of
-    /// storing a second canonical copy.
-    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError>;
-    /// Inserts many cards at once (one statement on PostgreSQL) and says, row by row,
-    /// whether each was stored. A row that clashes with a unique key (its token, a canonical
-    /// copy of the same card, its import id) is skipped rather than failing the others; the
-    /// caller resolves those with [`StoreTx::insert_card`] or by reading the existing row.
-    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError>;
-    /// A live (not expired at `now`) card by token within a tenant.
-    async fn card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError>;
-    /// The live card `reuse_existing` should return: the canonical row if there is one, else
-    /// the oldest matching row.
-    async fn reusable_card(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError>;
-    /// Deletes an expired canonical row for `key`, so a new canonical row can take its place.
-    async fn delete_expired_canonical(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError>;
-    /// Deletes a live card; returns whether one was deleted.
-    async fn delete_card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
 
     /// Inserts the audit key unless one exists; returns whether it inserted.
     async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError>;
@@ -899,15 +636,6 @@ pub trait StoreTx: Send {
         tenant_id: &str,
         at: OffsetDateTime,
     ) -> Result<Shredded, StoreError>;
-
-    /// The tenant's cards with any of these import ids (expired ones included: the import id
-    /// stays taken until the row is deleted), in no particular order; one query. Read in the
-    /// transaction of an import whose rows clashed, so it sees what the clash was with.
-    async fn imported_cards(
-        &mut self,
-        tenant_id: &str,
-        import_ids: &[&str],
-    ) -> Result<Vec<ImportedCard>, StoreError>;
 
     /// As [`Store::settle_charge`], inside this transaction: a send's outcome commits with
     /// its audit record, or neither does.
@@ -957,17 +685,6 @@ pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>
     }
 }
 
-/// For each row, whether its token is the first of its kind in the slice. A batch insert
-/// reports stored rows by token, so it cannot tell two rows with one token apart; only the
-/// first is sent and the others count as clashes.
-fn first_of_each_token(rows: &[&CardRow]) -> Vec<bool> {
-    let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    rows.iter()
-        .map(|row| seen.insert(row.token.as_str()))
-        .collect()
-}
-
-/// Metadata travels as a JSON object of strings in both backends.
 /// A stored action from its four nullable columns: none when all are NULL.
 fn action_from_parts(
     client_secret: Option<String>,
@@ -984,6 +701,7 @@ fn action_from_parts(
     (action != ChargeActionRow::default()).then_some(action)
 }
 
+/// Metadata travels as a JSON object of strings in both backends.
 fn metadata_to_json(metadata: &[(String, String)]) -> String {
     let map: serde_json::Map<String, serde_json::Value> = metadata
         .iter()
@@ -1007,11 +725,6 @@ fn metadata_from_json(text: &str) -> Result<Vec<(String, String)>, StoreError> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Permissions are stored as one space-separated string of sorted names.
-fn split_permissions(text: String) -> Vec<String> {
-    text.split_whitespace().map(str::to_owned).collect()
 }
 
 fn narrow<T: TryFrom<i64>>(value: i64, what: &'static str) -> Result<T, StoreError> {

@@ -10,29 +10,18 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow,
-    ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
-    KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
-    action_from_parts, metadata_from_json, metadata_to_json, narrow,
+    AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardRow, ChargeOperationRow, ChargeRow,
+    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow,
+    OperationSettlement, Rewrap, SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls,
+    StoreTx, TenantRow,
+    access::{AccessTx, tenant_columns},
+    action_from_parts,
+    dialect::{Conn, Db, Pool, Pooled, TxDb, WriteTx},
+    metadata_from_json, metadata_to_json, narrow,
     pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
-/// Columns of a card row, in the order `card_from_row` reads them by name.
-macro_rules! card_columns {
-    () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata::text AS metadata, canonical, created_at, expires_at, honeytoken, import_id"
-    };
-}
-
-/// Columns of a tenant row, as `tenant_from_row` reads them.
-macro_rules! tenant_columns {
-    () => {
-        "id, wrapped_secret, secret_kek_version, created_at, shredded_at"
-    };
-}
 
 /// Columns of a data key row, as `dek_from_row` reads them.
 macro_rules! dek_columns {
@@ -50,18 +39,6 @@ macro_rules! key_job_columns {
 macro_rules! key_request_columns {
     () => {
         "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at, tenant_id, params"
-    };
-}
-
-macro_rules! principal_columns {
-    () => {
-        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at, created_by, global_operator"
-    };
-}
-
-macro_rules! api_key_columns {
-    () => {
-        "id, principal_id, secret_hash, created_at, expires_at, revoked_at, created_by"
     };
 }
 
@@ -83,22 +60,6 @@ macro_rules! charge_columns {
 macro_rules! cvc_hold_columns {
     () => {
         "token, tenant_id, dek_id, ciphertext, expires_at"
-    };
-}
-
-/// One statement that deletes the cards matching `$cards` (a `WHERE` condition on `cards`)
-/// and the CVC holds of their tokens, so no hold outlives its card, and selects how many
-/// cards it deleted. Data-modifying CTEs run whether or not the final SELECT reads them;
-/// `held` sees the tokens `gone` returns.
-macro_rules! delete_cards_and_holds {
-    ($cards:expr) => {
-        concat!(
-            "WITH gone AS (DELETE FROM cards WHERE ",
-            $cards,
-            " RETURNING token), \
-             held AS (DELETE FROM cvc_holds WHERE token IN (SELECT token FROM gone)) \
-             SELECT count(*) FROM gone"
-        )
     };
 }
 
@@ -151,54 +112,6 @@ impl PgStore {
     }
 }
 
-/// A live card of one tenant by token, through the pool or inside a transaction.
-async fn card_by_token<'e, E>(
-    executor: E,
-    tenant_id: &str,
-    token: &str,
-    now: OffsetDateTime,
-) -> Result<Option<CardRow>, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
-{
-    sqlx::query(concat!(
-        "SELECT ",
-        card_columns!(),
-        " FROM cards WHERE token = $1 AND tenant_id = $2 \
-         AND (expires_at IS NULL OR expires_at > $3)"
-    ))
-    .bind(token)
-    .bind(tenant_id)
-    .bind(now)
-    .fetch_optional(executor)
-    .await?
-    .as_ref()
-    .map(card_from_row)
-    .transpose()
-}
-
-fn card_from_row(row: &PgRow) -> Result<CardRow, StoreError> {
-    Ok(CardRow {
-        token: row.try_get("token")?,
-        tenant_id: row.try_get("tenant_id")?,
-        token_format: row.try_get("token_format")?,
-        fingerprint: row.try_get("fingerprint")?,
-        dek_id: row.try_get("dek_id")?,
-        ciphertext: row.try_get("ciphertext")?,
-        brand: row.try_get("brand")?,
-        last4: row.try_get("last4")?,
-        bin: row.try_get("bin")?,
-        exp_month: narrow(i64::from(row.try_get::<i32, _>("exp_month")?), "exp_month")?,
-        exp_year: narrow(i64::from(row.try_get::<i32, _>("exp_year")?), "exp_year")?,
-        metadata: metadata_from_json(row.try_get::<&str, _>("metadata")?)?,
-        canonical: row.try_get("canonical")?,
-        created_at: row.try_get("created_at")?,
-        expires_at: row.try_get("expires_at")?,
-        honeytoken: row.try_get("honeytoken")?,
-        import_id: row.try_get("import_id")?,
-    })
-}
-
 /// Records how a send of a `pending` or `unknown` charge ended, through the pool or inside a
 /// transaction (with the outcome's audit record); returns whether the charge changed.
 async fn settle_charge_row<'e, E>(
@@ -235,25 +148,6 @@ where
     .bind(action.and_then(|a| a.kind.as_deref()))
     .bind(action.and_then(|a| a.redirect_url.as_deref()))
     .bind(action.and_then(|a| a.details_json.as_deref()))
-    .execute(executor)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Inserts a tenant unless one with that id exists, through the pool or inside a
-/// transaction. A new tenant is never shredded: `shredded_at` is written NULL.
-async fn insert_tenant_row<'e, E>(executor: E, row: &TenantRow) -> Result<bool, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
-{
-    let done = sqlx::query(
-        "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at, shredded_at) \
-         VALUES ($1, $2, $3, $4, NULL) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&row.id)
-    .bind(&row.wrapped_secret)
-    .bind(i64::from(row.secret_kek_version))
-    .bind(row.created_at)
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -359,23 +253,7 @@ fn cvc_hold_from_row(row: &PgRow) -> Result<CvcHoldRow, StoreError> {
     })
 }
 
-fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
-    matches!(err, sqlx::Error::Database(db)
-        if db.is_unique_violation() && db.constraint() == Some(constraint))
-}
-
 type ArgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// Binds the five `ReuseKey` columns as the first parameters, in the order the reuse
-/// queries name them (tenant, fingerprint, expiry month, expiry year, token format).
-fn bind_reuse_key<'q>(query: ArgQuery<'q>, key: ReuseKey<'_>) -> ArgQuery<'q> {
-    query
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i32::from(key.exp_month))
-        .bind(i32::from(key.exp_year))
-        .bind(key.token_format)
-}
 
 /// A batch of card rows as one array per column, for `INSERT … SELECT * FROM UNNEST(…)`.
 struct CardColumns {
@@ -625,24 +503,6 @@ impl Store for PgStore {
         Ok(super::pending(&MIGRATOR, &applied))
     }
 
-    async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            tenant_columns!(),
-            " FROM tenants WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(tenant_from_row)
-        .transpose()
-    }
-
-    async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&mut *self.conn().await?, row).await
-    }
-
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
@@ -676,15 +536,6 @@ impl Store for PgStore {
         insert_active_dek_row(&mut *self.conn().await?, row).await
     }
 
-    async fn card(
-        &self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&mut *self.conn().await?, tenant_id, token, now).await
-    }
-
     async fn commit_batch(
         &self,
         cards: &[&CardRow],
@@ -692,7 +543,7 @@ impl Store for PgStore {
         expected: &AuditHeadRow,
         head: &AuditHeadRow,
     ) -> Result<bool, StoreError> {
-        if super::first_of_each_token(cards).contains(&false) {
+        if super::cards::first_of_each_token(cards).contains(&false) {
             return Ok(false);
         }
         let c = CardColumns::of(cards);
@@ -749,112 +600,9 @@ impl Store for PgStore {
         }
     }
 
-    async fn card_bin_at(
-        &self,
-        tenant_id: &str,
-        from: &[u8],
-    ) -> Result<Option<String>, StoreError> {
-        // A range scan of `cards_by_fingerprint`, one row.
-        Ok(sqlx::query_scalar(
-            "SELECT bin FROM cards WHERE tenant_id = $1 AND fingerprint >= $2 AND NOT honeytoken \
-             ORDER BY fingerprint LIMIT 1",
-        )
-        .bind(tenant_id)
-        .bind(from)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?)
-    }
-
-    async fn fingerprint_in_use(
-        &self,
-        tenant_id: &str,
-        fingerprint: &[u8],
-    ) -> Result<bool, StoreError> {
-        let found =
-            sqlx::query("SELECT 1 FROM cards WHERE tenant_id = $1 AND fingerprint = $2 LIMIT 1")
-                .bind(tenant_id)
-                .bind(fingerprint)
-                .fetch_optional(&mut *self.conn().await?)
-                .await?;
-        Ok(found.is_some())
-    }
-
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         let tx = self.begin_tx().await?;
         Ok(Box::new(PgTx { tx }))
-    }
-
-    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(principal_from_row)
-        .transpose()
-    }
-
-    async fn principal_by_mtls_identity(
-        &self,
-        identity: &str,
-    ) -> Result<Option<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE mtls_identity = $1 AND revoked_at IS NULL"
-        ))
-        .bind(identity)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(principal_from_row)
-        .transpose()
-    }
-
-    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY tenant_id, name, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(principal_from_row)
-        .collect()
-    }
-
-    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            api_key_columns!(),
-            " FROM api_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(api_key_from_row)
-        .transpose()
-    }
-
-    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            api_key_columns!(),
-            " FROM api_keys WHERE principal_id = $1 ORDER BY created_at, id"
-        ))
-        .bind(principal_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(api_key_from_row)
-        .collect()
     }
 
     async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError> {
@@ -931,20 +679,6 @@ impl Store for PgStore {
         .iter()
         .map(audit_from_row)
         .collect()
-    }
-
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
-        // SKIP LOCKED lets several replicas sweep at once without waiting on each other. The
-        // CVC holds of the deleted tokens go in the same statement.
-        let deleted: i64 = sqlx::query_scalar(delete_cards_and_holds!(
-            "token IN (SELECT token FROM cards \
-             WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-        ))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_one(&mut *self.conn().await?)
-        .await?;
-        narrow(deleted, "deleted card count")
     }
 
     async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
@@ -1855,6 +1589,63 @@ struct PgTx {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
 }
 
+impl Db for PgTx {
+    fn conn(&mut self) -> Conn<'_> {
+        Conn::Pg(&mut self.tx)
+    }
+}
+
+impl TxDb for PgTx {}
+
+#[async_trait]
+impl Pool for PgStore {
+    async fn pooled(&self) -> Result<Pooled, sqlx::Error> {
+        Ok(Pooled::Pg(self.conn().await?))
+    }
+
+    async fn write_tx(&self) -> Result<WriteTx, sqlx::Error> {
+        Ok(WriteTx::Pg(self.begin_tx().await?))
+    }
+}
+
+/// [`CardTx::insert_cards`](super::CardTx::insert_cards) on PostgreSQL: the rows whose token
+/// is the `first` of its kind, in one `INSERT … SELECT * FROM UNNEST(…)`.
+pub(super) async fn insert_cards(
+    conn: &mut sqlx::PgConnection,
+    rows: &[&CardRow],
+    first: Vec<bool>,
+) -> Result<Vec<bool>, StoreError> {
+    let sent: Vec<&CardRow> = rows
+        .iter()
+        .zip(&first)
+        .filter_map(|(row, first)| first.then_some(*row))
+        .collect();
+    if sent.is_empty() {
+        return Ok(first);
+    }
+    let columns = CardColumns::of(&sent);
+    let query = sqlx::query(
+        "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
+         brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
+         honeytoken, import_id) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::uuid[], \
+         $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int4[], $11::int4[], \
+         $12::text[]::jsonb[], $13::bool[], $14::timestamptz[], $15::timestamptz[], \
+         $16::bool[], $17::text[]) \
+         ON CONFLICT DO NOTHING RETURNING token",
+    );
+    let stored = columns.bind(query).fetch_all(&mut *conn).await?;
+    let stored = stored
+        .iter()
+        .map(|row| row.try_get::<&str, _>(0))
+        .collect::<Result<std::collections::HashSet<&str>, _>>()?;
+    Ok(rows
+        .iter()
+        .zip(first)
+        .map(|(row, first)| first && stored.contains(row.token.as_str()))
+        .collect())
+}
+
 fn shard_param(shard: u32) -> Result<i32, StoreError> {
     i32::try_from(shard).map_err(|_| StoreError::Corrupt("audit shard out of range"))
 }
@@ -1873,287 +1664,11 @@ fn int4_param(value: u32, what: &'static str) -> Result<i32, StoreError> {
     i32::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
-/// Ends a savepoint opened before one statement: releases it when the statement's work is
-/// kept, else rolls back to it, which also clears the aborted state a failed statement leaves.
-/// An error of the statement itself wins over one from ending the savepoint, so the caller
-/// sees the cause rather than "current transaction is aborted".
-async fn end_savepoint<T>(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    keep: bool,
-    release: &'static str,
-    rollback: &'static str,
-    outcome: Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let ended = sqlx::query(if keep { release } else { rollback })
-        .execute(&mut **tx)
-        .await;
-    match (outcome, ended) {
-        (Err(err), _) => Err(err),
-        (Ok(_), Err(err)) => Err(err.into()),
-        (Ok(value), Ok(_)) => Ok(value),
-    }
-}
-
 #[async_trait]
 impl StoreTx for PgTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
-    }
-
-    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&mut *self.tx, row).await
-    }
-
-    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
-        let found = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        Ok(found.is_some())
-    }
-
-    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
-        // Not `ON CONFLICT DO NOTHING`: that would also swallow a primary-key collision and
-        // report it as a taken name. Only the two live-uniqueness indexes mean "taken"; the
-        // savepoint keeps the transaction usable for the audit record after one of them.
-        sqlx::query("SAVEPOINT principal_insert")
-            .execute(&mut *self.tx)
-            .await?;
-        let result = sqlx::query(
-            "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
-             revoked_at, created_by, global_operator) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&row.id)
-        .bind(&row.tenant_id)
-        .bind(&row.name)
-        .bind(&row.mtls_identity)
-        .bind(row.permissions.join(" "))
-        .bind(row.created_at)
-        .bind(row.revoked_at)
-        .bind(&row.created_by)
-        .bind(row.global_operator)
-        .execute(&mut *self.tx)
-        .await;
-        let outcome = match result {
-            Ok(_) => Ok(true),
-            Err(err)
-                if is_unique_violation(&err, "principals_live_name")
-                    || is_unique_violation(&err, "principals_live_mtls_identity") =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(err.into()),
-        };
-        let keep = matches!(outcome, Ok(true));
-        end_savepoint(
-            &mut self.tx,
-            keep,
-            "RELEASE SAVEPOINT principal_insert",
-            "ROLLBACK TO SAVEPOINT principal_insert",
-            outcome,
-        )
-        .await
-    }
-
-    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE principals SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
-        )
-        .bind(id)
-        .bind(at)
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "UPDATE api_keys SET revoked_at = $2 WHERE principal_id = $1 AND revoked_at IS NULL",
-        )
-        .bind(id)
-        .bind(at)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
-             revoked_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&row.id)
-        .bind(&row.principal_id)
-        .bind(&row.secret_hash)
-        .bind(row.created_at)
-        .bind(row.expires_at)
-        .bind(row.revoked_at)
-        .bind(&row.created_by)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
-                .bind(id)
-                .bind(at)
-                .execute(&mut *self.tx)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError> {
-        sqlx::query("SAVEPOINT card_insert")
-            .execute(&mut *self.tx)
-            .await?;
-        let result = sqlx::query(
-            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
-             honeytoken, import_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16, $17)",
-        )
-        .bind(&row.token)
-        .bind(&row.tenant_id)
-        .bind(&row.token_format)
-        .bind(&row.fingerprint)
-        .bind(row.dek_id)
-        .bind(&row.ciphertext)
-        .bind(&row.brand)
-        .bind(&row.last4)
-        .bind(&row.bin)
-        .bind(i32::from(row.exp_month))
-        .bind(i32::from(row.exp_year))
-        .bind(metadata_to_json(&row.metadata))
-        .bind(row.canonical)
-        .bind(row.created_at)
-        .bind(row.expires_at)
-        .bind(row.honeytoken)
-        .bind(&row.import_id)
-        .execute(&mut *self.tx)
-        .await;
-        // A unique violation aborts a PostgreSQL transaction; the savepoint keeps it usable
-        // for the retry with a fresh token and for the audit record.
-        let outcome = match result {
-            Ok(_) => Ok(CardInsert::Inserted),
-            Err(err) if is_unique_violation(&err, "cards_pkey") => Ok(CardInsert::TokenTaken),
-            Err(err) if is_unique_violation(&err, "cards_canonical") => {
-                Ok(CardInsert::CanonicalExists)
-            }
-            Err(err) => Err(err.into()),
-        };
-        let keep = matches!(outcome, Ok(CardInsert::Inserted));
-        end_savepoint(
-            &mut self.tx,
-            keep,
-            "RELEASE SAVEPOINT card_insert",
-            "ROLLBACK TO SAVEPOINT card_insert",
-            outcome,
-        )
-        .await
-    }
-
-    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError> {
-        let first = super::first_of_each_token(rows);
-        let sent: Vec<&CardRow> = rows
-            .iter()
-            .zip(&first)
-            .filter_map(|(row, first)| first.then_some(*row))
-            .collect();
-        if sent.is_empty() {
-            return Ok(first);
-        }
-        let columns = CardColumns::of(&sent);
-        // One statement for the whole batch: UNNEST turns the column arrays back into rows,
-        // and ON CONFLICT DO NOTHING skips clashes on any unique index without aborting the
-        // transaction, so no savepoint round trips are needed.
-        let query = sqlx::query(
-            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
-             honeytoken, import_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::uuid[], \
-             $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int4[], $11::int4[], \
-             $12::text[]::jsonb[], $13::bool[], $14::timestamptz[], $15::timestamptz[], \
-             $16::bool[], $17::text[]) \
-             ON CONFLICT DO NOTHING RETURNING token",
-        );
-        let stored = columns.bind(query).fetch_all(&mut *self.tx).await?;
-        let stored = stored
-            .iter()
-            .map(|row| row.try_get::<&str, _>(0))
-            .collect::<Result<std::collections::HashSet<&str>, _>>()?;
-        Ok(rows
-            .iter()
-            .zip(first)
-            .map(|(row, first)| first && stored.contains(row.token.as_str()))
-            .collect())
-    }
-
-    async fn card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&mut *self.tx, tenant_id, token, now).await
-    }
-
-    async fn reusable_card(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        bind_reuse_key(
-            sqlx::query(concat!(
-                "SELECT ",
-                card_columns!(),
-                " FROM cards WHERE tenant_id = $1 AND fingerprint = $2 \
-             AND exp_month = $3 AND exp_year = $4 AND token_format = $5 \
-             AND (expires_at IS NULL OR expires_at > $6) \
-             ORDER BY canonical DESC, created_at, token LIMIT 1"
-            )),
-            key,
-        )
-        .bind(now)
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .as_ref()
-        .map(card_from_row)
-        .transpose()
-    }
-
-    async fn delete_expired_canonical(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        bind_reuse_key(
-            sqlx::query(delete_cards_and_holds!(
-                "tenant_id = $1 AND fingerprint = $2 AND exp_month = $3 \
-                 AND exp_year = $4 AND token_format = $5 AND canonical AND expires_at <= $6"
-            )),
-            key,
-        )
-        .bind(now)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        // The hold goes only with the card: another tenant naming this token deletes neither.
-        let deleted: i64 = sqlx::query_scalar(delete_cards_and_holds!(
-            "token = $1 AND tenant_id = $2 AND (expires_at IS NULL OR expires_at > $3)"
-        ))
-        .bind(token)
-        .bind(tenant_id)
-        .bind(now)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        Ok(deleted == 1)
     }
 
     async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError> {
@@ -2321,34 +1836,6 @@ impl StoreTx for PgTx {
         })
     }
 
-    async fn imported_cards(
-        &mut self,
-        tenant_id: &str,
-        import_ids: &[&str],
-    ) -> Result<Vec<ImportedCard>, StoreError> {
-        if import_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One round trip for the whole chunk: the ids travel as one text[] parameter.
-        sqlx::query(
-            "SELECT import_id, token, fingerprint FROM cards \
-             WHERE tenant_id = $1 AND import_id = ANY($2) AND import_id IS NOT NULL",
-        )
-        .bind(tenant_id)
-        .bind(import_ids)
-        .fetch_all(&mut *self.tx)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(ImportedCard {
-                import_id: row.try_get("import_id")?,
-                token: row.try_get("token")?,
-                fingerprint: row.try_get("fingerprint")?,
-            })
-        })
-        .collect()
-    }
-
     async fn settle_charge(
         &mut self,
         id: &str,
@@ -2456,32 +1943,6 @@ impl StoreTx for PgTx {
         .await?;
         Ok(done.rows_affected() == 1)
     }
-}
-
-fn principal_from_row(row: &PgRow) -> Result<PrincipalRow, StoreError> {
-    Ok(PrincipalRow {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        name: row.try_get("name")?,
-        mtls_identity: row.try_get("mtls_identity")?,
-        permissions: super::split_permissions(row.try_get("permissions")?),
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-        created_by: row.try_get("created_by")?,
-        global_operator: row.try_get("global_operator")?,
-    })
-}
-
-fn api_key_from_row(row: &PgRow) -> Result<ApiKeyRow, StoreError> {
-    Ok(ApiKeyRow {
-        id: row.try_get("id")?,
-        principal_id: row.try_get("principal_id")?,
-        secret_hash: row.try_get("secret_hash")?,
-        created_at: row.try_get("created_at")?,
-        expires_at: row.try_get("expires_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-        created_by: row.try_get("created_by")?,
-    })
 }
 
 fn head_from_row(row: &PgRow) -> Result<AuditHeadRow, StoreError> {

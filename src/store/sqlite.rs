@@ -18,42 +18,18 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow,
-    ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
-    KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow, action_from_parts,
+    AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, ChargeOperationRow, ChargeRow,
+    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow,
+    OperationSettlement, Rewrap, SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx,
+    TenantRow,
+    access::{AccessTx, tenant_columns},
+    action_from_parts,
+    dialect::{Conn, Db, Pool, Pooled, TxDb, WriteTx},
     metadata_from_json, metadata_to_json, narrow,
     pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-
-/// Columns of a card row, in the order `card_from_row` reads them by name.
-macro_rules! card_columns {
-    () => {
-        "token, tenant_id, token_format, fingerprint, dek_id, ciphertext, brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, honeytoken, import_id"
-    };
-}
-
-/// Inserts one card row (17 parameters, in [`bind_card`] order).
-macro_rules! insert_card_sql {
-    ($conflict:literal) => {
-        concat!(
-            "INSERT INTO cards (token, tenant_id, token_format, fingerprint, dek_id, ciphertext, \
-             brand, last4, bin, exp_month, exp_year, metadata, canonical, created_at, expires_at, \
-             honeytoken, import_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            $conflict
-        )
-    };
-}
-
-/// Columns of a tenant row, as `tenant_from_row` reads them.
-macro_rules! tenant_columns {
-    () => {
-        "id, wrapped_secret, secret_kek_version, created_at, shredded_at"
-    };
-}
 
 /// Columns of a data key row, as `dek_from_row` reads them.
 macro_rules! dek_columns {
@@ -71,18 +47,6 @@ macro_rules! key_job_columns {
 macro_rules! key_request_columns {
     () => {
         "id, kind, target, requested_by, requested_at, expires_at, state, decided_by, decided_at, tenant_id, params"
-    };
-}
-
-macro_rules! principal_columns {
-    () => {
-        "id, tenant_id, name, mtls_identity, permissions, created_at, revoked_at, created_by, global_operator"
-    };
-}
-
-macro_rules! api_key_columns {
-    () => {
-        "id, principal_id, secret_hash, created_at, expires_at, revoked_at, created_by"
     };
 }
 
@@ -228,57 +192,6 @@ fn int8_param(value: u64, what: &'static str) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
-/// A live card of one tenant by token, through the pool or inside a transaction.
-async fn card_by_token<'e, E>(
-    executor: E,
-    tenant_id: &str,
-    token: &str,
-    now: OffsetDateTime,
-) -> Result<Option<CardRow>, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    sqlx::query(concat!(
-        "SELECT ",
-        card_columns!(),
-        " FROM cards WHERE token = ?1 AND tenant_id = ?2 \
-         AND (expires_at IS NULL OR expires_at > ?3)"
-    ))
-    .bind(token)
-    .bind(tenant_id)
-    .bind(micros(now))
-    .fetch_optional(executor)
-    .await?
-    .as_ref()
-    .map(card_from_row)
-    .transpose()
-}
-
-fn card_from_row(row: &SqliteRow) -> Result<CardRow, StoreError> {
-    Ok(CardRow {
-        token: row.try_get("token")?,
-        tenant_id: row.try_get("tenant_id")?,
-        token_format: row.try_get("token_format")?,
-        fingerprint: row.try_get("fingerprint")?,
-        dek_id: uuid_from_blob(row.try_get::<&[u8], _>("dek_id")?)?,
-        ciphertext: row.try_get("ciphertext")?,
-        brand: row.try_get("brand")?,
-        last4: row.try_get("last4")?,
-        bin: row.try_get("bin")?,
-        exp_month: narrow(row.try_get::<i64, _>("exp_month")?, "exp_month")?,
-        exp_year: narrow(row.try_get::<i64, _>("exp_year")?, "exp_year")?,
-        metadata: metadata_from_json(row.try_get::<&str, _>("metadata")?)?,
-        canonical: row.try_get("canonical")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        expires_at: row
-            .try_get::<Option<i64>, _>("expires_at")?
-            .map(from_micros)
-            .transpose()?,
-        honeytoken: row.try_get("honeytoken")?,
-        import_id: row.try_get("import_id")?,
-    })
-}
-
 /// Records how a send of a `pending` or `unknown` charge ended, through the pool or inside a
 /// transaction (with the outcome's audit record); returns whether the charge changed.
 async fn settle_charge_row<'e, E>(
@@ -315,25 +228,6 @@ where
     .bind(action.and_then(|a| a.kind.as_deref()))
     .bind(action.and_then(|a| a.redirect_url.as_deref()))
     .bind(action.and_then(|a| a.details_json.as_deref()))
-    .execute(executor)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Inserts a tenant unless one with that id exists, through the pool or inside a
-/// transaction. A new tenant is never shredded: `shredded_at` is written NULL.
-async fn insert_tenant_row<'e, E>(executor: E, row: &TenantRow) -> Result<bool, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    let done = sqlx::query(
-        "INSERT INTO tenants (id, wrapped_secret, secret_kek_version, created_at, shredded_at) \
-         VALUES (?1, ?2, ?3, ?4, NULL) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&row.id)
-    .bind(&row.wrapped_secret)
-    .bind(i64::from(row.secret_kek_version))
-    .bind(micros(row.created_at))
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -433,67 +327,6 @@ fn cvc_hold_from_row(row: &SqliteRow) -> Result<CvcHoldRow, StoreError> {
     })
 }
 
-/// Deletes the CVC holds of these tokens (cards just deleted in the same transaction), so
-/// no hold outlives its card. One statement however many tokens: they travel as one JSON
-/// array, as in `imported_cards`.
-async fn delete_holds_of<'e, E>(executor: E, tokens: &[String]) -> Result<(), StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    if tokens.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("DELETE FROM cvc_holds WHERE token IN (SELECT value FROM json_each(?1))")
-        .bind(serde_json::Value::from(tokens.to_vec()).to_string())
-        .execute(executor)
-        .await?;
-    Ok(())
-}
-
-/// SQLite names the violated index by its exact column list ("UNIQUE constraint failed:
-/// cards.token"), not by its name; compare the whole list, since one column name can be a
-/// prefix of another (`cards.token` / `cards.token_format`).
-fn unique_violation_on(err: &sqlx::Error, columns: &str) -> bool {
-    matches!(err, sqlx::Error::Database(db)
-        if db.is_unique_violation()
-            && db.message().strip_prefix("UNIQUE constraint failed: ") == Some(columns))
-}
-
-type ArgQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-/// Binds a card row's 17 columns in `insert_card_sql!` order.
-fn bind_card<'q>(query: ArgQuery<'q>, row: &'q CardRow) -> ArgQuery<'q> {
-    query
-        .bind(&row.token)
-        .bind(&row.tenant_id)
-        .bind(&row.token_format)
-        .bind(&row.fingerprint)
-        .bind(row.dek_id.as_bytes().as_slice())
-        .bind(&row.ciphertext)
-        .bind(&row.brand)
-        .bind(&row.last4)
-        .bind(&row.bin)
-        .bind(i64::from(row.exp_month))
-        .bind(i64::from(row.exp_year))
-        .bind(metadata_to_json(&row.metadata))
-        .bind(row.canonical)
-        .bind(micros(row.created_at))
-        .bind(row.expires_at.map(micros))
-        .bind(row.honeytoken)
-        .bind(&row.import_id)
-}
-
-/// Binds the five `ReuseKey` columns as the first parameters, in the order the reuse
-/// queries name them (tenant, fingerprint, expiry month, expiry year, token format).
-fn bind_reuse_key<'q>(query: ArgQuery<'q>, key: ReuseKey<'_>) -> ArgQuery<'q> {
-    query
-        .bind(key.tenant_id)
-        .bind(key.fingerprint)
-        .bind(i64::from(key.exp_month))
-        .bind(i64::from(key.exp_year))
-        .bind(key.token_format)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -539,24 +372,6 @@ impl Store for SqliteStore {
         Ok(super::pending(&MIGRATOR, &applied))
     }
 
-    async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            tenant_columns!(),
-            " FROM tenants WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(tenant_from_row)
-        .transpose()
-    }
-
-    async fn insert_tenant(&self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&mut *self.conn().await?, row).await
-    }
-
     async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
@@ -590,123 +405,11 @@ impl Store for SqliteStore {
         insert_active_dek_row(&mut *self.conn().await?, row).await
     }
 
-    async fn card(
-        &self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&mut *self.conn().await?, tenant_id, token, now).await
-    }
-
-    async fn card_bin_at(
-        &self,
-        tenant_id: &str,
-        from: &[u8],
-    ) -> Result<Option<String>, StoreError> {
-        // A range scan of `cards_by_fingerprint`, one row.
-        Ok(sqlx::query_scalar(
-            "SELECT bin FROM cards WHERE tenant_id = ?1 AND fingerprint >= ?2 AND honeytoken = 0 \
-             ORDER BY fingerprint LIMIT 1",
-        )
-        .bind(tenant_id)
-        .bind(from)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?)
-    }
-
-    async fn fingerprint_in_use(
-        &self,
-        tenant_id: &str,
-        fingerprint: &[u8],
-    ) -> Result<bool, StoreError> {
-        let found =
-            sqlx::query("SELECT 1 FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 LIMIT 1")
-                .bind(tenant_id)
-                .bind(fingerprint)
-                .fetch_optional(&mut *self.conn().await?)
-                .await?;
-        Ok(found.is_some())
-    }
-
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
         // fail with SQLITE_BUSY when it tries to upgrade under concurrency.
         let tx = self.begin_immediate().await?;
         Ok(Box::new(SqliteTx { tx }))
-    }
-
-    async fn principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(principal_from_row)
-        .transpose()
-    }
-
-    async fn principal_by_mtls_identity(
-        &self,
-        identity: &str,
-    ) -> Result<Option<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE mtls_identity = ?1 AND revoked_at IS NULL"
-        ))
-        .bind(identity)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(principal_from_row)
-        .transpose()
-    }
-
-    async fn principals(&self, tenant_id: Option<&str>) -> Result<Vec<PrincipalRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            principal_columns!(),
-            " FROM principals WHERE (?1 IS NULL OR tenant_id = ?1) ORDER BY tenant_id, name, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(principal_from_row)
-        .collect()
-    }
-
-    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            api_key_columns!(),
-            " FROM api_keys WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(api_key_from_row)
-        .transpose()
-    }
-
-    async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            api_key_columns!(),
-            " FROM api_keys WHERE principal_id = ?1 ORDER BY created_at, id"
-        ))
-        .bind(principal_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(api_key_from_row)
-        .collect()
     }
 
     async fn audit_key(&self) -> Result<Option<AuditKeyRow>, StoreError> {
@@ -783,23 +486,6 @@ impl Store for SqliteStore {
         .iter()
         .map(audit_from_row)
         .collect()
-    }
-
-    async fn delete_expired(&self, now: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
-        // The cards and the CVC holds of their tokens in one transaction: the tokens the first
-        // statement returns are the ones whose holds go.
-        let mut tx = self.begin_immediate().await?;
-        let tokens: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM cards WHERE token IN (SELECT token FROM cards \
-             WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2) RETURNING token",
-        )
-        .bind(micros(now))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        delete_holds_of(&mut *tx, &tokens).await?;
-        tx.commit().await?;
-        Ok(u64::try_from(tokens.len()).unwrap_or(u64::MAX))
     }
 
     async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
@@ -1707,218 +1393,30 @@ struct SqliteTx {
     tx: sqlx::Transaction<'static, sqlx::Sqlite>,
 }
 
+impl Db for SqliteTx {
+    fn conn(&mut self) -> Conn<'_> {
+        Conn::Sqlite(&mut self.tx)
+    }
+}
+
+impl TxDb for SqliteTx {}
+
+#[async_trait]
+impl Pool for SqliteStore {
+    async fn pooled(&self) -> Result<Pooled, sqlx::Error> {
+        Ok(Pooled::Sqlite(self.conn().await?))
+    }
+
+    async fn write_tx(&self) -> Result<WriteTx, sqlx::Error> {
+        Ok(WriteTx::Sqlite(self.begin_immediate().await?))
+    }
+}
+
 #[async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
-    }
-
-    async fn insert_tenant(&mut self, row: &TenantRow) -> Result<bool, StoreError> {
-        insert_tenant_row(&mut *self.tx, row).await
-    }
-
-    async fn tenant_exists(&mut self, id: &str) -> Result<bool, StoreError> {
-        let found = sqlx::query("SELECT 1 FROM tenants WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        Ok(found.is_some())
-    }
-
-    async fn insert_principal(&mut self, row: &PrincipalRow) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO principals (id, tenant_id, name, mtls_identity, permissions, created_at, \
-             revoked_at, created_by, global_operator) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .bind(&row.id)
-        .bind(&row.tenant_id)
-        .bind(&row.name)
-        .bind(&row.mtls_identity)
-        .bind(row.permissions.join(" "))
-        .bind(micros(row.created_at))
-        .bind(row.revoked_at.map(micros))
-        .bind(&row.created_by)
-        .bind(row.global_operator)
-        .execute(&mut *self.tx)
-        .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err)
-                if unique_violation_on(&err, "principals.tenant_id, principals.name")
-                    || unique_violation_on(&err, "principals.mtls_identity") =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    async fn revoke_principal(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE principals SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-        )
-        .bind(id)
-        .bind(micros(at))
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "UPDATE api_keys SET revoked_at = ?2 WHERE principal_id = ?1 AND revoked_at IS NULL",
-        )
-        .bind(id)
-        .bind(micros(at))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn insert_api_key(&mut self, row: &ApiKeyRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, principal_id, secret_hash, created_at, expires_at, \
-             revoked_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(&row.id)
-        .bind(&row.principal_id)
-        .bind(&row.secret_hash)
-        .bind(micros(row.created_at))
-        .bind(row.expires_at.map(micros))
-        .bind(row.revoked_at.map(micros))
-        .bind(&row.created_by)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    async fn revoke_api_key(&mut self, id: &str, at: OffsetDateTime) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
-                .bind(id)
-                .bind(micros(at))
-                .execute(&mut *self.tx)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn insert_card(&mut self, row: &CardRow) -> Result<CardInsert, StoreError> {
-        let result = bind_card(sqlx::query(insert_card_sql!("")), row)
-            .execute(&mut *self.tx)
-            .await;
-        match result {
-            Ok(_) => Ok(CardInsert::Inserted),
-            Err(err) if unique_violation_on(&err, "cards.token") => Ok(CardInsert::TokenTaken),
-            Err(err)
-                if unique_violation_on(
-                    &err,
-                    "cards.tenant_id, cards.fingerprint, cards.exp_month, cards.exp_year, \
-                     cards.token_format",
-                ) =>
-            {
-                Ok(CardInsert::CanonicalExists)
-            }
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    async fn insert_cards(&mut self, rows: &[&CardRow]) -> Result<Vec<bool>, StoreError> {
-        // SQLite runs in-process: one prepared statement per row costs no round trip, and a
-        // multi-row VALUES list would only add parameter-limit bookkeeping.
-        let first = super::first_of_each_token(rows);
-        let mut stored = Vec::with_capacity(rows.len());
-        for (row, first) in rows.iter().zip(first) {
-            let inserted = first
-                && bind_card(
-                    sqlx::query(insert_card_sql!(" ON CONFLICT DO NOTHING")),
-                    row,
-                )
-                .execute(&mut *self.tx)
-                .await?
-                .rows_affected()
-                    == 1;
-            stored.push(inserted);
-        }
-        Ok(stored)
-    }
-
-    async fn card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        card_by_token(&mut *self.tx, tenant_id, token, now).await
-    }
-
-    async fn reusable_card(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<Option<CardRow>, StoreError> {
-        bind_reuse_key(
-            sqlx::query(concat!(
-                "SELECT ",
-                card_columns!(),
-                " FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 \
-             AND exp_month = ?3 AND exp_year = ?4 AND token_format = ?5 \
-             AND (expires_at IS NULL OR expires_at > ?6) \
-             ORDER BY canonical DESC, created_at, token LIMIT 1"
-            )),
-            key,
-        )
-        .bind(micros(now))
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .as_ref()
-        .map(card_from_row)
-        .transpose()
-    }
-
-    async fn delete_expired_canonical(
-        &mut self,
-        key: ReuseKey<'_>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let tokens = bind_reuse_key(
-            sqlx::query(
-                "DELETE FROM cards WHERE tenant_id = ?1 AND fingerprint = ?2 AND exp_month = ?3 \
-             AND exp_year = ?4 AND token_format = ?5 AND canonical = 1 AND expires_at <= ?6 \
-             RETURNING token",
-            ),
-            key,
-        )
-        .bind(micros(now))
-        .fetch_all(&mut *self.tx)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String, _>("token"))
-        .collect::<Result<Vec<_>, _>>()?;
-        delete_holds_of(&mut *self.tx, &tokens).await
-    }
-
-    async fn delete_card(
-        &mut self,
-        tenant_id: &str,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "DELETE FROM cards WHERE token = ?1 AND tenant_id = ?2 \
-             AND (expires_at IS NULL OR expires_at > ?3)",
-        )
-        .bind(token)
-        .bind(tenant_id)
-        .bind(micros(now))
-        .execute(&mut *self.tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            // The hold goes only with the card: another tenant naming this token deletes
-            // neither.
-            return Ok(false);
-        }
-        sqlx::query("DELETE FROM cvc_holds WHERE token = ?1")
-            .bind(token)
-            .execute(&mut *self.tx)
-            .await?;
-        Ok(true)
     }
 
     async fn insert_audit_key(&mut self, row: &AuditKeyRow) -> Result<bool, StoreError> {
@@ -2101,37 +1599,6 @@ impl StoreTx for SqliteTx {
         })
     }
 
-    async fn imported_cards(
-        &mut self,
-        tenant_id: &str,
-        import_ids: &[&str],
-    ) -> Result<Vec<ImportedCard>, StoreError> {
-        if import_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // SQLite has no array parameters; a JSON array expanded by json_each keeps it one
-        // statement with two parameters, however many ids there are (no parameter limit).
-        let ids = serde_json::Value::from(import_ids.to_vec()).to_string();
-        sqlx::query(
-            "SELECT import_id, token, fingerprint FROM cards \
-             WHERE tenant_id = ?1 AND import_id IN (SELECT value FROM json_each(?2)) \
-             AND import_id IS NOT NULL",
-        )
-        .bind(tenant_id)
-        .bind(ids)
-        .fetch_all(&mut *self.tx)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(ImportedCard {
-                import_id: row.try_get("import_id")?,
-                token: row.try_get("token")?,
-                fingerprint: row.try_get("fingerprint")?,
-            })
-        })
-        .collect()
-    }
-
     async fn settle_charge(
         &mut self,
         id: &str,
@@ -2238,35 +1705,6 @@ impl StoreTx for SqliteTx {
         .await?;
         Ok(done.rows_affected() == 1)
     }
-}
-
-fn principal_from_row(row: &SqliteRow) -> Result<PrincipalRow, StoreError> {
-    Ok(PrincipalRow {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        name: row.try_get("name")?,
-        mtls_identity: row.try_get("mtls_identity")?,
-        permissions: super::split_permissions(row.try_get("permissions")?),
-        created_at: from_micros(row.try_get("created_at")?)?,
-        revoked_at: row
-            .try_get::<Option<i64>, _>("revoked_at")?
-            .map(from_micros)
-            .transpose()?,
-        created_by: row.try_get("created_by")?,
-        global_operator: row.try_get("global_operator")?,
-    })
-}
-
-fn api_key_from_row(row: &SqliteRow) -> Result<ApiKeyRow, StoreError> {
-    Ok(ApiKeyRow {
-        id: row.try_get("id")?,
-        principal_id: row.try_get("principal_id")?,
-        secret_hash: row.try_get("secret_hash")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        expires_at: optional_time(row, "expires_at")?,
-        revoked_at: optional_time(row, "revoked_at")?,
-        created_by: row.try_get("created_by")?,
-    })
 }
 
 fn head_from_row(row: &SqliteRow) -> Result<AuditHeadRow, StoreError> {
