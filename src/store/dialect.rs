@@ -468,7 +468,6 @@ impl WriteTx {
     }
 
     /// Rolls back.
-    #[allow(dead_code, reason = "used by the data-key repository, moved next")]
     pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
         match self {
             WriteTx::Pg(tx) => tx.rollback().await,

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::DekRow;
 
-/// What one KEK version wraps, as counted by [`Store::kek_usage`](super::Store::kek_usage).
+/// What one KEK version wraps, as counted by [`DataKeyRepo::kek_usage`](super::DataKeyRepo::kek_usage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KekUsage {
     /// The KEK version.

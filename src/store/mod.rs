@@ -11,6 +11,7 @@ mod access;
 mod cards;
 mod charge_ops;
 mod charges;
+mod data_keys;
 pub(crate) mod dialect;
 mod keys;
 mod pool;
@@ -19,6 +20,7 @@ pub mod sqlite;
 
 pub use self::access::{AccessRepo, AccessTx, ApiKeyRow, PrincipalRow, TenantRow};
 pub use self::cards::{CardInsert, CardRepo, CardRow, CardTx, ImportedCard, ReuseKey};
+pub use self::data_keys::{DataKeyRepo, DataKeyTx};
 
 pub use self::charge_ops::{ChargeOperationRow, OperationSettlement};
 pub use self::charges::{ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow};
@@ -258,7 +260,7 @@ impl Default for StoreOptions {
 
 /// The vault's persistence. Every card query is scoped by tenant.
 #[async_trait]
-pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
+pub trait Store: AccessRepo + CardRepo + DataKeyRepo + Send + Sync + fmt::Debug + 'static {
     /// Backend name for logs: `"postgres"` or `"sqlite"`.
     fn backend(&self) -> &'static str;
     /// The connection pool's occupancy, for metrics; none for a store without a pool.
@@ -272,13 +274,6 @@ pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
     /// Versions of the migrations this binary embeds that the database has not applied,
     /// ascending: the schema is behind the binary while any are left.
     async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
-
-    /// The tenant's active DEK, if any.
-    async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError>;
-    /// A DEK by id, scoped to its tenant.
-    async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError>;
-    /// Inserts an active DEK unless the tenant already has one; returns whether it inserted.
-    async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError>;
 
     /// Commits new cards and the audit records that extend one chain from `expected` to
     /// `head`, all or nothing — provided nothing clashes: every card is new (no unique key
@@ -331,73 +326,9 @@ pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<AuditRow>, StoreError>;
 
     // --- Key management (see `keys`). -------------------------------------------------------
-
-    /// For every KEK version that wraps anything, what it wraps, by version.
-    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError>;
-    /// DEKs (of one tenant or all, shredded tenants have none) with their record counts,
-    /// ordered by tenant, then active first, then newest first.
-    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError>;
-    /// Up to `limit` DEKs not wrapped under KEK version `version`, by id.
-    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError>;
-    /// Up to `limit` tenants (not shredded) whose secret is not wrapped under `version`, by id.
-    async fn tenants_not_under(
-        &self,
-        version: u32,
-        limit: u32,
-    ) -> Result<Vec<TenantRow>, StoreError>;
-    /// Replaces wrapped DEKs (ids are DEK UUIDs), each only if its KEK version is still
-    /// `old_version`; returns how many it replaced. One statement on PostgreSQL.
-    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError>;
-    /// Replaces wrapped tenant secrets (ids are tenant ids), each only if its KEK version is
-    /// still `old_version`; returns how many it replaced.
-    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError>;
     /// Replaces the wrapped audit key if its KEK version is still `rewrap.old_version`
     /// (`rewrap.id` is ignored); returns whether it did.
     async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError>;
-
-    /// Makes `new` the tenant's active DEK: retires (`active = false`, `retired_at = at`) the
-    /// active DEK `old` — or, when `old` is `None`, expects none — and inserts `new`, in one
-    /// transaction. Returns false and changes nothing when `old` is no longer the active DEK
-    /// (another replica rotated first).
-    async fn rotate_dek(
-        &self,
-        tenant_id: &str,
-        old: Option<Uuid>,
-        new: &DekRow,
-        at: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
-    /// Reserves `count` more encryptions under the DEK if it is still active and its
-    /// `reserved` would stay at or below `max`; returns the new `reserved`, or `None` (the
-    /// DEK was retired or is used up).
-    async fn reserve_encryptions(
-        &self,
-        dek_id: Uuid,
-        count: u64,
-        max: u64,
-    ) -> Result<Option<u64>, StoreError>;
-    /// Retired (not active) DEKs, of one tenant or all, oldest first.
-    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError>;
-    /// Up to `limit` records sealed by `dek_id` with token greater than `after`, by token.
-    async fn records_under(
-        &self,
-        dek_id: Uuid,
-        after: &str,
-        limit: u32,
-    ) -> Result<Vec<SealedRecord>, StoreError>;
-    /// Replaces records re-sealed by their new `dek_id`, each only if the row is still
-    /// sealed by `old_dek`; returns how many it replaced. One statement on PostgreSQL.
-    async fn replace_records(
-        &self,
-        old_dek: Uuid,
-        records: &[SealedRecord],
-    ) -> Result<u64, StoreError>;
-    /// Deletes a retired DEK that no record uses any more and that was retired before
-    /// `retired_before`; returns whether it did.
-    async fn destroy_dek(
-        &self,
-        id: Uuid,
-        retired_before: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
 
     /// Inserts a running job unless one of its kind is running; returns whether it inserted.
     async fn insert_key_job(&self, row: &KeyJobRow) -> Result<bool, StoreError>;
@@ -439,25 +370,6 @@ pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
         &self,
         now: OffsetDateTime,
     ) -> Result<Vec<KeyRequestRow>, StoreError>;
-    /// Takes the lease on KEK rotation for `owner` until `until`, unless another owner holds
-    /// a lease that has not run out at `now`; returns whether it took it. Of replicas
-    /// claiming at once, exactly one gets it.
-    async fn claim_kek_rotation(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
-    /// Ends `owner`'s lease on KEK rotation, recording `version` (when the rotation made
-    /// one) as the primary version; returns whether `owner` still held the lease.
-    async fn release_kek_rotation(
-        &self,
-        owner: &str,
-        version: Option<u32>,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError>;
-    /// The primary KEK version the last rotation recorded, if any rotation did.
-    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError>;
 
     // --- Charge forwarding (see `charges`). -------------------------------------------------
 
@@ -599,7 +511,7 @@ pub trait Store: AccessRepo + CardRepo + Send + Sync + fmt::Debug + 'static {
 /// chain head lock then only commits, so two transactions never wait on each other in a
 /// cycle.
 #[async_trait]
-pub trait StoreTx: AccessTx + CardTx + Send {
+pub trait StoreTx: AccessTx + CardTx + DataKeyTx + Send {
     /// Commits everything written in this transaction.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 
@@ -629,13 +541,6 @@ pub trait StoreTx: AccessTx + CardTx + Send {
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;
-    /// Crypto-shreds a tenant: deletes its cards and data keys, erases its wrapped secret
-    /// (marking it shredded at `at`), revokes its principals and their API keys.
-    async fn shred_tenant(
-        &mut self,
-        tenant_id: &str,
-        at: OffsetDateTime,
-    ) -> Result<Shredded, StoreError>;
 
     /// As [`Store::settle_charge`], inside this transaction: a send's outcome commits with
     /// its audit record, or neither does.
@@ -725,6 +630,16 @@ fn metadata_from_json(text: &str) -> Result<Vec<(String, String)>, StoreError> {
     }
     out.sort();
     Ok(out)
+}
+
+/// A count or size for a `BIGINT` column.
+fn int8(value: u64, what: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// A count for a PostgreSQL `INTEGER` (32-bit) column.
+fn int4(value: u32, what: &'static str) -> Result<i32, StoreError> {
+    i32::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
 fn narrow<T: TryFrom<i64>>(value: i64, what: &'static str) -> Result<T, StoreError> {

@@ -11,24 +11,14 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardRow, ChargeOperationRow, ChargeRow,
-    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow,
-    OperationSettlement, Rewrap, SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls,
-    StoreTx, TenantRow,
-    access::{AccessTx, tenant_columns},
-    action_from_parts,
+    ChargeSettlement, CvcHoldRow, KeyJobRow, KeyRequestRow, OperationSettlement, Rewrap,
+    SealedRecord, Store, StoreError, StoreOptions, StoreTls, StoreTx, action_from_parts,
     dialect::{Conn, Db, Pool, Pooled, TxDb, WriteTx},
-    metadata_from_json, metadata_to_json, narrow,
+    int4, int8, metadata_from_json, metadata_to_json, narrow,
     pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
-/// Columns of a data key row, as `dek_from_row` reads them.
-macro_rules! dek_columns {
-    () => {
-        "id, tenant_id, kek_version, wrapped_key, active, created_at, reserved, retired_at"
-    };
-}
 
 macro_rules! key_job_columns {
     () => {
@@ -151,55 +141,6 @@ where
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
-}
-
-/// Inserts `row` as its tenant's active DEK (not retired, `reserved` as given) unless the
-/// tenant has one; the partial unique index `data_keys_one_active` decides, so of two
-/// replicas racing, one inserts. A clash on the primary key is an error.
-async fn insert_active_dek_row<'e, E>(executor: E, row: &DekRow) -> Result<bool, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
-{
-    let done = sqlx::query(
-        "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at, \
-         reserved, retired_at) VALUES ($1, $2, $3, $4, TRUE, $5, $6, NULL) \
-         ON CONFLICT (tenant_id) WHERE active DO NOTHING",
-    )
-    .bind(row.id)
-    .bind(&row.tenant_id)
-    .bind(i64::from(row.kek_version))
-    .bind(&row.wrapped_key)
-    .bind(row.created_at)
-    .bind(int8_param(row.reserved, "reserved out of range")?)
-    .execute(executor)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-fn tenant_from_row(row: &PgRow) -> Result<TenantRow, StoreError> {
-    Ok(TenantRow {
-        id: row.try_get("id")?,
-        wrapped_secret: row.try_get("wrapped_secret")?,
-        secret_kek_version: narrow(
-            row.try_get::<i64, _>("secret_kek_version")?,
-            "secret_kek_version",
-        )?,
-        created_at: row.try_get("created_at")?,
-        shredded_at: row.try_get("shredded_at")?,
-    })
-}
-
-fn dek_from_row(row: &PgRow) -> Result<DekRow, StoreError> {
-    Ok(DekRow {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        kek_version: narrow(row.try_get::<i64, _>("kek_version")?, "kek_version")?,
-        wrapped_key: row.try_get("wrapped_key")?,
-        active: row.try_get("active")?,
-        created_at: row.try_get("created_at")?,
-        reserved: narrow(row.try_get::<i64, _>("reserved")?, "reserved")?,
-        retired_at: row.try_get("retired_at")?,
-    })
 }
 
 fn charge_from_row(row: &PgRow) -> Result<ChargeRow, StoreError> {
@@ -503,39 +444,6 @@ impl Store for PgStore {
         Ok(super::pending(&MIGRATOR, &applied))
     }
 
-    async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE tenant_id = $1 AND active"
-        ))
-        .bind(tenant_id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(dek_from_row)
-        .transpose()
-    }
-
-    async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE tenant_id = $1 AND id = $2"
-        ))
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(dek_from_row)
-        .transpose()
-    }
-
-    async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        insert_active_dek_row(&mut *self.conn().await?, row).await
-    }
-
     async fn commit_batch(
         &self,
         cards: &[&CardRow],
@@ -681,120 +589,6 @@ impl Store for PgStore {
         .collect()
     }
 
-    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
-        // One row per source and version, summed per version. Records count through the DEK
-        // that sealed them, so a card counts under the version wrapping its DEK.
-        sqlx::query(
-            "SELECT version, sum(deks)::int8 AS deks, sum(secrets)::int8 AS secrets, \
-             sum(audit_keys)::int8 AS audit_keys, sum(records)::int8 AS records FROM (\
-               SELECT d.kek_version AS version, count(DISTINCT d.id) AS deks, 0 AS secrets, \
-               0 AS audit_keys, count(c.dek_id) AS records \
-               FROM data_keys d LEFT JOIN cards c ON c.dek_id = d.id GROUP BY d.kek_version \
-               UNION ALL \
-               SELECT secret_kek_version, 0, count(*), 0, 0 FROM tenants \
-               WHERE shredded_at IS NULL GROUP BY secret_kek_version \
-               UNION ALL \
-               SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
-             ) AS per_source GROUP BY version ORDER BY version",
-        )
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(kek_usage_from_row)
-        .collect()
-    }
-
-    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError> {
-        // A count per DEK (an index-only range of `cards_by_dek` each) rather than a join
-        // grouped over every card: with a tenant given, only its DEKs' records are counted.
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            ", (SELECT count(*) FROM cards WHERE cards.dek_id = data_keys.id) AS records \
-             FROM data_keys WHERE ($1::text IS NULL OR tenant_id = $1) \
-             ORDER BY tenant_id, active DESC, created_at DESC, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(DekUsage {
-                dek: dek_from_row(row)?,
-                records: narrow(row.try_get::<i64, _>("records")?, "record count")?,
-            })
-        })
-        .collect()
-    }
-
-    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE kek_version <> $1 ORDER BY id LIMIT $2"
-        ))
-        .bind(i64::from(version))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(dek_from_row)
-        .collect()
-    }
-
-    async fn tenants_not_under(
-        &self,
-        version: u32,
-        limit: u32,
-    ) -> Result<Vec<TenantRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            tenant_columns!(),
-            " FROM tenants WHERE secret_kek_version <> $1 AND shredded_at IS NULL \
-             ORDER BY id LIMIT $2"
-        ))
-        .bind(i64::from(version))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(tenant_from_row)
-        .collect()
-    }
-
-    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
-        // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
-        let c = RewrapColumns::of(rewraps, |id| Uuid::parse_str(id).ok());
-        if c.id.is_empty() {
-            return Ok(0);
-        }
-        let query = sqlx::query(
-            "UPDATE data_keys SET kek_version = r.new_version, wrapped_key = r.wrapped \
-             FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::bytea[]) \
-             AS r(id, old_version, new_version, wrapped) \
-             WHERE data_keys.id = r.id AND data_keys.kek_version = r.old_version",
-        );
-        let done = c.bind(query).execute(&mut *self.conn().await?).await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
-        let c = RewrapColumns::of(rewraps, Some);
-        if c.id.is_empty() {
-            return Ok(0);
-        }
-        // A shredded tenant's erased secret is never given a wrapped one back.
-        let query = sqlx::query(
-            "UPDATE tenants SET secret_kek_version = r.new_version, wrapped_secret = r.wrapped \
-             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
-             AS r(id, old_version, new_version, wrapped) \
-             WHERE tenants.id = r.id AND tenants.secret_kek_version = r.old_version \
-             AND tenants.shredded_at IS NULL",
-        );
-        let done = c.bind(query).execute(&mut *self.conn().await?).await?;
-        Ok(done.rows_affected())
-    }
-
     async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE audit_keys SET kek_version = $2, wrapped_key = $3 \
@@ -806,163 +600,6 @@ impl Store for PgStore {
         .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotate_dek(
-        &self,
-        tenant_id: &str,
-        old: Option<Uuid>,
-        new: &DekRow,
-        at: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.begin_tx().await?;
-        if let Some(old) = old {
-            // A replica that rotated first holds the row lock until it commits; this UPDATE
-            // then re-reads the row, finds it inactive and retires nothing.
-            let done = sqlx::query(
-                "UPDATE data_keys SET active = FALSE, retired_at = $3 \
-                 WHERE id = $1 AND tenant_id = $2 AND active",
-            )
-            .bind(old)
-            .bind(tenant_id)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-        }
-        // With `old` None, an active DEK that exists (or that a racing replica inserts first)
-        // makes the insert do nothing: the same answer as checking for one beforehand.
-        if !insert_active_dek_row(&mut *tx, new).await? {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn reserve_encryptions(
-        &self,
-        dek_id: Uuid,
-        count: u64,
-        max: u64,
-    ) -> Result<Option<u64>, StoreError> {
-        // `reserved <= max - count` rather than `reserved + count <= max`: nothing can
-        // overflow, and a count above `max` never fits.
-        let Some(room) = max.checked_sub(count) else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "UPDATE data_keys SET reserved = reserved + $2 \
-             WHERE id = $1 AND active AND reserved <= $3 RETURNING reserved",
-        )
-        .bind(dek_id)
-        .bind(int8_param(count, "encryption count out of range")?)
-        .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
-        .transpose()
-    }
-
-    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE NOT active AND ($1::text IS NULL OR tenant_id = $1) \
-             ORDER BY created_at, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(dek_from_row)
-        .collect()
-    }
-
-    async fn records_under(
-        &self,
-        dek_id: Uuid,
-        after: &str,
-        limit: u32,
-    ) -> Result<Vec<SealedRecord>, StoreError> {
-        sqlx::query(
-            "SELECT token, tenant_id, dek_id, ciphertext FROM cards \
-             WHERE dek_id = $1 AND token > $2 ORDER BY token LIMIT $3",
-        )
-        .bind(dek_id)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(SealedRecord {
-                token: row.try_get("token")?,
-                tenant_id: row.try_get("tenant_id")?,
-                dek_id: row.try_get("dek_id")?,
-                ciphertext: row.try_get("ciphertext")?,
-            })
-        })
-        .collect()
-    }
-
-    async fn replace_records(
-        &self,
-        old_dek: Uuid,
-        records: &[SealedRecord],
-    ) -> Result<u64, StoreError> {
-        if records.is_empty() {
-            return Ok(0);
-        }
-        let token: Vec<&str> = records.iter().map(|r| r.token.as_str()).collect();
-        let tenant_id: Vec<&str> = records.iter().map(|r| r.tenant_id.as_str()).collect();
-        let dek_id: Vec<Uuid> = records.iter().map(|r| r.dek_id).collect();
-        let ciphertext: Vec<&[u8]> = records.iter().map(|r| r.ciphertext.as_slice()).collect();
-        let done = sqlx::query(
-            "UPDATE cards SET dek_id = r.dek_id, ciphertext = r.ciphertext \
-             FROM UNNEST($2::text[], $3::text[], $4::uuid[], $5::bytea[]) \
-             AS r(token, tenant_id, dek_id, ciphertext) \
-             WHERE cards.token = r.token AND cards.tenant_id = r.tenant_id \
-             AND cards.dek_id = $1",
-        )
-        .bind(old_dek)
-        .bind(token)
-        .bind(tenant_id)
-        .bind(dek_id)
-        .bind(ciphertext)
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn destroy_dek(
-        &self,
-        id: Uuid,
-        retired_before: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "DELETE FROM data_keys WHERE id = $1 AND NOT active AND retired_at < $2 \
-             AND NOT EXISTS (SELECT 1 FROM cards WHERE dek_id = $1)",
-        )
-        .bind(id)
-        .bind(retired_before)
-        .execute(&mut *self.conn().await?)
-        .await;
-        match result {
-            Ok(done) => Ok(done.rows_affected() == 1),
-            // A card sealed under it was committed while this DELETE ran (NOT EXISTS looked
-            // at an older snapshot): the foreign key refuses, and the DEK stays.
-            Err(sqlx::Error::Database(db))
-                if db.is_foreign_key_violation()
-                    && db.constraint() == Some("cards_dek_id_fkey") =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(err.into()),
-        }
     }
 
     async fn insert_key_job(&self, row: &KeyJobRow) -> Result<bool, StoreError> {
@@ -977,8 +614,8 @@ impl Store for PgStore {
         .bind(&row.kind)
         .bind(&row.state)
         .bind(&row.tenant_id)
-        .bind(int8_param(row.done, "job progress out of range")?)
-        .bind(int8_param(row.total, "job total out of range")?)
+        .bind(int8(row.done, "job progress out of range")?)
+        .bind(int8(row.total, "job total out of range")?)
         .bind(&row.requested_by)
         .bind(&row.lease_owner)
         .bind(row.lease_until)
@@ -1051,8 +688,8 @@ impl Store for PgStore {
         )
         .bind(id)
         .bind(owner)
-        .bind(int8_param(done, "job progress out of range")?)
-        .bind(int8_param(total, "job total out of range")?)
+        .bind(int8(done, "job progress out of range")?)
+        .bind(int8(total, "job total out of range")?)
         .bind(lease_until)
         .bind(OffsetDateTime::now_utc())
         .execute(&mut *self.conn().await?)
@@ -1115,54 +752,6 @@ impl Store for PgStore {
         .collect()
     }
 
-    async fn claim_kek_rotation(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        // The first claim ever creates the row; later ones take it over only from a lease
-        // that ran out. The row lock of the upsert serializes claimants.
-        let done = sqlx::query(
-            "INSERT INTO kek_rotation (id, version, lease_owner, lease_until, updated_at) \
-             VALUES (1, 0, $1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET lease_owner = $1, lease_until = $2, updated_at = $3 \
-             WHERE kek_rotation.lease_until IS NULL OR kek_rotation.lease_until <= $3",
-        )
-        .bind(owner)
-        .bind(until)
-        .bind(now)
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn release_kek_rotation(
-        &self,
-        owner: &str,
-        version: Option<u32>,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE kek_rotation SET version = COALESCE($2, version), lease_owner = NULL, \
-             lease_until = NULL, updated_at = $3 WHERE id = 1 AND lease_owner = $1",
-        )
-        .bind(owner)
-        .bind(version.map(i64::from))
-        .bind(now)
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
-                .fetch_optional(&mut *self.conn().await?)
-                .await?;
-        version.map(|v| narrow(v, "kek_version")).transpose()
-    }
-
     async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError> {
         // The arbiter is the idempotency index only: a clash on the primary key stays an
         // error. Of two requests racing with one key, the second waits for the first to
@@ -1181,7 +770,7 @@ impl Store for PgStore {
         .bind(&row.request_hash)
         .bind(&row.token)
         .bind(&row.gateway)
-        .bind(int8_param(
+        .bind(int8(
             row.amount,
             "a charge amount is larger than the database holds",
         )?)
@@ -1193,7 +782,7 @@ impl Store for PgStore {
         .bind(&row.gateway_payment_id)
         .bind(&row.decline_code)
         .bind(&row.message)
-        .bind(int4_param(row.attempts, "charge attempts out of range")?)
+        .bind(int4(row.attempts, "charge attempts out of range")?)
         .bind(row.sending_until)
         .bind(row.created_at)
         .bind(row.updated_at)
@@ -1336,10 +925,7 @@ impl Store for PgStore {
              WHERE id = $1 AND status IN ('pending', 'unknown')",
         )
         .bind(id)
-        .bind(int4_param(
-            attempts,
-            "charge reconcile attempts out of range",
-        )?)
+        .bind(int4(attempts, "charge reconcile attempts out of range")?)
         .bind(next_at)
         .execute(&mut *self.conn().await?)
         .await?;
@@ -1608,6 +1194,75 @@ impl Pool for PgStore {
     }
 }
 
+/// [`DataKeyRepo::rewrap_deks`](super::DataKeyRepo::rewrap_deks) on PostgreSQL: one
+/// `UPDATE … FROM UNNEST(…)`.
+pub(super) async fn rewrap_deks(
+    conn: &mut sqlx::PgConnection,
+    rewraps: &[Rewrap],
+) -> Result<u64, StoreError> {
+    // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
+    let c = RewrapColumns::of(rewraps, |id| Uuid::parse_str(id).ok());
+    if c.id.is_empty() {
+        return Ok(0);
+    }
+    let query = sqlx::query(
+        "UPDATE data_keys SET kek_version = r.new_version, wrapped_key = r.wrapped \
+         FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::bytea[]) \
+         AS r(id, old_version, new_version, wrapped) \
+         WHERE data_keys.id = r.id AND data_keys.kek_version = r.old_version",
+    );
+    Ok(c.bind(query).execute(&mut *conn).await?.rows_affected())
+}
+
+/// [`DataKeyRepo::rewrap_tenant_secrets`](super::DataKeyRepo::rewrap_tenant_secrets) on
+/// PostgreSQL: one `UPDATE … FROM UNNEST(…)`.
+pub(super) async fn rewrap_tenant_secrets(
+    conn: &mut sqlx::PgConnection,
+    rewraps: &[Rewrap],
+) -> Result<u64, StoreError> {
+    let c = RewrapColumns::of(rewraps, Some);
+    if c.id.is_empty() {
+        return Ok(0);
+    }
+    // A shredded tenant's erased secret is never given a wrapped one back.
+    let query = sqlx::query(
+        "UPDATE tenants SET secret_kek_version = r.new_version, wrapped_secret = r.wrapped \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::bytea[]) \
+         AS r(id, old_version, new_version, wrapped) \
+         WHERE tenants.id = r.id AND tenants.secret_kek_version = r.old_version \
+         AND tenants.shredded_at IS NULL",
+    );
+    Ok(c.bind(query).execute(&mut *conn).await?.rows_affected())
+}
+
+/// [`DataKeyRepo::replace_records`](super::DataKeyRepo::replace_records) on PostgreSQL: one
+/// `UPDATE … FROM UNNEST(…)`.
+pub(super) async fn replace_records(
+    conn: &mut sqlx::PgConnection,
+    old_dek: Uuid,
+    records: &[SealedRecord],
+) -> Result<u64, StoreError> {
+    let token: Vec<&str> = records.iter().map(|r| r.token.as_str()).collect();
+    let tenant_id: Vec<&str> = records.iter().map(|r| r.tenant_id.as_str()).collect();
+    let dek_id: Vec<Uuid> = records.iter().map(|r| r.dek_id).collect();
+    let ciphertext: Vec<&[u8]> = records.iter().map(|r| r.ciphertext.as_slice()).collect();
+    let done = sqlx::query(
+        "UPDATE cards SET dek_id = r.dek_id, ciphertext = r.ciphertext \
+         FROM UNNEST($2::text[], $3::text[], $4::uuid[], $5::bytea[]) \
+         AS r(token, tenant_id, dek_id, ciphertext) \
+         WHERE cards.token = r.token AND cards.tenant_id = r.tenant_id \
+         AND cards.dek_id = $1",
+    )
+    .bind(old_dek)
+    .bind(token)
+    .bind(tenant_id)
+    .bind(dek_id)
+    .bind(ciphertext)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// [`CardTx::insert_cards`](super::CardTx::insert_cards) on PostgreSQL: the rows whose token
 /// is the `first` of its kind, in one `INSERT … SELECT * FROM UNNEST(…)`.
 pub(super) async fn insert_cards(
@@ -1652,16 +1307,6 @@ fn shard_param(shard: u32) -> Result<i32, StoreError> {
 
 fn seq_param(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt("audit seq out of range"))
-}
-
-/// A count or size for a BIGINT column.
-fn int8_param(value: u64, what: &'static str) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
-}
-
-/// A count for an INTEGER column.
-fn int4_param(value: u32, what: &'static str) -> Result<i32, StoreError> {
-    i32::try_from(value).map_err(|_| StoreError::Corrupt(what))
 }
 
 #[async_trait]
@@ -1777,65 +1422,6 @@ impl StoreTx for PgTx {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn shred_tenant(
-        &mut self,
-        tenant_id: &str,
-        at: OffsetDateTime,
-    ) -> Result<Shredded, StoreError> {
-        // Cards first: they reference the data keys. CVC holds are sealed by the data keys
-        // too (without a foreign key): they go before the keys, like the cards.
-        let cards = sqlx::query("DELETE FROM cards WHERE tenant_id = $1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-        sqlx::query("DELETE FROM cvc_holds WHERE tenant_id = $1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?;
-        // The tenant's charges stay: without their CVCs they hold no card data (token,
-        // amounts, gateway ids and outcomes), and they are its financial record, which
-        // outlives its cards (no foreign key ties a charge to a card). Their CVCs go.
-        sqlx::query(
-            "UPDATE charges SET cvc_dek_id = NULL, cvc_ciphertext = NULL, cvc_expires_at = NULL \
-             WHERE tenant_id = $1 AND cvc_ciphertext IS NOT NULL",
-        )
-        .bind(tenant_id)
-        .execute(&mut *self.tx)
-        .await?;
-        let deks = sqlx::query("DELETE FROM data_keys WHERE tenant_id = $1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-        // Shredding again keeps the time of the first.
-        sqlx::query(
-            "UPDATE tenants SET wrapped_secret = ''::bytea, \
-             shredded_at = COALESCE(shredded_at, $2) WHERE id = $1",
-        )
-        .bind(tenant_id)
-        .bind(at)
-        .execute(&mut *self.tx)
-        .await?;
-        let live: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM principals WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY id",
-        )
-        .bind(tenant_id)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let mut principals = 0;
-        for id in &live {
-            if self.revoke_principal(id, at).await? {
-                principals += 1;
-            }
-        }
-        Ok(Shredded {
-            cards,
-            deks,
-            principals,
-        })
-    }
-
     async fn settle_charge(
         &mut self,
         id: &str,
@@ -1895,19 +1481,16 @@ impl StoreTx for PgTx {
         .bind(&row.kind)
         .bind(&row.idempotency_key)
         .bind(&row.request_hash)
-        .bind(int8_param(
-            row.amount,
-            "an operation amount is out of range",
-        )?)
+        .bind(int8(row.amount, "an operation amount is out of range")?)
         .bind(&row.status)
         .bind(&row.gateway_id)
         .bind(
             row.amount_done
-                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .map(|a| int8(a, "an operation amount is out of range"))
                 .transpose()?,
         )
         .bind(&row.message)
-        .bind(int4_param(row.attempts, "operation attempts out of range")?)
+        .bind(int4(row.attempts, "operation attempts out of range")?)
         .bind(row.sending_until)
         .bind(row.created_at)
         .bind(row.updated_at)
@@ -1934,7 +1517,7 @@ impl StoreTx for PgTx {
         .bind(
             settlement
                 .amount_done
-                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .map(|a| int8(a, "an operation amount is out of range"))
                 .transpose()?,
         )
         .bind(&settlement.message)
@@ -1969,16 +1552,6 @@ fn audit_from_row(row: &PgRow) -> Result<AuditRow, StoreError> {
         request_id: row.try_get("request_id")?,
         detail: row.try_get("detail")?,
         mac: row.try_get("mac")?,
-    })
-}
-
-fn kek_usage_from_row(row: &PgRow) -> Result<KekUsage, StoreError> {
-    Ok(KekUsage {
-        version: narrow(row.try_get::<i64, _>("version")?, "kek_version")?,
-        deks: narrow(row.try_get::<i64, _>("deks")?, "usage count")?,
-        tenant_secrets: narrow(row.try_get::<i64, _>("secrets")?, "usage count")?,
-        audit_keys: narrow(row.try_get::<i64, _>("audit_keys")?, "usage count")?,
-        records: narrow(row.try_get::<i64, _>("records")?, "usage count")?,
     })
 }
 

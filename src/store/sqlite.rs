@@ -19,24 +19,14 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, ChargeOperationRow, ChargeRow,
-    ChargeSettlement, CvcHoldRow, DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow,
-    OperationSettlement, Rewrap, SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx,
-    TenantRow,
-    access::{AccessTx, tenant_columns},
-    action_from_parts,
+    ChargeSettlement, CvcHoldRow, KeyJobRow, KeyRequestRow, OperationSettlement, Rewrap, Store,
+    StoreError, StoreOptions, StoreTx, action_from_parts,
     dialect::{Conn, Db, Pool, Pooled, TxDb, WriteTx},
-    metadata_from_json, metadata_to_json, narrow,
+    int8, metadata_from_json, metadata_to_json, narrow,
     pool::{Acquires, PoolStats},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-
-/// Columns of a data key row, as `dek_from_row` reads them.
-macro_rules! dek_columns {
-    () => {
-        "id, tenant_id, kek_version, wrapped_key, active, created_at, reserved, retired_at"
-    };
-}
 
 macro_rules! key_job_columns {
     () => {
@@ -187,11 +177,6 @@ fn uuid_from_blob(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("key id is not 16 bytes"))
 }
 
-/// A count or size for an INTEGER column.
-fn int8_param(value: u64, what: &'static str) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt(what))
-}
-
 /// Records how a send of a `pending` or `unknown` charge ended, through the pool or inside a
 /// transaction (with the outcome's audit record); returns whether the charge changed.
 async fn settle_charge_row<'e, E>(
@@ -231,52 +216,6 @@ where
     .execute(executor)
     .await?;
     Ok(done.rows_affected() == 1)
-}
-
-/// Inserts `row` as its tenant's active DEK (not retired, `reserved` as given) unless the
-/// tenant has one (the partial unique index `data_keys_one_active` decides). A clash on the
-/// primary key is an error.
-async fn insert_active_dek_row<'e, E>(executor: E, row: &DekRow) -> Result<bool, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    let done = sqlx::query(
-        "INSERT INTO data_keys (id, tenant_id, kek_version, wrapped_key, active, created_at, \
-         reserved, retired_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, NULL) \
-         ON CONFLICT (tenant_id) WHERE active = 1 DO NOTHING",
-    )
-    .bind(row.id.as_bytes().as_slice())
-    .bind(&row.tenant_id)
-    .bind(i64::from(row.kek_version))
-    .bind(&row.wrapped_key)
-    .bind(micros(row.created_at))
-    .bind(int8_param(row.reserved, "reserved out of range")?)
-    .execute(executor)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-fn tenant_from_row(row: &SqliteRow) -> Result<TenantRow, StoreError> {
-    Ok(TenantRow {
-        id: row.try_get("id")?,
-        wrapped_secret: row.try_get("wrapped_secret")?,
-        secret_kek_version: narrow(row.try_get("secret_kek_version")?, "kek_version")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        shredded_at: optional_time(row, "shredded_at")?,
-    })
-}
-
-fn dek_from_row(row: &SqliteRow) -> Result<DekRow, StoreError> {
-    Ok(DekRow {
-        id: uuid_from_blob(row.try_get::<&[u8], _>("id")?)?,
-        tenant_id: row.try_get("tenant_id")?,
-        kek_version: narrow(row.try_get::<i64, _>("kek_version")?, "kek_version")?,
-        wrapped_key: row.try_get("wrapped_key")?,
-        active: row.try_get("active")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        reserved: narrow(row.try_get::<i64, _>("reserved")?, "reserved")?,
-        retired_at: optional_time(row, "retired_at")?,
-    })
 }
 
 fn charge_from_row(row: &SqliteRow) -> Result<ChargeRow, StoreError> {
@@ -372,39 +311,6 @@ impl Store for SqliteStore {
         Ok(super::pending(&MIGRATOR, &applied))
     }
 
-    async fn active_dek(&self, tenant_id: &str) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE tenant_id = ?1 AND active = 1"
-        ))
-        .bind(tenant_id)
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(dek_from_row)
-        .transpose()
-    }
-
-    async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<Option<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE tenant_id = ?1 AND id = ?2"
-        ))
-        .bind(tenant_id)
-        .bind(id.as_bytes().as_slice())
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .as_ref()
-        .map(dek_from_row)
-        .transpose()
-    }
-
-    async fn insert_active_dek(&self, row: &DekRow) -> Result<bool, StoreError> {
-        insert_active_dek_row(&mut *self.conn().await?, row).await
-    }
-
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
         // IMMEDIATE takes the write lock now: a read-then-write transaction would otherwise
         // fail with SQLITE_BUSY when it tries to upgrade under concurrency.
@@ -488,140 +394,6 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn kek_usage(&self) -> Result<Vec<KekUsage>, StoreError> {
-        // One row per source and version, summed per version. Records count through the DEK
-        // that sealed them, so a card counts under the version wrapping its DEK.
-        sqlx::query(
-            "SELECT version, sum(deks) AS deks, sum(secrets) AS secrets, \
-             sum(audit_keys) AS audit_keys, sum(records) AS records FROM (\
-               SELECT d.kek_version AS version, count(DISTINCT d.id) AS deks, 0 AS secrets, \
-               0 AS audit_keys, count(c.dek_id) AS records \
-               FROM data_keys d LEFT JOIN cards c ON c.dek_id = d.id GROUP BY d.kek_version \
-               UNION ALL \
-               SELECT secret_kek_version, 0, count(*), 0, 0 FROM tenants \
-               WHERE shredded_at IS NULL GROUP BY secret_kek_version \
-               UNION ALL \
-               SELECT kek_version, 0, 0, count(*), 0 FROM audit_keys GROUP BY kek_version\
-             ) AS per_source GROUP BY version ORDER BY version",
-        )
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(kek_usage_from_row)
-        .collect()
-    }
-
-    async fn dek_usage(&self, tenant_id: Option<&str>) -> Result<Vec<DekUsage>, StoreError> {
-        // A count per DEK (a range of `cards_by_dek` each) rather than a join grouped over
-        // every card: with a tenant given, only its DEKs' records are counted.
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            ", (SELECT count(*) FROM cards WHERE cards.dek_id = data_keys.id) AS records \
-             FROM data_keys WHERE (?1 IS NULL OR tenant_id = ?1) \
-             ORDER BY tenant_id, active DESC, created_at DESC, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(DekUsage {
-                dek: dek_from_row(row)?,
-                records: narrow(row.try_get::<i64, _>("records")?, "record count")?,
-            })
-        })
-        .collect()
-    }
-
-    async fn deks_not_under(&self, version: u32, limit: u32) -> Result<Vec<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE kek_version <> ?1 ORDER BY id LIMIT ?2"
-        ))
-        .bind(i64::from(version))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(dek_from_row)
-        .collect()
-    }
-
-    async fn tenants_not_under(
-        &self,
-        version: u32,
-        limit: u32,
-    ) -> Result<Vec<TenantRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            tenant_columns!(),
-            " FROM tenants WHERE secret_kek_version <> ?1 AND shredded_at IS NULL \
-             ORDER BY id LIMIT ?2"
-        ))
-        .bind(i64::from(version))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(tenant_from_row)
-        .collect()
-    }
-
-    async fn rewrap_deks(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
-        if rewraps.is_empty() {
-            return Ok(0);
-        }
-        // In-process, one statement per key costs no round trip; one transaction makes the
-        // batch one fsync.
-        let mut tx = self.begin_immediate().await?;
-        let mut replaced = 0;
-        for r in rewraps {
-            // An id that is not a UUID names no DEK; like one rewrapped meanwhile, it is skipped.
-            let Ok(id) = Uuid::parse_str(&r.id) else {
-                continue;
-            };
-            replaced += sqlx::query(
-                "UPDATE data_keys SET kek_version = ?3, wrapped_key = ?4 \
-                 WHERE id = ?1 AND kek_version = ?2",
-            )
-            .bind(id.as_bytes().as_slice())
-            .bind(i64::from(r.old_version))
-            .bind(i64::from(r.new_version))
-            .bind(&r.wrapped)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(replaced)
-    }
-
-    async fn rewrap_tenant_secrets(&self, rewraps: &[Rewrap]) -> Result<u64, StoreError> {
-        if rewraps.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.begin_immediate().await?;
-        let mut replaced = 0;
-        for r in rewraps {
-            // A shredded tenant's erased secret is never given a wrapped one back.
-            replaced += sqlx::query(
-                "UPDATE tenants SET secret_kek_version = ?3, wrapped_secret = ?4 \
-                 WHERE id = ?1 AND secret_kek_version = ?2 AND shredded_at IS NULL",
-            )
-            .bind(&r.id)
-            .bind(i64::from(r.old_version))
-            .bind(i64::from(r.new_version))
-            .bind(&r.wrapped)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(replaced)
-    }
-
     async fn rewrap_audit_key(&self, rewrap: &Rewrap) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE audit_keys SET kek_version = ?2, wrapped_key = ?3 \
@@ -630,150 +402,6 @@ impl Store for SqliteStore {
         .bind(i64::from(rewrap.old_version))
         .bind(i64::from(rewrap.new_version))
         .bind(&rewrap.wrapped)
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotate_dek(
-        &self,
-        tenant_id: &str,
-        old: Option<Uuid>,
-        new: &DekRow,
-        at: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.begin_immediate().await?;
-        if let Some(old) = old {
-            let done = sqlx::query(
-                "UPDATE data_keys SET active = 0, retired_at = ?3 \
-                 WHERE id = ?1 AND tenant_id = ?2 AND active = 1",
-            )
-            .bind(old.as_bytes().as_slice())
-            .bind(tenant_id)
-            .bind(micros(at))
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                tx.rollback().await?;
-                return Ok(false);
-            }
-        }
-        // With `old` None, an active DEK that exists makes the insert do nothing: the same
-        // answer as checking for one beforehand.
-        if !insert_active_dek_row(&mut *tx, new).await? {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn reserve_encryptions(
-        &self,
-        dek_id: Uuid,
-        count: u64,
-        max: u64,
-    ) -> Result<Option<u64>, StoreError> {
-        // `reserved <= max - count` rather than `reserved + count <= max`: nothing can
-        // overflow, and a count above `max` never fits.
-        let Some(room) = max.checked_sub(count) else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "UPDATE data_keys SET reserved = reserved + ?2 \
-             WHERE id = ?1 AND active = 1 AND reserved <= ?3 RETURNING reserved",
-        )
-        .bind(dek_id.as_bytes().as_slice())
-        .bind(int8_param(count, "encryption count out of range")?)
-        .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .fetch_optional(&mut *self.conn().await?)
-        .await?
-        .map(|row| narrow(row.try_get::<i64, _>("reserved")?, "reserved"))
-        .transpose()
-    }
-
-    async fn retired_deks(&self, tenant_id: Option<&str>) -> Result<Vec<DekRow>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            dek_columns!(),
-            " FROM data_keys WHERE active = 0 AND (?1 IS NULL OR tenant_id = ?1) \
-             ORDER BY created_at, id"
-        ))
-        .bind(tenant_id)
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(dek_from_row)
-        .collect()
-    }
-
-    async fn records_under(
-        &self,
-        dek_id: Uuid,
-        after: &str,
-        limit: u32,
-    ) -> Result<Vec<SealedRecord>, StoreError> {
-        sqlx::query(
-            "SELECT token, tenant_id, dek_id, ciphertext FROM cards \
-             WHERE dek_id = ?1 AND token > ?2 ORDER BY token LIMIT ?3",
-        )
-        .bind(dek_id.as_bytes().as_slice())
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn().await?)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(SealedRecord {
-                token: row.try_get("token")?,
-                tenant_id: row.try_get("tenant_id")?,
-                dek_id: uuid_from_blob(row.try_get::<&[u8], _>("dek_id")?)?,
-                ciphertext: row.try_get("ciphertext")?,
-            })
-        })
-        .collect()
-    }
-
-    async fn replace_records(
-        &self,
-        old_dek: Uuid,
-        records: &[SealedRecord],
-    ) -> Result<u64, StoreError> {
-        if records.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.begin_immediate().await?;
-        let mut replaced = 0;
-        for r in records {
-            replaced += sqlx::query(
-                "UPDATE cards SET dek_id = ?4, ciphertext = ?5 \
-                 WHERE token = ?2 AND tenant_id = ?3 AND dek_id = ?1",
-            )
-            .bind(old_dek.as_bytes().as_slice())
-            .bind(&r.token)
-            .bind(&r.tenant_id)
-            .bind(r.dek_id.as_bytes().as_slice())
-            .bind(&r.ciphertext)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(replaced)
-    }
-
-    async fn destroy_dek(
-        &self,
-        id: Uuid,
-        retired_before: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        // Writes are serialized: no card can be committed between the check and the delete.
-        let done = sqlx::query(
-            "DELETE FROM data_keys WHERE id = ?1 AND active = 0 AND retired_at < ?2 \
-             AND NOT EXISTS (SELECT 1 FROM cards WHERE dek_id = ?1)",
-        )
-        .bind(id.as_bytes().as_slice())
-        .bind(micros(retired_before))
         .execute(&mut *self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -792,8 +420,8 @@ impl Store for SqliteStore {
         .bind(&row.kind)
         .bind(&row.state)
         .bind(&row.tenant_id)
-        .bind(int8_param(row.done, "job progress out of range")?)
-        .bind(int8_param(row.total, "job total out of range")?)
+        .bind(int8(row.done, "job progress out of range")?)
+        .bind(int8(row.total, "job total out of range")?)
         .bind(&row.requested_by)
         .bind(&row.lease_owner)
         .bind(row.lease_until.map(micros))
@@ -863,8 +491,8 @@ impl Store for SqliteStore {
         )
         .bind(id)
         .bind(owner)
-        .bind(int8_param(done, "job progress out of range")?)
-        .bind(int8_param(total, "job total out of range")?)
+        .bind(int8(done, "job progress out of range")?)
+        .bind(int8(total, "job total out of range")?)
         .bind(micros(lease_until))
         .bind(micros(OffsetDateTime::now_utc()))
         .execute(&mut *self.conn().await?)
@@ -927,54 +555,6 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn claim_kek_rotation(
-        &self,
-        owner: &str,
-        now: OffsetDateTime,
-        until: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        // The first claim ever creates the row; later ones take it over only from a lease
-        // that ran out. SQLite runs one writer at a time, so claimants are serialized.
-        let done = sqlx::query(
-            "INSERT INTO kek_rotation (id, version, lease_owner, lease_until, updated_at) \
-             VALUES (1, 0, ?1, ?2, ?3) \
-             ON CONFLICT (id) DO UPDATE SET lease_owner = ?1, lease_until = ?2, updated_at = ?3 \
-             WHERE kek_rotation.lease_until IS NULL OR kek_rotation.lease_until <= ?3",
-        )
-        .bind(owner)
-        .bind(micros(until))
-        .bind(micros(now))
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn release_kek_rotation(
-        &self,
-        owner: &str,
-        version: Option<u32>,
-        now: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE kek_rotation SET version = COALESCE(?2, version), lease_owner = NULL, \
-             lease_until = NULL, updated_at = ?3 WHERE id = 1 AND lease_owner = ?1",
-        )
-        .bind(owner)
-        .bind(version.map(i64::from))
-        .bind(micros(now))
-        .execute(&mut *self.conn().await?)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn rotated_kek_version(&self) -> Result<Option<u32>, StoreError> {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM kek_rotation WHERE id = 1 AND version > 0")
-                .fetch_optional(&mut *self.conn().await?)
-                .await?;
-        version.map(|v| narrow(v, "kek_version")).transpose()
-    }
-
     async fn insert_charge(&self, row: &ChargeRow) -> Result<Option<ChargeRow>, StoreError> {
         // The conflict target is the idempotency index only: a clash on the primary key stays
         // an error.
@@ -992,7 +572,7 @@ impl Store for SqliteStore {
         .bind(&row.request_hash)
         .bind(&row.token)
         .bind(&row.gateway)
-        .bind(int8_param(
+        .bind(int8(
             row.amount,
             "a charge amount is larger than the database holds",
         )?)
@@ -1540,65 +1120,6 @@ impl StoreTx for SqliteTx {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn shred_tenant(
-        &mut self,
-        tenant_id: &str,
-        at: OffsetDateTime,
-    ) -> Result<Shredded, StoreError> {
-        // Cards first: they reference the data keys. CVC holds are sealed by the data keys
-        // too (without a foreign key): they go before the keys, like the cards.
-        let cards = sqlx::query("DELETE FROM cards WHERE tenant_id = ?1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-        sqlx::query("DELETE FROM cvc_holds WHERE tenant_id = ?1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?;
-        // The tenant's charges stay: without their CVCs they hold no card data (token,
-        // amounts, gateway ids and outcomes), and they are its financial record, which
-        // outlives its cards (no foreign key ties a charge to a card). Their CVCs go.
-        sqlx::query(
-            "UPDATE charges SET cvc_dek_id = NULL, cvc_ciphertext = NULL, cvc_expires_at = NULL \
-             WHERE tenant_id = ?1 AND cvc_ciphertext IS NOT NULL",
-        )
-        .bind(tenant_id)
-        .execute(&mut *self.tx)
-        .await?;
-        let deks = sqlx::query("DELETE FROM data_keys WHERE tenant_id = ?1")
-            .bind(tenant_id)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-        // Shredding again keeps the time of the first.
-        sqlx::query(
-            "UPDATE tenants SET wrapped_secret = X'', shredded_at = COALESCE(shredded_at, ?2) \
-             WHERE id = ?1",
-        )
-        .bind(tenant_id)
-        .bind(micros(at))
-        .execute(&mut *self.tx)
-        .await?;
-        let live: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM principals WHERE tenant_id = ?1 AND revoked_at IS NULL ORDER BY id",
-        )
-        .bind(tenant_id)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let mut principals = 0;
-        for id in &live {
-            if self.revoke_principal(id, at).await? {
-                principals += 1;
-            }
-        }
-        Ok(Shredded {
-            cards,
-            deks,
-            principals,
-        })
-    }
-
     async fn settle_charge(
         &mut self,
         id: &str,
@@ -1657,15 +1178,12 @@ impl StoreTx for SqliteTx {
         .bind(&row.kind)
         .bind(&row.idempotency_key)
         .bind(&row.request_hash)
-        .bind(int8_param(
-            row.amount,
-            "an operation amount is out of range",
-        )?)
+        .bind(int8(row.amount, "an operation amount is out of range")?)
         .bind(&row.status)
         .bind(&row.gateway_id)
         .bind(
             row.amount_done
-                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .map(|a| int8(a, "an operation amount is out of range"))
                 .transpose()?,
         )
         .bind(&row.message)
@@ -1696,7 +1214,7 @@ impl StoreTx for SqliteTx {
         .bind(
             settlement
                 .amount_done
-                .map(|a| int8_param(a, "an operation amount is out of range"))
+                .map(|a| int8(a, "an operation amount is out of range"))
                 .transpose()?,
         )
         .bind(&settlement.message)
@@ -1731,16 +1249,6 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
         request_id: row.try_get("request_id")?,
         detail: row.try_get("detail")?,
         mac: row.try_get("mac")?,
-    })
-}
-
-fn kek_usage_from_row(row: &SqliteRow) -> Result<KekUsage, StoreError> {
-    Ok(KekUsage {
-        version: narrow(row.try_get("version")?, "kek_version")?,
-        deks: narrow(row.try_get("deks")?, "usage count")?,
-        tenant_secrets: narrow(row.try_get("secrets")?, "usage count")?,
-        audit_keys: narrow(row.try_get("audit_keys")?, "usage count")?,
-        records: narrow(row.try_get("records")?, "usage count")?,
     })
 }
 
