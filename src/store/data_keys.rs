@@ -1,17 +1,138 @@
 //! Data keys and key material at rest: DEKs, what each KEK version wraps, rewraps under a new
 //! KEK version, re-encryption of records, the KEK rotation lease, and crypto-shredding.
 
+use std::fmt;
+
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    DekRow, DekUsage, KekUsage, Rewrap, SealedRecord, Shredded, StoreError, TenantRow,
+    StoreError, TenantRow,
     access::{AccessTx, tenant_columns, tenant_from_row},
     dialect::{Conn, Db, Pool, Row, TxDb, query, sql},
     int8, narrow,
 };
 
+/// A data-encryption key as stored: wrapped by a KEK version.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DekRow {
+    /// DEK id, also written in the header of every record it seals.
+    pub id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// KEK version that wrapped it.
+    pub kek_version: u32,
+    /// The wrapped key bytes.
+    pub wrapped_key: Vec<u8>,
+    /// Whether new records are sealed with it.
+    pub active: bool,
+    /// When it was generated.
+    pub created_at: OffsetDateTime,
+    /// Encryptions reserved under it so far (an upper bound of the records it sealed).
+    pub reserved: u64,
+    /// When it stopped being active.
+    pub retired_at: Option<OffsetDateTime>,
+}
+
+impl fmt::Debug for DekRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DekRow")
+            .field("id", &self.id)
+            .field("tenant_id", &self.tenant_id)
+            .field("kek_version", &self.kek_version)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one KEK version wraps, as counted by [`DataKeyRepo::kek_usage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KekUsage {
+    /// The KEK version.
+    pub version: u32,
+    /// Data keys wrapped under it.
+    pub deks: u64,
+    /// Tenant secrets wrapped under it (shredded tenants have none).
+    pub tenant_secrets: u64,
+    /// Audit keys wrapped under it (0 or 1).
+    pub audit_keys: u64,
+    /// Card records sealed by the data keys it wraps.
+    pub records: u64,
+}
+
+impl KekUsage {
+    /// Whether anything stored is still wrapped under this version.
+    pub fn in_use(&self) -> bool {
+        self.deks + self.tenant_secrets + self.audit_keys > 0
+    }
+}
+
+/// A DEK with the number of records it seals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DekUsage {
+    /// The DEK.
+    pub dek: DekRow,
+    /// Card rows whose record it sealed.
+    pub records: u64,
+}
+
+/// A key to rewrap under a new KEK version: compare-and-set on the version it had when read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rewrap {
+    /// The DEK's id (hyphenated UUID) or the tenant's id.
+    pub id: String,
+    /// The KEK version the key was read under; the update applies only if it still is.
+    pub old_version: u32,
+    /// The KEK version of `wrapped`.
+    pub new_version: u32,
+    /// The key wrapped under `new_version`.
+    pub wrapped: Vec<u8>,
+}
+
+impl fmt::Debug for Rewrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rewrap")
+            .field("id", &self.id)
+            .field("old_version", &self.old_version)
+            .field("new_version", &self.new_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One card's sealed record, read for or written by re-encryption.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedRecord {
+    /// The card's token (bound into the record's AAD).
+    pub token: String,
+    /// Its tenant (bound into the AAD).
+    pub tenant_id: String,
+    /// The DEK that sealed `ciphertext`.
+    pub dek_id: Uuid,
+    /// The self-describing sealed record.
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for SealedRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedRecord")
+            .field("token", &self.token)
+            .field("tenant_id", &self.tenant_id)
+            .field("dek_id", &self.dek_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What shredding a tenant removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shredded {
+    /// Card rows deleted.
+    pub cards: u64,
+    /// Data keys destroyed (rows deleted).
+    pub deks: u64,
+    /// Principals revoked (with their API keys).
+    pub principals: u64,
+}
 /// Data keys, rewraps, re-encryption and the KEK rotation lease.
 #[async_trait]
 pub trait DataKeyRepo: Send + Sync {
