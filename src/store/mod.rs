@@ -1,11 +1,36 @@
-//! Persistence: one [`Store`] trait, two sqlx backends ([`postgres`], [`sqlite`]).
+//! Persistence: per-aggregate repositories, two sqlx backends ([`postgres`], [`sqlite`]).
 //!
 //! The store keeps rows; it decides nothing. Rows hold only what may be stored in clear
 //! (token, tenant, brand, last 4, BIN, expiry, timestamps, caller metadata) plus ciphertext,
-//! wrapped keys and keyed fingerprints. Queries are built at run time (not with sqlx's
-//! compile-time macros) because the two dialects would need two offline query caches and a
-//! live database of each kind at build time; every query is covered by the integration
-//! suite, which runs against both backends.
+//! wrapped keys and keyed fingerprints.
+//!
+//! Each aggregate is a module holding its rows, a small repository trait for reads and
+//! one-statement writes through the pool, a `…Tx` trait for writes inside a transaction, and
+//! their SQL: cards ([`CardRepo`], [`CardTx`]), access — tenants, principals, API keys
+//! ([`AccessRepo`], [`AccessTx`]), the audit log ([`AuditRepo`], [`AuditTx`]), data keys and
+//! their rewraps ([`DataKeyRepo`], [`DataKeyTx`]), key jobs and dual-control requests
+//! ([`KeyJobRepo`], [`KeyJobTx`]), charges with their CVC holds and operations
+//! ([`ChargeRepo`], [`ChargeTx`]). [`Store`] combines the repositories with what is the
+//! backend's own (migrations, readiness, pool metrics, transactions, the group commit's fast
+//! lane); [`StoreTx`] combines the `…Tx` traits. A component that needs one aggregate takes
+//! that trait (an `Arc<dyn Store>` upcasts to `Arc<dyn ChargeRepo>`).
+//!
+//! Each statement is written once, in PostgreSQL's syntax, in the aggregate's module; the
+//! `dialect` layer renders it for SQLite (placeholders, casts, boolean literals and tests,
+//! row locks) and binds and reads values per backend (timestamps, UUIDs, 32-bit integers).
+//! The repository code is plain generic Rust over one executor (`dialect::Db`: a pooled
+//! connection or a transaction, of either backend), implemented once for every backend
+//! pool — not a macro instantiated per backend — so a type error points at the line that
+//! has it, and each SQL text exists once in the source. Backend-specific code is left only
+//! where the databases differ, each place saying why: PostgreSQL's column-array batches
+//! (`UNNEST`) and data-modifying CTEs, array parameters (SQLite takes a JSON array), its
+//! savepoints after unique violations, and each backend's connection set-up and transaction
+//! start (`BEGIN IMMEDIATE` on SQLite).
+//!
+//! Queries are built at run time (not with sqlx's compile-time macros) because the two
+//! dialects would need two offline query caches and a live database of each kind at build
+//! time; every query is covered by the store's contract tests, which run against both
+//! backends.
 
 mod access;
 mod audit;
@@ -19,9 +44,8 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use self::access::{AccessRepo, AccessTx, ApiKeyRow, PrincipalRow, TenantRow};
-pub use self::cards::{CardInsert, CardRepo, CardRow, CardTx, ImportedCard, ReuseKey};
-
 pub use self::audit::{AuditCursor, AuditHeadRow, AuditKeyRow, AuditRepo, AuditRow, AuditTx};
+pub use self::cards::{CardInsert, CardRepo, CardRow, CardTx, ImportedCard, ReuseKey};
 pub use self::charges::{
     ChargeActionRow, ChargeOperationRow, ChargeRepo, ChargeRow, ChargeSettlement, ChargeTx,
     CvcHoldRow, OperationSettlement,
