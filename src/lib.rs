@@ -12,7 +12,8 @@
 //!   orchestration with an audit record per action; no gRPC, no SQL.
 //! - [`card`] — the domain: [`card::Pan`], Luhn, brands, expiry, token formats. No I/O.
 //! - [`crypto`] — key providers, data-key cache, AEAD records, fingerprints. Knows no cards.
-//! - [`store`] — one trait, PostgreSQL and SQLite backends.
+//! - [`store`] — per-aggregate repositories (cards, access, audit, data keys, key jobs,
+//!   charges), each statement written once for the PostgreSQL and SQLite backends.
 //! - [`audit`] — the HMAC-chained audit log and its verifier.
 //! - [`gateway`] — charge forwarding: connectors (`stripe`, `generic`) that send a charge to a
 //!   configured payment gateway over HTTPS, with per-gateway TLS, timeouts, no redirects and

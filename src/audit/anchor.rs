@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{AuditError, Auditor, chain};
-use crate::{crypto::AUDIT_MAC_LEN, crypto::hex, store::Store};
+use crate::{crypto::AUDIT_MAC_LEN, crypto::hex, store::AuditRepo};
 
 /// The only anchor format so far.
 pub const ANCHOR_FORMAT_V1: u32 = 1;
@@ -205,7 +205,7 @@ impl Auditor {
     /// An anchor of every chain's head as it is now: one read of the head rows (no lock, so
     /// writers never wait for it). Refuses when a head is missing or fails its own MAC: an
     /// anchor must never vouch for a forged head.
-    pub async fn anchor(&self, store: &dyn Store) -> Result<Anchor, AuditError> {
+    pub async fn anchor(&self, store: &dyn AuditRepo) -> Result<Anchor, AuditError> {
         let rows = store.audit_heads().await?;
         let mut heads = Vec::with_capacity(rows.len());
         for shard in 0..self.shards() {

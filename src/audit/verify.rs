@@ -8,7 +8,7 @@ use super::{
     anchor::{AnchorRef, Anchors, Point},
     chain,
 };
-use crate::store::Store;
+use crate::store::AuditRepo;
 
 /// Records read per query while walking a chain.
 const PAGE: u32 = 1_000;
@@ -98,7 +98,7 @@ impl Report {
 /// each chain (later records of a broken chain cannot be trusted to tell more).
 ///
 /// An older copy of the heads and records passes: that takes [`verify_anchored`].
-pub async fn verify(store: &dyn Store, auditor: &Auditor) -> Result<Report, AuditError> {
+pub async fn verify(store: &dyn AuditRepo, auditor: &Auditor) -> Result<Report, AuditError> {
     verify_anchored(store, auditor, &Anchors::default()).await
 }
 
@@ -107,7 +107,7 @@ pub async fn verify(store: &dyn Store, auditor: &Auditor) -> Result<Report, Audi
 /// many anchors costs little more than the walk. Reports the first disagreement of each chain
 /// that otherwise verifies; [`Anchors::bad_lines`] are the caller's to report.
 pub async fn verify_anchored(
-    store: &dyn Store,
+    store: &dyn AuditRepo,
     auditor: &Auditor,
     anchors: &Anchors,
 ) -> Result<Report, AuditError> {

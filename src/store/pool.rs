@@ -84,6 +84,16 @@ impl Acquires {
     }
 }
 
+/// A sqlx pool's occupancy, with the acquisitions `acquires` counts as waiting.
+pub(crate) fn stats<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, acquires: &Acquires) -> PoolStats {
+    PoolStats {
+        size: pool.size(),
+        idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+        max: pool.options().get_max_connections(),
+        waiters: acquires.waiting(),
+    }
+}
+
 /// Publishes `store`'s pool gauges every `every` until `stop` changes. Sampling costs a few
 /// atomic reads, so a period well under a scrape interval is cheap.
 pub async fn sample_pool(store: Arc<dyn Store>, every: Duration, mut stop: watch::Receiver<bool>) {

@@ -375,24 +375,27 @@ impl Vault {
         let hold = match self.store.charge_cvc(&charge.id, now).await? {
             Some(hold) => hold,
             None if resend => return Ok(None),
-            None => match self
-                .store
-                .take_cvc_hold(tenant.as_str(), token.as_str(), now)
-                .await?
-            {
-                Some(mut hold) => {
-                    let kept_until = connector
-                        .resend_window()
-                        .and_then(|w| time::Duration::try_from(w).ok())
-                        .and_then(|w| charge.created_at.checked_add(w));
-                    if let Some(until) = kept_until {
-                        hold.expires_at = hold.expires_at.max(until);
-                    }
-                    self.store.attach_charge_cvc(&charge.id, &hold).await?;
-                    hold
+            None => {
+                // The hold moves to the charge in one transaction: a crash between taking it
+                // and attaching it leaves it where it was, never lost.
+                let mut tx = self.store.begin().await?;
+                let Some(mut hold) = tx
+                    .take_cvc_hold(tenant.as_str(), token.as_str(), now)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let kept_until = connector
+                    .resend_window()
+                    .and_then(|w| time::Duration::try_from(w).ok())
+                    .and_then(|w| charge.created_at.checked_add(w));
+                if let Some(until) = kept_until {
+                    hold.expires_at = hold.expires_at.max(until);
                 }
-                None => return Ok(None),
-            },
+                tx.attach_charge_cvc(&charge.id, &hold).await?;
+                tx.commit().await?;
+                hold
+            }
         };
         let Ok(dek) = self.keys.dek(tenant, DekId(hold.dek_id)).await else {
             tracing::warn!(charge = %charge.id, "a CVC's data key is gone; charging without the CVC");

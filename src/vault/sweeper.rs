@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::store::{CardRepo, ChargeRepo, Store};
 
 /// Runs until `stop` turns true: every `interval`, deletes expired cards `batch` at a time
 /// until a batch comes back short.
@@ -42,7 +42,7 @@ pub async fn run(
 }
 
 /// Deletes every card expired by now, `batch` rows per statement; returns how many.
-pub async fn sweep_once(store: &dyn Store, batch: u32) -> Result<u64, crate::store::StoreError> {
+pub async fn sweep_once(store: &dyn CardRepo, batch: u32) -> Result<u64, crate::store::StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut total = 0;
     loop {
@@ -56,7 +56,10 @@ pub async fn sweep_once(store: &dyn Store, batch: u32) -> Result<u64, crate::sto
 
 /// Deletes every expired CVC hold and erases the expired CVCs attached to charges (PCI DSS
 /// 3.3: sensitive authentication data is kept no longer than needed); returns how many.
-pub async fn sweep_cvcs(store: &dyn Store, batch: u32) -> Result<u64, crate::store::StoreError> {
+pub async fn sweep_cvcs(
+    store: &dyn ChargeRepo,
+    batch: u32,
+) -> Result<u64, crate::store::StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut total = 0;
     loop {

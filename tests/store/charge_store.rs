@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cardvault::store::{
     CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, ReuseKey, Shredded,
-    Store,
+    Store, StoreError,
 };
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
@@ -34,6 +34,7 @@ on_both_backends!(
     due_charges_wait_for_their_backoff_and_settle_with_their_action,
     unknown_charges_are_counted_and_alarmed_once,
     a_job_lease_is_held_by_one_owner_until_it_lapses_or_is_released,
+    a_hold_moves_to_its_charge_in_one_transaction,
 );
 
 fn at(seconds: i64) -> OffsetDateTime {
@@ -109,6 +110,13 @@ async fn insert(store: &dyn Store, row: &ChargeRow) {
         "{} is new",
         row.id
     );
+}
+
+/// Attaches a hold to a charge as the vault does: inside a transaction.
+async fn attach(store: &dyn Store, charge_id: &str, hold: &CvcHoldRow) -> Result<(), StoreError> {
+    let mut tx = store.begin().await?;
+    tx.attach_charge_cvc(charge_id, hold).await?;
+    tx.commit().await
 }
 
 async fn read(store: &dyn Store, id: &str) -> ChargeRow {
@@ -558,7 +566,7 @@ async fn a_charge_keeps_its_cvc_for_re_sends_until_it_settles_or_the_cvc_expires
             .is_none(),
         "no CVC attached yet"
     );
-    store.attach_charge_cvc("ch_1", &cvc).await.expect("attach");
+    attach(store.as_ref(), "ch_1", &cvc).await.expect("attach");
     assert_eq!(
         store.charge_cvc("ch_1", at(599)).await.expect("read"),
         Some(cvc.clone())
@@ -573,12 +581,10 @@ async fn a_charge_keeps_its_cvc_for_re_sends_until_it_settles_or_the_cvc_expires
     );
 
     // A hold never moves to another tenant's charge or another card's.
-    store
-        .attach_charge_cvc("ch_2", &hold("tok_a", "u", 0xC2, at(600)))
+    attach(store.as_ref(), "ch_2", &hold("tok_a", "u", 0xC2, at(600)))
         .await
         .expect("attach other tenant");
-    store
-        .attach_charge_cvc("ch_2", &hold("tok_b", "t", 0xC2, at(600)))
+    attach(store.as_ref(), "ch_2", &hold("tok_b", "t", 0xC2, at(600)))
         .await
         .expect("attach other token");
     assert!(
@@ -614,8 +620,7 @@ async fn a_charge_keeps_its_cvc_for_re_sends_until_it_settles_or_the_cvc_expires
             .is_none(),
         "a final status erases the CVC"
     );
-    store
-        .attach_charge_cvc("ch_1", &cvc)
+    attach(store.as_ref(), "ch_1", &cvc)
         .await
         .expect("attach to a settled charge");
     assert!(
@@ -629,8 +634,7 @@ async fn a_charge_keeps_its_cvc_for_re_sends_until_it_settles_or_the_cvc_expires
 
     // The sweep erases expired CVCs, oldest first and up to the limit.
     for (id, expires) in [("ch_2", 100), ("ch_3", 50), ("ch_4", 300)] {
-        store
-            .attach_charge_cvc(id, &hold("tok_a", "t", 0xC3, at(expires)))
+        attach(store.as_ref(), id, &hold("tok_a", "t", 0xC3, at(expires)))
             .await
             .expect("attach");
     }
@@ -943,12 +947,10 @@ async fn shredding_a_tenant_deletes_its_cvc_holds_and_keeps_its_charges(backend:
     let far = at(100_000);
     let t_cvc = hold("tok_a", "t", 1, far);
     let u_cvc = hold("tok_u", "u", 2, far);
-    store
-        .attach_charge_cvc("ch_t", &t_cvc)
+    attach(store.as_ref(), "ch_t", &t_cvc)
         .await
         .expect("attach");
-    store
-        .attach_charge_cvc("ch_u", &u_cvc)
+    attach(store.as_ref(), "ch_u", &u_cvc)
         .await
         .expect("attach");
     // A hold of a token with no card: the shred goes by tenant, not through the cards.
@@ -1187,5 +1189,58 @@ async fn a_job_lease_is_held_by_one_owner_until_it_lapses_or_is_released(backend
             .claim_job_lease(job, "a", at(92), at(152))
             .await
             .expect("claim")
+    );
+}
+
+/// Taking a token's hold and attaching it to a charge happen in one transaction: until it
+/// commits, the hold stays the token's (a crash in between loses nothing), and once it
+/// commits, the hold is the charge's and the token's is gone.
+async fn a_hold_moves_to_its_charge_in_one_transaction(backend: Backend) {
+    let (_state, store) = open(backend).await;
+    two_tenants(store.as_ref()).await;
+    insert(store.as_ref(), &charge("ch_1", "t", "k1", at(0))).await;
+    let held = hold("tok_a", "t", 0xC4, at(600));
+    store.put_cvc_hold(&held).await.expect("put");
+
+    // Taken and attached, then dropped without commit (as a crash would): nothing moved.
+    {
+        let mut tx = store.begin().await.expect("begin");
+        let taken = tx
+            .take_cvc_hold("t", "tok_a", at(0))
+            .await
+            .expect("take")
+            .expect("the hold is live");
+        assert_eq!(taken, held);
+        tx.attach_charge_cvc("ch_1", &taken).await.expect("attach");
+    }
+    assert!(
+        store
+            .charge_cvc("ch_1", at(0))
+            .await
+            .expect("read")
+            .is_none(),
+        "an uncommitted move attaches nothing"
+    );
+
+    // Committed: the charge has the CVC, the token's hold is gone.
+    let mut tx = store.begin().await.expect("begin");
+    let taken = tx
+        .take_cvc_hold("t", "tok_a", at(0))
+        .await
+        .expect("take")
+        .expect("the hold is still the token's");
+    tx.attach_charge_cvc("ch_1", &taken).await.expect("attach");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        store.charge_cvc("ch_1", at(0)).await.expect("read"),
+        Some(held)
+    );
+    assert!(
+        store
+            .take_cvc_hold("t", "tok_a", at(0))
+            .await
+            .expect("take again")
+            .is_none(),
+        "the hold moved: the token has none left"
     );
 }
