@@ -45,7 +45,7 @@ fn record(row: AuditRecord) -> pb::AuditRecord {
         principal: row.principal.unwrap_or_default(),
         action: row.action,
         token: row.token.unwrap_or_default(),
-        outcome: row.outcome,
+        outcome: row.outcome.as_str().to_owned(),
         alarm: row.alarm,
         peer: row.peer.unwrap_or_default(),
         request_id: row.request_id.unwrap_or_default(),

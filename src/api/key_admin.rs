@@ -13,7 +13,10 @@ use crate::{
     crypto::KekVersion,
     pb::v1::{self as pb, key_admin_server::KeyAdmin},
     store::{DekRow, DekUsage, KeyJobRow, KeyRequestRow, Shredded},
-    vault::{KekStatus, KeyOperation, KeyStatus, Operator, TenantId, Vault},
+    vault::{
+        KekStatus, KeyJobKind, KeyJobState, KeyOperation, KeyRequestKind, KeyRequestState,
+        KeyStatus, Operator, TenantId, Vault,
+    },
 };
 
 /// Longest request id accepted; real ones are `kr_` and 16 characters.
@@ -82,16 +85,14 @@ fn dek_usage(usage: DekUsage) -> pb::DataKeyInfo {
 
 fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
     use pb::key_job::{Kind, State};
-    let kind = match row.kind.as_str() {
-        "rewrap" => Kind::Rewrap,
-        "reencrypt" => Kind::Reencrypt,
-        _ => Kind::Unspecified,
+    let kind = match row.kind {
+        KeyJobKind::Rewrap => Kind::Rewrap,
+        KeyJobKind::Reencrypt => Kind::Reencrypt,
     };
-    let state = match row.state.as_str() {
-        "running" => State::Running,
-        "done" => State::Done,
-        "failed" => State::Failed,
-        _ => State::Unspecified,
+    let state = match row.state {
+        KeyJobState::Running => State::Running,
+        KeyJobState::Done => State::Done,
+        KeyJobState::Failed => State::Failed,
     };
     // A lapsed lease names a replica that is no longer working on the job.
     let worker = match (row.lease_owner, row.lease_until) {
@@ -116,13 +117,12 @@ fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
 
 pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
     use pb::key_request::{Kind, State};
-    let kind = match row.kind.as_str() {
-        "retire_kek" => Kind::RetireKek,
-        "shred_tenant" => Kind::ShredTenant,
-        "create_principal" => Kind::CreatePrincipal,
-        "revoke_principal" => Kind::RevokePrincipal,
-        "create_api_key" => Kind::CreateApiKey,
-        _ => Kind::Unspecified,
+    let kind = match row.kind {
+        KeyRequestKind::RetireKek => Kind::RetireKek,
+        KeyRequestKind::ShredTenant => Kind::ShredTenant,
+        KeyRequestKind::CreatePrincipal => Kind::CreatePrincipal,
+        KeyRequestKind::RevokePrincipal => Kind::RevokePrincipal,
+        KeyRequestKind::CreateApiKey => Kind::CreateApiKey,
     };
     // What the approver is asked to approve, in full.
     let (principal, api_key_valid_for) = match KeyOperation::of(&row) {
@@ -141,11 +141,10 @@ pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
         ),
         _ => (None, None),
     };
-    let state = match row.state.as_str() {
-        "pending" => State::Pending,
-        "executed" => State::Executed,
-        "expired" => State::Expired,
-        _ => State::Unspecified,
+    let state = match row.state {
+        KeyRequestState::Pending => State::Pending,
+        KeyRequestState::Executed => State::Executed,
+        KeyRequestState::Expired => State::Expired,
     };
     pb::KeyRequest {
         id: row.id,
@@ -374,8 +373,8 @@ mod tests {
     fn job(lease_until: Option<OffsetDateTime>) -> KeyJobRow {
         KeyJobRow {
             id: "kj_0123456789abcdef".to_owned(),
-            kind: "reencrypt".to_owned(),
-            state: "running".to_owned(),
+            kind: KeyJobKind::Reencrypt,
+            state: KeyJobState::Running,
             tenant_id: Some("acme".to_owned()),
             done: 3,
             total: 10,
@@ -409,12 +408,12 @@ mod tests {
     fn request_kinds_and_states_map_to_their_enums() {
         let row = KeyRequestRow {
             id: "kr_0123456789abcdef".to_owned(),
-            kind: "shred_tenant".to_owned(),
+            kind: KeyRequestKind::ShredTenant,
             target: "acme".to_owned(),
             requested_by: "p_a".to_owned(),
             requested_at: datetime!(2026-01-01 0:00 UTC),
             expires_at: datetime!(2026-01-01 1:00 UTC),
-            state: "expired".to_owned(),
+            state: KeyRequestState::Expired,
             decided_by: Some("p_b".to_owned()),
             decided_at: Some(datetime!(2026-01-01 1:01 UTC)),
             tenant_id: Some("acme".to_owned()),
@@ -425,8 +424,8 @@ mod tests {
         assert_eq!(request.state(), pb::key_request::State::Expired);
         assert_eq!(request.approved_by, "p_b");
         let retire = key_request(KeyRequestRow {
-            kind: "retire_kek".to_owned(),
-            state: "pending".to_owned(),
+            kind: KeyRequestKind::RetireKek,
+            state: KeyRequestState::Pending,
             decided_by: None,
             decided_at: None,
             ..row

@@ -3,8 +3,45 @@
 
 use time::OffsetDateTime;
 
-/// A capture, refund or cancellation as stored. `kind` is `"capture"`, `"refund"` or
-/// `"cancel"`; `status` is `"pending"`, `"succeeded"`, `"failed"` or `"unknown"`.
+use super::state::stored_enum;
+
+stored_enum! {
+    /// What a follow-up on a charge does.
+    pub enum ChargeOperationKind("charge operation kind") {
+        /// Captures an authorization, in full or in part.
+        Capture = "capture",
+        /// Refunds a captured payment, in full or in part.
+        Refund = "refund",
+        /// Cancels (voids) an uncaptured payment.
+        Cancel = "cancel",
+    }
+}
+
+stored_enum! {
+    /// Where a follow-up on a charge is.
+    pub enum ChargeOperationState("charge operation status") {
+        /// Written before it goes out; not settled yet.
+        Pending = "pending",
+        /// The gateway did it.
+        Succeeded = "succeeded",
+        /// The gateway refused it, or it was never sent; nothing changed.
+        Failed = "failed",
+        /// The gateway may or may not have done it: re-sent under the same key.
+        Unknown = "unknown",
+    }
+}
+
+impl ChargeOperationState {
+    /// Whether it still waits for its outcome (`pending` or `unknown`).
+    pub fn is_unsettled(self) -> bool {
+        matches!(
+            self,
+            ChargeOperationState::Pending | ChargeOperationState::Unknown
+        )
+    }
+}
+
+/// A capture, refund or cancellation as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeOperationRow {
     /// `op_` and 16 letters or digits; also the gateway's idempotency key for it.
@@ -14,7 +51,7 @@ pub struct ChargeOperationRow {
     /// The charge it applies to.
     pub charge_id: String,
     /// What it does.
-    pub kind: String,
+    pub kind: ChargeOperationKind,
     /// The caller's idempotency key, unique per tenant.
     pub idempotency_key: String,
     /// SHA-256 of the request's parameters.
@@ -22,7 +59,7 @@ pub struct ChargeOperationRow {
     /// Minor units asked of the gateway; 0 for a cancellation.
     pub amount: u64,
     /// Where it is.
-    pub status: String,
+    pub status: ChargeOperationState,
     /// The gateway's id of what it made or changed, once known.
     pub gateway_id: Option<String>,
     /// Minor units the gateway reports done, when it says.
@@ -42,8 +79,8 @@ pub struct ChargeOperationRow {
 /// How a send of an operation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperationSettlement {
-    /// `"succeeded"`, `"failed"` or `"unknown"`.
-    pub status: String,
+    /// Where the send left it: any state but [`ChargeOperationState::Pending`].
+    pub status: ChargeOperationState,
     /// The gateway's id, if it gave one.
     pub gateway_id: Option<String>,
     /// Minor units the gateway reports done, if it says.

@@ -5,8 +5,45 @@ use std::fmt;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// A charge as stored. `status` is `"pending"`, `"succeeded"`, `"requires_action"`,
-/// `"declined"`, `"failed"` or `"unknown"`; `capture` is `"automatic"` or `"manual"`.
+use super::state::stored_enum;
+
+stored_enum! {
+    /// Where a charge is.
+    pub enum ChargeState("charge status") {
+        /// Written before anything goes out; not settled yet.
+        Pending = "pending",
+        /// Charged (or, with manual capture, authorized).
+        Succeeded = "succeeded",
+        /// The cardholder must act (3-D Secure); see [`ChargeRow::action`].
+        RequiresAction = "requires_action",
+        /// The issuer or the gateway declined the card.
+        Declined = "declined",
+        /// Nothing was charged.
+        Failed = "failed",
+        /// The gateway may or may not have charged: to be settled by asking it.
+        Unknown = "unknown",
+    }
+}
+
+impl ChargeState {
+    /// Whether the charge still waits for its outcome (`pending` or `unknown`): the states a
+    /// send or a settlement may still change.
+    pub fn is_unsettled(self) -> bool {
+        matches!(self, ChargeState::Pending | ChargeState::Unknown)
+    }
+}
+
+stored_enum! {
+    /// When the gateway takes a charge's money.
+    pub enum CaptureMethod("capture method") {
+        /// Authorize and capture in one step.
+        Automatic = "automatic",
+        /// Authorize only; captured later by `CaptureCharge`.
+        Manual = "manual",
+    }
+}
+
+/// A charge as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeRow {
     /// `ch_` and 16 letters or digits.
@@ -26,13 +63,13 @@ pub struct ChargeRow {
     /// ISO 4217, upper case.
     pub currency: String,
     /// Automatic or manual capture.
-    pub capture: String,
+    pub capture: CaptureMethod,
     /// The description sent to the gateway (re-sent identical).
     pub description: String,
     /// The metadata sent to the gateway, sorted by key (re-sent identical).
     pub metadata: Vec<(String, String)>,
     /// Where the charge is.
-    pub status: String,
+    pub status: ChargeState,
     /// The gateway's id of the payment, once known.
     pub gateway_payment_id: Option<String>,
     /// The gateway's decline code.
@@ -83,8 +120,8 @@ impl fmt::Debug for ChargeActionRow {
 /// How a send to the gateway ended, to settle a charge with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeSettlement {
-    /// `"succeeded"`, `"requires_action"`, `"declined"`, `"failed"` or `"unknown"`.
-    pub status: String,
+    /// Where the send left the charge: any state but [`ChargeState::Pending`].
+    pub status: ChargeState,
     /// The gateway's payment id, if it gave one.
     pub gateway_payment_id: Option<String>,
     /// The gateway's decline code.

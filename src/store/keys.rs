@@ -6,7 +6,57 @@ use std::fmt;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::DekRow;
+use super::{DekRow, state::stored_enum};
+
+stored_enum! {
+    /// What a background key job does.
+    pub enum KeyJobKind("key job kind") {
+        /// Rewrap DEKs, tenant secrets and the audit key under the primary KEK version.
+        Rewrap = "rewrap",
+        /// Re-encrypt records of retired DEKs under active DEKs, then destroy the retired DEKs.
+        Reencrypt = "reencrypt",
+    }
+}
+
+stored_enum! {
+    /// Where a background key job is.
+    pub enum KeyJobState("key job state") {
+        /// Started and not finished; at most one per kind.
+        Running = "running",
+        /// Finished.
+        Done = "done",
+        /// Stopped by an error (see [`KeyJobRow::error`]).
+        Failed = "failed",
+    }
+}
+
+stored_enum! {
+    /// What a dual-control request asks for.
+    pub enum KeyRequestKind("key request kind") {
+        /// Destroy a KEK version (target: the version number).
+        RetireKek = "retire_kek",
+        /// Crypto-shred a tenant (target: the tenant id).
+        ShredTenant = "shred_tenant",
+        /// Create a principal (target: its tenant; `params`: what to create).
+        CreatePrincipal = "create_principal",
+        /// Revoke a principal (target: the principal id).
+        RevokePrincipal = "revoke_principal",
+        /// Create an API key (target: the principal id; `params`: its lifetime).
+        CreateApiKey = "create_api_key",
+    }
+}
+
+stored_enum! {
+    /// Where a dual-control request is.
+    pub enum KeyRequestState("key request state") {
+        /// Waiting for approval (a failed execution leaves it so).
+        Pending = "pending",
+        /// Approved and carried out.
+        Executed = "executed",
+        /// Approval came too late.
+        Expired = "expired",
+    }
+}
 
 /// What one KEK version wraps, as counted by [`Store::kek_usage`](super::Store::kek_usage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,16 +135,15 @@ impl fmt::Debug for SealedRecord {
     }
 }
 
-/// A background key job as stored. `kind` is `"rewrap"` or `"reencrypt"`; `state` is
-/// `"running"`, `"done"` or `"failed"`.
+/// A background key job as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyJobRow {
     /// `kj_` and 16 letters or digits.
     pub id: String,
     /// What the job does.
-    pub kind: String,
+    pub kind: KeyJobKind,
     /// Where it is.
-    pub state: String,
+    pub state: KeyJobState,
     /// Re-encryption of one tenant only; `None` for all tenants (and for rewraps).
     pub tenant_id: Option<String>,
     /// Items (keys or records) processed so far.
@@ -117,17 +166,15 @@ pub struct KeyJobRow {
     pub error: Option<String>,
 }
 
-/// A dual-control request as stored. `kind` is `"retire_kek"` (target: the version number),
-/// `"shred_tenant"` (target: the tenant id), `"create_principal"` (target: the new
-/// principal's tenant, `params`: what to create) or `"revoke_principal"` (target: the
-/// principal id); `state` is `"pending"`, `"executed"` or `"expired"`. A request whose execution fails stays pending (it can be approved again once
-/// the cause is fixed, until it expires).
+/// A dual-control request as stored ([`KeyRequestKind`] says what its target and params
+/// are). A request whose execution fails stays pending (it can be approved again once the
+/// cause is fixed, until it expires).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRequestRow {
     /// `kr_` and 16 letters or digits.
     pub id: String,
     /// What is to be done.
-    pub kind: String,
+    pub kind: KeyRequestKind,
     /// To what.
     pub target: String,
     /// Who asked.
@@ -137,7 +184,7 @@ pub struct KeyRequestRow {
     /// Approval after this instant is refused.
     pub expires_at: OffsetDateTime,
     /// Where it is.
-    pub state: String,
+    pub state: KeyRequestState,
     /// Who approved it.
     pub decided_by: Option<String>,
     /// When.

@@ -13,11 +13,17 @@ mod keys;
 mod pool;
 pub mod postgres;
 pub mod sqlite;
+mod state;
 
-pub use self::charge_ops::{ChargeOperationRow, OperationSettlement};
-pub use self::charges::{ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow};
+pub use self::charge_ops::{
+    ChargeOperationKind, ChargeOperationRow, ChargeOperationState, OperationSettlement,
+};
+pub use self::charges::{
+    CaptureMethod, ChargeActionRow, ChargeRow, ChargeSettlement, ChargeState, CvcHoldRow,
+};
 pub use self::keys::{
-    DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap, SealedRecord, Shredded,
+    DekUsage, KekUsage, KeyJobKind, KeyJobRow, KeyJobState, KeyRequestKind, KeyRequestRow,
+    KeyRequestState, Rewrap, SealedRecord, Shredded,
 };
 pub use self::pool::{PoolStats, sample_pool};
 
@@ -228,6 +234,28 @@ pub struct AuditHeadRow {
     pub head_mac: Vec<u8>,
 }
 
+state::stored_enum! {
+    /// How an audited action ended.
+    pub enum AuditOutcome("audit outcome") {
+        /// Done.
+        Ok = "ok",
+        /// No such token (or another tenant's: the two are not told apart).
+        NotFound = "not_found",
+        /// The request was malformed.
+        InvalidArgument = "invalid_argument",
+        /// No valid credentials.
+        Unauthenticated = "unauthenticated",
+        /// Valid credentials without the permission.
+        PermissionDenied = "permission_denied",
+        /// Over a rate limit.
+        RateLimited = "rate_limited",
+        /// Refused because it conflicts with existing state (e.g. a duplicate name).
+        Conflict = "conflict",
+        /// Failed inside the vault.
+        Error = "error",
+    }
+}
+
 /// One audit record. Never holds a PAN, CVC or key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRow {
@@ -245,8 +273,8 @@ pub struct AuditRow {
     pub action: String,
     /// Token acted on, if any.
     pub token: Option<String>,
-    /// Outcome name, e.g. `ok`, `not_found`, `denied`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: AuditOutcome,
     /// True for a honeytoken access or another event an operator must look at.
     pub alarm: bool,
     /// Caller's network address.
@@ -633,13 +661,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         total: u64,
         lease_until: OffsetDateTime,
     ) -> Result<bool, StoreError>;
-    /// Ends a job held by `owner` with `state` (`"done"` or `"failed"`) and an error text;
-    /// clears the lease; returns whether it did.
+    /// Ends a job held by `owner` with `state` (done or failed) and an error text; clears
+    /// the lease; returns whether it did.
     async fn finish_key_job(
         &self,
         id: &str,
         owner: &str,
-        state: &str,
+        state: KeyJobState,
         error: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;
@@ -888,7 +916,7 @@ pub trait StoreTx: Send {
     async fn decide_key_request(
         &mut self,
         id: &str,
-        state: &str,
+        state: KeyRequestState,
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;

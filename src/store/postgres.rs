@@ -10,11 +10,13 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow,
-    ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
-    KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTls, StoreTx, TenantRow,
-    action_from_parts, metadata_from_json, metadata_to_json, narrow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditOutcome, AuditRow, CaptureMethod,
+    CardInsert, CardRow, ChargeOperationKind, ChargeOperationRow, ChargeOperationState, ChargeRow,
+    ChargeSettlement, ChargeState, CvcHoldRow, DekRow, DekUsage, ImportedCard, KekUsage,
+    KeyJobKind, KeyJobRow, KeyJobState, KeyRequestKind, KeyRequestRow, KeyRequestState,
+    OperationSettlement, PrincipalRow, ReuseKey, Rewrap, SealedRecord, Shredded, Store, StoreError,
+    StoreOptions, StoreTls, StoreTx, TenantRow, action_from_parts, metadata_from_json,
+    metadata_to_json, narrow,
     pool::{Acquires, PoolStats},
 };
 
@@ -225,12 +227,12 @@ where
          WHERE id = $1 AND status IN ('pending', 'unknown')",
     )
     .bind(id)
-    .bind(&settlement.status)
+    .bind(settlement.status.as_str())
     .bind(&settlement.gateway_payment_id)
     .bind(&settlement.decline_code)
     .bind(&settlement.message)
     .bind(now)
-    .bind(settlement.status != "unknown")
+    .bind(settlement.status != ChargeState::Unknown)
     .bind(action.and_then(|a| a.client_secret.as_deref()))
     .bind(action.and_then(|a| a.kind.as_deref()))
     .bind(action.and_then(|a| a.redirect_url.as_deref()))
@@ -321,10 +323,10 @@ fn charge_from_row(row: &PgRow) -> Result<ChargeRow, StoreError> {
             "a stored charge amount is out of range (negative)",
         )?,
         currency: row.try_get("currency")?,
-        capture: row.try_get("capture")?,
+        capture: CaptureMethod::parse(row.try_get("capture")?)?,
         description: row.try_get("description")?,
         metadata: metadata_from_json(row.try_get::<&str, _>("metadata")?)?,
-        status: row.try_get("status")?,
+        status: ChargeState::parse(row.try_get("status")?)?,
         gateway_payment_id: row.try_get("gateway_payment_id")?,
         decline_code: row.try_get("decline_code")?,
         message: row.try_get("message")?,
@@ -475,7 +477,7 @@ struct AuditColumns {
     principal: Vec<Option<String>>,
     action: Vec<String>,
     token: Vec<Option<String>>,
-    outcome: Vec<String>,
+    outcome: Vec<&'static str>,
     alarm: Vec<bool>,
     peer: Vec<Option<String>>,
     request_id: Vec<Option<String>>,
@@ -509,7 +511,7 @@ impl AuditColumns {
             c.principal.push(r.principal.clone());
             c.action.push(r.action.clone());
             c.token.push(r.token.clone());
-            c.outcome.push(r.outcome.clone());
+            c.outcome.push(r.outcome.as_str());
             c.alarm.push(r.alarm);
             c.peer.push(r.peer.clone());
             c.request_id.push(r.request_id.clone());
@@ -1240,8 +1242,8 @@ impl Store for PgStore {
              ON CONFLICT (kind) WHERE state = 'running' DO NOTHING",
         )
         .bind(&row.id)
-        .bind(&row.kind)
-        .bind(&row.state)
+        .bind(row.kind.as_str())
+        .bind(row.state.as_str())
         .bind(&row.tenant_id)
         .bind(int8_param(row.done, "job progress out of range")?)
         .bind(int8_param(row.total, "job total out of range")?)
@@ -1330,7 +1332,7 @@ impl Store for PgStore {
         &self,
         id: &str,
         owner: &str,
-        state: &str,
+        state: KeyJobState,
         error: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
@@ -1341,7 +1343,7 @@ impl Store for PgStore {
         )
         .bind(id)
         .bind(owner)
-        .bind(state)
+        .bind(state.as_str())
         .bind(error)
         .bind(at)
         .execute(&mut *self.conn().await?)
@@ -1452,10 +1454,10 @@ impl Store for PgStore {
             "a charge amount is larger than the database holds",
         )?)
         .bind(&row.currency)
-        .bind(&row.capture)
+        .bind(row.capture.as_str())
         .bind(&row.description)
         .bind(metadata_to_json(&row.metadata))
-        .bind(&row.status)
+        .bind(row.status.as_str())
         .bind(&row.gateway_payment_id)
         .bind(&row.decline_code)
         .bind(&row.message)
@@ -2227,12 +2229,12 @@ impl StoreTx for PgTx {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&row.id)
-        .bind(&row.kind)
+        .bind(row.kind.as_str())
         .bind(&row.target)
         .bind(&row.requested_by)
         .bind(row.requested_at)
         .bind(row.expires_at)
-        .bind(&row.state)
+        .bind(row.state.as_str())
         .bind(&row.decided_by)
         .bind(row.decided_at)
         .bind(&row.tenant_id)
@@ -2245,7 +2247,7 @@ impl StoreTx for PgTx {
     async fn decide_key_request(
         &mut self,
         id: &str,
-        state: &str,
+        state: KeyRequestState,
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
@@ -2254,7 +2256,7 @@ impl StoreTx for PgTx {
              WHERE id = $1 AND state = 'pending'",
         )
         .bind(id)
-        .bind(state)
+        .bind(state.as_str())
         .bind(by)
         .bind(at)
         .execute(&mut *self.tx)
@@ -2405,14 +2407,14 @@ impl StoreTx for PgTx {
         .bind(&row.id)
         .bind(&row.tenant_id)
         .bind(&row.charge_id)
-        .bind(&row.kind)
+        .bind(row.kind.as_str())
         .bind(&row.idempotency_key)
         .bind(&row.request_hash)
         .bind(int8_param(
             row.amount,
             "an operation amount is out of range",
         )?)
-        .bind(&row.status)
+        .bind(row.status.as_str())
         .bind(&row.gateway_id)
         .bind(
             row.amount_done
@@ -2442,7 +2444,7 @@ impl StoreTx for PgTx {
              WHERE id = $1 AND status IN ('pending', 'unknown')",
         )
         .bind(id)
-        .bind(&settlement.status)
+        .bind(settlement.status.as_str())
         .bind(&settlement.gateway_id)
         .bind(
             settlement
@@ -2502,7 +2504,7 @@ fn audit_from_row(row: &PgRow) -> Result<AuditRow, StoreError> {
         principal: row.try_get("principal")?,
         action: row.try_get("action")?,
         token: row.try_get("token")?,
-        outcome: row.try_get("outcome")?,
+        outcome: AuditOutcome::parse(row.try_get("outcome")?)?,
         alarm: row.try_get("alarm")?,
         peer: row.try_get("peer")?,
         request_id: row.try_get("request_id")?,
@@ -2524,8 +2526,8 @@ fn kek_usage_from_row(row: &PgRow) -> Result<KekUsage, StoreError> {
 fn key_job_from_row(row: &PgRow) -> Result<KeyJobRow, StoreError> {
     Ok(KeyJobRow {
         id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
-        state: row.try_get("state")?,
+        kind: KeyJobKind::parse(row.try_get("kind")?)?,
+        state: KeyJobState::parse(row.try_get("state")?)?,
         tenant_id: row.try_get("tenant_id")?,
         done: narrow(row.try_get::<i64, _>("done")?, "job progress")?,
         total: narrow(row.try_get::<i64, _>("total")?, "job total")?,
@@ -2542,12 +2544,12 @@ fn key_job_from_row(row: &PgRow) -> Result<KeyJobRow, StoreError> {
 fn key_request_from_row(row: &PgRow) -> Result<KeyRequestRow, StoreError> {
     Ok(KeyRequestRow {
         id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
+        kind: KeyRequestKind::parse(row.try_get("kind")?)?,
         target: row.try_get("target")?,
         requested_by: row.try_get("requested_by")?,
         requested_at: row.try_get("requested_at")?,
         expires_at: row.try_get("expires_at")?,
-        state: row.try_get("state")?,
+        state: KeyRequestState::parse(row.try_get("state")?)?,
         decided_by: row.try_get("decided_by")?,
         decided_at: row.try_get("decided_at")?,
         tenant_id: row.try_get("tenant_id")?,
@@ -2569,11 +2571,11 @@ fn charge_operation_from_row(row: &PgRow) -> Result<ChargeOperationRow, StoreErr
         id: row.try_get("id")?,
         tenant_id: row.try_get("tenant_id")?,
         charge_id: row.try_get("charge_id")?,
-        kind: row.try_get("kind")?,
+        kind: ChargeOperationKind::parse(row.try_get("kind")?)?,
         idempotency_key: row.try_get("idempotency_key")?,
         request_hash: row.try_get("request_hash")?,
         amount: amount(row.try_get("amount")?)?,
-        status: row.try_get("status")?,
+        status: ChargeOperationState::parse(row.try_get("status")?)?,
         gateway_id: row.try_get("gateway_id")?,
         amount_done: row
             .try_get::<Option<i64>, _>("amount_done")?

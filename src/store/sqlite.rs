@@ -18,11 +18,13 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow,
-    ChargeOperationRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, DekUsage, ImportedCard,
-    KekUsage, KeyJobRow, KeyRequestRow, OperationSettlement, PrincipalRow, ReuseKey, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, StoreOptions, StoreTx, TenantRow, action_from_parts,
-    metadata_from_json, metadata_to_json, narrow,
+    ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditOutcome, AuditRow, CaptureMethod,
+    CardInsert, CardRow, ChargeOperationKind, ChargeOperationRow, ChargeOperationState, ChargeRow,
+    ChargeSettlement, ChargeState, CvcHoldRow, DekRow, DekUsage, ImportedCard, KekUsage,
+    KeyJobKind, KeyJobRow, KeyJobState, KeyRequestKind, KeyRequestRow, KeyRequestState,
+    OperationSettlement, PrincipalRow, ReuseKey, Rewrap, SealedRecord, Shredded, Store, StoreError,
+    StoreOptions, StoreTx, TenantRow, action_from_parts, metadata_from_json, metadata_to_json,
+    narrow,
     pool::{Acquires, PoolStats},
 };
 
@@ -305,12 +307,12 @@ where
          WHERE id = ?1 AND status IN ('pending', 'unknown')",
     )
     .bind(id)
-    .bind(&settlement.status)
+    .bind(settlement.status.as_str())
     .bind(&settlement.gateway_payment_id)
     .bind(&settlement.decline_code)
     .bind(&settlement.message)
     .bind(micros(now))
-    .bind(settlement.status != "unknown")
+    .bind(settlement.status != ChargeState::Unknown)
     .bind(action.and_then(|a| a.client_secret.as_deref()))
     .bind(action.and_then(|a| a.kind.as_deref()))
     .bind(action.and_then(|a| a.redirect_url.as_deref()))
@@ -398,10 +400,10 @@ fn charge_from_row(row: &SqliteRow) -> Result<ChargeRow, StoreError> {
             "a stored charge amount is out of range (negative)",
         )?,
         currency: row.try_get("currency")?,
-        capture: row.try_get("capture")?,
+        capture: CaptureMethod::parse(row.try_get("capture")?)?,
         description: row.try_get("description")?,
         metadata: metadata_from_json(row.try_get::<&str, _>("metadata")?)?,
-        status: row.try_get("status")?,
+        status: ChargeState::parse(row.try_get("status")?)?,
         gateway_payment_id: row.try_get("gateway_payment_id")?,
         decline_code: row.try_get("decline_code")?,
         message: row.try_get("message")?,
@@ -1103,8 +1105,8 @@ impl Store for SqliteStore {
              ON CONFLICT (kind) WHERE state = 'running' DO NOTHING",
         )
         .bind(&row.id)
-        .bind(&row.kind)
-        .bind(&row.state)
+        .bind(row.kind.as_str())
+        .bind(row.state.as_str())
         .bind(&row.tenant_id)
         .bind(int8_param(row.done, "job progress out of range")?)
         .bind(int8_param(row.total, "job total out of range")?)
@@ -1190,7 +1192,7 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         owner: &str,
-        state: &str,
+        state: KeyJobState,
         error: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
@@ -1201,7 +1203,7 @@ impl Store for SqliteStore {
         )
         .bind(id)
         .bind(owner)
-        .bind(state)
+        .bind(state.as_str())
         .bind(error)
         .bind(micros(at))
         .execute(&mut *self.conn().await?)
@@ -1311,10 +1313,10 @@ impl Store for SqliteStore {
             "a charge amount is larger than the database holds",
         )?)
         .bind(&row.currency)
-        .bind(&row.capture)
+        .bind(row.capture.as_str())
         .bind(&row.description)
         .bind(metadata_to_json(&row.metadata))
-        .bind(&row.status)
+        .bind(row.status.as_str())
         .bind(&row.gateway_payment_id)
         .bind(&row.decline_code)
         .bind(&row.message)
@@ -1976,7 +1978,7 @@ impl StoreTx for SqliteTx {
             .bind(&record.principal)
             .bind(&record.action)
             .bind(&record.token)
-            .bind(&record.outcome)
+            .bind(record.outcome.as_str())
             .bind(record.alarm)
             .bind(&record.peer)
             .bind(&record.request_id)
@@ -2007,12 +2009,12 @@ impl StoreTx for SqliteTx {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(&row.id)
-        .bind(&row.kind)
+        .bind(row.kind.as_str())
         .bind(&row.target)
         .bind(&row.requested_by)
         .bind(micros(row.requested_at))
         .bind(micros(row.expires_at))
-        .bind(&row.state)
+        .bind(row.state.as_str())
         .bind(&row.decided_by)
         .bind(row.decided_at.map(micros))
         .bind(&row.tenant_id)
@@ -2025,7 +2027,7 @@ impl StoreTx for SqliteTx {
     async fn decide_key_request(
         &mut self,
         id: &str,
-        state: &str,
+        state: KeyRequestState,
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
@@ -2034,7 +2036,7 @@ impl StoreTx for SqliteTx {
              WHERE id = ?1 AND state = 'pending'",
         )
         .bind(id)
-        .bind(state)
+        .bind(state.as_str())
         .bind(by)
         .bind(micros(at))
         .execute(&mut *self.tx)
@@ -2187,14 +2189,14 @@ impl StoreTx for SqliteTx {
         .bind(&row.id)
         .bind(&row.tenant_id)
         .bind(&row.charge_id)
-        .bind(&row.kind)
+        .bind(row.kind.as_str())
         .bind(&row.idempotency_key)
         .bind(&row.request_hash)
         .bind(int8_param(
             row.amount,
             "an operation amount is out of range",
         )?)
-        .bind(&row.status)
+        .bind(row.status.as_str())
         .bind(&row.gateway_id)
         .bind(
             row.amount_done
@@ -2224,7 +2226,7 @@ impl StoreTx for SqliteTx {
              WHERE id = ?1 AND status IN ('pending', 'unknown')",
         )
         .bind(id)
-        .bind(&settlement.status)
+        .bind(settlement.status.as_str())
         .bind(&settlement.gateway_id)
         .bind(
             settlement
@@ -2287,7 +2289,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditRow, StoreError> {
         principal: row.try_get("principal")?,
         action: row.try_get("action")?,
         token: row.try_get("token")?,
-        outcome: row.try_get("outcome")?,
+        outcome: AuditOutcome::parse(row.try_get("outcome")?)?,
         alarm: row.try_get("alarm")?,
         peer: row.try_get("peer")?,
         request_id: row.try_get("request_id")?,
@@ -2309,8 +2311,8 @@ fn kek_usage_from_row(row: &SqliteRow) -> Result<KekUsage, StoreError> {
 fn key_job_from_row(row: &SqliteRow) -> Result<KeyJobRow, StoreError> {
     Ok(KeyJobRow {
         id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
-        state: row.try_get("state")?,
+        kind: KeyJobKind::parse(row.try_get("kind")?)?,
+        state: KeyJobState::parse(row.try_get("state")?)?,
         tenant_id: row.try_get("tenant_id")?,
         done: narrow(row.try_get("done")?, "job progress")?,
         total: narrow(row.try_get("total")?, "job total")?,
@@ -2327,12 +2329,12 @@ fn key_job_from_row(row: &SqliteRow) -> Result<KeyJobRow, StoreError> {
 fn key_request_from_row(row: &SqliteRow) -> Result<KeyRequestRow, StoreError> {
     Ok(KeyRequestRow {
         id: row.try_get("id")?,
-        kind: row.try_get("kind")?,
+        kind: KeyRequestKind::parse(row.try_get("kind")?)?,
         target: row.try_get("target")?,
         requested_by: row.try_get("requested_by")?,
         requested_at: from_micros(row.try_get("requested_at")?)?,
         expires_at: from_micros(row.try_get("expires_at")?)?,
-        state: row.try_get("state")?,
+        state: KeyRequestState::parse(row.try_get("state")?)?,
         decided_by: row.try_get("decided_by")?,
         decided_at: optional_time(row, "decided_at")?,
         tenant_id: row.try_get("tenant_id")?,
@@ -2354,11 +2356,11 @@ fn charge_operation_from_row(row: &SqliteRow) -> Result<ChargeOperationRow, Stor
         id: row.try_get("id")?,
         tenant_id: row.try_get("tenant_id")?,
         charge_id: row.try_get("charge_id")?,
-        kind: row.try_get("kind")?,
+        kind: ChargeOperationKind::parse(row.try_get("kind")?)?,
         idempotency_key: row.try_get("idempotency_key")?,
         request_hash: row.try_get("request_hash")?,
         amount: amount(row.try_get("amount")?)?,
-        status: row.try_get("status")?,
+        status: ChargeOperationState::parse(row.try_get("status")?)?,
         gateway_id: row.try_get("gateway_id")?,
         amount_done: row
             .try_get::<Option<i64>, _>("amount_done")?

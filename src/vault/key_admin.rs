@@ -12,13 +12,15 @@ use time::OffsetDateTime;
 use super::{
     CreatedApiKey, NewPrincipal, Operator, OperatorScope, Permissions, TenantId, Vault, VaultError,
     admin::{admin_event, new_api_key, new_principal_row, scope_of},
-    key_jobs::JobKind,
     keys::DekPolicy,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     crypto::{self, CryptoError, DekId, KekVersion, KeyProvider},
-    store::{DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, Shredded},
+    store::{
+        DekRow, DekUsage, KekUsage, KeyJobKind, KeyJobRow, KeyRequestKind, KeyRequestRow,
+        KeyRequestState, PrincipalRow, Shredded,
+    },
 };
 
 /// An operation that needs dual control: one operator requests it, another approves.
@@ -76,13 +78,13 @@ impl KeyOperation {
     }
 
     /// The stored kind.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> KeyRequestKind {
         match self {
-            KeyOperation::RetireKek(_) => "retire_kek",
-            KeyOperation::ShredTenant(_) => "shred_tenant",
-            KeyOperation::CreatePrincipal(_) => "create_principal",
-            KeyOperation::RevokePrincipal { .. } => "revoke_principal",
-            KeyOperation::CreateApiKey { .. } => "create_api_key",
+            KeyOperation::RetireKek(_) => KeyRequestKind::RetireKek,
+            KeyOperation::ShredTenant(_) => KeyRequestKind::ShredTenant,
+            KeyOperation::CreatePrincipal(_) => KeyRequestKind::CreatePrincipal,
+            KeyOperation::RevokePrincipal { .. } => KeyRequestKind::RevokePrincipal,
+            KeyOperation::CreateApiKey { .. } => KeyRequestKind::CreateApiKey,
         }
     }
 
@@ -144,16 +146,16 @@ impl KeyOperation {
         let params = || -> Result<RequestParams, VaultError> {
             serde_json::from_str(row.params.as_deref().ok_or_else(corrupt)?).map_err(|_| corrupt())
         };
-        match row.kind.as_str() {
-            "retire_kek" => row
+        match row.kind {
+            KeyRequestKind::RetireKek => row
                 .target
                 .parse()
                 .map(|v| KeyOperation::RetireKek(KekVersion(v)))
                 .map_err(|_| corrupt()),
-            "shred_tenant" => TenantId::parse(&row.target)
+            KeyRequestKind::ShredTenant => TenantId::parse(&row.target)
                 .map(KeyOperation::ShredTenant)
                 .map_err(|_| corrupt()),
-            "create_principal" => {
+            KeyRequestKind::CreatePrincipal => {
                 let params = params()?;
                 Ok(KeyOperation::CreatePrincipal(NewPrincipal {
                     tenant: TenantId::parse(&row.target).map_err(|_| corrupt())?,
@@ -164,16 +166,15 @@ impl KeyOperation {
                     global_operator: params.global_operator,
                 }))
             }
-            "revoke_principal" => Ok(KeyOperation::RevokePrincipal {
+            KeyRequestKind::RevokePrincipal => Ok(KeyOperation::RevokePrincipal {
                 principal: row.target.clone(),
                 tenant: tenant()?,
             }),
-            "create_api_key" => Ok(KeyOperation::CreateApiKey {
+            KeyRequestKind::CreateApiKey => Ok(KeyOperation::CreateApiKey {
                 principal: row.target.clone(),
                 tenant: tenant()?,
                 valid_for: params()?.valid_for_secs.map(time::Duration::seconds),
             }),
-            _ => Err(corrupt()),
         }
     }
 }
@@ -308,7 +309,7 @@ impl Vault {
             }
         };
         tracing::info!(kek_version = %version, provider = self.keys.provider().name(), "new primary KEK version");
-        let job = self.start_job(op, JobKind::Rewrap, None).await?;
+        let job = self.start_job(op, KeyJobKind::Rewrap, None).await?;
         event.detail = Some(format!("new primary KEK {version}; rewrap job {}", job.id));
         self.record_or_fail(&event).await?;
         Ok((version, job))
@@ -373,7 +374,7 @@ impl Vault {
             deks.push(self.keys.rotate_now(tenant).await?);
         }
         let job = if reencrypt {
-            Some(self.start_job(op, JobKind::Reencrypt, tenant).await?)
+            Some(self.start_job(op, KeyJobKind::Reencrypt, tenant).await?)
         } else {
             None
         };
@@ -496,12 +497,12 @@ impl Vault {
             .map_err(|e| VaultError::internal("approval time limit out of range", e))?;
         let row = KeyRequestRow {
             id: new_id("kr_")?,
-            kind: operation.kind().to_owned(),
+            kind: operation.kind(),
             target: operation.target(),
             requested_by: op.principal.clone(),
             requested_at: now,
             expires_at: now + ttl,
-            state: "pending".to_owned(),
+            state: KeyRequestState::Pending,
             decided_by: None,
             decided_at: None,
             tenant_id: operation.tenant().map(ToString::to_string),
@@ -637,7 +638,7 @@ impl Vault {
                 if approved.shredded.is_some()
                     || approved.principal.is_some()
                     || approved.api_key.is_some()
-                    || approved.request.kind == "revoke_principal" => {}
+                    || approved.request.kind == KeyRequestKind::RevokePrincipal => {}
             Ok(_) => self.record_or_fail(&event).await?,
             Err(err) => {
                 event.outcome = outcome_of(err);
@@ -665,7 +666,7 @@ impl Vault {
                 None => "operator scope: only a global operator may do this",
             }));
         }
-        if request.state != "pending" {
+        if request.state != KeyRequestState::Pending {
             return Err(VaultError::Precondition(format!(
                 "request {id} is {}, not pending",
                 request.state
@@ -675,7 +676,7 @@ impl Vault {
         let now = OffsetDateTime::now_utc();
         if now >= request.expires_at {
             let mut tx = self.begin().await?;
-            tx.decide_key_request(id, "expired", &op.principal, now)
+            tx.decide_key_request(id, KeyRequestState::Expired, &op.principal, now)
                 .await?;
             tx.commit().await?;
             return Err(VaultError::Precondition(format!(
@@ -689,7 +690,7 @@ impl Vault {
             KeyOperation::CreatePrincipal(new) => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -714,7 +715,7 @@ impl Vault {
             } => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -735,7 +736,7 @@ impl Vault {
             } => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -757,7 +758,7 @@ impl Vault {
                 self.retire_kek(*version).await?;
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -777,7 +778,7 @@ impl Vault {
                     .collect();
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -798,7 +799,7 @@ impl Vault {
                 Some(shredded)
             }
         };
-        request.state = "executed".to_owned();
+        request.state = KeyRequestState::Executed;
         request.decided_by = Some(op.principal.clone());
         request.decided_at = Some(now);
         Ok(Approved {

@@ -49,7 +49,7 @@ pub use self::{
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
-    key_jobs::{JobKind, KeyJobOptions},
+    key_jobs::KeyJobOptions,
     keys::DekPolicy,
     limits::{GuessBudgets, Rate},
     metadata::Metadata,
@@ -64,6 +64,15 @@ use self::{
     limits::RateLimiter,
     refusals::Refusals,
     seal::{Sealer, format_name},
+};
+/// The states of what the vault keeps — charges, their follow-ups, key jobs, dual-control
+/// requests — as the store holds them: closed sets, each stored as one fixed name and read
+/// back strictly (an unknown stored name is a corrupt row, never a default). They are the
+/// store's types because the store decodes them and imports nothing; they are the vault's
+/// vocabulary too, and callers take them from here.
+pub use crate::store::{
+    CaptureMethod, ChargeOperationKind, ChargeOperationState, ChargeState, KeyJobKind, KeyJobState,
+    KeyRequestKind, KeyRequestState,
 };
 use crate::{
     audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
