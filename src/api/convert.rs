@@ -7,10 +7,9 @@ use crate::{
     card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat, contains_card_number},
     gateway::{Capture, OperationKind},
     pb::v1 as pb,
-    store::ChargeActionRow,
     vault::{
-        CardView, ChargeCommand, ChargeOperationKind, ChargeOperationState, ChargeState,
-        ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_CHARGE_AMOUNT,
+        CardView, ChargeActionView, ChargeCommand, ChargeOperationKind, ChargeOperationState,
+        ChargeState, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_CHARGE_AMOUNT,
         MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand, RESERVED_METADATA_KEY,
         TokenizeCommand,
     },
@@ -409,7 +408,7 @@ pub fn charge_command(
 }
 
 /// The API form of a stored next action.
-pub fn charge_action(action: ChargeActionRow) -> pb::ChargeAction {
+pub fn charge_action(action: ChargeActionView) -> pb::ChargeAction {
     pb::ChargeAction {
         client_secret: action.client_secret.unwrap_or_default(),
         r#type: action.kind.unwrap_or_default(),

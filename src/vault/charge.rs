@@ -21,7 +21,7 @@ use ring::digest;
 use time::OffsetDateTime;
 
 use super::{
-    Authorized, CardView, Metadata, TenantId, Vault, VaultError, event, expect_action,
+    Authorized, CardView, ChargeView, Metadata, TenantId, Vault, VaultError, event, expect_action,
     key_admin::new_id,
     settle::{Actor, charge_detail, is_unsettled},
     view_of,
@@ -79,8 +79,8 @@ pub(super) fn entered_status(gateway: &str, status: ChargeState) {
 /// A charge's outcome.
 #[derive(Debug)]
 pub struct Charged {
-    /// The stored charge.
-    pub charge: ChargeRow,
+    /// The charge as it stands.
+    pub charge: ChargeView,
     /// The charged card, masked.
     pub card: CardView,
     /// False when this is the stored outcome of an earlier request with the same key.
@@ -175,7 +175,7 @@ impl Vault {
         self.alarm_if(row.honeytoken, auth, token);
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
-            charge,
+            charge: charge.into(),
             created,
         })
     }
@@ -241,7 +241,7 @@ impl Vault {
         &self,
         auth: &Authorized,
         limit: u32,
-    ) -> Result<Vec<ChargeRow>, VaultError> {
+    ) -> Result<Vec<ChargeView>, VaultError> {
         expect_action(auth, Action::ReconcileCharges)?;
         let tenant = auth.caller().tenant().clone();
         let now = OffsetDateTime::now_utc();
@@ -272,7 +272,7 @@ impl Vault {
                 .join(", ")
         ));
         self.record(&done).await;
-        Ok(settled)
+        Ok(settled.into_iter().map(ChargeView::from).collect())
     }
 
     /// The caller's charge under `idempotency_key` as it stands, with its card: the answer to
@@ -306,7 +306,7 @@ impl Vault {
         tokio::spawn(async move { vault.record(&answered).await });
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
-            charge,
+            charge: charge.into(),
             created: false,
         })
     }

@@ -19,7 +19,9 @@ use std::time::Duration;
 use ring::digest;
 use time::OffsetDateTime;
 
-use super::{Authorized, Vault, VaultError, event, expect_action, key_admin::new_id};
+use super::{
+    Authorized, ChargeOperationView, Vault, VaultError, event, expect_action, key_admin::new_id,
+};
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::Token,
@@ -46,8 +48,8 @@ pub struct OperationCommand {
 /// An operation's outcome.
 #[derive(Debug)]
 pub struct Operated {
-    /// The stored operation.
-    pub operation: ChargeOperationRow,
+    /// The operation as it stands.
+    pub operation: ChargeOperationView,
     /// False when this is the stored outcome of an earlier request with the same key.
     pub created: bool,
 }
@@ -225,7 +227,7 @@ impl Vault {
             .send_operation(scope, charge, &row, connector.as_ref())
             .await?;
         Ok(Operated {
-            operation,
+            operation: operation.into(),
             created: true,
         })
     }
@@ -275,7 +277,7 @@ impl Vault {
                         .send_operation(scope, charge, &operation, connector.as_ref())
                         .await?;
                     return Ok(Operated {
-                        operation: settled,
+                        operation: settled.into(),
                         created: false,
                     });
                 }
@@ -301,7 +303,7 @@ impl Vault {
         );
         self.batcher().await?.audit(answered).await?;
         Ok(Operated {
-            operation,
+            operation: operation.into(),
             created: false,
         })
     }

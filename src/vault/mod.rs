@@ -29,6 +29,7 @@ mod seal;
 mod settle;
 pub mod sweeper;
 mod tenant;
+mod views;
 
 use std::{sync::Arc, time::Duration};
 
@@ -55,6 +56,11 @@ pub use self::{
     metadata::Metadata,
     peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
+    views::{
+        ApiKeyView, AuditPosition, AuditRecordView, ChargeActionView, ChargeOperationView,
+        ChargeView, DataKeyView, KekUsageView, KeyJobView, KeyRequestView, PrincipalView,
+        ShreddedView,
+    },
 };
 use self::{
     authn::CredentialCache,
@@ -75,11 +81,11 @@ pub use crate::store::{
     KeyRequestKind, KeyRequestState,
 };
 use crate::{
-    audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
+    audit::{Action, AuditEvent, Auditor, Outcome},
     card::{Brand, Card, CardholderName, Cvc, Pan, Token, TokenFormat},
     crypto::{self, DekId, Fingerprint, KeyProvider},
     gateway::Gateways,
-    store::{AuditCursor, CardInsert, CardRow, ReuseKey, Store, StoreTx},
+    store::{CardInsert, CardRow, ReuseKey, Store, StoreTx},
 };
 
 /// How many fresh tokens to draw when the first ones collide with existing cards. Opaque
@@ -648,9 +654,9 @@ impl Vault {
         auth: &Authorized,
         from: OffsetDateTime,
         to: OffsetDateTime,
-        cursor: Option<AuditCursor>,
+        cursor: Option<AuditPosition>,
         limit: u32,
-    ) -> Result<Vec<AuditRecord>, VaultError> {
+    ) -> Result<Vec<AuditRecordView>, VaultError> {
         expect_action(auth, Action::ReadAudit)?;
         if cursor.is_none() {
             let mut audit = event(auth, Outcome::Ok, None);
@@ -660,8 +666,11 @@ impl Vault {
         let tenant = (!auth.is_global_operator()).then(|| auth.caller().tenant().as_str());
         Ok(self
             .store
-            .audit_range(from, to, tenant, cursor, limit)
-            .await?)
+            .audit_range(from, to, tenant, cursor.map(Into::into), limit)
+            .await?
+            .into_iter()
+            .map(AuditRecordView::from)
+            .collect())
     }
 
     /// Reads a live card of the caller's tenant. A missing card (or another tenant's: the
