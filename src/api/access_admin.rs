@@ -15,10 +15,9 @@ use crate::{
     audit::Action,
     card::FieldViolation,
     pb::v1::{self as pb, access_admin_server::AccessAdmin},
-    store::{ApiKeyRow, PrincipalRow},
     vault::{
-        DualControlled, Metadata, NewPrincipal, Operator, Permission, Permissions, TenantId, Vault,
-        admin,
+        ApiKeyView, DualControlled, Metadata, NewPrincipal, Operator, Permission, Permissions,
+        PrincipalView, TenantId, Vault, admin,
     },
 };
 
@@ -46,7 +45,7 @@ fn tenant(field: &'static str, text: &str) -> Result<TenantId, ApiError> {
     TenantId::parse(text).map_err(|e| invalid(field, e.to_string()))
 }
 
-fn api_key_info(row: &ApiKeyRow) -> pb::ApiKeyInfo {
+fn api_key_info(row: &ApiKeyView) -> pb::ApiKeyInfo {
     pb::ApiKeyInfo {
         id: row.id.clone(),
         principal_id: row.principal_id.clone(),
@@ -56,7 +55,7 @@ fn api_key_info(row: &ApiKeyRow) -> pb::ApiKeyInfo {
     }
 }
 
-fn principal(row: PrincipalRow, keys: &[ApiKeyRow]) -> pb::Principal {
+fn principal(row: PrincipalView, keys: &[ApiKeyView]) -> pb::Principal {
     pb::Principal {
         created_by: row.created_by.unwrap_or_default(),
         global_operator: row.global_operator,

@@ -13,11 +13,10 @@ use super::{
     rpc,
 };
 use crate::{
-    audit::{Action, AuditRecord},
+    audit::Action,
     card::FieldViolation,
     pb::v1::{self as pb, audit_server::Audit},
-    store::AuditCursor,
-    vault::Vault,
+    vault::{AuditRecordView, Vault},
 };
 
 /// Records fetched per database round trip while streaming.
@@ -36,29 +35,21 @@ impl AuditService {
     }
 }
 
-fn record(row: AuditRecord) -> pb::AuditRecord {
+fn record(row: AuditRecordView) -> pb::AuditRecord {
     pb::AuditRecord {
-        chain: row.shard,
+        chain: row.chain,
         seq: row.seq,
         time: Some(to_timestamp(row.at)),
         tenant: row.tenant_id.unwrap_or_default(),
         principal: row.principal.unwrap_or_default(),
         action: row.action,
         token: row.token.unwrap_or_default(),
-        outcome: row.outcome,
+        outcome: row.outcome.as_str().to_owned(),
         alarm: row.alarm,
         peer: row.peer.unwrap_or_default(),
         request_id: row.request_id.unwrap_or_default(),
         detail: row.detail.unwrap_or_default(),
         mac: row.mac,
-    }
-}
-
-fn cursor_of(row: &AuditRecord) -> AuditCursor {
-    AuditCursor {
-        at: row.at,
-        shard: row.shard,
-        seq: row.seq,
     }
 }
 
@@ -103,7 +94,7 @@ impl Audit for AuditService {
                     let mut page = first;
                     loop {
                         let full = page.len() == PAGE as usize;
-                        let cursor = page.last().map(cursor_of);
+                        let cursor = page.last().map(AuditRecordView::position);
                         for row in page {
                             if tx.send(Ok(record(row))).await.is_err() {
                                 return; // the client went away

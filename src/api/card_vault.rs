@@ -22,7 +22,7 @@ use crate::{
     card::{Cvc, FieldViolation},
     gateway::OperationKind,
     pb::v1::{self as pb, card_vault_server::CardVault},
-    vault::{Authorized, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError, action_of},
+    vault::{Authorized, ChargeState, ImportChunk, MAX_IMPORT_CHUNK, Vault, VaultError, action_of},
 };
 
 /// Chunks of one import stream in progress at once. While one chunk's transaction commits,
@@ -120,7 +120,7 @@ impl CardVault for CardVaultService {
                     Err(_) => self.vault.charge_in_progress(&auth, &token, &key).await?,
                 };
                 let charge = charged.charge;
-                let message = if charge.status == "pending" {
+                let message = if charge.status == ChargeState::Pending {
                     tracing::warn!(
                         charge = %charge.id,
                         "the gateway has not answered within the request's deadline; the \
@@ -131,7 +131,7 @@ impl CardVault for CardVaultService {
                     charge.message.unwrap_or_default()
                 };
                 Ok(pb::ChargeResponse {
-                    status: convert::charge_status(&charge.status).into(),
+                    status: convert::charge_status(charge.status).into(),
                     charge_id: charge.id,
                     gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),
                     decline_code: charge.decline_code.unwrap_or_default(),
@@ -199,7 +199,7 @@ impl CardVault for CardVaultService {
                     charges: charges
                         .into_iter()
                         .map(|charge| pb::ReconciledCharge {
-                            status: convert::charge_status(&charge.status).into(),
+                            status: convert::charge_status(charge.status).into(),
                             charge_id: charge.id,
                             idempotency_key: charge.idempotency_key,
                             gateway_payment_id: charge.gateway_payment_id.unwrap_or_default(),

@@ -7,11 +7,11 @@ use crate::{
     card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat, contains_card_number},
     gateway::{Capture, OperationKind},
     pb::v1 as pb,
-    store::ChargeActionRow,
     vault::{
-        CardView, ChargeCommand, ImportCommand, ImportEntry, ImportId, ImportOutcome,
-        MAX_CHARGE_AMOUNT, MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand,
-        RESERVED_METADATA_KEY, TokenizeCommand,
+        CardView, ChargeActionView, ChargeCommand, ChargeOperationKind, ChargeOperationState,
+        ChargeState, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_CHARGE_AMOUNT,
+        MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand, RESERVED_METADATA_KEY,
+        TokenizeCommand,
     },
 };
 
@@ -408,7 +408,7 @@ pub fn charge_command(
 }
 
 /// The API form of a stored next action.
-pub fn charge_action(action: ChargeActionRow) -> pb::ChargeAction {
+pub fn charge_action(action: ChargeActionView) -> pb::ChargeAction {
     pb::ChargeAction {
         client_secret: action.client_secret.unwrap_or_default(),
         r#type: action.kind.unwrap_or_default(),
@@ -418,14 +418,14 @@ pub fn charge_action(action: ChargeActionRow) -> pb::ChargeAction {
 }
 
 /// The API status of a stored charge status.
-pub fn charge_status(status: &str) -> pb::ChargeStatus {
+pub fn charge_status(status: ChargeState) -> pb::ChargeStatus {
     match status {
-        "succeeded" => pb::ChargeStatus::Succeeded,
-        "requires_action" => pb::ChargeStatus::RequiresAction,
-        "declined" => pb::ChargeStatus::Declined,
-        "failed" => pb::ChargeStatus::Failed,
+        ChargeState::Succeeded => pb::ChargeStatus::Succeeded,
+        ChargeState::RequiresAction => pb::ChargeStatus::RequiresAction,
+        ChargeState::Declined => pb::ChargeStatus::Declined,
+        ChargeState::Failed => pb::ChargeStatus::Failed,
         // `pending` is only seen while another request sends it: its outcome is not known.
-        _ => pb::ChargeStatus::Unknown,
+        ChargeState::Pending | ChargeState::Unknown => pb::ChargeStatus::Unknown,
     }
 }
 
@@ -483,16 +483,18 @@ pub fn operation_command(
 /// The answer to a capture, refund or cancellation.
 pub fn operation_response(operated: Operated) -> pb::ChargeOperationResponse {
     let op = operated.operation;
-    let kind = match op.kind.as_str() {
-        "capture" => pb::ChargeOperationKind::Capture,
-        "refund" => pb::ChargeOperationKind::Refund,
-        _ => pb::ChargeOperationKind::Cancel,
+    let kind = match op.kind {
+        ChargeOperationKind::Capture => pb::ChargeOperationKind::Capture,
+        ChargeOperationKind::Refund => pb::ChargeOperationKind::Refund,
+        ChargeOperationKind::Cancel => pb::ChargeOperationKind::Cancel,
     };
-    let status = match op.status.as_str() {
-        "succeeded" => pb::ChargeOperationStatus::Succeeded,
-        "failed" => pb::ChargeOperationStatus::Failed,
+    let status = match op.status {
+        ChargeOperationState::Succeeded => pb::ChargeOperationStatus::Succeeded,
+        ChargeOperationState::Failed => pb::ChargeOperationStatus::Failed,
         // `pending` is only seen while another request sends it: its outcome is not known.
-        _ => pb::ChargeOperationStatus::Unknown,
+        ChargeOperationState::Pending | ChargeOperationState::Unknown => {
+            pb::ChargeOperationStatus::Unknown
+        }
     };
     let amount = if kind == pb::ChargeOperationKind::Cancel {
         0

@@ -12,8 +12,10 @@ use crate::{
     card::FieldViolation,
     crypto::KekVersion,
     pb::v1::{self as pb, key_admin_server::KeyAdmin},
-    store::{DekRow, DekUsage, KeyJobRow, KeyRequestRow, Shredded},
-    vault::{KekStatus, KeyOperation, KeyStatus, Operator, TenantId, Vault},
+    vault::{
+        DataKeyView, KekStatus, KeyJobKind, KeyJobState, KeyJobView, KeyOperation, KeyRequestKind,
+        KeyRequestState, KeyRequestView, KeyStatus, Operator, ShreddedView, TenantId, Vault,
+    },
 };
 
 /// Longest request id accepted; real ones are `kr_` and 16 characters.
@@ -63,41 +65,32 @@ fn kek_version_info(kek: KekStatus) -> pb::KekVersionInfo {
     }
 }
 
-fn data_key_info(dek: DekRow, records: u64) -> pb::DataKeyInfo {
+fn data_key_info(dek: DataKeyView) -> pb::DataKeyInfo {
     pb::DataKeyInfo {
         id: dek.id.to_string(),
         tenant: dek.tenant_id,
         kek_version: dek.kek_version,
         active: dek.active,
-        records,
+        records: dek.records,
         encryptions_reserved: dek.reserved,
         created_at: Some(to_timestamp(dek.created_at)),
         retired_at: dek.retired_at.map(to_timestamp),
     }
 }
 
-fn dek_usage(usage: DekUsage) -> pb::DataKeyInfo {
-    data_key_info(usage.dek, usage.records)
-}
-
-fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
+fn key_job(row: KeyJobView, now: OffsetDateTime) -> pb::KeyJob {
     use pb::key_job::{Kind, State};
-    let kind = match row.kind.as_str() {
-        "rewrap" => Kind::Rewrap,
-        "reencrypt" => Kind::Reencrypt,
-        _ => Kind::Unspecified,
+    let kind = match row.kind {
+        KeyJobKind::Rewrap => Kind::Rewrap,
+        KeyJobKind::Reencrypt => Kind::Reencrypt,
     };
-    let state = match row.state.as_str() {
-        "running" => State::Running,
-        "done" => State::Done,
-        "failed" => State::Failed,
-        _ => State::Unspecified,
+    let state = match row.state {
+        KeyJobState::Running => State::Running,
+        KeyJobState::Done => State::Done,
+        KeyJobState::Failed => State::Failed,
     };
     // A lapsed lease names a replica that is no longer working on the job.
-    let worker = match (row.lease_owner, row.lease_until) {
-        (Some(owner), Some(until)) if state == State::Running && until > now => owner,
-        _ => String::new(),
-    };
+    let worker = row.worker_at(now).unwrap_or_default().to_owned();
     pb::KeyJob {
         id: row.id,
         kind: kind.into(),
@@ -114,19 +107,18 @@ fn key_job(row: KeyJobRow, now: OffsetDateTime) -> pb::KeyJob {
     }
 }
 
-pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
+pub(super) fn key_request(row: KeyRequestView) -> pb::KeyRequest {
     use pb::key_request::{Kind, State};
-    let kind = match row.kind.as_str() {
-        "retire_kek" => Kind::RetireKek,
-        "shred_tenant" => Kind::ShredTenant,
-        "create_principal" => Kind::CreatePrincipal,
-        "revoke_principal" => Kind::RevokePrincipal,
-        "create_api_key" => Kind::CreateApiKey,
-        _ => Kind::Unspecified,
+    let kind = match row.kind {
+        KeyRequestKind::RetireKek => Kind::RetireKek,
+        KeyRequestKind::ShredTenant => Kind::ShredTenant,
+        KeyRequestKind::CreatePrincipal => Kind::CreatePrincipal,
+        KeyRequestKind::RevokePrincipal => Kind::RevokePrincipal,
+        KeyRequestKind::CreateApiKey => Kind::CreateApiKey,
     };
     // What the approver is asked to approve, in full.
-    let (principal, api_key_valid_for) = match KeyOperation::of(&row) {
-        Ok(KeyOperation::CreatePrincipal(new)) => (
+    let (principal, api_key_valid_for) = match row.operation {
+        Some(KeyOperation::CreatePrincipal(new)) => (
             Some(pb::RequestedPrincipal {
                 name: new.name,
                 permissions: new.permissions.owned_names(),
@@ -135,17 +127,16 @@ pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
             }),
             None,
         ),
-        Ok(KeyOperation::CreateApiKey { valid_for, .. }) => (
+        Some(KeyOperation::CreateApiKey { valid_for, .. }) => (
             None,
             valid_for.and_then(|d| prost_types::Duration::try_from(d.unsigned_abs()).ok()),
         ),
         _ => (None, None),
     };
-    let state = match row.state.as_str() {
-        "pending" => State::Pending,
-        "executed" => State::Executed,
-        "expired" => State::Expired,
-        _ => State::Unspecified,
+    let state = match row.state {
+        KeyRequestState::Pending => State::Pending,
+        KeyRequestState::Executed => State::Executed,
+        KeyRequestState::Expired => State::Expired,
     };
     pb::KeyRequest {
         id: row.id,
@@ -163,7 +154,7 @@ pub(super) fn key_request(row: KeyRequestRow) -> pb::KeyRequest {
     }
 }
 
-fn shred_result(shredded: Shredded) -> pb::ShredResult {
+fn shred_result(shredded: ShreddedView) -> pb::ShredResult {
     pb::ShredResult {
         cards: shredded.cards,
         data_keys: shredded.deks,
@@ -176,7 +167,7 @@ fn key_status(status: KeyStatus, now: OffsetDateTime) -> pb::GetKeyStatusRespons
         provider: status.provider.to_owned(),
         primary_kek_version: status.primary.0,
         kek_versions: status.keks.into_iter().map(kek_version_info).collect(),
-        deks: status.deks.into_iter().map(dek_usage).collect(),
+        deks: status.deks.into_iter().map(data_key_info).collect(),
         jobs: status
             .jobs
             .into_iter()
@@ -236,12 +227,8 @@ impl KeyAdmin for KeyAdminService {
                     .await?;
                 let now = OffsetDateTime::now_utc();
                 Ok(pb::RotateDeksResponse {
-                    // New keys: nothing is sealed under them yet.
-                    deks: rotated
-                        .deks
-                        .into_iter()
-                        .map(|dek| data_key_info(dek, 0))
-                        .collect(),
+                    // New keys: nothing is sealed under them yet (the vault says 0 records).
+                    deks: rotated.deks.into_iter().map(data_key_info).collect(),
                     job: rotated.job.map(|job| key_job(job, now)),
                 })
             },
@@ -371,11 +358,11 @@ mod tests {
 
     use super::*;
 
-    fn job(lease_until: Option<OffsetDateTime>) -> KeyJobRow {
-        KeyJobRow {
+    fn job(lease_until: Option<OffsetDateTime>) -> KeyJobView {
+        KeyJobView {
             id: "kj_0123456789abcdef".to_owned(),
-            kind: "reencrypt".to_owned(),
-            state: "running".to_owned(),
+            kind: KeyJobKind::Reencrypt,
+            state: KeyJobState::Running,
             tenant_id: Some("acme".to_owned()),
             done: 3,
             total: 10,
@@ -407,26 +394,29 @@ mod tests {
 
     #[test]
     fn request_kinds_and_states_map_to_their_enums() {
-        let row = KeyRequestRow {
+        let row = KeyRequestView {
             id: "kr_0123456789abcdef".to_owned(),
-            kind: "shred_tenant".to_owned(),
+            kind: KeyRequestKind::ShredTenant,
             target: "acme".to_owned(),
+            operation: Some(KeyOperation::ShredTenant(
+                TenantId::parse("acme").expect("tenant"),
+            )),
             requested_by: "p_a".to_owned(),
             requested_at: datetime!(2026-01-01 0:00 UTC),
             expires_at: datetime!(2026-01-01 1:00 UTC),
-            state: "expired".to_owned(),
+            state: KeyRequestState::Expired,
             decided_by: Some("p_b".to_owned()),
             decided_at: Some(datetime!(2026-01-01 1:01 UTC)),
             tenant_id: Some("acme".to_owned()),
-            params: None,
         };
         let request = key_request(row.clone());
         assert_eq!(request.kind(), pb::key_request::Kind::ShredTenant);
         assert_eq!(request.state(), pb::key_request::State::Expired);
         assert_eq!(request.approved_by, "p_b");
-        let retire = key_request(KeyRequestRow {
-            kind: "retire_kek".to_owned(),
-            state: "pending".to_owned(),
+        let retire = key_request(KeyRequestView {
+            kind: KeyRequestKind::RetireKek,
+            operation: Some(KeyOperation::RetireKek(KekVersion(1))),
+            state: KeyRequestState::Pending,
             decided_by: None,
             decided_at: None,
             ..row
@@ -440,19 +430,16 @@ mod tests {
     #[test]
     fn a_data_key_shows_its_id_as_a_uuid_and_never_its_wrapped_bytes() {
         let id = Uuid::new_v4();
-        let info = data_key_info(
-            DekRow {
-                id,
-                tenant_id: "acme".to_owned(),
-                kek_version: 2,
-                wrapped_key: vec![7; 40],
-                active: false,
-                created_at: datetime!(2026-01-01 0:00 UTC),
-                reserved: 1024,
-                retired_at: Some(datetime!(2026-02-01 0:00 UTC)),
-            },
-            12,
-        );
+        let info = data_key_info(DataKeyView {
+            id,
+            tenant_id: "acme".to_owned(),
+            kek_version: 2,
+            active: false,
+            records: 12,
+            reserved: 1024,
+            created_at: datetime!(2026-01-01 0:00 UTC),
+            retired_at: Some(datetime!(2026-02-01 0:00 UTC)),
+        });
         assert_eq!(info.id, id.to_string());
         assert_eq!((info.kek_version, info.records), (2, 12));
         assert_eq!(info.encryptions_reserved, 1024);

@@ -68,7 +68,7 @@ fn fields(row: &AuditRow) -> [Vec<u8>; 10] {
         optional(&row.principal),
         row.action.as_bytes().to_vec(),
         optional(&row.token),
-        row.outcome.as_bytes().to_vec(),
+        row.outcome.as_str().as_bytes().to_vec(),
         vec![u8::from(row.alarm)],
         optional(&row.peer),
         optional(&row.request_id),

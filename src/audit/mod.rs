@@ -161,42 +161,9 @@ impl Action {
     }
 }
 
-/// How it ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Done.
-    Ok,
-    /// No such token (or another tenant's: the two are not told apart).
-    NotFound,
-    /// The request was malformed.
-    InvalidArgument,
-    /// No valid credentials.
-    Unauthenticated,
-    /// Valid credentials without the permission.
-    PermissionDenied,
-    /// Over a rate limit.
-    RateLimited,
-    /// Refused because it conflicts with existing state (e.g. a duplicate name).
-    Conflict,
-    /// Failed inside the vault.
-    Error,
-}
-
-impl Outcome {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::NotFound => "not_found",
-            Outcome::InvalidArgument => "invalid_argument",
-            Outcome::Unauthenticated => "unauthenticated",
-            Outcome::PermissionDenied => "permission_denied",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::Conflict => "conflict",
-            Outcome::Error => "error",
-        }
-    }
-}
+/// How it ended. Defined by the store, which stores it in [`AuditRecord::outcome`] and
+/// reads back only names it knows (the store imports nothing from the crate).
+pub use crate::store::AuditOutcome as Outcome;
 
 /// An event to record. Never holds a PAN, CVC or key: tokens and ids only.
 #[derive(Debug, Clone)]
@@ -409,7 +376,7 @@ impl Auditor {
                 principal: event.principal.clone(),
                 action: event.action.as_str().to_owned(),
                 token: event.token.clone(),
-                outcome: event.outcome.as_str().to_owned(),
+                outcome: event.outcome,
                 alarm: event.alarm,
                 peer: event.peer.clone(),
                 request_id: event.request_id.clone(),

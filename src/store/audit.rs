@@ -9,6 +9,7 @@ use super::{
     Rewrap, StoreError,
     dialect::{Conn, Pool, Row, TxDb, query, sql},
     narrow,
+    state::stored_enum,
 };
 
 /// The audit MAC key as stored (one per vault), wrapped by a KEK.
@@ -47,6 +48,28 @@ pub struct AuditHeadRow {
     pub head_mac: Vec<u8>,
 }
 
+stored_enum! {
+    /// How an audited action ended.
+    pub enum AuditOutcome("audit outcome") {
+        /// Done.
+        Ok = "ok",
+        /// No such token (or another tenant's: the two are not told apart).
+        NotFound = "not_found",
+        /// The request was malformed.
+        InvalidArgument = "invalid_argument",
+        /// No valid credentials.
+        Unauthenticated = "unauthenticated",
+        /// Valid credentials without the permission.
+        PermissionDenied = "permission_denied",
+        /// Over a rate limit.
+        RateLimited = "rate_limited",
+        /// Refused because it conflicts with existing state (e.g. a duplicate name).
+        Conflict = "conflict",
+        /// Failed inside the vault.
+        Error = "error",
+    }
+}
+
 /// One audit record. Never holds a PAN, CVC or key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRow {
@@ -64,8 +87,8 @@ pub struct AuditRow {
     pub action: String,
     /// Token acted on, if any.
     pub token: Option<String>,
-    /// Outcome name, e.g. `ok`, `not_found`, `denied`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: AuditOutcome,
     /// True for a honeytoken access or another event an operator must look at.
     pub alarm: bool,
     /// Caller's network address.
@@ -361,7 +384,7 @@ impl<T: TxDb> AuditTx for T {
                 .bind(&record.principal)
                 .bind(&record.action)
                 .bind(&record.token)
-                .bind(&record.outcome)
+                .bind(record.outcome)
                 .bind(record.alarm)
                 .bind(&record.peer)
                 .bind(&record.request_id)

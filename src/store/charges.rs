@@ -12,10 +12,46 @@ use super::{
     StoreError,
     dialect::{Db, Pool, Row, TxDb, query, sql},
     int4, int8, metadata_from_json, metadata_to_json, narrow,
+    state::stored_enum,
 };
 
-/// A charge as stored. `status` is `"pending"`, `"succeeded"`, `"requires_action"`,
-/// `"declined"`, `"failed"` or `"unknown"`; `capture` is `"automatic"` or `"manual"`.
+stored_enum! {
+    /// Where a charge is.
+    pub enum ChargeState("charge status") {
+        /// Written before anything goes out; not settled yet.
+        Pending = "pending",
+        /// Charged (or, with manual capture, authorized).
+        Succeeded = "succeeded",
+        /// The cardholder must act (3-D Secure); see [`ChargeRow::action`].
+        RequiresAction = "requires_action",
+        /// The issuer or the gateway declined the card.
+        Declined = "declined",
+        /// Nothing was charged.
+        Failed = "failed",
+        /// The gateway may or may not have charged: to be settled by asking it.
+        Unknown = "unknown",
+    }
+}
+
+impl ChargeState {
+    /// Whether the charge still waits for its outcome (`pending` or `unknown`): the states a
+    /// send or a settlement may still change.
+    pub fn is_unsettled(self) -> bool {
+        matches!(self, ChargeState::Pending | ChargeState::Unknown)
+    }
+}
+
+stored_enum! {
+    /// When the gateway takes a charge's money.
+    pub enum CaptureMethod("capture method") {
+        /// Authorize and capture in one step.
+        Automatic = "automatic",
+        /// Authorize only; captured later by `CaptureCharge`.
+        Manual = "manual",
+    }
+}
+
+/// A charge as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeRow {
     /// `ch_` and 16 letters or digits.
@@ -35,13 +71,13 @@ pub struct ChargeRow {
     /// ISO 4217, upper case.
     pub currency: String,
     /// Automatic or manual capture.
-    pub capture: String,
+    pub capture: CaptureMethod,
     /// The description sent to the gateway (re-sent identical).
     pub description: String,
     /// The metadata sent to the gateway, sorted by key (re-sent identical).
     pub metadata: Vec<(String, String)>,
     /// Where the charge is.
-    pub status: String,
+    pub status: ChargeState,
     /// The gateway's id of the payment, once known.
     pub gateway_payment_id: Option<String>,
     /// The gateway's decline code.
@@ -92,8 +128,8 @@ impl fmt::Debug for ChargeActionRow {
 /// How a send to the gateway ended, to settle a charge with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeSettlement {
-    /// `"succeeded"`, `"requires_action"`, `"declined"`, `"failed"` or `"unknown"`.
-    pub status: String,
+    /// Where the send left the charge: any state but [`ChargeState::Pending`].
+    pub status: ChargeState,
     /// The gateway's payment id, if it gave one.
     pub gateway_payment_id: Option<String>,
     /// The gateway's decline code.
@@ -129,8 +165,43 @@ impl fmt::Debug for CvcHoldRow {
     }
 }
 
-/// A capture, refund or cancellation as stored. `kind` is `"capture"`, `"refund"` or
-/// `"cancel"`; `status` is `"pending"`, `"succeeded"`, `"failed"` or `"unknown"`.
+stored_enum! {
+    /// What a follow-up on a charge does.
+    pub enum ChargeOperationKind("charge operation kind") {
+        /// Captures an authorization, in full or in part.
+        Capture = "capture",
+        /// Refunds a captured payment, in full or in part.
+        Refund = "refund",
+        /// Cancels (voids) an uncaptured payment.
+        Cancel = "cancel",
+    }
+}
+
+stored_enum! {
+    /// Where a follow-up on a charge is.
+    pub enum ChargeOperationState("charge operation status") {
+        /// Written before it goes out; not settled yet.
+        Pending = "pending",
+        /// The gateway did it.
+        Succeeded = "succeeded",
+        /// The gateway refused it, or it was never sent; nothing changed.
+        Failed = "failed",
+        /// The gateway may or may not have done it: re-sent under the same key.
+        Unknown = "unknown",
+    }
+}
+
+impl ChargeOperationState {
+    /// Whether it still waits for its outcome (`pending` or `unknown`).
+    pub fn is_unsettled(self) -> bool {
+        matches!(
+            self,
+            ChargeOperationState::Pending | ChargeOperationState::Unknown
+        )
+    }
+}
+
+/// A capture, refund or cancellation as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeOperationRow {
     /// `op_` and 16 letters or digits; also the gateway's idempotency key for it.
@@ -140,7 +211,7 @@ pub struct ChargeOperationRow {
     /// The charge it applies to.
     pub charge_id: String,
     /// What it does.
-    pub kind: String,
+    pub kind: ChargeOperationKind,
     /// The caller's idempotency key, unique per tenant.
     pub idempotency_key: String,
     /// SHA-256 of the request's parameters.
@@ -148,7 +219,7 @@ pub struct ChargeOperationRow {
     /// Minor units asked of the gateway; 0 for a cancellation.
     pub amount: u64,
     /// Where it is.
-    pub status: String,
+    pub status: ChargeOperationState,
     /// The gateway's id of what it made or changed, once known.
     pub gateway_id: Option<String>,
     /// Minor units the gateway reports done, when it says.
@@ -168,8 +239,8 @@ pub struct ChargeOperationRow {
 /// How a send of an operation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperationSettlement {
-    /// `"succeeded"`, `"failed"` or `"unknown"`.
-    pub status: String,
+    /// Where the send left it: any state but [`ChargeOperationState::Pending`].
+    pub status: ChargeOperationState,
     /// The gateway's id, if it gave one.
     pub gateway_id: Option<String>,
     /// Minor units the gateway reports done, if it says.
@@ -496,12 +567,12 @@ async fn settle_charge_row<D: Db + ?Sized>(
          WHERE id = $1 AND status IN ('pending', 'unknown')"
     ))
     .bind(id)
-    .bind(&settlement.status)
+    .bind(settlement.status)
     .bind(&settlement.gateway_payment_id)
     .bind(&settlement.decline_code)
     .bind(&settlement.message)
     .bind(now)
-    .bind(settlement.status != "unknown")
+    .bind(settlement.status != ChargeState::Unknown)
     .bind(action.and_then(|a| a.client_secret.as_deref()))
     .bind(action.and_then(|a| a.kind.as_deref()))
     .bind(action.and_then(|a| a.redirect_url.as_deref()))
@@ -563,10 +634,10 @@ impl<S: Pool> ChargeRepo for S {
             "a charge amount is larger than the database holds",
         )?)
         .bind(&row.currency)
-        .bind(&row.capture)
+        .bind(row.capture)
         .bind(&row.description)
         .bind(metadata_to_json(&row.metadata))
-        .bind(&row.status)
+        .bind(row.status)
         .bind(&row.gateway_payment_id)
         .bind(&row.decline_code)
         .bind(&row.message)
@@ -1014,11 +1085,11 @@ impl<T: TxDb> ChargeTx for T {
         .bind(&row.id)
         .bind(&row.tenant_id)
         .bind(&row.charge_id)
-        .bind(&row.kind)
+        .bind(row.kind)
         .bind(&row.idempotency_key)
         .bind(&row.request_hash)
         .bind(op_amount(row.amount)?)
-        .bind(&row.status)
+        .bind(row.status)
         .bind(&row.gateway_id)
         .bind(row.amount_done.map(op_amount).transpose()?)
         .bind(&row.message)
@@ -1044,7 +1115,7 @@ impl<T: TxDb> ChargeTx for T {
              WHERE id = $1 AND status IN ('pending', 'unknown')"
         ))
         .bind(id)
-        .bind(&settlement.status)
+        .bind(settlement.status)
         .bind(&settlement.gateway_id)
         .bind(settlement.amount_done.map(op_amount).transpose()?)
         .bind(&settlement.message)

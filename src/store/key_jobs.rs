@@ -8,18 +8,68 @@ use super::{
     StoreError,
     dialect::{Pool, Row, TxDb, query, sql},
     int8, narrow,
+    state::stored_enum,
 };
 
-/// A background key job as stored. `kind` is `"rewrap"` or `"reencrypt"`; `state` is
-/// `"running"`, `"done"` or `"failed"`.
+stored_enum! {
+    /// What a background key job does.
+    pub enum KeyJobKind("key job kind") {
+        /// Rewrap DEKs, tenant secrets and the audit key under the primary KEK version.
+        Rewrap = "rewrap",
+        /// Re-encrypt records of retired DEKs under active DEKs, then destroy the retired DEKs.
+        Reencrypt = "reencrypt",
+    }
+}
+
+stored_enum! {
+    /// Where a background key job is.
+    pub enum KeyJobState("key job state") {
+        /// Started and not finished; at most one per kind.
+        Running = "running",
+        /// Finished.
+        Done = "done",
+        /// Stopped by an error (see [`KeyJobRow::error`]).
+        Failed = "failed",
+    }
+}
+
+stored_enum! {
+    /// What a dual-control request asks for.
+    pub enum KeyRequestKind("key request kind") {
+        /// Destroy a KEK version (target: the version number).
+        RetireKek = "retire_kek",
+        /// Crypto-shred a tenant (target: the tenant id).
+        ShredTenant = "shred_tenant",
+        /// Create a principal (target: its tenant; `params`: what to create).
+        CreatePrincipal = "create_principal",
+        /// Revoke a principal (target: the principal id).
+        RevokePrincipal = "revoke_principal",
+        /// Create an API key (target: the principal id; `params`: its lifetime).
+        CreateApiKey = "create_api_key",
+    }
+}
+
+stored_enum! {
+    /// Where a dual-control request is.
+    pub enum KeyRequestState("key request state") {
+        /// Waiting for approval (a failed execution leaves it so).
+        Pending = "pending",
+        /// Approved and carried out.
+        Executed = "executed",
+        /// Approval came too late.
+        Expired = "expired",
+    }
+}
+
+/// A background key job as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyJobRow {
     /// `kj_` and 16 letters or digits.
     pub id: String,
     /// What the job does.
-    pub kind: String,
+    pub kind: KeyJobKind,
     /// Where it is.
-    pub state: String,
+    pub state: KeyJobState,
     /// Re-encryption of one tenant only; `None` for all tenants (and for rewraps).
     pub tenant_id: Option<String>,
     /// Items (keys or records) processed so far.
@@ -42,17 +92,15 @@ pub struct KeyJobRow {
     pub error: Option<String>,
 }
 
-/// A dual-control request as stored. `kind` is `"retire_kek"` (target: the version number),
-/// `"shred_tenant"` (target: the tenant id), `"create_principal"` (target: the new
-/// principal's tenant, `params`: what to create) or `"revoke_principal"` (target: the
-/// principal id); `state` is `"pending"`, `"executed"` or `"expired"`. A request whose execution fails stays pending (it can be approved again once
-/// the cause is fixed, until it expires).
+/// A dual-control request as stored ([`KeyRequestKind`] says what its target and params
+/// are). A request whose execution fails stays pending (it can be approved again once the
+/// cause is fixed, until it expires).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRequestRow {
     /// `kr_` and 16 letters or digits.
     pub id: String,
     /// What is to be done.
-    pub kind: String,
+    pub kind: KeyRequestKind,
     /// To what.
     pub target: String,
     /// Who asked.
@@ -62,7 +110,7 @@ pub struct KeyRequestRow {
     /// Approval after this instant is refused.
     pub expires_at: OffsetDateTime,
     /// Where it is.
-    pub state: String,
+    pub state: KeyRequestState,
     /// Who approved it.
     pub decided_by: Option<String>,
     /// When.
@@ -99,13 +147,13 @@ pub trait KeyJobRepo: Send + Sync {
         total: u64,
         lease_until: OffsetDateTime,
     ) -> Result<bool, StoreError>;
-    /// Ends a job held by `owner` with `state` (`"done"` or `"failed"`) and an error text;
-    /// clears the lease; returns whether it did.
+    /// Ends a job held by `owner` with `state` (done or failed) and an error text; clears
+    /// the lease; returns whether it did.
     async fn finish_key_job(
         &self,
         id: &str,
         owner: &str,
-        state: &str,
+        state: KeyJobState,
         error: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;
@@ -128,7 +176,7 @@ pub trait KeyJobTx: Send {
     async fn decide_key_request(
         &mut self,
         id: &str,
-        state: &str,
+        state: KeyRequestState,
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;
@@ -191,8 +239,8 @@ impl<S: Pool> KeyJobRepo for S {
              ON CONFLICT (kind) WHERE state = 'running' DO NOTHING"
         ))
         .bind(&row.id)
-        .bind(&row.kind)
-        .bind(&row.state)
+        .bind(row.kind)
+        .bind(row.state)
         .bind(&row.tenant_id)
         .bind(int8(row.done, "job progress out of range")?)
         .bind(int8(row.total, "job total out of range")?)
@@ -282,7 +330,7 @@ impl<S: Pool> KeyJobRepo for S {
         &self,
         id: &str,
         owner: &str,
-        state: &str,
+        state: KeyJobState,
         error: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
@@ -343,12 +391,12 @@ impl<T: TxDb> KeyJobTx for T {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(&row.id)
-        .bind(&row.kind)
+        .bind(row.kind)
         .bind(&row.target)
         .bind(&row.requested_by)
         .bind(row.requested_at)
         .bind(row.expires_at)
-        .bind(&row.state)
+        .bind(row.state)
         .bind(&row.decided_by)
         .bind(row.decided_at)
         .bind(&row.tenant_id)
@@ -361,7 +409,7 @@ impl<T: TxDb> KeyJobTx for T {
     async fn decide_key_request(
         &mut self,
         id: &str,
-        state: &str,
+        state: KeyRequestState,
         by: &str,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {

@@ -42,18 +42,25 @@ mod key_jobs;
 mod pool;
 pub mod postgres;
 pub mod sqlite;
+mod state;
 
 pub use self::access::{AccessRepo, AccessTx, ApiKeyRow, PrincipalRow, TenantRow};
-pub use self::audit::{AuditCursor, AuditHeadRow, AuditKeyRow, AuditRepo, AuditRow, AuditTx};
+pub use self::audit::{
+    AuditCursor, AuditHeadRow, AuditKeyRow, AuditOutcome, AuditRepo, AuditRow, AuditTx,
+};
 pub use self::cards::{CardInsert, CardRepo, CardRow, CardTx, ImportedCard, ReuseKey};
 pub use self::charges::{
-    ChargeActionRow, ChargeOperationRow, ChargeRepo, ChargeRow, ChargeSettlement, ChargeTx,
-    CvcHoldRow, OperationSettlement,
+    CaptureMethod, ChargeActionRow, ChargeOperationKind, ChargeOperationRow, ChargeOperationState,
+    ChargeRepo, ChargeRow, ChargeSettlement, ChargeState, ChargeTx, CvcHoldRow,
+    OperationSettlement,
 };
 pub use self::data_keys::{
     DataKeyRepo, DataKeyTx, DekRow, DekUsage, KekUsage, Rewrap, SealedRecord, Shredded,
 };
-pub use self::key_jobs::{KeyJobRepo, KeyJobRow, KeyJobTx, KeyRequestRow};
+pub use self::key_jobs::{
+    KeyJobKind, KeyJobRepo, KeyJobRow, KeyJobState, KeyJobTx, KeyRequestKind, KeyRequestRow,
+    KeyRequestState,
+};
 pub use self::pool::{PoolStats, sample_pool};
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};

@@ -307,7 +307,7 @@ impl AuditColumns {
             c.principal.push(r.principal.clone());
             c.action.push(r.action.clone());
             c.token.push(r.token.clone());
-            c.outcome.push(r.outcome.clone());
+            c.outcome.push(r.outcome.as_str().to_owned());
             c.alarm.push(r.alarm);
             c.peer.push(r.peer.clone());
             c.request_id.push(r.request_id.clone());

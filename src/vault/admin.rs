@@ -7,14 +7,15 @@ use time::{Duration, OffsetDateTime};
 use zeroize::Zeroizing;
 
 use super::{
-    CardView, KeyOperation, Metadata, Operator, OperatorScope, Permission, Permissions, TenantId,
-    TokenizeCommand, Vault, VaultError, needs_dual_control,
+    ApiKeyView, CardView, KeyOperation, KeyRequestView, Metadata, Operator, OperatorScope,
+    Permission, Permissions, PrincipalView, TenantId, TokenizeCommand, Vault, VaultError,
+    needs_dual_control,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::{Brand, Card, Expiry, Pan, TokenFormat, luhn},
     crypto::{self, ApiKey, FingerprintKey},
-    store::{ApiKeyRow, KeyRequestRow, PrincipalRow, StoreTx},
+    store::{ApiKeyRow, PrincipalRow, StoreTx},
 };
 
 /// The longest validity an API key may be given: far beyond any rotation schedule, and
@@ -49,8 +50,8 @@ impl NewPrincipal {
 pub struct CreatedApiKey {
     /// The whole key. The vault keeps only its hash: show it to the operator once.
     pub key: ApiKey,
-    /// The stored row.
-    pub row: ApiKeyRow,
+    /// What the vault keeps of it, as it shows it (no hash).
+    pub row: ApiKeyView,
 }
 
 /// What an administrative change that may need dual control did.
@@ -60,7 +61,7 @@ pub enum DualControlled<T> {
     Done(T),
     /// Recorded as a request that another operator must approve (`ApproveKeyRequest`); the
     /// approval carries it out.
-    Pending(Box<KeyRequestRow>),
+    Pending(Box<KeyRequestView>),
 }
 
 pub(super) fn admin_event(op: &Operator, action: Action, outcome: Outcome) -> AuditEvent {
@@ -151,7 +152,7 @@ impl Vault {
         &self,
         op: &Operator,
         new: NewPrincipal,
-    ) -> Result<DualControlled<PrincipalRow>, VaultError> {
+    ) -> Result<DualControlled<PrincipalView>, VaultError> {
         let mut event = admin_event(op, Action::CreatePrincipal, Outcome::Ok);
         event.tenant = Some(new.tenant.to_string());
         event.detail = Some(format!(
@@ -193,7 +194,7 @@ impl Vault {
         ));
         let result = self.insert_principal(tx.as_mut(), row, &mut event).await;
         self.commit_with(tx, &event).await?;
-        result.map(DualControlled::Done)
+        result.map(|row| DualControlled::Done(row.into()))
     }
 
     /// Inserts a principal in `tx`, noting a refusal in `event`.
@@ -222,7 +223,7 @@ impl Vault {
         &self,
         op: &Operator,
         tenant: Option<&TenantId>,
-    ) -> Result<Vec<PrincipalRow>, VaultError> {
+    ) -> Result<Vec<PrincipalView>, VaultError> {
         let tenant = match (tenant, &op.scope) {
             (None, OperatorScope::Tenant(own)) => Some(own),
             (tenant, _) => tenant,
@@ -231,12 +232,24 @@ impl Vault {
         event.tenant = tenant.map(TenantId::to_string);
         self.within_scope(op, tenant, &event).await?;
         self.commit_with(self.begin().await?, &event).await?;
-        Ok(self.store.principals(tenant.map(TenantId::as_str)).await?)
+        Ok(self
+            .store
+            .principals(tenant.map(TenantId::as_str))
+            .await?
+            .into_iter()
+            .map(PrincipalView::from)
+            .collect())
     }
 
-    /// The API keys of a principal (hashes only).
-    pub async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyRow>, VaultError> {
-        Ok(self.store.api_keys_of(principal_id).await?)
+    /// The API keys of a principal (never the keys, nor their hashes).
+    pub async fn api_keys_of(&self, principal_id: &str) -> Result<Vec<ApiKeyView>, VaultError> {
+        Ok(self
+            .store
+            .api_keys_of(principal_id)
+            .await?
+            .iter()
+            .map(ApiKeyView::from)
+            .collect())
     }
 
     /// A live principal the operator manages, or the refusal (recorded).
@@ -323,15 +336,15 @@ impl Vault {
                 .await
                 .map(|request| DualControlled::Pending(Box::new(request)));
         }
-        let created = new_api_key(principal_id, valid_for, &op.principal)?;
+        let (key, row) = new_api_key(principal_id, valid_for, &op.principal)?;
         let mut tx = self.begin().await?;
-        event.detail = Some(format!(
-            "API key {} for principal {principal_id}",
-            created.row.id
-        ));
-        tx.insert_api_key(&created.row).await?;
+        event.detail = Some(format!("API key {} for principal {principal_id}", row.id));
+        tx.insert_api_key(&row).await?;
         self.commit_with(tx, &event).await?;
-        Ok(DualControlled::Done(created))
+        Ok(DualControlled::Done(CreatedApiKey {
+            key,
+            row: ApiKeyView::from(&row),
+        }))
     }
 
     /// Revokes an API key of a principal the operator manages.
@@ -459,7 +472,7 @@ pub(super) fn new_api_key(
     principal_id: &str,
     valid_for: Option<Duration>,
     created_by: &str,
-) -> Result<CreatedApiKey, VaultError> {
+) -> Result<(ApiKey, ApiKeyRow), VaultError> {
     let key =
         ApiKey::generate().map_err(|e| VaultError::internal("failed to generate an API key", e))?;
     let now = OffsetDateTime::now_utc();
@@ -484,7 +497,7 @@ pub(super) fn new_api_key(
         revoked_at: None,
         created_by: Some(created_by.to_owned()),
     };
-    Ok(CreatedApiKey { key, row })
+    Ok((key, row))
 }
 
 /// Numbers drawn for a honeytoken before giving up: each is a stored card's number with a

@@ -21,7 +21,7 @@ use ring::digest;
 use time::OffsetDateTime;
 
 use super::{
-    Authorized, CardView, Metadata, TenantId, Vault, VaultError, event, expect_action,
+    Authorized, CardView, ChargeView, Metadata, TenantId, Vault, VaultError, event, expect_action,
     key_admin::new_id,
     settle::{Actor, charge_detail, is_unsettled},
     view_of,
@@ -31,7 +31,7 @@ use crate::{
     card::{Cvc, Token},
     crypto,
     gateway::{Capture, ChargeStatus},
-    store::{ChargeRow, CvcHoldRow},
+    store::{CaptureMethod, ChargeRow, ChargeState, CvcHoldRow},
 };
 
 /// The largest amount a charge may have, in minor units: what both backends' 64-bit signed
@@ -71,16 +71,16 @@ pub struct ChargeCommand {
 pub(crate) const CHARGES: &str = "cardvault_charges_total";
 
 /// Counts a charge entering `status`: once per transition, never for a replayed answer.
-pub(super) fn entered_status(gateway: &str, status: &str) {
-    metrics::counter!(CHARGES, "gateway" => gateway.to_owned(), "status" => status.to_owned())
+pub(super) fn entered_status(gateway: &str, status: ChargeState) {
+    metrics::counter!(CHARGES, "gateway" => gateway.to_owned(), "status" => status.as_str())
         .increment(1);
 }
 
 /// A charge's outcome.
 #[derive(Debug)]
 pub struct Charged {
-    /// The stored charge.
-    pub charge: ChargeRow,
+    /// The charge as it stands.
+    pub charge: ChargeView,
     /// The charged card, masked.
     pub card: CardView,
     /// False when this is the stored outcome of an earlier request with the same key.
@@ -119,10 +119,10 @@ impl Vault {
             gateway: command.gateway.clone(),
             amount: command.amount,
             currency: command.currency.clone(),
-            capture: capture_name(command.capture).to_owned(),
+            capture: command.capture.into(),
             description: command.description.clone(),
             metadata: command.metadata.entries().to_vec(),
-            status: "pending".to_owned(),
+            status: ChargeState::Pending,
             gateway_payment_id: None,
             decline_code: None,
             message: None,
@@ -151,7 +151,7 @@ impl Vault {
             Some(existing) => (existing, false),
         };
         if created {
-            entered_status(&charge.gateway, &charge.status);
+            entered_status(&charge.gateway, charge.status);
         }
         let (charge, sent) = if is_unsettled(&charge) {
             let settled = self.settle(Actor::Caller(auth), &charge, wait_until).await;
@@ -175,7 +175,7 @@ impl Vault {
         self.alarm_if(row.honeytoken, auth, token);
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
-            charge,
+            charge: charge.into(),
             created,
         })
     }
@@ -241,7 +241,7 @@ impl Vault {
         &self,
         auth: &Authorized,
         limit: u32,
-    ) -> Result<Vec<ChargeRow>, VaultError> {
+    ) -> Result<Vec<ChargeView>, VaultError> {
         expect_action(auth, Action::ReconcileCharges)?;
         let tenant = auth.caller().tenant().clone();
         let now = OffsetDateTime::now_utc();
@@ -272,7 +272,7 @@ impl Vault {
                 .join(", ")
         ));
         self.record(&done).await;
-        Ok(settled)
+        Ok(settled.into_iter().map(ChargeView::from).collect())
     }
 
     /// The caller's charge under `idempotency_key` as it stands, with its card: the answer to
@@ -306,7 +306,7 @@ impl Vault {
         tokio::spawn(async move { vault.record(&answered).await });
         Ok(Charged {
             card: view_of(row)?.shown_to(auth),
-            charge,
+            charge: charge.into(),
             created: false,
         })
     }
@@ -330,29 +330,36 @@ pub(super) fn cvc_aad_token(token: &Token) -> String {
     format!("cvc:{}", token.as_str())
 }
 
-pub(super) fn capture_of(name: &str) -> Capture {
-    if name == "manual" {
-        Capture::Manual
-    } else {
-        Capture::Automatic
+// The gateway's words and the store's are kept apart (neither layer may import the other);
+// the vault translates, exhaustively, so a new variant on either side fails to compile here.
+
+impl From<CaptureMethod> for Capture {
+    fn from(capture: CaptureMethod) -> Capture {
+        match capture {
+            CaptureMethod::Automatic => Capture::Automatic,
+            CaptureMethod::Manual => Capture::Manual,
+        }
     }
 }
 
-fn capture_name(capture: Capture) -> &'static str {
-    match capture {
-        Capture::Automatic => "automatic",
-        Capture::Manual => "manual",
+impl From<Capture> for CaptureMethod {
+    fn from(capture: Capture) -> CaptureMethod {
+        match capture {
+            Capture::Automatic => CaptureMethod::Automatic,
+            Capture::Manual => CaptureMethod::Manual,
+        }
     }
 }
 
-/// The stored name of a status.
-pub fn status_name(status: ChargeStatus) -> &'static str {
-    match status {
-        ChargeStatus::Succeeded => "succeeded",
-        ChargeStatus::RequiresAction => "requires_action",
-        ChargeStatus::Declined => "declined",
-        ChargeStatus::Failed => "failed",
-        ChargeStatus::Unknown => "unknown",
+impl From<ChargeStatus> for ChargeState {
+    fn from(status: ChargeStatus) -> ChargeState {
+        match status {
+            ChargeStatus::Succeeded => ChargeState::Succeeded,
+            ChargeStatus::RequiresAction => ChargeState::RequiresAction,
+            ChargeStatus::Declined => ChargeState::Declined,
+            ChargeStatus::Failed => ChargeState::Failed,
+            ChargeStatus::Unknown => ChargeState::Unknown,
+        }
     }
 }
 
@@ -368,7 +375,7 @@ fn request_hash(command: &ChargeCommand) -> Vec<u8> {
     field(&command.amount.to_be_bytes());
     field(command.currency.as_bytes());
     field(command.gateway.as_bytes());
-    field(capture_name(command.capture).as_bytes());
+    field(CaptureMethod::from(command.capture).as_str().as_bytes());
     field(command.description.as_bytes());
     for (key, value) in command.metadata.entries() {
         field(key.as_bytes());

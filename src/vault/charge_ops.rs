@@ -19,12 +19,17 @@ use std::time::Duration;
 use ring::digest;
 use time::OffsetDateTime;
 
-use super::{Authorized, Vault, VaultError, event, expect_action, key_admin::new_id};
+use super::{
+    Authorized, ChargeOperationView, Vault, VaultError, event, expect_action, key_admin::new_id,
+};
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::Token,
-    gateway::{Capture, Connector, Operation, OperationKind},
-    store::{ChargeOperationRow, ChargeRow, OperationSettlement},
+    gateway::{Connector, Operation, OperationKind, OperationStatus},
+    store::{
+        CaptureMethod, ChargeOperationKind, ChargeOperationRow, ChargeOperationState, ChargeRow,
+        ChargeState, OperationSettlement,
+    },
 };
 
 /// A capture, refund or cancellation to make.
@@ -43,8 +48,8 @@ pub struct OperationCommand {
 /// An operation's outcome.
 #[derive(Debug)]
 pub struct Operated {
-    /// The stored operation.
-    pub operation: ChargeOperationRow,
+    /// The operation as it stands.
+    pub operation: ChargeOperationView,
     /// False when this is the stored outcome of an earlier request with the same key.
     pub created: bool,
 }
@@ -123,8 +128,8 @@ impl Vault {
         let operated = operated?;
         metrics::counter!(
             "cardvault_charge_operations_total",
-            "kind" => operated.operation.kind.clone(),
-            "status" => operated.operation.status.clone(),
+            "kind" => operated.operation.kind.as_str(),
+            "status" => operated.operation.status.as_str(),
         )
         .increment(1);
         Ok(operated)
@@ -193,11 +198,11 @@ impl Vault {
             id: new_id("op_")?,
             tenant_id: charge.tenant_id.clone(),
             charge_id: charge.id.clone(),
-            kind: kind.as_str().to_owned(),
+            kind: kind.into(),
             idempotency_key: command.idempotency_key.clone(),
             request_hash: hash.clone(),
             amount,
-            status: "pending".to_owned(),
+            status: ChargeOperationState::Pending,
             gateway_id: None,
             amount_done: None,
             message: None,
@@ -222,7 +227,7 @@ impl Vault {
             .send_operation(scope, charge, &row, connector.as_ref())
             .await?;
         Ok(Operated {
-            operation,
+            operation: operation.into(),
             created: true,
         })
     }
@@ -251,7 +256,7 @@ impl Vault {
         }
         let mut operation = existing;
         if is_unsettled(&operation) {
-            let kind = kind_of(&operation.kind)?;
+            let kind = OperationKind::from(operation.kind);
             let connector = self.connector_for(scope, charge, kind).await?;
             loop {
                 let now = OffsetDateTime::now_utc();
@@ -272,7 +277,7 @@ impl Vault {
                         .send_operation(scope, charge, &operation, connector.as_ref())
                         .await?;
                     return Ok(Operated {
-                        operation: settled,
+                        operation: settled.into(),
                         created: false,
                     });
                 }
@@ -298,7 +303,7 @@ impl Vault {
         );
         self.batcher().await?.audit(answered).await?;
         Ok(Operated {
-            operation,
+            operation: operation.into(),
             created: false,
         })
     }
@@ -312,7 +317,7 @@ impl Vault {
         operation: &ChargeOperationRow,
         connector: &dyn Connector,
     ) -> Result<ChargeOperationRow, VaultError> {
-        let kind = kind_of(&operation.kind)?;
+        let kind = OperationKind::from(operation.kind);
         // The rules refused any charge without one; a row changed under us is not sent.
         let payment_id = charge
             .gateway_payment_id
@@ -329,12 +334,15 @@ impl Vault {
         // The connector logs the call and counts it (`cardvault_gateway_operations_total`).
         let outcome = connector.operate(&request).await;
         let settlement = OperationSettlement {
-            status: outcome.status.as_str().to_owned(),
+            status: outcome.status.into(),
             gateway_id: outcome.gateway_id,
             amount_done: outcome.amount,
             message: outcome.message,
         };
-        let settled = scope.event(Outcome::Ok, detail(operation, charge, &settlement.status));
+        let settled = scope.event(
+            Outcome::Ok,
+            detail(operation, charge, settlement.status.as_str()),
+        );
         let mut tx = self.begin().await?;
         tx.settle_charge_operation(&operation.id, &settlement, OffsetDateTime::now_utc())
             .await?;
@@ -395,31 +403,52 @@ impl Vault {
 
 /// Whether an operation may have happened or may still: pending, unknown or succeeded.
 fn counts(operation: &ChargeOperationRow) -> bool {
-    operation.status != "failed"
+    operation.status != ChargeOperationState::Failed
 }
 
 fn is_unsettled(operation: &ChargeOperationRow) -> bool {
-    matches!(operation.status.as_str(), "pending" | "unknown")
+    operation.status.is_unsettled()
 }
 
 /// What an operation did, or may have: the gateway's amount once it succeeded, else what
 /// was asked.
 fn taken(operation: &ChargeOperationRow) -> u64 {
-    match (operation.status.as_str(), operation.amount_done) {
-        ("succeeded", Some(done)) => done,
+    match (operation.status, operation.amount_done) {
+        (ChargeOperationState::Succeeded, Some(done)) => done,
         _ => operation.amount,
     }
 }
 
-fn kind_of(name: &str) -> Result<OperationKind, VaultError> {
-    match name {
-        "capture" => Ok(OperationKind::Capture),
-        "refund" => Ok(OperationKind::Refund),
-        "cancel" => Ok(OperationKind::Cancel),
-        _ => Err(VaultError::internal(
-            "a stored operation kind is unknown",
-            "corrupt row",
-        )),
+// The gateway's words and the store's are kept apart (neither layer may import the other);
+// the vault translates, exhaustively.
+
+impl From<ChargeOperationKind> for OperationKind {
+    fn from(kind: ChargeOperationKind) -> OperationKind {
+        match kind {
+            ChargeOperationKind::Capture => OperationKind::Capture,
+            ChargeOperationKind::Refund => OperationKind::Refund,
+            ChargeOperationKind::Cancel => OperationKind::Cancel,
+        }
+    }
+}
+
+impl From<OperationKind> for ChargeOperationKind {
+    fn from(kind: OperationKind) -> ChargeOperationKind {
+        match kind {
+            OperationKind::Capture => ChargeOperationKind::Capture,
+            OperationKind::Refund => ChargeOperationKind::Refund,
+            OperationKind::Cancel => ChargeOperationKind::Cancel,
+        }
+    }
+}
+
+impl From<OperationStatus> for ChargeOperationState {
+    fn from(status: OperationStatus) -> ChargeOperationState {
+        match status {
+            OperationStatus::Succeeded => ChargeOperationState::Succeeded,
+            OperationStatus::Failed => ChargeOperationState::Failed,
+            OperationStatus::Unknown => ChargeOperationState::Unknown,
+        }
     }
 }
 
@@ -433,10 +462,10 @@ fn check(
 ) -> Result<u64, String> {
     let id = &charge.id;
     let what = kind.as_str();
-    match charge.status.as_str() {
-        "succeeded" => {}
-        "requires_action" if kind == OperationKind::Cancel => {}
-        "pending" | "unknown" => {
+    match charge.status {
+        ChargeState::Succeeded => {}
+        ChargeState::RequiresAction if kind == OperationKind::Cancel => {}
+        ChargeState::Pending | ChargeState::Unknown => {
             return Err(format!(
                 "charge {id}: its outcome is not known yet; reconcile it before you {what} it"
             ));
@@ -456,9 +485,9 @@ fn check(
     let of = |k: OperationKind| {
         earlier
             .iter()
-            .filter(move |op| op.kind == k.as_str() && counts(op))
+            .filter(move |op| op.kind == ChargeOperationKind::from(k) && counts(op))
     };
-    let manual = charge.capture == Capture::Manual.as_str();
+    let manual = charge.capture == CaptureMethod::Manual;
     if let Some(cancel) = of(OperationKind::Cancel).next() {
         return Err(format!(
             "charge {id} is cancelled (or being cancelled: {} {})",
@@ -484,7 +513,9 @@ fn check(
                 charge.amount
             } else {
                 match capture {
-                    Some(capture) if capture.status == "succeeded" => taken(capture),
+                    Some(capture) if capture.status == ChargeOperationState::Succeeded => {
+                        taken(capture)
+                    }
                     Some(capture) => {
                         return Err(format!(
                             "charge {id}: its capture {} is {}; retry it with its idempotency key first",
@@ -508,7 +539,7 @@ fn check(
             within(requested, remaining, "what remains to refund")
         }
         OperationKind::Cancel => {
-            if charge.status == "succeeded" && !manual {
+            if charge.status == ChargeState::Succeeded && !manual {
                 return Err(format!(
                     "charge {id} was captured automatically: refund it instead"
                 ));
@@ -577,10 +608,10 @@ mod tests {
             gateway: "stripe".to_owned(),
             amount,
             currency: "EUR".to_owned(),
-            capture: capture.to_owned(),
+            capture: CaptureMethod::parse(capture).expect("a capture method"),
             description: String::new(),
             metadata: vec![],
-            status: status.to_owned(),
+            status: ChargeState::parse(status).expect("a charge status"),
             gateway_payment_id: Some("pi_1".to_owned()),
             decline_code: None,
             message: None,
@@ -600,11 +631,11 @@ mod tests {
             id: format!("op_{}", kind.as_str()),
             tenant_id: "t".to_owned(),
             charge_id: "ch_1".to_owned(),
-            kind: kind.as_str().to_owned(),
+            kind: kind.into(),
             idempotency_key: "k".to_owned(),
             request_hash: vec![],
             amount,
-            status: status.to_owned(),
+            status: ChargeOperationState::parse(status).expect("an operation status"),
             gateway_id: None,
             amount_done: done,
             message: None,

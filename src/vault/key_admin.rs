@@ -10,15 +10,15 @@ use std::{collections::HashSet, fmt, sync::Arc};
 use time::OffsetDateTime;
 
 use super::{
-    CreatedApiKey, NewPrincipal, Operator, OperatorScope, Permissions, TenantId, Vault, VaultError,
+    ApiKeyView, CreatedApiKey, DataKeyView, KekUsageView, KeyJobView, KeyRequestView, NewPrincipal,
+    Operator, OperatorScope, Permissions, PrincipalView, ShreddedView, TenantId, Vault, VaultError,
     admin::{admin_event, new_api_key, new_principal_row, scope_of},
-    key_jobs::JobKind,
     tenant_keys::DekPolicy,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     crypto::{self, CryptoError, DekId, KekVersion, KeyProvider},
-    store::{DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, PrincipalRow, Shredded},
+    store::{KeyJobKind, KeyRequestKind, KeyRequestRow, KeyRequestState, PrincipalRow},
 };
 
 /// An operation that needs dual control: one operator requests it, another approves.
@@ -68,7 +68,7 @@ struct RequestParams {
 
 impl KeyOperation {
     /// The request to revoke a stored principal.
-    pub fn revoke_principal(row: &PrincipalRow) -> KeyOperation {
+    pub(super) fn revoke_principal(row: &PrincipalRow) -> KeyOperation {
         KeyOperation::RevokePrincipal {
             principal: row.id.clone(),
             tenant: scope_of(row),
@@ -76,13 +76,13 @@ impl KeyOperation {
     }
 
     /// The stored kind.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> KeyRequestKind {
         match self {
-            KeyOperation::RetireKek(_) => "retire_kek",
-            KeyOperation::ShredTenant(_) => "shred_tenant",
-            KeyOperation::CreatePrincipal(_) => "create_principal",
-            KeyOperation::RevokePrincipal { .. } => "revoke_principal",
-            KeyOperation::CreateApiKey { .. } => "create_api_key",
+            KeyOperation::RetireKek(_) => KeyRequestKind::RetireKek,
+            KeyOperation::ShredTenant(_) => KeyRequestKind::ShredTenant,
+            KeyOperation::CreatePrincipal(_) => KeyRequestKind::CreatePrincipal,
+            KeyOperation::RevokePrincipal { .. } => KeyRequestKind::RevokePrincipal,
+            KeyOperation::CreateApiKey { .. } => KeyRequestKind::CreateApiKey,
         }
     }
 
@@ -132,7 +132,7 @@ impl KeyOperation {
     }
 
     /// The operation a stored request describes.
-    pub fn of(row: &KeyRequestRow) -> Result<KeyOperation, VaultError> {
+    pub(super) fn of(row: &KeyRequestRow) -> Result<KeyOperation, VaultError> {
         let corrupt = || VaultError::internal("a stored key request is malformed", "corrupt row");
         let tenant = || {
             row.tenant_id
@@ -144,16 +144,16 @@ impl KeyOperation {
         let params = || -> Result<RequestParams, VaultError> {
             serde_json::from_str(row.params.as_deref().ok_or_else(corrupt)?).map_err(|_| corrupt())
         };
-        match row.kind.as_str() {
-            "retire_kek" => row
+        match row.kind {
+            KeyRequestKind::RetireKek => row
                 .target
                 .parse()
                 .map(|v| KeyOperation::RetireKek(KekVersion(v)))
                 .map_err(|_| corrupt()),
-            "shred_tenant" => TenantId::parse(&row.target)
+            KeyRequestKind::ShredTenant => TenantId::parse(&row.target)
                 .map(KeyOperation::ShredTenant)
                 .map_err(|_| corrupt()),
-            "create_principal" => {
+            KeyRequestKind::CreatePrincipal => {
                 let params = params()?;
                 Ok(KeyOperation::CreatePrincipal(NewPrincipal {
                     tenant: TenantId::parse(&row.target).map_err(|_| corrupt())?,
@@ -164,16 +164,15 @@ impl KeyOperation {
                     global_operator: params.global_operator,
                 }))
             }
-            "revoke_principal" => Ok(KeyOperation::RevokePrincipal {
+            KeyRequestKind::RevokePrincipal => Ok(KeyOperation::RevokePrincipal {
                 principal: row.target.clone(),
                 tenant: tenant()?,
             }),
-            "create_api_key" => Ok(KeyOperation::CreateApiKey {
+            KeyRequestKind::CreateApiKey => Ok(KeyOperation::CreateApiKey {
                 principal: row.target.clone(),
                 tenant: tenant()?,
                 valid_for: params()?.valid_for_secs.map(time::Duration::seconds),
             }),
-            _ => Err(corrupt()),
         }
     }
 }
@@ -213,7 +212,7 @@ pub struct KekStatus {
     /// Whether new wrappings use it.
     pub primary: bool,
     /// What is wrapped under it.
-    pub usage: KekUsage,
+    pub usage: KekUsageView,
 }
 
 /// Everything `GetKeyStatus` reports.
@@ -227,11 +226,11 @@ pub struct KeyStatus {
     /// (which would then be unreadable: the status shows it rather than hiding it).
     pub keks: Vec<KekStatus>,
     /// DEKs (of the asked tenant, or all) with their record counts.
-    pub deks: Vec<DekUsage>,
+    pub deks: Vec<DataKeyView>,
     /// Running jobs and the most recent finished ones.
-    pub jobs: Vec<KeyJobRow>,
+    pub jobs: Vec<KeyJobView>,
     /// Dual-control requests waiting for approval.
-    pub requests: Vec<KeyRequestRow>,
+    pub requests: Vec<KeyRequestView>,
     /// When DEKs are replaced automatically.
     pub policy: DekPolicy,
 }
@@ -240,20 +239,20 @@ pub struct KeyStatus {
 #[derive(Debug, Clone)]
 pub struct RotatedDeks {
     /// The new active DEKs, one per tenant rotated.
-    pub deks: Vec<DekRow>,
+    pub deks: Vec<DataKeyView>,
     /// The re-encryption job, when asked for.
-    pub job: Option<KeyJobRow>,
+    pub job: Option<KeyJobView>,
 }
 
 /// What an approval carried out.
 #[derive(Debug)]
 pub struct Approved {
     /// The request, now `executed`.
-    pub request: KeyRequestRow,
+    pub request: KeyRequestView,
     /// For a shred, what it removed.
-    pub shredded: Option<Shredded>,
+    pub shredded: Option<ShreddedView>,
     /// For a principal's creation, the principal.
-    pub principal: Option<PrincipalRow>,
+    pub principal: Option<PrincipalView>,
     /// For an API key's creation, the key: shown to the approver, once.
     pub api_key: Option<CreatedApiKey>,
 }
@@ -272,7 +271,7 @@ impl Vault {
     /// Global operators only. One rotation runs at a time across every replica (a lease in
     /// the database): a rotation asked for while another is under way is refused with
     /// `Precondition`, never turned into a second, conflicting version.
-    pub async fn rotate_kek(&self, op: &Operator) -> Result<(KekVersion, KeyJobRow), VaultError> {
+    pub async fn rotate_kek(&self, op: &Operator) -> Result<(KekVersion, KeyJobView), VaultError> {
         let mut event = admin_event(op, Action::RotateKek, Outcome::Ok);
         self.within_scope(op, None, &event).await?;
         let owner = new_id("kr_rotate_")?;
@@ -308,10 +307,10 @@ impl Vault {
             }
         };
         tracing::info!(kek_version = %version, provider = self.keys.provider().name(), "new primary KEK version");
-        let job = self.start_job(op, JobKind::Rewrap, None).await?;
+        let job = self.start_job(op, KeyJobKind::Rewrap, None).await?;
         event.detail = Some(format!("new primary KEK {version}; rewrap job {}", job.id));
         self.record_or_fail(&event).await?;
-        Ok((version, job))
+        Ok((version, job.into()))
     }
 
     /// Makes the key provider's next version primary, holding the rotation lease. The
@@ -370,10 +369,10 @@ impl Vault {
         };
         let mut deks = Vec::with_capacity(tenants.len());
         for tenant in &tenants {
-            deks.push(self.keys.rotate_now(tenant).await?);
+            deks.push(DataKeyView::of(self.keys.rotate_now(tenant).await?, 0));
         }
         let job = if reencrypt {
-            Some(self.start_job(op, JobKind::Reencrypt, tenant).await?)
+            Some(self.start_job(op, KeyJobKind::Reencrypt, tenant).await?)
         } else {
             None
         };
@@ -382,7 +381,10 @@ impl Vault {
             None => format!("{} new DEKs", deks.len()),
         });
         self.record_or_fail(&event).await?;
-        Ok(RotatedDeks { deks, job })
+        Ok(RotatedDeks {
+            deks,
+            job: job.map(KeyJobView::from),
+        })
     }
 
     /// Every tenant that has an active DEK (shredded tenants have none).
@@ -428,10 +430,10 @@ impl Vault {
                 KekStatus {
                     version,
                     primary: version == primary,
-                    usage: found.map(|i| usage.swap_remove(i)).unwrap_or(KekUsage {
-                        version: version.0,
-                        ..KekUsage::default()
-                    }),
+                    usage: found
+                        .map(|i| usage.swap_remove(i))
+                        .map(KekUsageView::from)
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -440,7 +442,7 @@ impl Vault {
         keks.extend(usage.into_iter().map(|usage| KekStatus {
             version: KekVersion(usage.version),
             primary: false,
-            usage,
+            usage: usage.into(),
         }));
         keks.sort_by_key(|k| k.version);
         if !global {
@@ -452,13 +454,20 @@ impl Vault {
             provider: provider.name(),
             primary,
             keks,
-            deks: self.store.dek_usage(tenant.map(TenantId::as_str)).await?,
+            deks: self
+                .store
+                .dek_usage(tenant.map(TenantId::as_str))
+                .await?
+                .into_iter()
+                .map(DataKeyView::from)
+                .collect(),
             jobs: self
                 .store
                 .key_jobs(RECENT_JOBS)
                 .await?
                 .into_iter()
                 .filter(|job| in_scope(job.tenant_id.as_deref()))
+                .map(KeyJobView::from)
                 .collect(),
             requests: self
                 .store
@@ -466,6 +475,7 @@ impl Vault {
                 .await?
                 .into_iter()
                 .filter(|request| in_scope(request.tenant_id.as_deref()))
+                .map(KeyRequestView::from)
                 .collect(),
             policy: self.keys.policy().clone(),
         };
@@ -481,7 +491,7 @@ impl Vault {
         &self,
         op: &Operator,
         operation: KeyOperation,
-    ) -> Result<KeyRequestRow, VaultError> {
+    ) -> Result<KeyRequestView, VaultError> {
         let mut event = admin_event(op, Action::RequestKeyOperation, Outcome::Ok);
         event.detail = Some(operation.to_string());
         event.tenant = operation.tenant().map(ToString::to_string);
@@ -496,12 +506,12 @@ impl Vault {
             .map_err(|e| VaultError::internal("approval time limit out of range", e))?;
         let row = KeyRequestRow {
             id: new_id("kr_")?,
-            kind: operation.kind().to_owned(),
+            kind: operation.kind(),
             target: operation.target(),
             requested_by: op.principal.clone(),
             requested_at: now,
             expires_at: now + ttl,
-            state: "pending".to_owned(),
+            state: KeyRequestState::Pending,
             decided_by: None,
             decided_at: None,
             tenant_id: operation.tenant().map(ToString::to_string),
@@ -511,7 +521,7 @@ impl Vault {
         tx.insert_key_request(&row).await?;
         event.detail = Some(format!("request {}: {operation}", row.id));
         self.commit_with(tx, &event).await?;
-        Ok(row)
+        Ok(row.into())
     }
 
     /// What would stop `operation` now.
@@ -637,7 +647,7 @@ impl Vault {
                 if approved.shredded.is_some()
                     || approved.principal.is_some()
                     || approved.api_key.is_some()
-                    || approved.request.kind == "revoke_principal" => {}
+                    || approved.request.kind == KeyRequestKind::RevokePrincipal => {}
             Ok(_) => self.record_or_fail(&event).await?,
             Err(err) => {
                 event.outcome = outcome_of(err);
@@ -665,7 +675,7 @@ impl Vault {
                 None => "operator scope: only a global operator may do this",
             }));
         }
-        if request.state != "pending" {
+        if request.state != KeyRequestState::Pending {
             return Err(VaultError::Precondition(format!(
                 "request {id} is {}, not pending",
                 request.state
@@ -675,7 +685,7 @@ impl Vault {
         let now = OffsetDateTime::now_utc();
         if now >= request.expires_at {
             let mut tx = self.begin().await?;
-            tx.decide_key_request(id, "expired", &op.principal, now)
+            tx.decide_key_request(id, KeyRequestState::Expired, &op.principal, now)
                 .await?;
             tx.commit().await?;
             return Err(VaultError::Precondition(format!(
@@ -689,7 +699,7 @@ impl Vault {
             KeyOperation::CreatePrincipal(new) => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -714,7 +724,7 @@ impl Vault {
             } => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -735,7 +745,7 @@ impl Vault {
             } => {
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -743,21 +753,21 @@ impl Vault {
                     )));
                 }
                 // The approver is shown the key, so it is the one recorded as its holder.
-                let created = new_api_key(target, *valid_for, &op.principal)?;
-                tx.insert_api_key(&created.row).await?;
-                event.detail = Some(format!(
-                    "request {id}: {operation}: API key {}",
-                    created.row.id
-                ));
+                let (key, row) = new_api_key(target, *valid_for, &op.principal)?;
+                tx.insert_api_key(&row).await?;
+                event.detail = Some(format!("request {id}: {operation}: API key {}", row.id));
                 self.commit_with(tx, event).await?;
-                api_key = Some(created);
+                api_key = Some(CreatedApiKey {
+                    key,
+                    row: ApiKeyView::from(&row),
+                });
                 None
             }
             KeyOperation::RetireKek(version) => {
                 self.retire_kek(*version).await?;
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -777,7 +787,7 @@ impl Vault {
                     .collect();
                 let mut tx = self.begin().await?;
                 if !tx
-                    .decide_key_request(id, "executed", &op.principal, now)
+                    .decide_key_request(id, KeyRequestState::Executed, &op.principal, now)
                     .await?
                 {
                     return Err(VaultError::Precondition(format!(
@@ -798,13 +808,13 @@ impl Vault {
                 Some(shredded)
             }
         };
-        request.state = "executed".to_owned();
+        request.state = KeyRequestState::Executed;
         request.decided_by = Some(op.principal.clone());
         request.decided_at = Some(now);
         Ok(Approved {
-            request,
-            shredded,
-            principal,
+            request: request.into(),
+            shredded: shredded.map(ShreddedView::from),
+            principal: principal.map(PrincipalView::from),
             api_key,
         })
     }

@@ -21,7 +21,7 @@ use crate::{
         DataKey, DekId, KekVersion, WrappedKey, audit_key_wrap_aad, dek_wrap_aad, open_record,
         seal_record, tenant_secret_wrap_aad,
     },
-    store::{KeyJobRow, Rewrap, SealedRecord},
+    store::{KeyJobKind, KeyJobRow, KeyJobState, Rewrap, SealedRecord},
 };
 
 /// Gauge of the items a key job has processed, by `kind` and `job_id`.
@@ -53,33 +53,6 @@ impl Default for KeyJobOptions {
             poll: Duration::from_secs(1),
             batch: 500,
             rate: 5_000,
-        }
-    }
-}
-
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    /// Rewrap DEKs, tenant secrets and the audit key under the primary KEK version.
-    Rewrap,
-    /// Re-encrypt records of retired DEKs under active DEKs, then destroy the retired DEKs.
-    Reencrypt,
-}
-
-impl JobKind {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Rewrap => "rewrap",
-            JobKind::Reencrypt => "reencrypt",
-        }
-    }
-
-    fn parse(name: &str) -> Option<JobKind> {
-        match name {
-            "rewrap" => Some(JobKind::Rewrap),
-            "reencrypt" => Some(JobKind::Reencrypt),
-            _ => None,
         }
     }
 }
@@ -129,14 +102,14 @@ impl Vault {
     pub(super) async fn start_job(
         &self,
         op: &Operator,
-        kind: JobKind,
+        kind: KeyJobKind,
         tenant: Option<&TenantId>,
     ) -> Result<KeyJobRow, VaultError> {
         let now = OffsetDateTime::now_utc();
         let row = KeyJobRow {
             id: new_id("kj_")?,
-            kind: kind.as_str().to_owned(),
-            state: "running".to_owned(),
+            kind,
+            state: KeyJobState::Running,
             tenant_id: tenant.map(ToString::to_string),
             done: 0,
             total: self.job_total(kind, tenant).await?,
@@ -156,14 +129,18 @@ impl Vault {
             .key_jobs(0)
             .await?
             .into_iter()
-            .find(|job| job.kind == kind.as_str() && job.state == "running")
+            .find(|job| job.kind == kind && job.state == KeyJobState::Running)
             .ok_or_else(|| VaultError::internal("a running key job vanished", "race"))
     }
 
     /// How many items a job of `kind` has to process now.
-    async fn job_total(&self, kind: JobKind, tenant: Option<&TenantId>) -> Result<u64, VaultError> {
+    async fn job_total(
+        &self,
+        kind: KeyJobKind,
+        tenant: Option<&TenantId>,
+    ) -> Result<u64, VaultError> {
         Ok(match kind {
-            JobKind::Rewrap => {
+            KeyJobKind::Rewrap => {
                 let primary = self.keys.provider().primary_version().0;
                 self.store
                     .kek_usage()
@@ -173,7 +150,7 @@ impl Vault {
                     .map(|u| u.deks + u.tenant_secrets + u.audit_keys)
                     .sum()
             }
-            JobKind::Reencrypt => self
+            KeyJobKind::Reencrypt => self
                 .store
                 .dek_usage(tenant.map(TenantId::as_str))
                 .await?
@@ -206,12 +183,12 @@ impl Vault {
             done: job.done,
             total: job.total,
             id: job.id.clone(),
-            kind: job.kind.clone(),
+            kind: job.kind,
         };
         worker.report();
-        let result = match JobKind::parse(&job.kind) {
-            Some(JobKind::Rewrap) => worker.rewrap().await,
-            Some(JobKind::Reencrypt) => {
+        let result = match job.kind {
+            KeyJobKind::Rewrap => worker.rewrap().await,
+            KeyJobKind::Reencrypt => {
                 let tenant = job
                     .tenant_id
                     .as_deref()
@@ -222,17 +199,13 @@ impl Vault {
                     })?;
                 worker.reencrypt(tenant.as_ref()).await
             }
-            None => Err(Interrupted::Failed(VaultError::internal(
-                "a stored key job has an unknown kind",
-                "corrupt row",
-            ))),
         };
         let at = OffsetDateTime::now_utc();
         match result {
             Ok(()) => {
                 if self
                     .store
-                    .finish_key_job(&job.id, owner, "done", None, at)
+                    .finish_key_job(&job.id, owner, KeyJobState::Done, None, at)
                     .await?
                 {
                     tracing::info!(job = %job.id, kind = %job.kind, done = worker.done, "key job done");
@@ -246,7 +219,7 @@ impl Vault {
                 let text = err.to_string();
                 if self
                     .store
-                    .finish_key_job(&job.id, owner, "failed", Some(&text), at)
+                    .finish_key_job(&job.id, owner, KeyJobState::Failed, Some(&text), at)
                     .await?
                 {
                     self.record_job(&job, Outcome::Error, format!("failed: {text}"))
@@ -286,7 +259,7 @@ struct Worker<'a> {
     lease: time::Duration,
     stop: &'a watch::Receiver<bool>,
     id: String,
-    kind: String,
+    kind: KeyJobKind,
     done: u64,
     total: u64,
 }
@@ -295,8 +268,10 @@ impl Worker<'_> {
     /// Publishes the job's progress gauges. Labelled by job id: ids are vault-made
     /// (`kj_` and random characters) and jobs are few (one per rotation or retirement).
     fn report(&self) {
-        let kind = JobKind::parse(&self.kind).map_or("unknown", JobKind::as_str);
-        let labels = [("kind", kind.to_owned()), ("job_id", self.id.clone())];
+        let labels = [
+            ("kind", self.kind.as_str().to_owned()),
+            ("job_id", self.id.clone()),
+        ];
         metrics::gauge!(JOB_ITEMS_DONE, &labels).set(self.done as f64);
         metrics::gauge!(JOB_ITEMS_EXPECTED, &labels).set(self.total as f64);
     }
@@ -307,9 +282,9 @@ impl Worker<'_> {
         self.done += processed;
         self.total = self.total.max(self.done);
         self.report();
-        metrics::counter!("cardvault_key_job_items_total", "kind" => self.kind.clone())
+        metrics::counter!("cardvault_key_job_items_total", "kind" => self.kind.as_str())
             .increment(processed);
-        metrics::counter!("cardvault_key_job_batches_total", "kind" => self.kind.clone())
+        metrics::counter!("cardvault_key_job_batches_total", "kind" => self.kind.as_str())
             .increment(1);
         let now = OffsetDateTime::now_utc();
         let renewed = self

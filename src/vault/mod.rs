@@ -29,6 +29,7 @@ mod settle;
 pub mod sweeper;
 mod tenant;
 mod tenant_keys;
+mod views;
 
 use std::{sync::Arc, time::Duration};
 
@@ -49,12 +50,17 @@ pub use self::{
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
     key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
-    key_jobs::{JobKind, KeyJobOptions},
+    key_jobs::KeyJobOptions,
     limits::{GuessBudgets, Rate},
     metadata::Metadata,
     peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
     tenant_keys::DekPolicy,
+    views::{
+        ApiKeyView, AuditPosition, AuditRecordView, ChargeActionView, ChargeOperationView,
+        ChargeView, DataKeyView, KekUsageView, KeyJobView, KeyRequestView, PrincipalView,
+        ShreddedView,
+    },
 };
 use self::{
     authn::CredentialCache,
@@ -65,12 +71,21 @@ use self::{
     seal::{Sealer, format_name},
     tenant_keys::KeyManager,
 };
+/// The states of what the vault keeps — charges, their follow-ups, key jobs, dual-control
+/// requests — as the store holds them: closed sets, each stored as one fixed name and read
+/// back strictly (an unknown stored name is a corrupt row, never a default). They are the
+/// store's types because the store decodes them and imports nothing; they are the vault's
+/// vocabulary too, and callers take them from here.
+pub use crate::store::{
+    CaptureMethod, ChargeOperationKind, ChargeOperationState, ChargeState, KeyJobKind, KeyJobState,
+    KeyRequestKind, KeyRequestState,
+};
 use crate::{
-    audit::{Action, AuditEvent, AuditRecord, Auditor, Outcome},
+    audit::{Action, AuditEvent, Auditor, Outcome},
     card::{Brand, Card, CardholderName, Cvc, Pan, Token, TokenFormat},
     crypto::{self, DekId, Fingerprint, KeyProvider},
     gateway::Gateways,
-    store::{AuditCursor, CardInsert, CardRow, ReuseKey, Store, StoreTx},
+    store::{CardInsert, CardRow, ReuseKey, Store, StoreTx},
 };
 
 /// How many fresh tokens to draw when the first ones collide with existing cards. Opaque
@@ -639,9 +654,9 @@ impl Vault {
         auth: &Authorized,
         from: OffsetDateTime,
         to: OffsetDateTime,
-        cursor: Option<AuditCursor>,
+        cursor: Option<AuditPosition>,
         limit: u32,
-    ) -> Result<Vec<AuditRecord>, VaultError> {
+    ) -> Result<Vec<AuditRecordView>, VaultError> {
         expect_action(auth, Action::ReadAudit)?;
         if cursor.is_none() {
             let mut audit = event(auth, Outcome::Ok, None);
@@ -651,8 +666,11 @@ impl Vault {
         let tenant = (!auth.is_global_operator()).then(|| auth.caller().tenant().as_str());
         Ok(self
             .store
-            .audit_range(from, to, tenant, cursor, limit)
-            .await?)
+            .audit_range(from, to, tenant, cursor.map(Into::into), limit)
+            .await?
+            .into_iter()
+            .map(AuditRecordView::from)
+            .collect())
     }
 
     /// Reads a live card of the caller's tenant. A missing card (or another tenant's: the

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
-    store::ChargeRow,
+    store::{ChargeRow, ChargeState},
 };
 
 /// The name of the reconciler's job lease.
@@ -167,7 +167,7 @@ pub async fn reconcile_once(
         if charge.created_at >= overdue_before {
             break;
         }
-        if charge.status != "unknown" {
+        if charge.status != ChargeState::Unknown {
             continue;
         }
         run.alarmed += 1;

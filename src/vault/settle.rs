@@ -26,7 +26,7 @@ use crate::{
     card::{Cvc, Token},
     crypto::{self, DekId},
     gateway::{ChargeCard, ChargeParams, ChargeRef, ChargeStatus, Connector, Lookup, NextAction},
-    store::{CardRow, ChargeActionRow, ChargeRow, ChargeSettlement},
+    store::{CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, ChargeState},
 };
 
 /// The audit principal of what the background reconciler does.
@@ -159,11 +159,11 @@ impl Vault {
         } else {
             match self.decide(&claimed, connector.as_ref()).await {
                 Decision::Settle(step) => {
-                    reconciled(&step.settlement.status, &step.note);
+                    reconciled(Some(step.settlement.status), &step.note);
                     *step
                 }
                 Decision::Resend => {
-                    reconciled("resent", "");
+                    reconciled(None, "");
                     self.send(actor, &claimed, connector.as_ref()).await?
                 }
             }
@@ -172,7 +172,7 @@ impl Vault {
         settled.detail = Some(charge_detail(
             &claimed,
             &if note.is_empty() {
-                settlement.status.clone()
+                settlement.status.to_string()
             } else {
                 format!("{} ({note})", settlement.status)
             },
@@ -183,7 +183,7 @@ impl Vault {
             .await?;
         self.commit_with(tx, &settled).await?;
         if changed && settlement.status != claimed.status {
-            super::charge::entered_status(&claimed.gateway, &settlement.status);
+            super::charge::entered_status(&claimed.gateway, settlement.status);
         }
         Ok(Settled {
             charge: self.charge_row(&claimed.id).await?,
@@ -250,7 +250,7 @@ impl Vault {
                 }
                 Decision::settle(Step::new(
                     ChargeSettlement {
-                        status: "failed".to_owned(),
+                        status: ChargeState::Failed,
                         gateway_payment_id: None,
                         decline_code: None,
                         message: Some(format!(
@@ -350,7 +350,7 @@ impl Vault {
         let params = ChargeParams {
             amount: charge.amount,
             currency: &charge.currency,
-            capture: super::charge::capture_of(&charge.capture),
+            capture: charge.capture.into(),
             description: &charge.description,
             metadata: &charge.metadata,
             idempotency_key: &charge.id,
@@ -425,7 +425,7 @@ impl Vault {
 /// A settlement that leaves the charge `unknown`, saying why.
 fn unknown(message: String) -> ChargeSettlement {
     ChargeSettlement {
-        status: "unknown".to_owned(),
+        status: ChargeState::Unknown,
         gateway_payment_id: None,
         decline_code: None,
         message: Some(message),
@@ -433,14 +433,15 @@ fn unknown(message: String) -> ChargeSettlement {
     }
 }
 
-/// Counts one reconciliation's result.
-fn reconciled(status: &str, note: &str) {
-    let result = match status {
-        "resent" => "resent",
-        "unknown" if note == "gateway unavailable" => "unavailable",
-        "unknown" => "still_unknown",
-        "failed" => "not_charged",
-        _ => "found",
+/// Counts one reconciliation's result: the state it settles the charge in, or `None` when
+/// it sends the charge again.
+fn reconciled(settled: Option<ChargeState>, note: &str) {
+    let result = match settled {
+        None => "resent",
+        Some(ChargeState::Unknown) if note == "gateway unavailable" => "unavailable",
+        Some(ChargeState::Unknown) => "still_unknown",
+        Some(ChargeState::Failed) => "not_charged",
+        Some(_) => "found",
     };
     metrics::counter!("cardvault_charge_reconciliations_total", "result" => result).increment(1);
 }
@@ -451,7 +452,7 @@ fn settlement_of(outcome: crate::gateway::Outcome) -> ChargeSettlement {
         .then(|| outcome.action.map(|a| action_row(*a)))
         .flatten();
     ChargeSettlement {
-        status: super::charge::status_name(outcome.status).to_owned(),
+        status: outcome.status.into(),
         gateway_payment_id: outcome.payment_id,
         decline_code: outcome.decline_code,
         message: outcome.message,
@@ -478,5 +479,5 @@ pub(super) fn charge_detail(charge: &ChargeRow, what: &str) -> String {
 
 /// Whether a charge still waits for its outcome.
 pub(super) fn is_unsettled(charge: &ChargeRow) -> bool {
-    matches!(charge.status.as_str(), "pending" | "unknown")
+    charge.status.is_unsettled()
 }

@@ -15,7 +15,7 @@ use cardvault::{
     },
     pb::v1 as pb,
     server,
-    store::{CardRow, ChargeRow, ChargeSettlement, Store},
+    store::{CaptureMethod, CardRow, ChargeRow, ChargeSettlement, ChargeState, Store},
     tls::TlsFiles,
     vault::{
         Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
@@ -223,10 +223,10 @@ impl Rig {
             gateway: gateway.to_owned(),
             amount: 1000,
             currency: "EUR".to_owned(),
-            capture: capture.to_owned(),
+            capture: CaptureMethod::parse(capture).expect("a capture method"),
             description: String::new(),
             metadata: Vec::new(),
-            status: "pending".to_owned(),
+            status: ChargeState::Pending,
             gateway_payment_id: None,
             decline_code: None,
             message: None,
@@ -241,7 +241,7 @@ impl Rig {
         assert_eq!(self.store.insert_charge(&row).await.expect("charge"), None);
         if status != "pending" {
             let settled = ChargeSettlement {
-                status: status.to_owned(),
+                status: ChargeState::parse(status).expect("a charge status"),
                 gateway_payment_id: payment.then(|| format!("pi_{}", &id[3..])),
                 decline_code: None,
                 message: None,
@@ -345,8 +345,8 @@ async fn each_operation_is_sent_once_per_key_and_a_reused_key_with_other_paramet
         .operate(OperationKind::Refund, &charge, "ref-2", 100)
         .await
         .expect("refund");
-    assert_eq!(first.operation.status, "succeeded");
-    assert_eq!(second.operation.status, "succeeded");
+    assert_eq!(first.operation.status.as_str(), "succeeded");
+    assert_eq!(second.operation.status.as_str(), "succeeded");
     assert_ne!(first.operation.id, second.operation.id);
     let too_much = refused(
         rig.operate(OperationKind::Refund, &charge, "ref-3", 301)
@@ -441,7 +441,7 @@ async fn an_unknown_operation_is_sent_again_under_its_own_gateway_key(backend: B
         .operate(OperationKind::Refund, &charge, "ref-1", 300)
         .await
         .expect("sent");
-    assert_eq!(unknown.operation.status, "unknown");
+    assert_eq!(unknown.operation.status.as_str(), "unknown");
     assert_eq!(unknown.operation.attempts, 1);
 
     // While unknown, the refund counts as taken.
@@ -458,7 +458,7 @@ async fn an_unknown_operation_is_sent_again_under_its_own_gateway_key(backend: B
         .expect("re-sent");
     assert!(!settled.created);
     assert_eq!(settled.operation.id, unknown.operation.id);
-    assert_eq!(settled.operation.status, "succeeded");
+    assert_eq!(settled.operation.status.as_str(), "succeeded");
     assert_eq!(settled.operation.attempts, 2);
     let keys: Vec<String> = rig.pay.calls().into_iter().map(|c| c.3).collect();
     assert_eq!(
@@ -492,7 +492,7 @@ async fn concurrent_refunds_never_exceed_what_was_captured(backend: Backend) {
     while let Some(result) = tasks.join_next().await {
         match result.expect("task") {
             Ok(op) => {
-                assert_eq!(op.operation.status, "succeeded");
+                assert_eq!(op.operation.status.as_str(), "succeeded");
                 done += 1;
             }
             Err(VaultError::Precondition(_)) => refusals += 1,
@@ -529,7 +529,8 @@ async fn concurrent_duplicates_of_one_key_make_one_gateway_call(backend: Backend
     for answer in &answers {
         assert_eq!(answer.operation.id, answers[0].operation.id);
         assert_eq!(
-            answer.operation.status, "succeeded",
+            answer.operation.status.as_str(),
+            "succeeded",
             "waited for the outcome"
         );
     }
@@ -634,7 +635,7 @@ async fn broken_rules_and_incapable_gateways_are_refused_before_anything_is_sent
         .operate(OperationKind::Capture, &manual, "m-2", 1000)
         .await
         .expect("capture");
-    assert_eq!(ok.operation.status, "succeeded");
+    assert_eq!(ok.operation.status.as_str(), "succeeded");
 }
 
 async fn a_cancelled_authorization_is_never_captured(backend: Backend) {
@@ -644,7 +645,7 @@ async fn a_cancelled_authorization_is_never_captured(backend: Backend) {
         .operate(OperationKind::Cancel, &charge, "c-1", 0)
         .await
         .expect("cancel");
-    assert_eq!(cancelled.operation.status, "succeeded");
+    assert_eq!(cancelled.operation.status.as_str(), "succeeded");
     assert_eq!(cancelled.operation.amount, 0);
     assert_eq!(rig.pay.calls()[0].2, None, "a cancellation sends no amount");
     refused(
@@ -670,7 +671,7 @@ async fn a_cancelled_authorization_is_never_captured(backend: Backend) {
         .operate(OperationKind::Cancel, &waiting, "w-1", 0)
         .await
         .expect("cancel");
-    assert_eq!(voided.operation.status, "succeeded");
+    assert_eq!(voided.operation.status.as_str(), "succeeded");
 }
 
 async fn bad_requests_name_their_fields_and_unknown_charges_are_not_found(backend: Backend) {

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use cardvault::{pb::v1 as pb, store::ChargeRow};
+use cardvault::{
+    pb::v1 as pb,
+    store::{CaptureMethod, ChargeRow, ChargeState},
+};
 use cardvault_test_gateway::{cards, paths};
 use time::OffsetDateTime;
 
@@ -455,10 +458,10 @@ fn unknown_charge(id: &str, token: &str, age: time::Duration) -> ChargeRow {
         gateway: "stripe".to_owned(),
         amount: 1999,
         currency: "EUR".to_owned(),
-        capture: "automatic".to_owned(),
+        capture: CaptureMethod::Automatic,
         description: "order 42".to_owned(),
         metadata: Vec::new(),
-        status: "unknown".to_owned(),
+        status: ChargeState::Unknown,
         gateway_payment_id: None,
         decline_code: None,
         message: Some("gateway timed out".to_owned()),

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use cardvault::store::{
-    CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, CvcHoldRow, DekRow, ReuseKey, Shredded,
-    Store, StoreError,
+    CaptureMethod, CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, ChargeState, CvcHoldRow,
+    DekRow, ReuseKey, Shredded, Store, StoreError,
 };
 use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
@@ -52,13 +52,13 @@ fn charge(id: &str, tenant_id: &str, key: &str, created_at: OffsetDateTime) -> C
         gateway: "stripe".to_owned(),
         amount: 1999,
         currency: "EUR".to_owned(),
-        capture: "automatic".to_owned(),
+        capture: CaptureMethod::Automatic,
         description: "order 42".to_owned(),
         metadata: vec![
             ("cart".to_owned(), "c-9".to_owned()),
             ("order".to_owned(), "42".to_owned()),
         ],
-        status: "pending".to_owned(),
+        status: ChargeState::Pending,
         gateway_payment_id: None,
         decline_code: None,
         message: None,
@@ -74,7 +74,7 @@ fn charge(id: &str, tenant_id: &str, key: &str, created_at: OffsetDateTime) -> C
 
 fn settlement(status: &str, payment_id: Option<&str>) -> ChargeSettlement {
     ChargeSettlement {
-        status: status.to_owned(),
+        status: ChargeState::parse(status).expect("a charge status"),
         gateway_payment_id: payment_id.map(str::to_owned),
         decline_code: None,
         message: None,
@@ -372,7 +372,7 @@ async fn a_charge_settles_only_from_pending_or_unknown_and_keeps_an_earlier_paym
     assert_eq!(
         read(store.as_ref(), "ch_1").await,
         ChargeRow {
-            status: "unknown".to_owned(),
+            status: ChargeState::Unknown,
             gateway_payment_id: Some("pi_1".to_owned()),
             message: Some("gateway timed out".to_owned()),
             attempts: 1,
@@ -395,7 +395,7 @@ async fn a_charge_settles_only_from_pending_or_unknown_and_keeps_an_earlier_paym
             .expect("settle")
     );
     let settled = ChargeRow {
-        status: "declined".to_owned(),
+        status: ChargeState::Declined,
         gateway_payment_id: Some("pi_1".to_owned()),
         decline_code: Some("insufficient_funds".to_owned()),
         message: Some("Your card has insufficient funds.".to_owned()),
@@ -484,7 +484,7 @@ async fn unsettled_charges_are_unknown_or_idle_pending_ones_oldest_first(backend
     ];
     for (i, (id, tenant_id, created, status, sending_until)) in rows.into_iter().enumerate() {
         let row = ChargeRow {
-            status: status.to_owned(),
+            status: ChargeState::parse(status).expect("a charge status"),
             sending_until,
             ..charge(id, tenant_id, &format!("key-{i}"), at(created))
         };

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use cardvault::store::{
-    AuditKeyRow, CardRow, DekRow, DekUsage, KekUsage, KeyJobRow, KeyRequestRow, Rewrap,
-    SealedRecord, Shredded, Store, StoreError, TenantRow,
+    AuditKeyRow, CardRow, DekRow, DekUsage, KekUsage, KeyJobKind, KeyJobRow, KeyJobState,
+    KeyRequestKind, KeyRequestRow, KeyRequestState, Rewrap, SealedRecord, Shredded, Store,
+    StoreError, TenantRow,
 };
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -84,8 +85,8 @@ fn sealed(token: &str, tenant_id: &str, dek: Uuid) -> CardRow {
 fn job(id: &str, kind: &str, state: &str, created_at: OffsetDateTime) -> KeyJobRow {
     KeyJobRow {
         id: id.to_owned(),
-        kind: kind.to_owned(),
-        state: state.to_owned(),
+        kind: KeyJobKind::parse(kind).expect("a job kind"),
+        state: KeyJobState::parse(state).expect("a job state"),
         tenant_id: None,
         done: 0,
         total: 10,
@@ -102,12 +103,12 @@ fn job(id: &str, kind: &str, state: &str, created_at: OffsetDateTime) -> KeyJobR
 fn request(id: &str, requested_at: OffsetDateTime, expires_at: OffsetDateTime) -> KeyRequestRow {
     KeyRequestRow {
         id: id.to_owned(),
-        kind: "shred_tenant".to_owned(),
+        kind: KeyRequestKind::ShredTenant,
         target: "t".to_owned(),
         requested_by: "p_alice".to_owned(),
         requested_at,
         expires_at,
-        state: "pending".to_owned(),
+        state: KeyRequestState::Pending,
         decided_by: None,
         decided_at: None,
         tenant_id: Some("t".to_owned()),
@@ -821,7 +822,7 @@ async fn one_job_runs_per_kind_and_only_its_lease_holder_moves_it(backend: Backe
     };
     assert!(store.insert_key_job(&j3).await.expect("other kind"));
     let err = store
-        .insert_key_job(&job("kj_1", "other", "running", at(2)))
+        .insert_key_job(&job("kj_1", "rewrap", "done", at(2)))
         .await
         .expect_err("an id taken is an error, not a running job");
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
@@ -908,20 +909,20 @@ async fn one_job_runs_per_kind_and_only_its_lease_holder_moves_it(backend: Backe
     );
     assert!(
         !store
-            .finish_key_job("kj_1", "r1", "done", None, at(90))
+            .finish_key_job("kj_1", "r1", KeyJobState::Done, None, at(90))
             .await
             .expect("finish")
     );
 
     assert!(
         store
-            .finish_key_job("kj_1", "r2", "done", None, at(90))
+            .finish_key_job("kj_1", "r2", KeyJobState::Done, None, at(90))
             .await
             .expect("finish")
     );
     assert!(
         !store
-            .finish_key_job("kj_1", "r2", "done", None, at(91))
+            .finish_key_job("kj_1", "r2", KeyJobState::Done, None, at(91))
             .await
             .expect("again"),
         "a finished job stays finished"
@@ -931,7 +932,7 @@ async fn one_job_runs_per_kind_and_only_its_lease_holder_moves_it(backend: Backe
             .finish_key_job(
                 "kj_3",
                 "r3",
-                "failed",
+                KeyJobState::Failed,
                 Some("KEK version 1 unavailable"),
                 at(95)
             )
@@ -943,7 +944,7 @@ async fn one_job_runs_per_kind_and_only_its_lease_holder_moves_it(backend: Backe
         listed,
         [
             KeyJobRow {
-                state: "failed".to_owned(),
+                state: KeyJobState::Failed,
                 lease_owner: None,
                 lease_until: None,
                 updated_at: at(95),
@@ -952,7 +953,7 @@ async fn one_job_runs_per_kind_and_only_its_lease_holder_moves_it(backend: Backe
                 ..j3.clone()
             },
             KeyJobRow {
-                state: "done".to_owned(),
+                state: KeyJobState::Done,
                 done: 5,
                 total: 12,
                 lease_owner: None,
@@ -1024,7 +1025,7 @@ async fn two_replicas_claiming_one_job_at_once_get_it_once(backend: Backend) {
         assert_eq!(claimed.lease_owner.as_deref(), Some(owner));
         assert!(
             store
-                .finish_key_job(&row.id, owner, "done", None, now)
+                .finish_key_job(&row.id, owner, KeyJobState::Done, None, now)
                 .await
                 .expect("finish")
         );
@@ -1036,7 +1037,7 @@ async fn a_dual_control_request_is_pending_until_expiry_and_decided_once(backend
     let r1 = request("kr_1", at(0), at(3600));
     let r2 = request("kr_2", at(60), at(120));
     let r3 = KeyRequestRow {
-        kind: "retire_kek".to_owned(),
+        kind: KeyRequestKind::RetireKek,
         target: "1".to_owned(),
         ..request("kr_3", at(120), at(3600))
     };
@@ -1070,18 +1071,18 @@ async fn a_dual_control_request_is_pending_until_expiry_and_decided_once(backend
 
     let mut tx = store.begin().await.expect("begin");
     assert!(
-        tx.decide_key_request("kr_1", "executed", "p_bob", at(300))
+        tx.decide_key_request("kr_1", KeyRequestState::Executed, "p_bob", at(300))
             .await
             .expect("decide")
     );
     assert!(
-        !tx.decide_key_request("kr_1", "failed", "p_carol", at(301))
+        !tx.decide_key_request("kr_1", KeyRequestState::Expired, "p_carol", at(301))
             .await
             .expect("again"),
         "decided once"
     );
     assert!(
-        !tx.decide_key_request("kr_none", "executed", "p_bob", at(300))
+        !tx.decide_key_request("kr_none", KeyRequestState::Executed, "p_bob", at(300))
             .await
             .expect("unknown")
     );
@@ -1090,14 +1091,14 @@ async fn a_dual_control_request_is_pending_until_expiry_and_decided_once(backend
     // A decision rolled back leaves the request pending.
     let mut tx = store.begin().await.expect("begin");
     assert!(
-        tx.decide_key_request("kr_3", "executed", "p_bob", at(310))
+        tx.decide_key_request("kr_3", KeyRequestState::Executed, "p_bob", at(310))
             .await
             .expect("decide")
     );
     drop(tx);
 
     let decided = KeyRequestRow {
-        state: "executed".to_owned(),
+        state: KeyRequestState::Executed,
         decided_by: Some("p_bob".to_owned()),
         decided_at: Some(at(300)),
         ..r1.clone()

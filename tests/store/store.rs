@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use cardvault::store::{
-    self, ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditRow, CardInsert, CardRow, DekRow,
-    ImportedCard, PrincipalRow, Store, StoreError, StoreOptions, TenantRow,
+    self, ApiKeyRow, AuditCursor, AuditHeadRow, AuditKeyRow, AuditOutcome, AuditRow, CardInsert,
+    CardRow, DekRow, ImportedCard, PrincipalRow, Store, StoreError, StoreOptions, TenantRow,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -140,7 +140,7 @@ fn record(shard: u32, seq: u64, at: OffsetDateTime, tenant_id: &str) -> AuditRow
         principal: Some("p_1".to_owned()),
         action: "reveal".to_owned(),
         token: Some("tok_a".to_owned()),
-        outcome: "ok".to_owned(),
+        outcome: AuditOutcome::Ok,
         alarm: seq == 2,
         peer: None,
         request_id: Some(format!("req-{shard}-{seq}")),
