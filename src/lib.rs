@@ -11,6 +11,9 @@
 //! - [`vault`] — authentication, permissions, limits, and tokenize / get / reveal / delete
 //!   orchestration with an audit record per action; no gRPC, no SQL.
 //! - [`card`] — the domain: [`card::Pan`], Luhn, brands, expiry, token formats. No I/O.
+//!   Beside it, [`id`] (the vault's ids; a [`id::ChargeId`] is the gateway's idempotency key
+//!   and cannot be confused with the caller's) and [`money`] ([`money::Currency`]), each
+//!   value checked once where it enters.
 //! - [`crypto`] — key providers, data-key cache, AEAD records, fingerprints. Knows no cards.
 //! - [`store`] — per-aggregate repositories (cards, access, audit, data keys, key jobs,
 //!   charges), each statement written once for the PostgreSQL and SQLite backends.
@@ -53,6 +56,8 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod gateway;
+pub mod id;
+pub mod money;
 pub mod pb;
 pub mod secret_file;
 pub mod server;

@@ -29,6 +29,8 @@ use cardvault::{
         GatewaySettings, Gateways, Lookup, Operation, OperationKind, OperationStatus, Outcome,
         config::MappedStatus,
     },
+    id::{ChargeId, MalformedId, OperationId},
+    money::Currency,
     tls::{self, ClientAuth, ReloadingAcceptor, TlsFiles, TlsListener},
 };
 use cardvault_test_gateway::{TestGateway, TestGatewayOptions, cards, paths};
@@ -142,14 +144,39 @@ fn card<'a>(pan: &'a Pan, cvc: Option<&'a str>) -> ChargeCard<'a> {
     }
 }
 
-fn params(idempotency_key: &str) -> ChargeParams<'_> {
+/// A test's id of kind `T`: the prefix and `name`'s letters and digits, zero-padded to 16, so
+/// tests can still name their charges. Leaked: a test makes a handful.
+fn test_id<T>(name: &str, prefix: &str, parse: fn(&str) -> Result<T, MalformedId>) -> &'static T {
+    let name = name.strip_prefix(prefix).unwrap_or(name);
+    let alnum: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+    let id =
+        parse(&format!("{prefix}{alnum:0>16}")).expect("a test id of at most 16 letters or digits");
+    Box::leak(Box::new(id))
+}
+
+/// The charge id a test names `name`.
+fn charge_id(name: &str) -> &'static ChargeId {
+    test_id(name, ChargeId::PREFIX, ChargeId::parse)
+}
+
+/// The operation id a test names `name`.
+fn operation_id(name: &str) -> &'static OperationId {
+    test_id(name, OperationId::PREFIX, OperationId::parse)
+}
+
+fn eur() -> Currency {
+    Currency::parse("EUR").expect("a currency")
+}
+
+/// A charge of 19.99 EUR whose charge id a test names `name`.
+fn params(name: &str) -> ChargeParams<'static> {
     ChargeParams {
         amount: 1999,
-        currency: "EUR",
+        currency: eur(),
         capture: Capture::Automatic,
         description: "order 42",
         metadata: &[],
-        idempotency_key,
+        charge_id: charge_id(name),
         resend: false,
     }
 }
@@ -191,9 +218,15 @@ async fn stripe_charges_a_good_card_with_per_step_idempotency_keys_and_the_pinne
         .collect();
     assert_eq!(posts.len(), 2);
     assert_eq!(posts[0].path, paths::PAYMENT_METHODS);
-    assert_eq!(posts[0].idempotency_key.as_deref(), Some("order-1-pm"));
+    assert_eq!(
+        posts[0].idempotency_key.as_deref(),
+        Some(format!("{}-pm", charge_id("order-1")).as_str())
+    );
     assert_eq!(posts[1].path, paths::PAYMENT_INTENTS);
-    assert_eq!(posts[1].idempotency_key.as_deref(), Some("order-1-pi"));
+    assert_eq!(
+        posts[1].idempotency_key.as_deref(),
+        Some(format!("{}-pi", charge_id("order-1")).as_str())
+    );
     for post in &posts {
         assert_eq!(post.stripe_version.as_deref(), Some("2024-06-20"));
     }
@@ -224,7 +257,7 @@ async fn stripe_sends_metadata_tagged_with_the_charge_id_and_a_card_without_cvc(
         .unwrap();
     assert_eq!(
         intent["metadata"],
-        json!({"order": "42 & more", "note": "ü=€", "cardvault_charge_id": "order-meta"}),
+        json!({"order": "42 & more", "note": "ü=€", "cardvault_charge_id": charge_id("order-meta").as_str()}),
         "the caller's metadata, then the charge id"
     );
 }
@@ -256,7 +289,7 @@ async fn stripe_maps_every_declining_test_card_to_its_decline_code() {
             "An error occurred while processing your card. Try again in a little bit.",
         ),
     ] {
-        let outcome = charge(stripe.as_ref(), digits, &format!("key-{digits}")).await;
+        let outcome = charge(stripe.as_ref(), digits, digits).await;
         assert_eq!(
             outcome.status,
             ChargeStatus::Declined,
@@ -302,8 +335,8 @@ async fn the_charge_id_can_go_into_the_description_too() {
     });
     let pan = Pan::parse(cards::SUCCESS).unwrap();
     for (key, description, expected) in [
-        ("ch_desc1", "order 42", "order 42 [ch_desc1]"),
-        ("ch_desc2", "", "ch_desc2"),
+        ("ch_desc1", "order 42", "order 42 [ch_00000000000desc1]"),
+        ("ch_desc2", "", "ch_00000000000desc2"),
     ] {
         let outcome = stripe
             .charge(
@@ -452,10 +485,10 @@ async fn a_409_while_the_first_request_runs_is_unknown_and_the_charge_settles_on
     assert_eq!(h.gateway.stats().executed_on(paths::PAYMENT_INTENTS), 1);
     let found = stripe
         .lookup(&ChargeRef {
-            charge_id: "order-busy",
+            charge_id: charge_id("order-busy"),
             payment_id: settled.payment_id.as_deref(),
             amount: 1999,
-            currency: "EUR",
+            currency: eur(),
         })
         .await;
     match found {
@@ -549,10 +582,10 @@ async fn lookup_by_payment_id_finds_the_intent_or_proves_there_is_none() {
     let charged = charge(stripe.as_ref(), cards::SUCCESS, "order-look").await;
     let id = charged.payment_id.clone().expect("an intent");
     let reference = ChargeRef {
-        charge_id: "order-look",
+        charge_id: charge_id("order-look"),
         payment_id: Some(&id),
         amount: 1999,
-        currency: "EUR",
+        currency: eur(),
     };
     assert_eq!(
         stripe.lookup(&reference).await,
@@ -607,12 +640,12 @@ async fn lookup_by_payment_id_finds_the_intent_or_proves_there_is_none() {
 }
 
 /// A charge the vault has no payment id for.
-fn by_charge_id(charge_id: &str) -> ChargeRef<'_> {
+fn by_charge_id(name: &str) -> ChargeRef<'static> {
     ChargeRef {
-        charge_id,
+        charge_id: charge_id(name),
         payment_id: None,
         amount: 1999,
-        currency: "EUR",
+        currency: eur(),
     }
 }
 
@@ -643,14 +676,14 @@ async fn lookup_by_search_finds_a_charge_whose_answer_was_lost_and_proves_an_abs
     assert_eq!(outcome.status, ChargeStatus::Succeeded);
     let intents = h
         .gateway
-        .payment_intents_with_metadata("cardvault_charge_id", "order-lost");
+        .payment_intents_with_metadata("cardvault_charge_id", charge_id("order-lost").as_str());
     assert_eq!(intents.len(), 1);
     assert_eq!(outcome.payment_id.as_deref(), intents[0]["id"].as_str());
 
     match stripe.lookup(&by_charge_id("order-never-sent")).await {
         Lookup::NotFound { evidence } => assert_eq!(
             evidence,
-            "GET /v1/payment_intents/search query=metadata['cardvault_charge_id']:'order-never-sent' → HTTP 200, 0 results"
+            "GET /v1/payment_intents/search query=metadata['cardvault_charge_id']:'ch_00orderneversent' → HTTP 200, 0 results"
         ),
         other => panic!("expected not found, got {other:?}"),
     }
@@ -720,7 +753,7 @@ async fn after_the_gateway_forgot_the_key_a_lookup_still_finds_the_payment() {
     assert_eq!(second.status, ChargeStatus::Succeeded, "{second:?}");
     let intents = h
         .gateway
-        .payment_intents_with_metadata("cardvault_charge_id", "order-pruned");
+        .payment_intents_with_metadata("cardvault_charge_id", charge_id("order-pruned").as_str());
     assert_eq!(intents.len(), 2, "the hazard the window guards against");
     let Lookup::Found(either) = stripe.lookup(&by_charge_id("order-pruned")).await else {
         panic!("found");
@@ -749,10 +782,10 @@ async fn lookup_of_an_unreachable_gateway_is_unavailable_and_generic_without_loo
         ..h.stripe()
     });
     let reference = ChargeRef {
-        charge_id: "order-x",
+        charge_id: charge_id("order-x"),
         payment_id: Some("pi_1"),
         amount: 1999,
-        currency: "EUR",
+        currency: eur(),
     };
     assert!(matches!(
         stripe.lookup(&reference).await,
@@ -766,9 +799,9 @@ async fn lookup_of_an_unreachable_gateway_is_unavailable_and_generic_without_loo
             kind: OperationKind::Refund,
             payment_id: "p_1",
             amount: None,
-            currency: "EUR",
-            charge_id: "order-x",
-            idempotency_key: "op_1",
+            currency: eur(),
+            charge_id: charge_id("order-x"),
+            operation_id: operation_id("op_1"),
         })
         .await;
     assert_eq!(refused.status, OperationStatus::Failed);
@@ -783,8 +816,7 @@ async fn a_configured_endive_version_charges_with_its_own_parameter_names() {
             stripe_version: Some(version.to_owned()),
             ..h.stripe()
         });
-        let key = format!("order-{version}");
-        let outcome = charge(stripe.as_ref(), cards::SUCCESS, &key).await;
+        let outcome = charge(stripe.as_ref(), cards::SUCCESS, version).await;
         assert_eq!(
             outcome.status,
             ChargeStatus::Succeeded,
@@ -904,9 +936,9 @@ fn operation<'a>(
         kind,
         payment_id,
         amount,
-        currency: "EUR",
-        charge_id: "ch_lifecycle",
-        idempotency_key: key,
+        currency: eur(),
+        charge_id: charge_id("ch_lifecycle"),
+        operation_id: operation_id(key),
     }
 }
 
@@ -974,7 +1006,7 @@ async fn capture_refund_and_cancel_through_the_test_gateway_are_idempotent() {
     assert_eq!(refunds.len(), 1);
     assert_eq!(
         refunds[0]["metadata"]["cardvault_charge_id"],
-        "ch_lifecycle"
+        charge_id("ch_lifecycle").as_str()
     );
     let too_much = stripe
         .operate(&operation(
@@ -1108,9 +1140,9 @@ async fn stripe_capture_cancel_and_refund_send_the_documented_requests() {
         kind,
         payment_id,
         amount,
-        currency: "EUR",
-        charge_id: "ch_ops",
-        idempotency_key: key,
+        currency: eur(),
+        charge_id: charge_id("ch_ops"),
+        operation_id: operation_id(key),
     };
     let captured = stripe
         .operate(&operation(
@@ -1168,17 +1200,24 @@ async fn stripe_capture_cancel_and_refund_send_the_documented_requests() {
         [
             (
                 "/v1/payment_intents/pi_ok/capture",
-                Some("op_1"),
+                Some(operation_id("op_1").as_str()),
                 pairs(&[("amount_to_capture", "1500")])
             ),
-            ("/v1/payment_intents/pi_ok/cancel", Some("op_2"), vec![]),
+            (
+                "/v1/payment_intents/pi_ok/cancel",
+                Some(operation_id("op_2").as_str()),
+                vec![],
+            ),
             (
                 "/v1/refunds",
-                Some("op_3"),
+                Some(operation_id("op_3").as_str()),
                 pairs(&[
                     ("payment_intent", "pi_ok"),
                     ("amount", "700"),
-                    ("metadata[cardvault_charge_id]", "ch_ops")
+                    (
+                        "metadata[cardvault_charge_id]",
+                        charge_id("ch_ops").as_str()
+                    )
                 ])
             ),
         ]
@@ -1481,16 +1520,18 @@ async fn json_gateway(pki: &pki::Pki) -> (String, Arc<Mutex<Vec<Received>>>) {
                     body: Bytes::new(),
                 });
                 let (status, answer) = match reference.as_str() {
-                    "order-g1" => (
+                    r if r == charge_id("order-g1").as_str() => (
                         StatusCode::OK,
                         json!({"payment": {"id": "pay_1", "state": "APPROVED"},
                                    "error": {"message": "paid with 4242 4242 4242 4242"}}),
                     ),
-                    "order-g3" => (
+                    r if r == charge_id("order-g3").as_str() => (
                         StatusCode::OK,
                         json!({"payment": {"id": "pay_3", "state": "PENDING"}}),
                     ),
-                    "order-broken" => (StatusCode::SERVICE_UNAVAILABLE, json!({})),
+                    r if r == charge_id("order-broken").as_str() => {
+                        (StatusCode::SERVICE_UNAVAILABLE, json!({}))
+                    }
                     _ => (StatusCode::NOT_FOUND, json!({"error": "no such payment"})),
                 };
                 (status, answer.to_string())
@@ -1574,7 +1615,7 @@ async fn generic_renders_the_json_template_with_escaping_headers_and_idempotency
         body,
         json!({
             "amount": 1999, "currency": "EUR", "capture": "automatic",
-            "description": "line1\nline2 \u{1}", "reference": "order-g1",
+            "description": "line1\nline2 \u{1}", "reference": charge_id("order-g1").as_str(),
             "card": {"number": cards::SUCCESS, "exp_month": 12, "exp_year": 2034, "cvc": "123",
                      "holder": "Dr. \"Ada\" O'Brien\\"}
         })
@@ -1582,7 +1623,7 @@ async fn generic_renders_the_json_template_with_escaping_headers_and_idempotency
     let header = |name: &str| received.headers.get(name).unwrap().to_str().unwrap();
     assert_eq!(header("authorization"), "Bearer acme_live_key");
     assert_eq!(header("x-amount"), "1999 EUR");
-    assert_eq!(header("idempotency-key"), "order-g1");
+    assert_eq!(header("idempotency-key"), charge_id("order-g1").as_str());
     assert_eq!(header("content-type"), "application/json");
 }
 
@@ -1643,11 +1684,11 @@ async fn generic_hands_back_a_challenge_and_looks_charges_up_by_its_path() {
         "a card number in the action is masked"
     );
 
-    let reference = |charge_id| ChargeRef {
-        charge_id,
+    let reference = |name| ChargeRef {
+        charge_id: charge_id(name),
         payment_id: None,
         amount: 1999,
-        currency: "EUR",
+        currency: eur(),
     };
     match acme.lookup(&reference("order-g1")).await {
         Lookup::Found(outcome) => {
@@ -1669,7 +1710,7 @@ async fn generic_hands_back_a_challenge_and_looks_charges_up_by_its_path() {
         Lookup::NotFound { evidence } => {
             assert_eq!(
                 evidence,
-                "GET /lookup/order-none → HTTP 404 (no such payment)"
+                "GET /lookup/ch_0000000ordernone → HTTP 404 (no such payment)"
             );
         }
         other => panic!("expected not found, got {other:?}"),
@@ -1690,7 +1731,10 @@ async fn generic_hands_back_a_challenge_and_looks_charges_up_by_its_path() {
         assert_eq!(headers["authorization"], "Bearer acme_live_key");
         assert!(headers.get("content-type").is_none(), "a GET has no body");
     }
-    assert_eq!(lookups[2]["idempotency-key"], "order-none");
+    assert_eq!(
+        lookups[2]["idempotency-key"],
+        charge_id("order-none").as_str()
+    );
 }
 
 #[tokio::test]
@@ -1813,10 +1857,10 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
     for payment_id in [payment_id.as_deref(), None] {
         let found = stripe
             .lookup(&ChargeRef {
-                charge_id: "canary-4",
+                charge_id: charge_id("canary-4"),
                 payment_id,
                 amount: 1999,
-                currency: "EUR",
+                currency: eur(),
             })
             .await;
         outcomes.push(format!("{found:?}"));
@@ -1829,9 +1873,9 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
             kind: OperationKind::Refund,
             payment_id: payment_id.as_deref().unwrap_or("pi_missing"),
             amount: None,
-            currency: "EUR",
-            charge_id: "canary-4",
-            idempotency_key: "op_canary-5",
+            currency: eur(),
+            charge_id: charge_id("canary-4"),
+            operation_id: operation_id("op_canary-5"),
         })
         .await;
     outcomes.push(format!("{refund:?}"));
@@ -1839,7 +1883,8 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
     outcomes.push(format!("{:?}", card(&pan, Some(CANARY_CVC))));
 
     let logs = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
-    for key in ["nary-1", "nary-2", "nary-3", "nary-4", "nary-5"] {
+    // The ids are `…canaryN`: the last six characters name each.
+    for key in ["anary1", "anary2", "anary3", "anary4", "anary5"] {
         let line = format!("idempotency_key_suffix=\"{key}\"");
         assert!(
             logs.contains(&line),
@@ -1847,15 +1892,16 @@ async fn no_card_number_or_cvc_reaches_logs_or_outcomes() {
         );
     }
     assert!(
-        logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"nary-4\""),
+        logs.contains("gateway lookup") && logs.contains("charge_id_suffix=\"anary4\""),
         "the lookups were logged"
     );
     assert!(
-        logs.contains("charge_id_suffix=\"nary-6\"") && logs.contains("…nary-6"),
+        logs.contains("charge_id_suffix=\"anary6\"") && logs.contains("…anary6"),
         "the absent charge's lookup was logged with its evidence"
     );
     assert!(
-        !logs.contains("canary-4") && !logs.contains("canary-6"),
+        !logs.contains(charge_id("canary-4").as_str())
+            && !logs.contains(charge_id("canary-6").as_str()),
         "logs name a charge by the end of its id only"
     );
     // Every card number any test here uses, the canary CVC and the API key: none may

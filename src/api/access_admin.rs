@@ -17,7 +17,7 @@ use crate::{
     pb::v1::{self as pb, access_admin_server::AccessAdmin},
     vault::{
         ApiKeyView, DualControlled, Metadata, NewPrincipal, Operator, Permission, Permissions,
-        PrincipalView, TenantId, Vault, admin,
+        PrincipalName, PrincipalView, TenantId, Vault, admin,
     },
 };
 
@@ -108,12 +108,9 @@ impl AccessAdmin for AccessAdminService {
                 let tenant = TenantId::parse(&message.tenant)
                     .map_err(|e| violations.push(FieldViolation::new("tenant", &e)))
                     .ok();
-                if !admin::valid_principal_name(&message.name) {
-                    violations.push(FieldViolation::new(
-                        "name",
-                        &"must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
-                    ));
-                }
+                let name = PrincipalName::parse(&message.name)
+                    .map_err(|e| violations.push(FieldViolation::new("name", &e)))
+                    .ok();
                 let permissions =
                     match Permissions::parse(message.permissions.iter().map(String::as_str)) {
                         Ok(p) if p.is_empty() => {
@@ -144,8 +141,8 @@ impl AccessAdmin for AccessAdminService {
                         &"a global operator needs the keys:admin permission",
                     ));
                 }
-                let (Some(tenant), Some(permissions), true) =
-                    (tenant, permissions, violations.is_empty())
+                let (Some(tenant), Some(name), Some(permissions), true) =
+                    (tenant, name, permissions, violations.is_empty())
                 else {
                     return Err(ApiError::Invalid(violations));
                 };
@@ -155,7 +152,7 @@ impl AccessAdmin for AccessAdminService {
                         &Operator::from_authorized(&auth),
                         NewPrincipal {
                             tenant,
-                            name: message.name,
+                            name,
                             permissions,
                             mtls_identity: (!identity.is_empty()).then(|| identity.to_owned()),
                             global_operator: message.global_operator,

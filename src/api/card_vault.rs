@@ -65,8 +65,9 @@ impl CardVaultService {
             action_of(kind),
             credentials,
             |auth| async move {
-                let command = convert::operation_command(kind, charge_id, idempotency_key, amount)
-                    .map_err(ApiError::Invalid)?;
+                let command =
+                    convert::operation_command(kind, &charge_id, &idempotency_key, amount)
+                        .map_err(ApiError::Invalid)?;
                 // Once the operation is on record as sending, it runs to its settlement even
                 // if the caller goes away (a deadline, a dropped connection): a call cut short
                 // would leave it pending until its send lease lapsed.

@@ -6,12 +6,14 @@ use time::{Date, Duration, OffsetDateTime};
 use crate::{
     card::{Brand, Card, CardInput, Cvc, FieldViolation, Token, TokenFormat, contains_card_number},
     gateway::{Capture, OperationKind},
+    id::ChargeId,
+    money::Currency,
     pb::v1 as pb,
     vault::{
         CardView, ChargeActionView, ChargeCommand, ChargeOperationKind, ChargeOperationState,
-        ChargeState, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_CHARGE_AMOUNT,
-        MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand, RESERVED_METADATA_KEY,
-        TokenizeCommand,
+        ChargeState, IdempotencyKey, ImportCommand, ImportEntry, ImportId, ImportOutcome,
+        MAX_CHARGE_AMOUNT, MAX_CHARGE_METADATA, Metadata, Operated, OperationCommand,
+        RESERVED_METADATA_KEY, TokenizeCommand,
     },
 };
 
@@ -328,13 +330,9 @@ pub fn charge_command(
             &format!("amount must be 1 to {MAX_CHARGE_AMOUNT} (minor units)"),
         ));
     }
-    let currency = request.currency.to_ascii_uppercase();
-    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        violations.push(violation(
-            "currency",
-            "currency must be a three-letter ISO 4217 code",
-        ));
-    }
+    let currency = Currency::parse(&request.currency)
+        .map_err(|e| violations.push(violation("currency", &e.to_string())))
+        .ok();
     if !gateways.contains(&request.gateway.as_str()) {
         violations.push(violation(
             "gateway",
@@ -344,19 +342,10 @@ pub fn charge_command(
             ),
         ));
     }
-    let key = &request.idempotency_key;
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        violations.push(violation(
-            "idempotency_key",
-            "idempotency_key is required: 1 to 255 printable ASCII characters",
-        ));
-    } else if contains_card_number(key) {
-        // Stored in clear with the charge, its end logged: no side door for a card number.
-        violations.push(violation(
-            "idempotency_key",
-            "idempotency_key contains a card number; it is stored in clear, so use another key",
-        ));
-    }
+    // Stored in clear with the charge: the key refuses a card number too.
+    let idempotency_key = IdempotencyKey::parse(&request.idempotency_key)
+        .map_err(|e| violations.push(violation("idempotency_key", &e.to_string())))
+        .ok();
     let capture = match pb::Capture::try_from(request.capture) {
         Ok(pb::Capture::Unspecified | pb::Capture::Automatic) => Some(Capture::Automatic),
         Ok(pb::Capture::Manual) => Some(Capture::Manual),
@@ -390,14 +379,16 @@ pub fn charge_command(
             None
         }
     };
-    match (token, capture, metadata) {
-        (Some(token), Some(capture), Some(metadata)) if violations.is_empty() => {
+    match (token, currency, idempotency_key, capture, metadata) {
+        (Some(token), Some(currency), Some(idempotency_key), Some(capture), Some(metadata))
+            if violations.is_empty() =>
+        {
             Ok(ChargeCommand {
                 token,
                 amount: request.amount,
                 currency,
                 gateway: request.gateway,
-                idempotency_key: request.idempotency_key,
+                idempotency_key,
                 capture,
                 description: request.description,
                 metadata,
@@ -433,50 +424,37 @@ pub fn charge_status(status: ChargeState) -> pb::ChargeStatus {
 /// reporting every bad field.
 pub fn operation_command(
     kind: OperationKind,
-    charge_id: String,
-    idempotency_key: String,
+    charge_id: &str,
+    idempotency_key: &str,
     amount: u64,
 ) -> Result<OperationCommand, Vec<FieldViolation>> {
     let mut violations = Vec::new();
-    let well_formed = charge_id.len() == 19
-        && charge_id.starts_with("ch_")
-        && charge_id[3..].bytes().all(|b| b.is_ascii_alphanumeric());
-    if !well_formed {
-        violations.push(violation(
-            "charge_id",
-            "charge_id is required: the charge's id as Charge returned it (ch_ and 16 letters or digits)",
-        ));
-    }
-    if idempotency_key.is_empty()
-        || idempotency_key.len() > 255
-        || !idempotency_key.bytes().all(|b| b.is_ascii_graphic())
-    {
-        violations.push(violation(
-            "idempotency_key",
-            "idempotency_key is required: 1 to 255 printable ASCII characters",
-        ));
-    } else if contains_card_number(&idempotency_key) {
-        // Stored in clear with the operation: no side door for a card number.
-        violations.push(violation(
-            "idempotency_key",
-            "idempotency_key contains a card number; it is stored in clear, so use another key",
-        ));
-    }
+    let charge_id = ChargeId::parse(charge_id)
+        .map_err(|_| {
+            violations.push(violation(
+                "charge_id",
+                "charge_id is required: the charge's id as Charge returned it (ch_ and 16 letters or digits)",
+            ));
+        })
+        .ok();
+    // Stored in clear with the operation: the key refuses a card number too.
+    let idempotency_key = IdempotencyKey::parse(idempotency_key)
+        .map_err(|e| violations.push(violation("idempotency_key", &e.to_string())))
+        .ok();
     if amount > MAX_CHARGE_AMOUNT {
         violations.push(violation(
             "amount",
             &format!("amount must be 0 (all) to {MAX_CHARGE_AMOUNT} (minor units)"),
         ));
     }
-    if violations.is_empty() {
-        Ok(OperationCommand {
+    match (charge_id, idempotency_key) {
+        (Some(charge_id), Some(idempotency_key)) if violations.is_empty() => Ok(OperationCommand {
             kind,
             charge_id,
             idempotency_key,
             amount,
-        })
-    } else {
-        Err(violations)
+        }),
+        _ => Err(violations),
     }
 }
 

@@ -120,7 +120,7 @@ pub(super) fn key_request(row: KeyRequestView) -> pb::KeyRequest {
     let (principal, api_key_valid_for) = match row.operation {
         Some(KeyOperation::CreatePrincipal(new)) => (
             Some(pb::RequestedPrincipal {
-                name: new.name,
+                name: new.name.to_string(),
                 permissions: new.permissions.owned_names(),
                 mtls_identity: new.mtls_identity.unwrap_or_default(),
                 global_operator: new.global_operator,

@@ -7,7 +7,9 @@ use cardvault::{
     card::TokenFormat,
     config::Settings,
     server,
-    vault::{self, DualControlled, Metadata, NewPrincipal, Operator, Permissions, TenantId},
+    vault::{
+        DualControlled, Metadata, NewPrincipal, Operator, Permissions, PrincipalName, TenantId,
+    },
 };
 use clap::Subcommand;
 
@@ -104,9 +106,7 @@ async fn admin(settings: Settings, command: AdminCommand) -> CommandResult {
             mtls_identity,
             global_operator,
         } => {
-            if !vault::admin::valid_principal_name(&name) {
-                return Err("--name must be 1 to 64 of A-Z a-z 0-9 . _ -".into());
-            }
+            let name = PrincipalName::parse(&name).map_err(|e| format!("--{e}"))?;
             let permissions = Permissions::parse(permissions.iter().map(String::as_str))?;
             let created = vault
                 .create_principal(

@@ -4,7 +4,7 @@
 use std::{path::Path, path::PathBuf, process::ExitCode};
 
 use cardvault::{
-    client::keys::{KeyAdminCommand, run_cli},
+    client::key_admin::{KeyAdminCommand, run_cli},
     config::{KeyProviderKind, Settings},
     crypto::{LocalKeyring, Pkcs11Provider},
 };

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use super::{ConnectArgs, Connection, keys::describe};
+use super::{ConnectArgs, Connection, key_admin::describe};
 use crate::{
     gateway::OperationKind,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},

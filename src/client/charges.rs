@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use super::{
     ConnectArgs, Connection,
     charge_ops::{self, OperationArgs},
-    keys::describe,
+    key_admin::describe,
 };
 use crate::{
     gateway::OperationKind,

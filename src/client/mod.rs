@@ -1,5 +1,5 @@
 //! Command-line clients of a running vault over gRPC: the connection flags and set-up that
-//! `cardvault keys …` ([`keys`]), `cardvault charges …` ([`charges`]) and the load generator
+//! `cardvault keys …` ([`key_admin`]), `cardvault charges …` ([`charges`]) and the load generator
 //! (`cardvault-bench`, a workspace member of its own) share, and
 //! `cardvault probe` ([`probe`]), the admin port's health check for images without curl.
 //!
@@ -11,7 +11,7 @@
 
 pub mod charge_ops;
 pub mod charges;
-pub mod keys;
+pub mod key_admin;
 pub mod probe;
 
 use std::{path::PathBuf, time::Duration};

@@ -59,7 +59,7 @@ use super::{
     encode, observed, observed_lookup,
     template::{Escape, Field, Template, Values},
 };
-use crate::card::Pan;
+use crate::{card::Pan, id::ChargeId, money::Currency};
 
 /// Headers the HTTP client sets itself; a template must not.
 const RESERVED_HEADERS: [&str; 5] = [
@@ -142,7 +142,7 @@ impl LookupPath {
                     out.extend_from_slice(text.as_bytes());
                     continue;
                 }
-                PathPart::IdempotencyKey => charge.charge_id,
+                PathPart::IdempotencyKey => charge.charge_id.as_str(),
                 PathPart::PaymentId => charge.payment_id?,
             };
             out.extend_from_slice(&encode::build(|sink| encode::form_component(value, sink)));
@@ -241,13 +241,15 @@ impl GenericConnector {
             cvc: Some("123"),
             holder: Some("Sample Holder"),
         };
+        let sample_id =
+            ChargeId::parse("ch_0000000000sample").map_err(|e| reject(e.to_string()))?;
         let sample_params = ChargeParams {
             amount: 100,
-            currency: "EUR",
+            currency: Currency::parse("EUR").map_err(|e| reject(e.to_string()))?,
             capture: Capture::Automatic,
             description: "sample",
             metadata: &[],
-            idempotency_key: "sample-key",
+            charge_id: &sample_id,
             resend: false,
         };
         let secret_text = secret.as_ref().map_or("", |s| s.expose_secret());
@@ -343,7 +345,7 @@ impl GenericConnector {
         let mut headers = self.fixed_headers.clone();
         headers.remove(header::CONTENT_TYPE);
         if let Some(name) = &self.idempotency_header {
-            let Ok(value) = HeaderValue::from_str(charge.charge_id) else {
+            let Ok(value) = HeaderValue::from_str(charge.charge_id.as_str()) else {
                 return Lookup::Unavailable {
                     reason: "the charge id is not a valid header value".to_owned(),
                 };
@@ -409,7 +411,7 @@ impl GenericConnector {
             );
         }
         if let Some(name) = &self.idempotency_header {
-            let Ok(value) = HeaderValue::from_str(params.idempotency_key) else {
+            let Ok(value) = HeaderValue::from_str(params.charge_id.as_str()) else {
                 return Outcome::ours(ChargeStatus::Failed, "invalid idempotency key", None);
             };
             headers.insert(name.clone(), value);
@@ -777,15 +779,16 @@ mod tests {
     fn the_lookup_path_takes_two_placeholders_percent_encoded() {
         let path = LookupPath::parse("/v2/charges/{{ payment_id }}?ref={{idempotency_key}}")
             .expect("valid");
+        let charge_id = ChargeId::parse("ch_0000000000000001").unwrap();
         let charge = ChargeRef {
-            charge_id: "ch_1/2 3",
-            payment_id: Some("p_9"),
+            charge_id: &charge_id,
+            payment_id: Some("p/9 x"),
             amount: 100,
-            currency: "EUR",
+            currency: Currency::parse("EUR").unwrap(),
         };
         assert_eq!(
             path.render(&charge).as_deref(),
-            Some("/v2/charges/p_9?ref=ch_1%2F2+3")
+            Some("/v2/charges/p%2F9+x?ref=ch_0000000000000001")
         );
         let without = ChargeRef {
             payment_id: None,
@@ -795,7 +798,7 @@ mod tests {
         let by_key = LookupPath::parse("/charges/{{idempotency_key}}").unwrap();
         assert_eq!(
             by_key.render(&without).as_deref(),
-            Some("/charges/ch_1%2F2+3")
+            Some("/charges/ch_0000000000000001")
         );
         let err = LookupPath::parse("/c/{{card.number}}").unwrap_err();
         assert!(err.contains("only {{idempotency_key}}"), "{err}");

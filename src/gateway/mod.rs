@@ -53,7 +53,11 @@ use std::{collections::BTreeMap, fmt, sync::Arc, time::Instant};
 
 pub use config::{GatewayKind, GatewaySettings};
 
-use crate::card::{Pan, detect};
+use crate::{
+    card::{Pan, detect},
+    id::{ChargeId, OperationId},
+    money::Currency,
+};
 
 /// When the gateway takes the money.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,8 +137,8 @@ impl fmt::Debug for ChargeCard<'_> {
 pub struct ChargeParams<'a> {
     /// Amount in minor units (cents for USD, yen for JPY).
     pub amount: u64,
-    /// ISO 4217 code, upper-case (`"EUR"`).
-    pub currency: &'a str,
+    /// The charge's currency.
+    pub currency: Currency,
     /// Capture now or later.
     pub capture: Capture,
     /// Shown to the merchant in the gateway's dashboard; may be empty.
@@ -142,12 +146,12 @@ pub struct ChargeParams<'a> {
     /// Key/value pairs the gateway stores with the payment (`stripe` sends them as
     /// `metadata[k]=v`; `generic` templates have no placeholder for them).
     pub metadata: &'a [(String, String)],
-    /// The vault's per-charge gateway key, stable across re-sends: printable ASCII, 1 to
-    /// [`MAX_IDEMPOTENCY_KEY_LEN`] characters. It is the vault's charge id (`ch_…`).
-    /// Connectors derive the gateway's idempotency keys from it, so a re-send is recognized by
-    /// the gateway, and tag the payment with it (Stripe: `metadata[cardvault_charge_id]`) so
-    /// that [`Connector::lookup`] can find it.
-    pub idempotency_key: &'a str,
+    /// The vault's charge id, the charge's gateway key, stable across re-sends. Never the
+    /// caller's idempotency key: the type admits only the vault's own ids. Connectors derive
+    /// the gateway's idempotency keys from it, so a re-send is recognized by the gateway, and
+    /// tag the payment with it (Stripe: `metadata[cardvault_charge_id]`) so that
+    /// [`Connector::lookup`] can find it.
+    pub charge_id: &'a ChargeId,
     /// This charge was sent before and its outcome is unknown. On a re-send only a definitive
     /// answer about the payment itself may settle the charge: a failure of any earlier step
     /// (e.g. Stripe's PaymentMethod) is [`ChargeStatus::Unknown`], never
@@ -182,14 +186,14 @@ impl fmt::Debug for NextAction {
 /// A charge the vault may have sent, to look up at the gateway.
 #[derive(Debug, Clone, Copy)]
 pub struct ChargeRef<'a> {
-    /// The vault's charge id, as sent in [`ChargeParams::idempotency_key`].
-    pub charge_id: &'a str,
+    /// The vault's charge id, as sent in [`ChargeParams::charge_id`].
+    pub charge_id: &'a ChargeId,
     /// The gateway's payment id, when an earlier answer carried one.
     pub payment_id: Option<&'a str>,
     /// Amount in minor units, as sent.
     pub amount: u64,
-    /// ISO 4217 code, upper-case, as sent.
-    pub currency: &'a str,
+    /// The currency, as sent.
+    pub currency: Currency,
 }
 
 /// What the gateway says about a charge the vault may have sent it.
@@ -245,13 +249,12 @@ pub struct Operation<'a> {
     pub payment_id: &'a str,
     /// Minor units to capture or refund; `None` for all of it (always `None` for a cancel).
     pub amount: Option<u64>,
-    /// The charge's currency, upper-case.
-    pub currency: &'a str,
+    /// The charge's currency.
+    pub currency: Currency,
     /// The vault's charge id, for the gateway's metadata.
-    pub charge_id: &'a str,
-    /// The vault's per-operation gateway key (`op_…`), stable across re-sends; same rules as
-    /// [`ChargeParams::idempotency_key`].
-    pub idempotency_key: &'a str,
+    pub charge_id: &'a ChargeId,
+    /// The operation's id, its gateway key, stable across re-sends.
+    pub operation_id: &'a OperationId,
 }
 
 /// Where a follow-up ended.
@@ -291,10 +294,6 @@ pub struct OperationOutcome {
     /// HTTP status of the gateway's answer, if it answered.
     pub http_status: Option<u16>,
 }
-
-/// Longest accepted [`ChargeParams::idempotency_key`]: Stripe allows 255 characters and the
-/// `stripe` connector appends `-pm` / `-pi`.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 252;
 
 /// The result of one charge. Free of card data (gateway texts are scrubbed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -680,31 +679,7 @@ impl Gateways {
     }
 }
 
-/// Checks what every connector needs of the parameters before anything is sent; `None` when
-/// they are usable.
-fn invalid_params(params: &ChargeParams<'_>) -> Option<Outcome> {
-    let key = params.idempotency_key;
-    if key.is_empty()
-        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
-        || !key.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Some(Outcome::ours(
-            ChargeStatus::Failed,
-            "invalid idempotency key: 1 to 252 printable ASCII characters",
-            None,
-        ));
-    }
-    if params.currency.len() != 3 || !params.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Some(Outcome::ours(
-            ChargeStatus::Failed,
-            "invalid currency: three upper-case letters (ISO 4217)",
-            None,
-        ));
-    }
-    None
-}
-
-/// The last characters of an idempotency key, enough to find a charge in logs.
+/// The last characters of a charge or operation id, enough to find it in logs.
 fn key_suffix(key: &str) -> &str {
     const SHOWN: usize = 6;
     let start = key
@@ -723,11 +698,7 @@ async fn observed(
     charge: impl Future<Output = Outcome>,
 ) -> Outcome {
     let started = Instant::now();
-    let outcome = match invalid_params(params) {
-        Some(refused) => refused,
-        None => charge.await,
-    }
-    .scrubbed(Some(card));
+    let outcome = charge.await.scrubbed(Some(card));
     let elapsed = started.elapsed();
     metrics::counter!(
         "cardvault_gateway_requests_total",
@@ -742,7 +713,7 @@ async fn observed(
     )
     .record(elapsed.as_secs_f64());
     let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-    let key = key_suffix(params.idempotency_key);
+    let key = key_suffix(params.charge_id.as_str());
     match outcome.status {
         ChargeStatus::Succeeded | ChargeStatus::RequiresAction | ChargeStatus::Declined => {
             tracing::info!(
@@ -810,10 +781,10 @@ async fn observed_lookup(
     )
     .record(elapsed.as_secs_f64());
     // Logs name a charge by the end of its id only, here too.
-    let suffix = key_suffix(charge.charge_id);
+    let suffix = key_suffix(charge.charge_id.as_str());
     let detail = detail
         .unwrap_or("")
-        .replace(charge.charge_id, &format!("…{suffix}"));
+        .replace(charge.charge_id.as_str(), &format!("…{suffix}"));
     tracing::info!(
         gateway,
         result = label,
@@ -833,23 +804,8 @@ async fn observed_operation(
     run: impl Future<Output = OperationOutcome>,
 ) -> OperationOutcome {
     let started = Instant::now();
-    let key = operation.idempotency_key;
-    let mut outcome = if key.is_empty()
-        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
-        || !key.bytes().all(|b| b.is_ascii_graphic())
-    {
-        OperationOutcome {
-            status: OperationStatus::Failed,
-            gateway_id: None,
-            amount: None,
-            message: Some(
-                "invalid idempotency key: 1 to 252 printable ASCII characters".to_owned(),
-            ),
-            http_status: None,
-        }
-    } else {
-        run.await
-    };
+    let key = operation.operation_id.as_str();
+    let mut outcome = run.await;
     outcome.message = outcome.message.map(|m| scrub(&m, None, Text::Message));
     outcome.gateway_id = outcome
         .gateway_id
@@ -1055,28 +1011,6 @@ mod tests {
             !text.contains("4242424242424242") && !text.contains("987"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn parameters_are_checked_before_sending() {
-        let params = |key: &'static str, currency: &'static str| ChargeParams {
-            amount: 100,
-            currency,
-            capture: Capture::Automatic,
-            description: "",
-            metadata: &[],
-            idempotency_key: key,
-            resend: false,
-        };
-        assert!(invalid_params(&params("k-1", "EUR")).is_none());
-        for bad in [params("", "EUR"), params("a b", "EUR"), params("k", "eur")] {
-            let refused = invalid_params(&bad).expect("refused");
-            assert_eq!(refused.status, ChargeStatus::Failed);
-        }
-        let long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
-        let mut p = params("k", "EUR");
-        p.idempotency_key = &long;
-        assert!(invalid_params(&p).is_some());
     }
 
     #[test]

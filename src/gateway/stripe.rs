@@ -230,7 +230,7 @@ impl StripeConnector {
         params: &ChargeParams<'_>,
         deadline: Deadline,
     ) -> Result<String, Outcome> {
-        let headers = self.post_headers(params.idempotency_key, "-pm")?;
+        let headers = self.post_headers(params.charge_id.as_str(), "-pm")?;
         let exp_month = Zeroizing::new(card.exp_month.to_string());
         let exp_year = Zeroizing::new(card.exp_year.to_string());
         let tag = format!("metadata[{CHARGE_ID_METADATA}]");
@@ -246,7 +246,7 @@ impl StripeConnector {
         if let Some(holder) = card.holder {
             pairs.push(("billing_details[name]", holder));
         }
-        pairs.push((tag.as_str(), params.idempotency_key));
+        pairs.push((tag.as_str(), params.charge_id.as_str()));
         let body = encode::form_body(&pairs);
         drop(pairs);
         match self
@@ -277,7 +277,7 @@ impl StripeConnector {
         params: &ChargeParams<'_>,
         deadline: Deadline,
     ) -> (Outcome, bool) {
-        let headers = match self.post_headers(params.idempotency_key, "-pi") {
+        let headers = match self.post_headers(params.charge_id.as_str(), "-pi") {
             Ok(headers) => headers,
             Err(outcome) => return (outcome, false),
         };
@@ -326,7 +326,7 @@ impl StripeConnector {
         let intent = match charge.payment_id {
             Some(id) => self.retrieve(id, headers, deadline).await,
             None => {
-                self.search_by_charge(charge.charge_id, headers, deadline)
+                self.search_by_charge(charge.charge_id.as_str(), headers, deadline)
                     .await
             }
         };
@@ -466,7 +466,7 @@ impl StripeConnector {
             message: Some(message.to_owned()),
             http_status: None,
         };
-        let Some(headers) = self.headers(Some(operation.idempotency_key)) else {
+        let Some(headers) = self.headers(Some(operation.operation_id.as_str())) else {
             return failed("invalid idempotency key");
         };
         let amount = operation.amount.map(|a| a.to_string());
@@ -485,7 +485,7 @@ impl StripeConnector {
                 if let Some(amount) = &amount {
                     pairs.push(("amount", amount));
                 }
-                pairs.push((tag.as_str(), operation.charge_id));
+                pairs.push((tag.as_str(), operation.charge_id.as_str()));
                 self.intent_url(operation.payment_id, "")
                     .map(|_| self.refunds.clone())
             }
@@ -531,11 +531,11 @@ fn payment_intent_body(
     charge_id_in_description: bool,
 ) -> Zeroizing<Vec<u8>> {
     let amount = params.amount.to_string();
-    let currency = params.currency.to_ascii_lowercase();
+    let currency = params.currency.as_str().to_ascii_lowercase();
     let description = match (charge_id_in_description, params.description) {
         (false, description) => description.to_owned(),
-        (true, "") => params.idempotency_key.to_owned(),
-        (true, description) => format!("{description} [{}]", params.idempotency_key),
+        (true, "") => params.charge_id.as_str().to_owned(),
+        (true, description) => format!("{description} [{}]", params.charge_id.as_str()),
     };
     let callers: Vec<(String, &str)> = params
         .metadata
@@ -558,7 +558,7 @@ fn payment_intent_body(
     for (key, value) in &callers {
         pairs.push((key.as_str(), value));
     }
-    pairs.push((tag.as_str(), params.idempotency_key));
+    pairs.push((tag.as_str(), params.charge_id.as_str()));
     encode::form_body(&pairs)
 }
 
@@ -601,7 +601,7 @@ fn pick_intent(intents: &[Value]) -> &Value {
 fn mismatch(intent: &Value, charge: &ChargeRef<'_>) -> Option<String> {
     let amount = intent.get("amount").and_then(Value::as_u64);
     let currency = intent.get("currency").and_then(Value::as_str);
-    let expected_currency = charge.currency.to_ascii_lowercase();
+    let expected_currency = charge.currency.as_str().to_ascii_lowercase();
     (amount != Some(charge.amount) || currency != Some(expected_currency.as_str())).then(|| {
         format!(
             "payment intent {} is for {} {}, the charge for {} {}: an operator must look",
@@ -935,6 +935,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::{id::ChargeId, money::Currency};
 
     fn intent(status: u16, body: Value) -> Outcome {
         map_payment_intent(status, body.to_string().as_bytes()).0
@@ -1287,11 +1288,12 @@ mod tests {
 
     #[test]
     fn an_intent_for_another_amount_or_currency_is_not_the_charge() {
+        let charge_id = ChargeId::parse("ch_0000000000000001").unwrap();
         let charge = ChargeRef {
-            charge_id: "ch_1",
+            charge_id: &charge_id,
             payment_id: None,
             amount: 1999,
-            currency: "EUR",
+            currency: Currency::parse("EUR").unwrap(),
         };
         let same = json!({"id": "pi_1", "amount": 1999, "currency": "eur"});
         assert_eq!(mismatch(&same, &charge), None);
@@ -1396,13 +1398,14 @@ mod tests {
             ("order".to_owned(), "42".to_owned()),
             (CHARGE_ID_METADATA.to_owned(), "spoofed".to_owned()),
         ];
+        let charge_id = ChargeId::parse("ch_0000000000000001").unwrap();
         let params = ChargeParams {
             amount: 1999,
-            currency: "EUR",
+            currency: Currency::parse("EUR").unwrap(),
             capture: super::super::Capture::Manual,
             description: "order 42",
             metadata: &metadata,
-            idempotency_key: "ch_1",
+            charge_id: &charge_id,
             resend: false,
         };
         let body = |types, in_description| {
@@ -1413,7 +1416,7 @@ mod tests {
             body("payment_method_types[0]", false),
             "amount=1999&currency=eur&payment_method=pm_1&confirm=true&capture_method=manual&\
              payment_method_types%5B0%5D=card&description=order+42&metadata%5Border%5D=42&\
-             metadata%5Bcardvault_charge_id%5D=ch_1"
+             metadata%5Bcardvault_charge_id%5D=ch_0000000000000001"
         );
         let endive = body(
             payment_method_types_param("2026-10-28.endive").unwrap(),
@@ -1422,7 +1425,7 @@ mod tests {
         assert!(
             endive.contains("&allowed_payment_method_types%5B0%5D=card&")
                 && !endive.contains("&payment_method_types")
-                && endive.contains("description=order+42+%5Bch_1%5D"),
+                && endive.contains("description=order+42+%5Bch_0000000000000001%5D"),
             "{endive}"
         );
         assert!(!endive.contains("spoofed"), "the caller cannot set the tag");

@@ -13,7 +13,7 @@
 //! | `{{card.holder}}` | the cardholder name, or empty |
 //! | `{{amount}}` | amount in minor units, e.g. `1999` |
 //! | `{{currency}}` | ISO 4217 code, upper-case, e.g. `EUR` |
-//! | `{{idempotency_key}}` | the vault's per-charge gateway key, stable across re-sends |
+//! | `{{idempotency_key}}` | the vault's charge id (`ch_…`), its gateway key, stable across re-sends |
 //! | `{{description}}` | the charge description |
 //! | `{{capture}}` | `automatic` or `manual` |
 //! | `{{secret}}` | the gateway's API secret |
@@ -201,8 +201,8 @@ impl<'a> Values<'a> {
             Field::Cvc => self.card.cvc.unwrap_or(""),
             Field::Holder => self.card.holder.unwrap_or(""),
             Field::Amount => &self.amount,
-            Field::Currency => self.params.currency,
-            Field::IdempotencyKey => self.params.idempotency_key,
+            Field::Currency => self.params.currency.as_str(),
+            Field::IdempotencyKey => self.params.charge_id.as_str(),
             Field::Description => self.params.description,
             Field::Capture => match self.params.capture {
                 Capture::Automatic => "automatic",
@@ -227,13 +227,14 @@ mod tests {
             cvc: Some("123"),
             holder,
         };
+        let charge_id = crate::id::ChargeId::parse("ch_000000000000key1").unwrap();
         let params = ChargeParams {
             amount: 1999,
-            currency: "EUR",
+            currency: crate::money::Currency::parse("EUR").unwrap(),
             capture: Capture::Manual,
             description: "order \"42\" & co",
             metadata: &[],
-            idempotency_key: "key-1",
+            charge_id: &charge_id,
             resend: false,
         };
         let values = Values::new(&card, &params, "sk_test");
@@ -248,7 +249,7 @@ mod tests {
                     {{secret}}";
         assert_eq!(
             render(text, Escape::Raw, Some("Ada")),
-            "4242424242424242|3|2031|123|Ada|1999|EUR|key-1|manual|sk_test"
+            "4242424242424242|3|2031|123|Ada|1999|EUR|ch_000000000000key1|manual|sk_test"
         );
     }
 

@@ -288,11 +288,7 @@ fn vault_options(settings: &Settings) -> Result<VaultOptions, StartupError> {
         let tenant = TenantId::parse(&p.tenant).map_err(|e| invalid(e.to_string()))?;
         let permissions = Permissions::parse(p.permissions.iter().map(String::as_str))
             .map_err(|e| invalid(e.to_string()))?;
-        if !crate::vault::admin::valid_principal_name(&p.name) {
-            return Err(invalid(
-                "name must be 1 to 64 of A-Z a-z 0-9 . _ -".to_owned(),
-            ));
-        }
+        crate::vault::PrincipalName::parse(&p.name).map_err(|e| invalid(e.to_string()))?;
         if p.global_operator && !permissions.contains(crate::vault::Permission::KeysAdmin) {
             return Err(invalid("global_operator needs keys:admin".to_owned()));
         }

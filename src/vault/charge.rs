@@ -21,8 +21,8 @@ use ring::digest;
 use time::OffsetDateTime;
 
 use super::{
-    Authorized, CardView, ChargeView, Metadata, TenantId, Vault, VaultError, event, expect_action,
-    key_admin::new_id,
+    Authorized, CardView, ChargeView, IdempotencyKey, Metadata, TenantId, Vault, VaultError, event,
+    expect_action,
     settle::{Actor, charge_detail, is_unsettled},
     view_of,
 };
@@ -31,6 +31,8 @@ use crate::{
     card::{Cvc, Token},
     crypto,
     gateway::{Capture, ChargeStatus},
+    id::ChargeId,
+    money::Currency,
     store::{CaptureMethod, ChargeRow, ChargeState, CvcHoldRow},
 };
 
@@ -52,12 +54,12 @@ pub struct ChargeCommand {
     pub token: Token,
     /// Minor units, 1 to [`MAX_CHARGE_AMOUNT`].
     pub amount: u64,
-    /// ISO 4217, upper case.
-    pub currency: String,
+    /// The charge's currency.
+    pub currency: Currency,
     /// A configured gateway's name.
     pub gateway: String,
-    /// The caller's key: one key, one charge.
-    pub idempotency_key: String,
+    /// The caller's key: one key, one charge. Never sent to the gateway (the charge id is).
+    pub idempotency_key: IdempotencyKey,
     /// Automatic or manual capture.
     pub capture: Capture,
     /// Shown by the gateway.
@@ -111,14 +113,16 @@ impl Vault {
         let row = self.live_row(auth, token).await?;
         let now = OffsetDateTime::now_utc();
         let fresh = ChargeRow {
-            id: new_id("ch_")?,
+            id: ChargeId::generate()
+                .map_err(VaultError::no_randomness)?
+                .into_string(),
             tenant_id: tenant.to_string(),
-            idempotency_key: command.idempotency_key.clone(),
+            idempotency_key: command.idempotency_key.as_str().to_owned(),
             request_hash: request_hash(&command),
             token: token.as_str().to_owned(),
             gateway: command.gateway.clone(),
             amount: command.amount,
-            currency: command.currency.clone(),
+            currency: command.currency.as_str().to_owned(),
             capture: command.capture.into(),
             description: command.description.clone(),
             metadata: command.metadata.entries().to_vec(),
@@ -282,14 +286,14 @@ impl Vault {
         self: &Arc<Self>,
         auth: &Authorized,
         token: &Token,
-        idempotency_key: &str,
+        idempotency_key: &IdempotencyKey,
     ) -> Result<Charged, VaultError> {
         expect_action(auth, Action::Charge)?;
         let tenant = auth.caller().tenant();
         let row = self.live_row(auth, token).await?;
         let charge = self
             .store
-            .charge_by_key(tenant.as_str(), idempotency_key)
+            .charge_by_key(tenant.as_str(), idempotency_key.as_str())
             .await?
             .ok_or_else(|| {
                 // Not even written yet: the database is too slow for the deadline.
@@ -373,7 +377,7 @@ fn request_hash(command: &ChargeCommand) -> Vec<u8> {
     };
     field(command.token.as_str().as_bytes());
     field(&command.amount.to_be_bytes());
-    field(command.currency.as_bytes());
+    field(command.currency.as_str().as_bytes());
     field(command.gateway.as_bytes());
     field(CaptureMethod::from(command.capture).as_str().as_bytes());
     field(command.description.as_bytes());

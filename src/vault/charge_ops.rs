@@ -20,15 +20,17 @@ use ring::digest;
 use time::OffsetDateTime;
 
 use super::{
-    Authorized, ChargeOperationView, Vault, VaultError, event, expect_action, key_admin::new_id,
+    Authorized, ChargeOperationView, IdempotencyKey, Vault, VaultError, event, expect_action,
+    settle::gateway_terms,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::Token,
     gateway::{Connector, Operation, OperationKind, OperationStatus},
+    id::{ChargeId, OperationId},
     store::{
         CaptureMethod, ChargeOperationKind, ChargeOperationRow, ChargeOperationState, ChargeRow,
-        ChargeState, OperationSettlement,
+        ChargeState, OperationSettlement, StoreError,
     },
 };
 
@@ -37,10 +39,11 @@ use crate::{
 pub struct OperationCommand {
     /// What to do.
     pub kind: OperationKind,
-    /// The vault's charge id (`ch_…`).
-    pub charge_id: String,
-    /// The caller's key: one key, one operation.
-    pub idempotency_key: String,
+    /// The vault's charge id.
+    pub charge_id: ChargeId,
+    /// The caller's key: one key, one operation. Never sent to the gateway (the operation
+    /// id is).
+    pub idempotency_key: IdempotencyKey,
     /// Minor units to capture or refund; 0 for all of it (always 0 for a cancellation).
     pub amount: u64,
 }
@@ -99,7 +102,7 @@ impl Vault {
         expect_action(auth, action_of(command.kind))?;
         let tenant = auth.caller().tenant().as_str().to_owned();
         let hash = request_hash(&command);
-        let charge = match self.store.charge(&command.charge_id).await? {
+        let charge = match self.store.charge(command.charge_id.as_str()).await? {
             // Another tenant's charge is answered exactly as a missing one.
             Some(charge) if charge.tenant_id == tenant => charge,
             _ => {
@@ -116,7 +119,7 @@ impl Vault {
         let scope = self.scope(auth, &charge).await?;
         let operated = match self
             .store
-            .charge_operation_by_key(&tenant, &command.idempotency_key)
+            .charge_operation_by_key(&tenant, command.idempotency_key.as_str())
             .await?
         {
             Some(existing) => self.answer_existing(&scope, &charge, existing, &hash).await,
@@ -181,7 +184,7 @@ impl Vault {
         // its operation is not a rival to check against but the answer to give.
         if let Some(same) = earlier
             .iter()
-            .find(|op| op.idempotency_key == command.idempotency_key)
+            .find(|op| op.idempotency_key == command.idempotency_key.as_str())
         {
             let existing = same.clone();
             drop(tx);
@@ -195,11 +198,13 @@ impl Vault {
             }
         };
         let row = ChargeOperationRow {
-            id: new_id("op_")?,
+            id: OperationId::generate()
+                .map_err(VaultError::no_randomness)?
+                .into_string(),
             tenant_id: charge.tenant_id.clone(),
             charge_id: charge.id.clone(),
             kind: kind.into(),
-            idempotency_key: command.idempotency_key.clone(),
+            idempotency_key: command.idempotency_key.as_str().to_owned(),
             request_hash: hash.clone(),
             amount,
             status: ChargeOperationState::Pending,
@@ -323,13 +328,16 @@ impl Vault {
             .gateway_payment_id
             .as_deref()
             .ok_or_else(|| VaultError::internal("a charge lost its payment id", "no id"))?;
+        let (charge_id, currency) = gateway_terms(charge)?;
+        let operation_id = OperationId::parse(&operation.id)
+            .map_err(|_| StoreError::Corrupt("a stored charge operation id is malformed"))?;
         let request = Operation {
             kind,
             payment_id,
             amount: (kind != OperationKind::Cancel).then_some(operation.amount),
-            currency: &charge.currency,
-            charge_id: &charge.id,
-            idempotency_key: &operation.id,
+            currency,
+            charge_id: &charge_id,
+            operation_id: &operation_id,
         };
         // The connector logs the call and counts it (`cardvault_gateway_operations_total`).
         let outcome = connector.operate(&request).await;
@@ -588,7 +596,7 @@ fn request_hash(command: &OperationCommand) -> Vec<u8> {
         ctx.update(bytes);
     };
     field(command.kind.as_str().as_bytes());
-    field(command.charge_id.as_bytes());
+    field(command.charge_id.as_str().as_bytes());
     field(&command.amount.to_be_bytes());
     ctx.finish().as_ref().to_vec()
 }
@@ -748,13 +756,13 @@ mod tests {
     fn the_request_hash_covers_kind_charge_and_amount() {
         let base = OperationCommand {
             kind: Refund,
-            charge_id: "ch_1".to_owned(),
-            idempotency_key: "k".to_owned(),
+            charge_id: ChargeId::parse("ch_0000000000000001").unwrap(),
+            idempotency_key: IdempotencyKey::parse("k").unwrap(),
             amount: 100,
         };
         let hash = request_hash(&base);
         let mut other_key = base.clone();
-        other_key.idempotency_key = "k2".to_owned();
+        other_key.idempotency_key = IdempotencyKey::parse("k2").unwrap();
         assert_eq!(request_hash(&other_key), hash);
         for changed in [
             OperationCommand {
@@ -762,7 +770,7 @@ mod tests {
                 ..base.clone()
             },
             OperationCommand {
-                charge_id: "ch_2".to_owned(),
+                charge_id: ChargeId::parse("ch_0000000000000002").unwrap(),
                 ..base.clone()
             },
             OperationCommand {

@@ -1,6 +1,6 @@
 //! Errors of the vault core, one variant per thing a caller can act on.
 
-use crate::{audit::AuditError, store::StoreError};
+use crate::{audit::AuditError, crypto::CryptoError, store::StoreError};
 
 /// Why a vault operation did not succeed. Messages never contain card data.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,11 @@ impl VaultError {
             context,
             source: source.into(),
         }
+    }
+
+    /// The OS random generator failed while making an id.
+    pub(super) fn no_randomness(source: CryptoError) -> Self {
+        VaultError::internal("the OS random generator failed", source)
     }
 }
 

@@ -14,13 +14,14 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::{Operator, TenantId, Vault, VaultError, admin::admin_event, key_admin::new_id};
+use super::{Operator, TenantId, Vault, VaultError, admin::admin_event};
 use crate::{
     audit::{Action, AuditEvent, Outcome},
     crypto::{
         DataKey, DekId, KekVersion, WrappedKey, audit_key_wrap_aad, dek_wrap_aad, open_record,
         seal_record, tenant_secret_wrap_aad,
     },
+    id,
     store::{KeyJobKind, KeyJobRow, KeyJobState, Rewrap, SealedRecord},
 };
 
@@ -107,7 +108,7 @@ impl Vault {
     ) -> Result<KeyJobRow, VaultError> {
         let now = OffsetDateTime::now_utc();
         let row = KeyJobRow {
-            id: new_id("kj_")?,
+            id: id::new_id("kj_").map_err(VaultError::no_randomness)?,
             kind,
             state: KeyJobState::Running,
             tenant_id: tenant.map(ToString::to_string),

@@ -16,10 +16,11 @@ pub mod deadline;
 mod error;
 mod guess;
 mod import;
-pub mod key_admin;
+pub mod key_control;
 pub mod key_jobs;
 pub mod limits;
 pub mod metadata;
+pub mod names;
 pub mod peer;
 pub mod reconciler;
 mod record;
@@ -49,10 +50,11 @@ pub use self::{
     charge_ops::{Operated, OperationCommand, action_of},
     error::VaultError,
     import::{ImportChunk, ImportCommand, ImportEntry, ImportId, ImportOutcome, MAX_IMPORT_CHUNK},
-    key_admin::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
+    key_control::{Approved, KekStatus, KeyOperation, KeyStatus, RotatedDeks},
     key_jobs::KeyJobOptions,
     limits::{GuessBudgets, Rate},
     metadata::Metadata,
+    names::{IdempotencyKey, InvalidIdempotencyKey, InvalidPrincipalName, PrincipalName},
     peer::{Cidr, InvalidCidr},
     tenant::{InvalidTenantId, TenantId},
     tenant_keys::DekPolicy,

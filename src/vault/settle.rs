@@ -26,8 +26,21 @@ use crate::{
     card::{Cvc, Token},
     crypto::{self, DekId},
     gateway::{ChargeCard, ChargeParams, ChargeRef, ChargeStatus, Connector, Lookup, NextAction},
-    store::{CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, ChargeState},
+    id::ChargeId,
+    money::Currency,
+    store::{CardRow, ChargeActionRow, ChargeRow, ChargeSettlement, ChargeState, StoreError},
 };
+
+/// A stored charge's id and currency as the types the connectors take. The API let through
+/// only well-formed values, so anything else was changed in the database: an error, never
+/// sent.
+pub(super) fn gateway_terms(charge: &ChargeRow) -> Result<(ChargeId, Currency), VaultError> {
+    let id = ChargeId::parse(&charge.id)
+        .map_err(|_| StoreError::Corrupt("a stored charge id is malformed"))?;
+    let currency = Currency::parse(&charge.currency)
+        .map_err(|_| StoreError::Corrupt("a stored charge currency is malformed"))?;
+    Ok((id, currency))
+}
 
 /// The audit principal of what the background reconciler does.
 pub const RECONCILER_PRINCIPAL: &str = "system:reconciler";
@@ -157,7 +170,7 @@ impl Vault {
         } = if before == 0 {
             self.send(actor, &claimed, connector.as_ref()).await?
         } else {
-            match self.decide(&claimed, connector.as_ref()).await {
+            match self.decide(&claimed, connector.as_ref()).await? {
                 Decision::Settle(step) => {
                     reconciled(Some(step.settlement.status), &step.note);
                     *step
@@ -192,7 +205,12 @@ impl Vault {
     }
 
     /// Asks the gateway about a charge sent before, and decides from its answer.
-    async fn decide(&self, charge: &ChargeRow, connector: &dyn Connector) -> Decision {
+    async fn decide(
+        &self,
+        charge: &ChargeRow,
+        connector: &dyn Connector,
+    ) -> Result<Decision, VaultError> {
+        let (charge_id, currency) = gateway_terms(charge)?;
         let window = connector.resend_window();
         let now = OffsetDateTime::now_utc();
         let within = |span: Duration| {
@@ -204,15 +222,15 @@ impl Vault {
         let resendable = window.is_some_and(within);
         let lookup = connector
             .lookup(&ChargeRef {
-                charge_id: &charge.id,
+                charge_id: &charge_id,
                 payment_id: charge.gateway_payment_id.as_deref(),
                 amount: charge.amount,
-                currency: &charge.currency,
+                currency,
             })
             .await;
         let stays =
             |message: String, note: &str| Decision::settle(Step::new(unknown(message), note));
-        match lookup {
+        Ok(match lookup {
             Lookup::Found(outcome) if outcome.status == ChargeStatus::Unknown => {
                 let mut settlement =
                     unknown(outcome.message.unwrap_or_else(|| {
@@ -243,10 +261,10 @@ impl Vault {
                 // Without a key the gateway remembers, a first send still in flight would be
                 // missed; past the send lease none is (it outlasts the gateway timeout).
                 if window.is_none() && within(self.options.charge_send_lease) {
-                    return stays(
+                    return Ok(stays(
                         format!("no payment at the gateway yet: {evidence}"),
                         "not found, the first send may still be in flight",
-                    );
+                    ));
                 }
                 Decision::settle(Step::new(
                     ChargeSettlement {
@@ -273,7 +291,7 @@ impl Vault {
                     .to_owned(),
                 "left for an operator",
             ),
-        }
+        })
     }
 
     /// Sends a charge (the first time, or again under the same keys) and returns how it
@@ -347,13 +365,14 @@ impl Vault {
             cvc: cvc.as_ref().map(Cvc::expose),
             holder: secret.holder.as_ref().map(|h| h.expose()),
         };
+        let (charge_id, currency) = gateway_terms(charge)?;
         let params = ChargeParams {
             amount: charge.amount,
-            currency: &charge.currency,
+            currency,
             capture: charge.capture.into(),
             description: &charge.description,
             metadata: &charge.metadata,
-            idempotency_key: &charge.id,
+            charge_id: &charge_id,
             resend,
         };
         Ok(connector.charge(&card, &params).await)

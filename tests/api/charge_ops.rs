@@ -13,13 +13,14 @@ use cardvault::{
         ChargeCard, ChargeParams, Connector, Gateways, Operation, OperationKind, OperationOutcome,
         OperationStatus, Outcome,
     },
+    id::ChargeId,
     pb::v1 as pb,
     server,
     store::{CaptureMethod, CardRow, ChargeRow, ChargeSettlement, ChargeState, Store},
     tls::TlsFiles,
     vault::{
-        Authorized, Credentials, Operated, OperationCommand, TenantId, Vault, VaultError,
-        VaultOptions,
+        Authorized, Credentials, IdempotencyKey, Operated, OperationCommand, TenantId, Vault,
+        VaultError, VaultOptions,
     },
 };
 use cardvault_test_gateway::{TestGateway, TestGatewayOptions};
@@ -107,14 +108,14 @@ impl Connector for Recorder {
             operation.kind,
             operation.payment_id.to_owned(),
             operation.amount,
-            operation.idempotency_key.to_owned(),
+            operation.operation_id.to_string(),
         ));
         tokio::time::sleep(self.delay).await;
         let status = *self.answer.lock().expect("answer");
         OperationOutcome {
             status,
             gateway_id: (status == OperationStatus::Succeeded)
-                .then(|| format!("gw_{}", operation.idempotency_key)),
+                .then(|| format!("gw_{}", operation.operation_id)),
             amount: (status == OperationStatus::Succeeded)
                 .then_some(operation.amount)
                 .flatten(),
@@ -270,8 +271,8 @@ impl Rig {
                 &auth,
                 OperationCommand {
                     kind,
-                    charge_id: charge_id.to_owned(),
-                    idempotency_key: key.to_owned(),
+                    charge_id: ChargeId::parse(charge_id).expect("a charge id"),
+                    idempotency_key: IdempotencyKey::parse(key).expect("an idempotency key"),
                     amount,
                 },
             )

@@ -14,7 +14,7 @@ use cardvault::{
     crypto::LocalKeyring,
     pb::v1::{self as pb, card_vault_client::CardVaultClient},
     server, telemetry,
-    vault::{DualControlled, NewPrincipal, Operator, Permissions, TenantId},
+    vault::{DualControlled, NewPrincipal, Operator, Permissions, PrincipalName, TenantId},
 };
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -370,7 +370,8 @@ impl TestApp {
                 &op,
                 NewPrincipal {
                     tenant,
-                    name: format!("ops-{}", uuid::Uuid::new_v4().simple()),
+                    name: PrincipalName::parse(&format!("ops-{}", uuid::Uuid::new_v4().simple()))
+                        .expect("name"),
                     permissions: Permissions::parse(["keys:admin"]).expect("permission"),
                     mtls_identity: None,
                     global_operator: true,

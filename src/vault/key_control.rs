@@ -11,13 +11,15 @@ use time::OffsetDateTime;
 
 use super::{
     ApiKeyView, CreatedApiKey, DataKeyView, KekUsageView, KeyJobView, KeyRequestView, NewPrincipal,
-    Operator, OperatorScope, Permissions, PrincipalView, ShreddedView, TenantId, Vault, VaultError,
+    Operator, OperatorScope, Permissions, PrincipalName, PrincipalView, ShreddedView, TenantId,
+    Vault, VaultError,
     admin::{admin_event, new_api_key, new_principal_row, scope_of},
     tenant_keys::DekPolicy,
 };
 use crate::{
     audit::{Action, AuditEvent, Outcome},
-    crypto::{self, CryptoError, DekId, KekVersion, KeyProvider},
+    crypto::{CryptoError, DekId, KekVersion, KeyProvider},
+    id,
     store::{KeyJobKind, KeyRequestKind, KeyRequestRow, KeyRequestState, PrincipalRow},
 };
 
@@ -113,7 +115,7 @@ impl KeyOperation {
     fn params(&self) -> Option<String> {
         let params = match self {
             KeyOperation::CreatePrincipal(new) => RequestParams {
-                name: Some(new.name.clone()),
+                name: Some(new.name.to_string()),
                 permissions: new.permissions.owned_names(),
                 mtls_identity: new.mtls_identity.clone(),
                 global_operator: new.global_operator,
@@ -157,7 +159,11 @@ impl KeyOperation {
                 let params = params()?;
                 Ok(KeyOperation::CreatePrincipal(NewPrincipal {
                     tenant: TenantId::parse(&row.target).map_err(|_| corrupt())?,
-                    name: params.name.ok_or_else(corrupt)?,
+                    name: params
+                        .name
+                        .as_deref()
+                        .and_then(|name| PrincipalName::parse(name).ok())
+                        .ok_or_else(corrupt)?,
                     permissions: Permissions::parse(params.permissions.iter().map(String::as_str))
                         .map_err(|_| corrupt())?,
                     mtls_identity: params.mtls_identity,
@@ -274,7 +280,7 @@ impl Vault {
     pub async fn rotate_kek(&self, op: &Operator) -> Result<(KekVersion, KeyJobView), VaultError> {
         let mut event = admin_event(op, Action::RotateKek, Outcome::Ok);
         self.within_scope(op, None, &event).await?;
-        let owner = new_id("kr_rotate_")?;
+        let owner = id::new_id("kr_rotate_").map_err(VaultError::no_randomness)?;
         let now = OffsetDateTime::now_utc();
         if !self
             .store
@@ -505,7 +511,7 @@ impl Vault {
         let ttl = time::Duration::try_from(self.options.approval_ttl)
             .map_err(|e| VaultError::internal("approval time limit out of range", e))?;
         let row = KeyRequestRow {
-            id: new_id("kr_")?,
+            id: id::new_id("kr_").map_err(VaultError::no_randomness)?,
             kind: operation.kind(),
             target: operation.target(),
             requested_by: op.principal.clone(),
@@ -883,14 +889,4 @@ fn outcome_of(err: &VaultError) -> Outcome {
 /// A caller-supplied id, cut short for the audit log.
 fn truncated(id: &str) -> String {
     id.chars().take(40).collect()
-}
-
-/// A fresh id: `prefix` and 16 base62 characters from the OS CSPRNG.
-pub(super) fn new_id(prefix: &str) -> Result<String, VaultError> {
-    let mut id = String::from(prefix);
-    id.push_str(
-        &crypto::random_base62(16)
-            .map_err(|e| VaultError::internal("the OS random generator failed", e))?,
-    );
-    Ok(id)
 }
