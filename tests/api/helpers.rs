@@ -5,7 +5,6 @@
 use std::{
     io::Write,
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
 };
 
@@ -17,36 +16,14 @@ use cardvault::{
     vault::{DualControlled, NewPrincipal, Operator, Permissions, PrincipalName, TenantId},
 };
 use secrecy::SecretString;
-use sqlx::Connection;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-use crate::{pki::Pki, postgres::PgServer};
+use cardvault_test_support::database::TestDatabase;
 
-/// Which store a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+use crate::pki::Pki;
 
-/// Runs each named `async fn(Backend)` once per backend, as `<name>::sqlite` and
-/// `<name>::postgres`.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name($crate::helpers::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name($crate::helpers::Backend::Postgres).await
-            }
-        }
-    )*};
-}
+pub use cardvault_test_support::database::Backend;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -88,37 +65,26 @@ pub fn captured_logs() -> Vec<u8> {
         .clone()
 }
 
-/// Where a test app keeps its state, so it can be restarted on the same data.
+/// Where a test app keeps its state, so it can be restarted on the same data: the test's
+/// database and directory (fields read through `Deref`), and a keyring in that directory.
 pub struct AppState {
-    pub backend: Backend,
-    pub dir: tempfile::TempDir,
-    pub database_url: String,
-    /// The PostgreSQL database name, for dumps.
-    pub pg_database: Option<String>,
+    db: TestDatabase,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = TestDatabase;
+
+    fn deref(&self) -> &TestDatabase {
+        &self.db
+    }
 }
 
 impl AppState {
     /// A fresh keyring and a fresh, empty database.
     pub async fn new(backend: Backend) -> AppState {
-        let dir = tempfile::tempdir().expect("temp dir");
-        LocalKeyring::init(&dir.path().join("keyring.toml")).expect("keyring");
-        let (database_url, pg_database) = match backend {
-            Backend::Sqlite => (
-                format!("sqlite://{}", dir.path().join("cardvault.db").display()),
-                None,
-            ),
-            Backend::Postgres => {
-                let name = format!("cardvault_test_{}", uuid::Uuid::new_v4().simple());
-                create_pg_database(&name).await;
-                (PgServer::get().url_for(&name), Some(name))
-            }
-        };
-        AppState {
-            backend,
-            dir,
-            database_url,
-            pg_database,
-        }
+        let db = TestDatabase::new(backend).await;
+        LocalKeyring::init(&db.dir.path().join("keyring.toml")).expect("keyring");
+        AppState { db }
     }
 
     /// Settings of an app on this state acting for `tenant`.
@@ -201,68 +167,6 @@ impl AppState {
             }
         }
     }
-
-    /// Files of the SQLite database (main file, WAL, shared memory).
-    pub fn sqlite_files(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.dir.path())
-            .expect("read dir")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("cardvault.db"))
-            })
-            .collect()
-    }
-}
-
-impl Drop for AppState {
-    /// Drops the test's PostgreSQL database, so runs do not pile databases up on a shared
-    /// server. `Drop` cannot await, so a short-lived thread with its own runtime does it.
-    fn drop(&mut self) {
-        let Some(name) = self.pg_database.take() else {
-            return;
-        };
-        let admin = PgServer::get().admin_url.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&admin).await?;
-                // FORCE: the stopped vault's pool may still hold connections.
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await
-                .map(|_| ())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop a test database; it is left on the server");
-        }
-    }
-}
-
-async fn create_pg_database(name: &str) {
-    let admin = &PgServer::get().admin_url;
-    let mut conn = sqlx::PgConnection::connect(admin)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot connect to PostgreSQL at {admin}: {e}. Start PostgreSQL on 127.0.0.1:5432, \
-             or set DATABASE_URL, or install it (apt-get install postgresql) so the tests can \
-             start their own"
-            )
-        });
-    // The name is ours (a fixed prefix and a UUID), never input.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
 }
 
 /// A running vault and a client connected to it.

@@ -2,7 +2,7 @@
 //! client, once per backend (SQLite file and PostgreSQL).
 
 mod helpers;
-use cardvault_test_support::{pki, postgres, serve, softhsm};
+use cardvault_test_support::{on_both_backends, pki, postgres, serve, softhsm};
 
 mod access;
 mod audit;

@@ -13,8 +13,9 @@ use time::{Duration, OffsetDateTime};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use cardvault_test_support::database::Backend;
+
 use crate::{
-    helpers::Backend,
     on_both_backends,
     store::{card, open, t0, tenant},
 };

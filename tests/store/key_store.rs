@@ -12,8 +12,9 @@ use cardvault::store::{
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
+use cardvault_test_support::database::Backend;
+
 use crate::{
-    helpers::Backend,
     on_both_backends,
     store::{api_key, card, open, principal, t0, tenant},
 };

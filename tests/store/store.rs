@@ -9,10 +9,9 @@ use cardvault::store::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::{
-    helpers::{AppState, Backend},
-    on_both_backends,
-};
+use cardvault_test_support::database::{Backend, TestDatabase};
+
+use crate::on_both_backends;
 
 on_both_backends!(
     token_and_canonical_conflicts_are_told_apart,
@@ -34,9 +33,10 @@ pub(crate) fn t0() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("valid timestamp")
 }
 
-/// A migrated store on a fresh database. The state owns the database; keep it alive.
-pub(crate) async fn open(backend: Backend) -> (AppState, Arc<dyn Store>) {
-    let state = AppState::new(backend).await;
+/// A migrated store on a fresh database. The database is dropped with the first value;
+/// keep it alive.
+pub(crate) async fn open(backend: Backend) -> (TestDatabase, Arc<dyn Store>) {
+    let state = TestDatabase::new(backend).await;
     let store = store::connect(&state.database_url, &StoreOptions::default())
         .await
         .expect("connect");
