@@ -18,7 +18,7 @@
 //! with the same idempotency key is still being processed, whatever its body says), a 5xx
 //! answer, a redirect, a response over `max_response_bytes`, or one we cannot parse. The
 //! caller must then look the charge up ([`Connector::lookup`]) and re-send only with the
-//! *same* [`ChargeParams::idempotency_key`] within [`Connector::resend_window`], never charge
+//! *same* [`ChargeParams::charge_id`] within [`Connector::resend_window`], never charge
 //! again under a new key. An outcome is `Failed` only when nothing can have been charged: the
 //! request was never sent (the connection could not be opened, or the call's time ran out
 //! before it), the gateway refused the request with a 4xx error, or — for `stripe` — a step
@@ -533,7 +533,7 @@ pub trait Connector: Send + Sync + fmt::Debug {
 
     /// Sends one charge and reports what became of it; never fails otherwise (every
     /// problem is an [`Outcome`], see [`ChargeStatus`]). Re-sending with the same
-    /// [`ChargeParams::idempotency_key`] and parameters never charges twice, as far as the
+    /// [`ChargeParams::charge_id`] and parameters never charges twice, as far as the
     /// gateway honours idempotency keys.
     async fn charge(&self, card: &ChargeCard<'_>, params: &ChargeParams<'_>) -> Outcome;
 
@@ -557,7 +557,7 @@ pub trait Connector: Send + Sync + fmt::Debug {
     }
 
     /// Sends a capture, refund or cancel for a payment the gateway holds. Re-sending with the
-    /// same [`Operation::idempotency_key`] and parameters never does it twice. The default
+    /// same [`Operation::operation_id`] and parameters never does it twice. The default
     /// refuses (see [`Connector::supports`]).
     async fn operate(&self, operation: &Operation<'_>) -> OperationOutcome {
         OperationOutcome {

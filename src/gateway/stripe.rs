@@ -15,7 +15,7 @@
 //!    `charge_id_in_description` is set), the caller's `metadata[k]=v` and then
 //!    `metadata[cardvault_charge_id]` → a confirmed PaymentIntent `pi_…`.
 //!
-//! `metadata[cardvault_charge_id]` is [`ChargeParams::idempotency_key`], the vault's charge
+//! `metadata[cardvault_charge_id]` is [`ChargeParams::charge_id`], the vault's charge
 //! id, written after the caller's metadata (a caller key of that name is left out), so that
 //! [`Connector::lookup`] can find the payment by Stripe's search when no answer named it.
 //!
