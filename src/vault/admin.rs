@@ -15,6 +15,7 @@ use crate::{
     audit::{Action, AuditEvent, Outcome},
     card::{Brand, Card, Expiry, Pan, TokenFormat, luhn},
     crypto::{self, ApiKey, FingerprintKey},
+    id,
     store::{ApiKeyRow, PrincipalRow, StoreTx},
 };
 
@@ -440,11 +441,8 @@ pub(super) fn new_principal_row(
     new: NewPrincipal,
     created_by: &str,
 ) -> Result<PrincipalRow, VaultError> {
-    let mut id = String::from("p_");
-    id.push_str(
-        &crypto::random_base62(16)
-            .map_err(|e| VaultError::internal("failed to draw a principal id", e))?,
-    );
+    let id =
+        id::new_id("p_").map_err(|e| VaultError::internal("failed to draw a principal id", e))?;
     Ok(PrincipalRow {
         id,
         tenant_id: new.tenant.to_string(),
